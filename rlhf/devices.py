@@ -1,0 +1,127 @@
+"""The one place that knows about accelerators: CUDA, Ascend NPU (torch_npu) or CPU.
+
+Everything else asks this module for a device, an autocast context, or memory figures, so no
+`torch.cuda.*` call appears elsewhere in the code base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Literal
+
+import torch
+
+from rlhf.errors import UserError
+
+DeviceName = Literal["auto", "cuda", "npu", "cpu"]
+DEVICE_CHOICES = ("auto", "cuda", "npu", "cpu")
+
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")
+
+
+def parse_dtype(name: str | torch.dtype, field: str = "dtype") -> torch.dtype:
+    """Map `bf16` / `fp16` / `fp32` (or their long names) to a torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise UserError(f"{field}: unknown dtype {name!r}; expected one of {', '.join(DTYPE_CHOICES)}")
+    return _DTYPES[key]
+
+
+def _npu_requested_by_env() -> bool:
+    return os.environ.get("USE_ASCEND_NPU", "0").strip() not in ("", "0", "false", "False")
+
+
+def _import_torch_npu() -> bool:
+    """Import torch_npu and route `torch.cuda` calls of third-party code to the NPU."""
+    try:
+        import torch_npu  # noqa: F401
+        from torch_npu.contrib import transfer_to_npu  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(torch, "npu") and torch.npu.is_available()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Pick the device for `name` in {auto, cuda, npu, cpu} (an index such as `cuda:1` is allowed).
+
+    `auto` prefers an NPU when `USE_ASCEND_NPU=1` is set, then CUDA, then an NPU if torch_npu is
+    installed, then the CPU. Asking for a device that is not present is a `UserError`.
+    """
+    kind, _, index = str(name).partition(":")
+    if kind not in DEVICE_CHOICES or (index and not index.isdigit()) or (kind == "auto" and index):
+        raise UserError(f"device: unknown device {name!r}; expected one of {', '.join(DEVICE_CHOICES)}")
+    if kind == "auto":
+        if _npu_requested_by_env() and _import_torch_npu():
+            return torch.device("npu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _import_torch_npu():
+            return torch.device("npu")
+        return torch.device("cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: 'cuda' was requested but torch sees no CUDA device")
+    if kind == "npu" and not _import_torch_npu():
+        raise UserError("device: 'npu' was requested but torch_npu is not installed or sees no NPU "
+                        "(pip install 'contentv-rlhf[npu]')")
+    return torch.device(name)
+
+
+def _backend(device: torch.device):
+    """The torch.<backend> module for memory calls, or None on CPU."""
+    if device.type == "cuda":
+        return torch.cuda
+    if device.type == "npu":
+        return torch.npu
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed-precision context for `device`; a no-op when `dtype` is None or float32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def empty_cache(device: torch.device) -> None:
+    backend = _backend(device)
+    if backend is not None:
+        backend.empty_cache()
+
+
+def synchronize(device: torch.device) -> None:
+    backend = _backend(device)
+    if backend is not None:
+        backend.synchronize()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    backend = _backend(device)
+    if backend is not None:
+        backend.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """Peak bytes allocated by tensors on an accelerator since the last reset; None on CPU."""
+    backend = _backend(device)
+    return None if backend is None else int(backend.max_memory_allocated(device))
+
+
+def manual_seed_all(seed: int) -> None:
+    """Seed torch on the CPU and every accelerator backend present."""
+    torch.manual_seed(seed)
+    for backend in (torch.cuda, getattr(torch, "npu", None)):
+        if backend is not None and backend.is_available():
+            backend.manual_seed_all(seed)
