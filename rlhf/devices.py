@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Literal
-
 import torch
 
 from rlhf.errors import UserError
-
-DeviceName = Literal["auto", "cuda", "npu", "cpu"]
-DEVICE_CHOICES = ("auto", "cuda", "npu", "cpu")
+from rlhf.options import DEVICE_CHOICES, DTYPE_CHOICES
 
 _DTYPES = {
     "bf16": torch.bfloat16,
@@ -27,7 +23,6 @@ _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
 }
-DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 
 
 def parse_dtype(name: str | torch.dtype, field: str = "dtype") -> torch.dtype:

@@ -1,0 +1,90 @@
+"""`contentv-rlhf` command-line entry point.
+
+Each subcommand lives in `rlhf/commands/<name>.py` and exposes `HELP`, `EXAMPLES`, `add_arguments(parser)`
+and `run(args) -> int`. Command modules import torch/diffusers only inside `run`, so `--help` is instant.
+Bad input (`UserError`) is printed as one line and exits with status 2; no traceback, no partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from rlhf import __version__
+from rlhf.errors import UserError
+
+# Command name -> module, in the order of the pipeline.
+COMMANDS = {
+    "quickstart": "rlhf.commands.quickstart",
+    "tiny-model": "rlhf.commands.tiny_model",
+    "generate": "rlhf.commands.generate",
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit 2) that points at --help instead of dumping the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="contentv-rlhf",
+        description="Preference post-training (Flow-DPO, reward gradients) for ContentV and other "
+        "flow-matching video DiTs, with automatic rewards.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Show debug logs of this tool and its libraries.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(
+            name,
+            help=module.HELP,
+            description=module.HELP,
+            epilog="examples:\n" + module.EXAMPLES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not verbose:
+        # Library chatter (deprecation notes, "weights not initialised" on tiny models) hides our output.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        for name in ("diffusers", "transformers", "peft", "accelerate", "httpx", "urllib3"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    # Never reach for a hub: every model comes from a local path.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    _configure_logging(args.verbose)
+    try:
+        return int(args.run(args) or 0)
+    except UserError as err:
+        print(f"contentv-rlhf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"contentv-rlhf {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

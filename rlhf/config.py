@@ -1,0 +1,354 @@
+"""Strict configs: documented dataclasses filled from defaults, then a YAML file, then CLI flags.
+
+A config is a dataclass whose fields are declared with `option(default, help)`; its `__post_init__`
+checks ranges and combinations by raising `ConfigError`. `config_from_dict` builds one strictly: an
+unknown key suggests the nearest field name, and every value is checked (and coerced from a string)
+against the field's annotation. `add_config_arguments` and `config_from_args` put a config on the
+command line: `--config FILE` loads YAML and `--field-name VALUE` flags override it. YAML values and
+flag strings go through the same coercion, so `steps: "3"` and `--steps 3` behave alike. A list flag
+takes `a,b` or YAML flow `[a, "b, with comma"]`; a nested dataclass field `train` is set with
+`--train.lr`. Only the standard library and PyYAML are imported, so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import difflib
+import os
+import pathlib
+import tempfile
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from rlhf.errors import UserError
+
+T = TypeVar("T")
+_TRUE, _FALSE, _NONE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}, {"none", "null", "~"}
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", pathlib.Path: "a path"}
+_METAVARS = {int: "INT", float: "FLOAT", str: "STR", pathlib.Path: "PATH", list: "LIST", tuple: "LIST", dict: "MAP"}
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None,
+           metadata: Mapping[str, Any] | None = None) -> Any:
+    """A `dataclasses.field` whose metadata carries `help`, optional `choices` and an extra CLI `flag`.
+
+    A list, dict, set or dataclass default is deep-copied for every instance (`default_factory`);
+    pass `dataclasses.MISSING` for a required field.
+    """
+    meta = {**(metadata or {}), "help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if flag is not None:
+        meta["flag"] = flag
+    if isinstance(default, (list, dict, set)) or _is_section(type(default)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+class ConfigError(ValueError):
+    """A well-typed but invalid value (range, combination); raise it from a config's `__post_init__`."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"field {field!r} {message}")
+        self.field, self.message = field, message
+
+
+def config_from_dict(cls: type[T], data: Mapping[str, Any], source: str = "config") -> T:
+    """Build `cls` from `data`, rejecting unknown keys and ill-typed values; `source` prefixes errors."""
+    if not isinstance(data, Mapping):
+        raise UserError(f"{source}: expected a mapping of {cls.__name__} fields, got {data!r}")
+    return _build(cls, data, lambda key: source)
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML config file whose top level is a mapping (an empty file gives `{}`)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: config file not found")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.load(fh, Loader=_StrictLoader)  # a SafeLoader: plain data only
+    except yaml.YAMLError as err:
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None) or str(err)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: invalid YAML{at}: {' '.join(problem.split())}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read config file ({err})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of field names at the top level, got {type(data).__name__}")
+    return data
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add `--config FILE` and one flag per field of `cls` (nested sections as `--section.field`).
+
+    Also turns off argparse's prefix matching on `parser`, so a typo such as `--step` is an error
+    rather than a silent abbreviation of `--steps`.
+    """
+    parser.allow_abbrev = False
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML file with any of the fields below; command-line flags override it")
+    groups: dict[str, Any] = {"": parser}
+    for key, f, tp in _walk(cls):
+        section = key.rpartition(".")[0]
+        if _is_section(tp):
+            groups[key] = parser.add_argument_group(f"{key} ({tp.__name__})", _escape(f.metadata.get("help")))
+            continue
+        names = [f"--{key.replace('_', '-')}", f"--{key}"]
+        if "flag" in f.metadata:
+            names.append(f"--{section}.{f.metadata['flag']}" if section else f"--{f.metadata['flag']}")
+        kwargs: dict[str, Any] = {"dest": key, "default": argparse.SUPPRESS, "help": _flag_help(f, tp)}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            plain = [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
+            kind = (typing.get_origin(plain[0]) or plain[0]) if len(plain) == 1 else None
+            kwargs["metavar"] = "CHOICE" if _choices(f, tp) else _METAVARS.get(kind, "VALUE")
+        groups[section].add_argument(*dict.fromkeys(names), **kwargs)
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """Merge defaults <- `--config` YAML <- flags given on the command line, then build `cls`."""
+    path = getattr(args, "config", None)
+    data = load_yaml(path) if path else {}
+    given = [key for key, _, tp in _walk(cls) if not _is_section(tp) and hasattr(args, key)]
+    for key in given:
+        node, (*parents, name) = data, key.split(".")
+        for part in parents:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                break  # the YAML section is not a mapping; building reports that
+        else:
+            node[name] = getattr(args, key)
+
+    def where(key: str) -> str:
+        from_cli = any(key == k or key.startswith((k + ".", k + "[")) for k in given)
+        return "command line" if from_cli or not path else str(path)
+
+    return _build(cls, data, where)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """A plain, YAML-serialisable dict of `cfg`: paths as strings, tuples as lists, sections as dicts."""
+    if not _is_section(type(cfg)):
+        raise TypeError(f"config_to_dict expects a dataclass instance, got {type(cfg).__name__}")
+    return _plain(cfg)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write `cfg` as YAML atomically: a temporary file in the same folder, then `os.replace`."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def help_problems(cls: type) -> list[str]:
+    """Dotted names of the fields of `cls` (recursively) whose help text is missing or blank."""
+    return [key for key, f, _ in _walk(cls) if not str(f.metadata.get("help") or "").strip()]
+
+
+# --- internals -----------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that rejects a key given twice in one mapping instead of keeping the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            with contextlib.suppress(TypeError):  # unhashable keys: SafeLoader reports them
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _walk(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, annotation) for every init field, a section before its own fields."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.init:
+            yield prefix + f.name, f, hints[f.name]
+            if _is_section(hints[f.name]):
+                yield from _walk(hints[f.name], f"{prefix}{f.name}.")
+
+
+def _build(cls: type[T], data: Mapping, where: Callable[[str], str], prefix: str = "") -> T:
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    for name in data:
+        if name not in fields:
+            key, close = prefix + str(name), difflib.get_close_matches(str(name), fields, n=1)
+            hint = f"did you mean {prefix + close[0]!r}?" if close else "valid fields: " + ", ".join(fields)
+            raise UserError(f"{where(key)}: unknown field {key!r} for {cls.__name__}; {hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise UserError(f"{where(key)}: field {key!r} is required ({_describe(hints[name])})")
+            continue
+        value = kwargs[name] = _coerce(data[name], hints[name], key, where)
+        choices = f.metadata.get("choices")
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if choices is not None and item is not None and item not in choices:
+                raise UserError(f"{where(key)}: field {key!r} expects one of "
+                                f"{', '.join(map(repr, choices))}, got {item!r}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        key = prefix + err.field
+        raise UserError(f"{where(key)}: field {key!r} {err.message}") from None
+
+
+def _coerce(value: Any, tp: Any, key: str, where: Callable[[str], str]) -> Any:
+    """`value` converted to annotation `tp`, or a UserError naming `key` and what was expected."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = UserError(f"{where(key)}: field {key!r} expects {_describe(tp)}, got {value!r}")
+    text = value.strip() if isinstance(value, str) else None
+    if tp is Any:
+        return value
+    if _is_union(tp):
+        if type(None) in args and (value is None or (text or "").lower() in _NONE):
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and _is_section(options[0]):
+            return _coerce(value, options[0], key, where)  # keep the section's detailed errors
+        for arg in options:
+            with contextlib.suppress(UserError):
+                return _coerce(value, arg, key, where)
+        raise bad
+    if origin is Literal:
+        for choice in args:
+            if (value == choice and type(value) is type(choice)) or (text is not None and text == str(choice)):
+                return choice
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
+            return bool(value)
+        if text is not None and text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise bad
+    if tp in (int, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (tp is float or type(value) is int):
+            return tp(value)
+        with contextlib.suppress(ValueError, TypeError):
+            return tp(text)
+        raise bad
+    if tp is str and isinstance(value, str):
+        return value
+    if tp is pathlib.Path and (text or isinstance(value, os.PathLike)):
+        return pathlib.Path(value)
+    if tp in (str, pathlib.Path):
+        raise bad
+    if text and text[0] in "[{" and (origin in (list, tuple, dict) or _is_section(tp)):
+        try:
+            value = yaml.safe_load(text)  # YAML flow syntax: [a, b] or {k: v}
+        except yaml.YAMLError:
+            raise bad from None
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",")] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        if origin is tuple and args[1:] != (Ellipsis,):
+            raise TypeError(f"config field {key!r}: use tuple[X, ...], not {tp!r}")
+        items = [_coerce(v, args[0] if args else Any, f"{key}[{i}]", where) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise bad
+        key_tp, value_tp = args or (Any, Any)
+        return {_coerce(str(k) if key_tp is str else k, key_tp, f"{key}.{k}", where):
+                _coerce(v, value_tp, f"{key}.{k}", where) for k, v in value.items()}
+    if _is_section(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise bad
+        return _build(tp, value, where, prefix=key + ".")
+    raise TypeError(f"config field {key!r} has an unsupported annotation {tp!r}")
+
+
+def _describe(tp: Any) -> str:
+    """What a value of annotation `tp` looks like, for error messages."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if _is_union(tp):
+        return " or ".join("none" if a is type(None) else _describe(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list (each {_describe(args[0])})" if args else "a list"
+    if origin is dict:
+        return f"a mapping (each value {_describe(args[1])})" if args else "a mapping"
+    if _is_section(tp):
+        return f"a mapping of {tp.__name__} fields"
+    return _NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _choices(f: dataclasses.Field, tp: Any) -> tuple:
+    if "choices" in f.metadata:
+        return f.metadata["choices"]
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
+
+
+def _flag_help(f: dataclasses.Field, tp: Any) -> str:
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        default = dataclasses.MISSING
+    notes = [f"choices: {', '.join(map(str, choices))}"] if (choices := _choices(f, tp)) else []
+    if default is dataclasses.MISSING:
+        notes.append("required")
+    else:
+        shown = _plain(default)
+        notes.append(f"default: {'none' if shown is None else str(shown).lower() if tp is bool else shown}")
+    return _escape(f"{f.metadata.get('help') or ''} ({'; '.join(notes)})".strip())
+
+
+def _escape(text: str | None) -> str | None:
+    return None if text is None else text.replace("%", "%%")  # argparse formats help with %
+
+
+def _plain(value: Any) -> Any:
+    if _is_section(type(value)):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+    if isinstance(value, pathlib.PurePath):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,127 @@
+"""Text-to-video generation from a loaded checkpoint: encode prompts once, denoise, decode.
+
+`VideoGenerator` is what `generate`, `rollout` and `eval` share. It keeps the three phases apart so
+callers can cache prompt embeddings (one encode per prompt, not per sample), free the text encoders before
+sampling, and decode only what they need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf import devices
+from rlhf.lora import load_adapter
+from rlhf.models.loader import load_contentv
+from rlhf.options import ModelOptions, SamplingOptions
+from rlhf.sampling import PromptEmbeds, denoise, initial_noise, latent_shape, round_frames
+from rlhf.video import decode_latents
+
+logger = logging.getLogger(__name__)
+
+
+class VideoGenerator:
+    """A ContentV checkpoint ready to sample from, honouring the memory options of `ModelOptions`."""
+
+    def __init__(self, options: ModelOptions, load_text_encoders: bool = True, load_vae: bool = True):
+        self.options = options
+        self.device = devices.resolve_device(options.device)
+        self.dtype = devices.parse_dtype(options.dtype)
+        # With CPU offload every model lives on the CPU and visits the device only while it runs.
+        home = torch.device("cpu") if options.cpu_offload else self.device
+        parts = load_contentv(
+            options.model,
+            dtype=self.dtype,
+            device=home,
+            vae_dtype=options.vae_dtype,
+            load_vae=load_vae,
+            load_text_encoders=load_text_encoders,
+        )
+        self.schedule = parts.schedule
+        self.transformer = parts.transformer
+        self.vae = parts.vae
+        self.prompt_encoder = parts.prompt_encoder
+        if options.adapter:
+            load_adapter(self.transformer, options.adapter, scale=options.adapter_scale)
+            self.transformer.requires_grad_(False)
+        if self.vae is not None:
+            if options.vae_tiling:
+                self.vae.enable_tiling()
+            if options.vae_slicing:
+                self.vae.enable_slicing()
+
+    @contextlib.contextmanager
+    def _on_device(self, module: torch.nn.Module) -> Iterator[None]:
+        """Move `module` to the device for the duration of the block when CPU offload is on."""
+        if not self.options.cpu_offload:
+            yield
+            return
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+            devices.empty_cache(self.device)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
+        """Prompt embeddings on the CPU (cache them; move with `.to(device, dtype)` when sampling)."""
+        if self.prompt_encoder is None or not self.prompt_encoder.text_encoders:
+            raise RuntimeError("text encoders are not loaded (or were freed); encode prompts first")
+        encoders = self.prompt_encoder.text_encoders
+        with contextlib.ExitStack() as stack:
+            for encoder in encoders:
+                stack.enter_context(self._on_device(encoder))
+            return self.prompt_encoder.encode(prompts).to("cpu")
+
+    def free_text_encoders(self) -> None:
+        if self.prompt_encoder is not None:
+            self.prompt_encoder.release()
+            self.prompt_encoder = None
+
+    def resolve_frames(self, frames: int) -> int:
+        rounded = round_frames(frames)
+        if rounded != frames:
+            logger.warning("frames=%d is not of the form 4k + 1; generating %d frames", frames, rounded)
+        return rounded
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        cond: PromptEmbeds,
+        uncond: PromptEmbeds | None,
+        seeds: Sequence[int],
+        sampling: SamplingOptions,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Denoise one video per seed; `cond` has one row per seed (or one row for all). float32, on CPU."""
+        frames = self.resolve_frames(sampling.frames)
+        shape = latent_shape(frames, sampling.height, sampling.width, self.transformer.config.patch_size)
+        noise = initial_noise(shape, seeds).to(self.device)  # (B, C, T, H, W)
+        batch = len(seeds)
+        cond = cond.to(self.device, self.dtype).expand(batch)
+        uncond = uncond.to(self.device, self.dtype) if uncond is not None else None
+        sigmas = self.schedule.sigmas(sampling.steps)
+        bar = tqdm(total=sampling.steps, desc="denoise", unit="step", disable=not progress or None, leave=False)
+        with self._on_device(self.transformer), bar:
+            latents = denoise(
+                self.transformer,
+                noise,
+                sigmas,
+                cond,
+                uncond,
+                guidance_scale=sampling.guidance,
+                batch_cfg=sampling.batch_cfg,
+                num_train_timesteps=self.schedule.num_train_timesteps,
+                on_step=lambda _: bar.update(),
+            )
+        return latents.cpu()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, t, h, w) -> float32 video (B, 3, T, H, W) in [-1, 1] on the CPU."""
+        with self._on_device(self.vae):
+            return decode_latents(self.vae, latents).float().cpu()

@@ -1,0 +1,129 @@
+"""LoRA adapters on the transformer (peft), saved in two formats and loaded from either.
+
+An adapter directory holds:
+- `adapter_config.json` + `adapter_model.safetensors`: peft's format (what `peft` and our trainer resume);
+- `pytorch_lora_weights.safetensors`: diffusers' LoRA format with the adapter metadata embedded, which
+  `pipe.load_lora_weights(dir)` / `transformer.load_lora_adapter(dir, prefix="transformer")` accept
+  (without the metadata diffusers would lose `lora_alpha` whenever it differs from the rank).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from rlhf.errors import UserError
+
+# The eight MM-DiT attention projections present in every ContentV block.
+DEFAULT_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def _check_targets(model: torch.nn.Module, targets: Sequence[str], source: str) -> None:
+    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        examples = sorted({n.split(".", 2)[-1] for n in names if n.startswith("transformer_blocks.0.")})
+        raise UserError(
+            f"{source}: LoRA target module(s) {', '.join(missing)} not found in the transformer; "
+            f"linear layers of a block are: {', '.join(examples)}"
+        )
+
+
+def add_lora(
+    transformer: torch.nn.Module,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    targets: Sequence[str] = DEFAULT_LORA_TARGETS,
+    adapter_name: str = "default",
+) -> None:
+    """Attach a fresh LoRA adapter (B = 0, so the model's outputs are unchanged) and make it trainable."""
+    from peft import LoraConfig
+
+    _check_targets(transformer, targets, "lora_targets")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                        init_lora_weights=True)
+    transformer.add_adapter(config, adapter_name=adapter_name)
+
+
+def lora_state_dict(transformer: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+
+
+def save_adapter(transformer: torch.nn.Module, out_dir: str | Path, adapter_name: str = "default") -> Path:
+    """Write the adapter in peft and diffusers formats into `out_dir`, atomically (tmp dir + rename)."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(transformer, adapter_name).items()}
+    config = transformer.peft_config[adapter_name]
+    config.save_pretrained(tmp)
+    save_file(state, tmp / PEFT_WEIGHTS)
+    StableDiffusion3Pipeline.save_lora_weights(
+        tmp,
+        transformer_lora_layers=state,
+        transformer_lora_adapter_metadata=config.to_dict(),
+        safe_serialization=True,
+    )
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def load_adapter(
+    transformer: torch.nn.Module, adapter_dir: str | Path, adapter_name: str = "default", scale: float = 1.0
+) -> None:
+    """Attach the adapter saved in `adapter_dir` (peft format preferred, else diffusers format)."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise UserError(f"{adapter_dir}: adapter directory not found")
+    peft_config, peft_weights = adapter_dir / PEFT_CONFIG, adapter_dir / PEFT_WEIGHTS
+    try:
+        if peft_config.is_file() and peft_weights.is_file():
+            config = LoraConfig(**{k: v for k, v in json.loads(peft_config.read_text()).items()
+                                   if k in LoraConfig.__dataclass_fields__})
+            _check_targets(transformer, sorted(config.target_modules), str(peft_config))
+            transformer.add_adapter(config, adapter_name=adapter_name)
+            result = set_peft_model_state_dict(transformer, load_file(peft_weights), adapter_name=adapter_name)
+            if result.unexpected_keys:
+                raise UserError(f"{peft_weights}: {len(result.unexpected_keys)} weights do not match the "
+                                f"transformer (e.g. {result.unexpected_keys[0]})")
+        elif (adapter_dir / DIFFUSERS_WEIGHTS).is_file():
+            transformer.load_lora_adapter(
+                str(adapter_dir), weight_name=DIFFUSERS_WEIGHTS, prefix="transformer", adapter_name=adapter_name
+            )
+        else:
+            raise UserError(f"{adapter_dir}: no LoRA adapter found (expected {PEFT_CONFIG} + {PEFT_WEIGHTS}, "
+                            f"or {DIFFUSERS_WEIGHTS})")
+    except (ValueError, RuntimeError, OSError, KeyError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{adapter_dir}: adapter could not be loaded ({first_line})") from None
+    if scale != 1.0:
+        transformer.set_adapters([adapter_name], weights=[scale])

@@ -1,0 +1,88 @@
+"""Config sections shared by every stage that runs the model: which model, where, and how to sample.
+
+Kept free of heavy imports so `contentv-rlhf <command> --help` is instant. Stage configs (generate,
+rollout, ...) inherit these sections; their fields map one to one onto YAML keys and CLI flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rlhf.config import ConfigError, option
+
+DeviceName = Literal["auto", "cuda", "npu", "cpu"]
+DTypeName = Literal["bf16", "fp16", "fp32"]
+DEVICE_CHOICES: tuple[str, ...] = DeviceName.__args__
+DTYPE_CHOICES: tuple[str, ...] = DTypeName.__args__
+
+# ContentV's reference demo negative prompt.
+DEFAULT_NEGATIVE_PROMPT = (
+    "overexposed, low quality, deformation, a poor composition, bad hands, bad teeth, bad eyes, bad limbs, "
+    "distortion"
+)
+
+
+@dataclass
+class ModelOptions:
+    """Which checkpoint to load, onto which device, and the memory-saving switches."""
+
+    model: str | None = option(
+        None, "ContentV checkpoint directory (diffusers layout). Make a tiny one with `contentv-rlhf tiny-model DIR`."
+    )
+    device: DeviceName = option("auto", "Device: auto picks npu (USE_ASCEND_NPU=1), then cuda, then cpu.")
+    dtype: DTypeName = option("bf16", "Transformer and text-encoder dtype.")
+    vae_dtype: DTypeName = option("fp32", "VAE dtype (fp32 recommended: the Wan VAE is sensitive to bf16).")
+    adapter: str | None = option(None, "LoRA adapter directory to apply to the transformer (peft or diffusers format).")
+    adapter_scale: float = option(1.0, "Multiplier of the adapter's update (1.0 = as trained).")
+    free_text_encoders: bool = option(
+        True, "Drop the text encoders once the prompts are encoded (they are not needed for sampling)."
+    )
+    cpu_offload: bool = option(
+        False, "Keep models on the CPU and move each to the device only while it runs (slower, far less memory)."
+    )
+    vae_tiling: bool = option(False, "Decode in spatial tiles to cut VAE memory for large frames.")
+    vae_slicing: bool = option(False, "Decode the batch one video at a time to cut VAE memory.")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError(
+                "model", "is required: a ContentV checkpoint directory (make a tiny one with "
+                "`contentv-rlhf tiny-model DIR`)"
+            )
+        if self.adapter_scale < 0:
+            raise ConfigError("adapter_scale", f"must be >= 0, got {self.adapter_scale}")
+
+
+@dataclass
+class SamplingOptions:
+    """How videos are sampled: size, steps, guidance. Defaults are ContentV's reference settings."""
+
+    frames: int = option(125, "Number of frames; rounded to 4k + 1 (ContentV's rule: n // 4 * 4 + 1) if needed.")
+    height: int = option(432, "Frame height in pixels (a multiple of 16).")
+    width: int = option(768, "Frame width in pixels (a multiple of 16).")
+    steps: int = option(50, "Number of Euler steps.")
+    guidance: float = option(6.0, "Classifier-free guidance scale (1.0 disables guidance).")
+    negative_prompt: str = option(DEFAULT_NEGATIVE_PROMPT, "Negative prompt used for the unconditional branch.")
+    max_sequence_length: int = option(256, "T5 tokens per prompt.")
+    batch_cfg: bool = option(
+        True, "Run the conditional and unconditional branches in one batched forward (faster; "
+        "--no-batch-cfg halves activation memory)."
+    )
+    fps: float = option(24.0, "Frame rate written to mp4 files.")
+
+    def __post_init__(self) -> None:
+        if self.frames < 1:
+            raise ConfigError("frames", f"must be >= 1, got {self.frames}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value < 16 or value % 16:
+                raise ConfigError(name, f"must be a positive multiple of 16, got {value}")
+        if self.steps < 1:
+            raise ConfigError("steps", f"must be >= 1, got {self.steps}")
+        if self.guidance < 0:
+            raise ConfigError("guidance", f"must be >= 0, got {self.guidance}")
+        if self.max_sequence_length < 1:
+            raise ConfigError("max_sequence_length", f"must be >= 1, got {self.max_sequence_length}")
+        if self.fps <= 0:
+            raise ConfigError("fps", f"must be > 0, got {self.fps}")

@@ -1,0 +1,227 @@
+"""Flow-matching Euler sampling with classifier-free guidance, as pure functions.
+
+Conventions (rectified flow, as SD3 / ContentV): `x_sigma = (1 - sigma) * x0 + sigma * noise`, the model
+predicts the velocity `v = noise - x0` at timestep `1000 * sigma`, and one Euler step from `sigma` to
+`sigma_next` is `x + (sigma_next - sigma) * v`. The sigma schedule is `linspace(1, 0, steps + 1)[:-1]`
+shifted by the checkpoint scheduler's `shift`, then a terminal 0 — identical to diffusers'
+`FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...)` (checked in tests/test_sampling.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf.errors import UserError
+
+VAE_TEMPORAL_FACTOR = 4  # Wan VAE: 4x temporal compression, frames = 4k + 1
+VAE_SPATIAL_FACTOR = 8
+LATENT_CHANNELS = 16
+
+# Scheduler options that change the schedule in ways this sampler does not implement.
+_UNSUPPORTED_SCHEDULER_OPTIONS = (
+    "use_dynamic_shifting",
+    "invert_sigmas",
+    "shift_terminal",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "stochastic_sampling",
+)
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """The sigma schedule of a flow-matching checkpoint (read from `scheduler/scheduler_config.json`)."""
+
+    shift: float = 1.0
+    num_train_timesteps: int = 1000
+
+    @classmethod
+    def from_config(cls, config: Mapping, source: str = "scheduler config") -> FlowSchedule:
+        for option in _UNSUPPORTED_SCHEDULER_OPTIONS:
+            if config.get(option):
+                raise UserError(f"{source}: scheduler option {option}={config[option]!r} is not supported "
+                                "(expected a plain shifted FlowMatchEulerDiscreteScheduler)")
+        shift = config.get("shift", 1.0)
+        if not isinstance(shift, (int, float)) or shift <= 0:
+            raise UserError(f"{source}: 'shift' must be a positive number, got {shift!r}")
+        return cls(shift=float(shift), num_train_timesteps=int(config.get("num_train_timesteps", 1000)))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> FlowSchedule:
+        path = Path(path)
+        try:
+            config = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{path}: scheduler config not found") from None
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path}: not a readable JSON scheduler config ({err})") from None
+        return cls.from_config(config, source=str(path))
+
+    def shift_sigmas(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """sigma' = shift * sigma / (1 + (shift - 1) * sigma)."""
+        return self.shift * sigmas / (1 + (self.shift - 1) * sigmas)
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """`steps + 1` float32 sigmas from 1 (pure noise) down to a terminal 0."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        base = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
+        shifted = self.shift_sigmas(base).to(torch.float32)
+        return torch.cat([shifted, torch.zeros(1)])
+
+    def timesteps(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Model timesteps for all but the terminal sigma."""
+        return sigmas[:-1] * self.num_train_timesteps
+
+
+def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """One flow-matching Euler step from `sigma` to `sigma_next` (computed in float32)."""
+    return latents.float() + (sigma_next - sigma) * velocity.float()
+
+
+def guided_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: v_uncond + g * (v_cond - v_uncond)."""
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+def round_frames(frames: int) -> int:
+    """The frame count the Wan VAE produces for a request: `frames` if it is 4k + 1, else
+    `frames // 4 * 4 + 1` (ContentV's pipeline rule)."""
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    if frames % VAE_TEMPORAL_FACTOR == 1:
+        return frames
+    return frames // VAE_TEMPORAL_FACTOR * VAE_TEMPORAL_FACTOR + 1
+
+
+def latent_shape(frames: int, height: int, width: int, patch_size: int = 2) -> tuple[int, int, int, int]:
+    """(C, T, H, W) of one sample's latents for a video of `frames` (4k + 1) x `height` x `width`."""
+    multiple = VAE_SPATIAL_FACTOR * patch_size
+    if height % multiple or width % multiple:
+        raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
+    if (frames - 1) % VAE_TEMPORAL_FACTOR:
+        raise ValueError(f"frames must be 4k + 1, got {frames}")
+    return (
+        LATENT_CHANNELS,
+        (frames - 1) // VAE_TEMPORAL_FACTOR + 1,
+        height // VAE_SPATIAL_FACTOR,
+        width // VAE_SPATIAL_FACTOR,
+    )
+
+
+def initial_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+    """Standard normal noise `(len(seeds), *shape)`, each sample from its own seed.
+
+    Drawn on the CPU in float32 so a seed gives the same noise whatever the device and batch composition.
+    """
+    samples = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(samples)
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning: token features `(B, L, D)` and pooled features `(B, P)`."""
+
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEmbeds:
+        return PromptEmbeds(self.prompt_embeds.to(device, dtype), self.pooled.to(device, dtype))
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def select(self, index: int | Sequence[int] | torch.Tensor) -> PromptEmbeds:
+        index = torch.as_tensor([index] if isinstance(index, int) else index, dtype=torch.long)
+        return PromptEmbeds(self.prompt_embeds[index], self.pooled[index])
+
+    def expand(self, batch: int) -> PromptEmbeds:
+        """Broadcast a single embedding to `batch` rows (a no-op when already `batch` rows)."""
+        if len(self) == batch:
+            return self
+        if len(self) != 1:
+            raise ValueError(f"cannot broadcast {len(self)} prompt embeddings to a batch of {batch}")
+        return PromptEmbeds(
+            self.prompt_embeds.expand(batch, *self.prompt_embeds.shape[1:]),
+            self.pooled.expand(batch, *self.pooled.shape[1:]),
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[PromptEmbeds]) -> PromptEmbeds:
+        return PromptEmbeds(
+            torch.cat([p.prompt_embeds for p in parts]), torch.cat([p.pooled for p in parts])
+        )
+
+
+def predict_velocity(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    sigma: float | torch.Tensor,
+    cond: PromptEmbeds,
+    uncond: PromptEmbeds | None = None,
+    guidance_scale: float = 1.0,
+    batch_cfg: bool = True,
+    num_train_timesteps: int = 1000,
+) -> torch.Tensor:
+    """Guided velocity for `latents` (B, C, T, H, W) at `sigma`.
+
+    With guidance, the unconditional and conditional inputs run as ONE batched forward when `batch_cfg`
+    (faster), or as two forwards (half the activation memory). `cond`/`uncond` are already on the
+    transformer's device and dtype; either may be a single row broadcast to the batch.
+    """
+    batch = latents.shape[0]
+    model_in = latents.to(cond.prompt_embeds.dtype)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
+    timestep = (sigma * num_train_timesteps).expand(batch)  # (B,)
+
+    def forward(x: torch.Tensor, text: PromptEmbeds, t: torch.Tensor) -> torch.Tensor:
+        return transformer(
+            hidden_states=x,
+            encoder_hidden_states=text.prompt_embeds,
+            pooled_projections=text.pooled,
+            timestep=t,
+            return_dict=False,
+        )[0]
+
+    cond = cond.expand(batch)
+    if uncond is None or guidance_scale == 1.0:
+        return forward(model_in, cond, timestep)
+    uncond = uncond.expand(batch)
+    if batch_cfg:
+        both = forward(
+            torch.cat([model_in, model_in]), PromptEmbeds.cat([uncond, cond]), torch.cat([timestep, timestep])
+        )
+        v_uncond, v_cond = both.chunk(2)
+    else:
+        v_uncond, v_cond = forward(model_in, uncond, timestep), forward(model_in, cond, timestep)
+    return guided_velocity(v_cond.float(), v_uncond.float(), guidance_scale)
+
+
+def denoise(
+    transformer: torch.nn.Module,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    cond: PromptEmbeds,
+    uncond: PromptEmbeds | None = None,
+    guidance_scale: float = 1.0,
+    batch_cfg: bool = True,
+    num_train_timesteps: int = 1000,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Integrate from `noise` (at sigmas[0]) to sigmas[-1] with Euler steps; returns float32 latents."""
+    latents = noise.float()
+    for index in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[index]), float(sigmas[index + 1])
+        velocity = predict_velocity(
+            transformer, latents, sigma, cond, uncond, guidance_scale, batch_cfg, num_train_timesteps
+        )
+        latents = euler_step(latents, velocity, sigma, sigma_next)
+        if on_step is not None:
+            on_step(index)
+    return latents

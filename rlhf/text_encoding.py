@@ -1,0 +1,85 @@
+"""SD3-style prompt encoding (CLIP-L + CLIP-G + T5), done once per prompt.
+
+Matches diffusers' `StableDiffusion3Pipeline.encode_prompt` (checked in tests): CLIP penultimate hidden
+states of both CLIPs concatenated on features and zero-padded to the T5 width, followed by the T5 tokens
+on the sequence axis (77 + `max_sequence_length` tokens); pooled = CLIP-L and CLIP-G projections
+concatenated. Embeddings depend only on the prompt, so callers cache them per prompt and may `release()`
+the encoders afterwards to free their memory before sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from rlhf import devices
+from rlhf.sampling import PromptEmbeds
+
+CLIP_MAX_LENGTH = 77
+
+
+class PromptEncoder:
+    """Owns the three tokenizers and text encoders of an SD3/ContentV checkpoint."""
+
+    def __init__(
+        self,
+        tokenizers: Sequence,
+        text_encoders: Sequence[torch.nn.Module],
+        max_sequence_length: int = 256,
+    ):
+        if len(tokenizers) != 3 or len(text_encoders) != 3:
+            raise ValueError("expected three tokenizers and three text encoders (CLIP-L, CLIP-G, T5)")
+        self.tokenizers = list(tokenizers)
+        self.text_encoders = list(text_encoders)
+        self.max_sequence_length = max_sequence_length
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.text_encoders[0].parameters()).device
+
+    def to(self, device: torch.device | str) -> PromptEncoder:
+        for encoder in self.text_encoders:
+            encoder.to(device)
+        return self
+
+    def release(self) -> None:
+        """Drop the encoders (and free their accelerator memory); `encode` is unusable afterwards."""
+        device = self.device
+        self.text_encoders = []
+        devices.empty_cache(device)
+
+    def _ids(self, tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
+        return tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
+
+    def _clip(self, index: int, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        encoder = self.text_encoders[index]
+        ids = self._ids(self.tokenizers[index], prompts, CLIP_MAX_LENGTH).to(self.device)
+        out = encoder(ids, output_hidden_states=True)
+        return out.hidden_states[-2], out.text_embeds  # (B, 77, Dc), (B, Pc)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> PromptEmbeds:
+        """Embeddings for `prompts` on the encoders' device, in the encoders' dtype."""
+        if not self.text_encoders:
+            raise RuntimeError("the text encoders were released; encode prompts before releasing them")
+        prompts = [str(p) for p in prompts]
+        clip_l, pooled_l = self._clip(0, prompts)
+        clip_g, pooled_g = self._clip(1, prompts)
+        t5_ids = self._ids(self.tokenizers[2], prompts, self.max_sequence_length).to(self.device)
+        t5 = self.text_encoders[2](t5_ids)[0]  # (B, L_t5, D)
+
+        clip = torch.cat([clip_l, clip_g], dim=-1)  # (B, 77, Dl + Dg)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # (B, 77, D)
+        return PromptEmbeds(
+            prompt_embeds=torch.cat([clip, t5.to(clip.dtype)], dim=-2),  # (B, 77 + L_t5, D)
+            pooled=torch.cat([pooled_l, pooled_g], dim=-1),  # (B, Pl + Pg)
+        )

@@ -1,0 +1,106 @@
+"""Decoding latents to pixels and reading/writing mp4 files (H.264 via PyAV's bundled FFmpeg).
+
+Every write goes to a temporary file in the destination folder and is renamed into place, so a crash
+never leaves a truncated video under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlhf.errors import UserError
+
+
+def denormalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
+    """Undo the Wan VAE's per-channel latent normalisation: `latents * std + mean` (B, C, T, H, W)."""
+    channels = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean).view(1, channels, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, channels, 1, 1, 1)
+    return latents * std.to(latents) + mean.to(latents)
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents `(B, C, t, h, w)` -> video `(B, 3, T, H, W)` in [-1, 1], in the VAE's dtype."""
+    vae_dtype = next(vae.parameters()).dtype
+    latents = denormalize_latents(latents.to(vae.device, vae_dtype), vae)
+    return vae.decode(latents, return_dict=False)[0].clamp(-1, 1)
+
+
+def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """One video `(3, T, H, W)` in [-1, 1] -> `(T, H, W, 3)` uint8."""
+    frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def temporary_path(path: Path) -> Path:
+    """A sibling temporary name that keeps the suffix (PyAV picks the container from it)."""
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+
+
+def write_mp4(path: str | Path, frames: np.ndarray, fps: float = 24, crf: int = 18) -> Path:
+    """Write `(T, H, W, 3)` uint8 frames as an H.264 mp4 at `fps`, atomically."""
+    import av
+
+    path = Path(path)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
+    if frames.shape[1] % 2 or frames.shape[2] % 2:
+        raise ValueError(f"H.264 (yuv420p) needs even frame sizes, got {frames.shape[2]}x{frames.shape[1]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    height, width = frames.shape[1:3]
+    try:
+        with av.open(str(tmp), mode="w") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height = width, height
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf)}
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    frames: int
+    fps: float
+    width: int
+    height: int
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """Frame count, frame rate and size of a video file (frames counted by decoding)."""
+    import av
+
+    path = Path(path)
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frames = sum(1 for _ in container.decode(stream))
+            return VideoInfo(frames, float(stream.average_rate), stream.width, stream.height)
+    except (av.error.FFmpegError, IndexError, OSError) as err:
+        raise UserError(f"{path}: not a readable video ({err})") from None
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    """Decode a video file to `(T, H, W, 3)` uint8 frames."""
+    import av
+
+    path = Path(path)
+    try:
+        with av.open(str(path)) as container:
+            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    except (av.error.FFmpegError, ValueError, OSError) as err:
+        raise UserError(f"{path}: not a readable video ({err})") from None
