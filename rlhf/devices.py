@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+
 import torch
 
 from rlhf.errors import UserError
