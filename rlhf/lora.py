@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from rlhf.errors import UserError
 
@@ -122,7 +123,7 @@ def load_adapter(
         else:
             raise UserError(f"{adapter_dir}: no LoRA adapter found (expected {PEFT_CONFIG} + {PEFT_WEIGHTS}, "
                             f"or {DIFFUSERS_WEIGHTS})")
-    except (ValueError, RuntimeError, OSError, KeyError) as err:
+    except (ValueError, RuntimeError, OSError, KeyError, SafetensorError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{adapter_dir}: adapter could not be loaded ({first_line})") from None
     if scale != 1.0:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from rlhf import devices
 from rlhf.errors import UserError
@@ -84,7 +85,7 @@ def _load(what: str, loader, *args, **kwargs):
     """Turn a loading failure of a present folder (corrupt or mismatched files) into a UserError."""
     try:
         return loader(*args, local_files_only=True, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{what}: could not be loaded ({first_line})") from None
 

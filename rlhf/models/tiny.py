@@ -60,7 +60,12 @@ TINY_VAE_CONFIG: dict[str, Any] = dict(base_dim=16, z_dim=16, dim_mult=[1, 1, 1,
 TINY_CLIP_HIDDEN_SIZES: dict[str, int] = {"text_encoder": 8, "text_encoder_2": 16}
 
 TINY_T5_CONFIG: dict[str, Any] = dict(
-    d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=64, feed_forward_proj="gated-gelu"  # T5 v1.1, as XXL
+    d_model=32,
+    d_kv=8,
+    num_heads=4,
+    num_layers=2,
+    d_ff=64,
+    feed_forward_proj="gated-gelu",  # T5 v1.1, as XXL
 )
 
 CLIP_MAX_LENGTH = 77
@@ -90,12 +95,12 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool 
 
     The same `seed` gives byte-identical weight files. The caller's global torch RNG state is left as
     it was. The checkpoint is assembled in a temporary sibling directory and renamed into place, so an
-    interrupted build never leaves a half-written model at `out_dir`.
+    interrupted build never leaves a half-written model at `out_dir`. Returns the absolute path of `out_dir`.
 
     Raises:
         UserError: `out_dir` is a non-empty directory and `overwrite` is False, or is not a directory.
     """
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))  # normalised: "." or "a/.." must have a real name and parent
     if out.exists() and not out.is_dir():
         raise UserError(f"{out_dir}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

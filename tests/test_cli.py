@@ -1,0 +1,115 @@
+"""The real `contentv-rlhf` entry point: help, tiny-model + generate end to end, and bad input."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from rlhf.cli import COMMANDS
+from rlhf.video import probe_video, read_video
+from tests.conftest import call_cli, run_cli
+
+SMALL = ["--frames", "9", "--height", "32", "--width", "48", "--steps", "3", "--guidance", "4", "--fps", "8"]
+
+
+def test_help_lists_every_command_and_is_light():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for name in COMMANDS:
+        assert name in result.stdout
+        sub = run_cli(name, "--help")
+        assert sub.returncode == 0 and "examples:" in sub.stdout, name
+    # --help must not pay for torch/diffusers imports.
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; from rlhf.cli import build_parser; build_parser(); "
+         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"],
+        capture_output=True, text=True, check=True,
+    )
+    assert probe.stdout.strip() == "[]"
+
+
+def test_generate_writes_mp4_with_requested_frames(tiny_model_dir, tmp_path):
+    out = tmp_path / "clips" / "a.mp4"
+    result = run_cli("generate", "--model", tiny_model_dir, "--prompt", "a cat", "--out", out, *SMALL, "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    info = probe_video(out)
+    assert (info.frames, info.width, info.height, info.fps) == (9, 48, 32, 8.0)
+    if shutil.which("ffprobe"):
+        frames = subprocess.run(
+            ["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
+             "stream=nb_read_frames", "-of", "csv=p=0", str(out)], capture_output=True, text=True, check=True)
+        assert frames.stdout.strip() == "9"
+    assert read_video(out).std() > 1.0  # not a constant video
+    assert [p.name for p in out.parent.iterdir()] == ["a.mp4"]  # no temporary files left behind
+
+
+def test_generate_same_seed_same_video_and_frames_rounded(tiny_model_dir, tmp_path, capsys):
+    paths = []
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        paths.append(tmp_path / f"{name}.mp4")
+        args = [*SMALL[:1], "8", *SMALL[2:]]  # 8 frames -> rounded to 9 (4k + 1)
+        code, _, stderr = call_cli(capsys, "generate", "--model", tiny_model_dir, "--prompt", "a dog",
+                                   "--out", paths[-1], *args, "--seed", seed)
+        assert code == 0, stderr
+    a, b, c = (read_video(p) for p in paths)
+    assert a.shape[0] == 9
+    assert (a == b).all()
+    assert not (a == c).all()
+
+
+def test_generate_with_adapter_and_config_file(tiny_model_dir, tmp_path, capsys):
+    import torch
+
+    from rlhf.lora import add_lora, save_adapter
+    from rlhf.models.loader import load_contentv
+
+    transformer = load_contentv(tiny_model_dir, dtype="fp32", load_vae=False, load_text_encoders=False).transformer
+    add_lora(transformer, rank=4, alpha=4)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    adapter = save_adapter(transformer, tmp_path / "adapter")
+    config = tmp_path / "gen.yaml"
+    config.write_text(f"model: {tiny_model_dir}\nprompt: a bird\nframes: 5\nheight: 32\nwidth: 32\nsteps: 3\nseed: 1\n")
+    base, tuned = tmp_path / "base.mp4", tmp_path / "tuned.mp4"
+    assert call_cli(capsys, "generate", "--config", config, "--out", base)[0] == 0
+    code, _, stderr = call_cli(capsys, "generate", "--config", config, "--out", tuned, "--adapter", adapter)
+    assert code == 0, stderr
+    assert not (read_video(base) == read_video(tuned)).all()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model", "{missing}", "--prompt", "x"], "model directory not found"),
+        (["--model", "{model}", "--prompt", "x", "--dtype", "bf17"], "field 'dtype'"),
+        (["--model", "{model}", "--prompt", "x", "--device", "tpu"], "field 'device'"),
+        (["--model", "{model}", "--prompt", "x", "--steps", "0"], "field 'steps' must be >= 1"),
+        (["--model", "{model}", "--prompt", "x", "--height", "40"], "field 'height' must be a positive multiple of 16"),
+        (["--model", "{model}", "--prompt", "x", "--steps", "ten"], "field 'steps' expects an integer"),
+        (["--model", "{model}"], "field 'prompt' is required"),
+        (["--config", "{bad_yaml}"], "unknown field 'stpes'"),
+        (["--model", "{model}", "--prompt", "x", "--stepz", "3"], "unrecognized arguments"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tiny_model_dir, tmp_path, capsys, args, expected):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text(f"model: {tiny_model_dir}\nprompt: x\nstpes: 3\n")
+    values = {"missing": tmp_path / "missing", "model": tiny_model_dir, "bad_yaml": bad_yaml}
+    out = tmp_path / "out.mp4"
+    code, _, stderr = call_cli(capsys, "generate", *[a.format(**values) for a in args], "--out", out)
+    assert code == 2
+    assert expected in stderr
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert not out.exists() and list(tmp_path.glob("*.mp4")) == []
+
+
+def test_tiny_model_command_refuses_to_overwrite(tmp_path, capsys):
+    target = tmp_path / "tiny"
+    assert call_cli(capsys, "tiny-model", target)[0] == 0
+    code, _, stderr = call_cli(capsys, "tiny-model", target)
+    assert code == 2 and "--overwrite" in stderr
+    assert call_cli(capsys, "tiny-model", target, "--overwrite", "--seed", "2")[0] == 0
