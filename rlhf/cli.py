@@ -65,6 +65,12 @@ def _configure_logging(verbose: bool) -> None:
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         for name in ("diffusers", "transformers", "peft", "accelerate", "httpx", "urllib3"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # Per-component "Loading weights" bars drown the tool's own progress bars.
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     # Never reach for a hub: every model comes from a local path.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
