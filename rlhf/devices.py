@@ -53,26 +53,33 @@ def _import_torch_npu() -> bool:
 def resolve_device(name: str = "auto") -> torch.device:
     """Pick the device for `name` in {auto, cuda, npu, cpu} (an index such as `cuda:1` is allowed).
 
-    `auto` prefers an NPU when `USE_ASCEND_NPU=1` is set, then CUDA, then an NPU if torch_npu is
-    installed, then the CPU. Asking for a device that is not present is a `UserError`.
+    `auto` picks the NPU when `USE_ASCEND_NPU=1` is set, else CUDA, else an NPU if torch_npu is installed,
+    else the CPU. Asking for a device that is not present is a `UserError`. Under a multi-process launcher
+    (torchrun / accelerate), an accelerator without an index becomes the process's `LOCAL_RANK` device.
     """
     kind, _, index = str(name).partition(":")
     if kind not in DEVICE_CHOICES or (index and not index.isdigit()) or (kind == "auto" and index):
         raise UserError(f"device: unknown device {name!r}; expected one of {', '.join(DEVICE_CHOICES)}")
     if kind == "auto":
-        if _npu_requested_by_env() and _import_torch_npu():
-            return torch.device("npu")
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if _import_torch_npu():
-            return torch.device("npu")
-        return torch.device("cpu")
+        if _npu_requested_by_env():
+            kind = "npu"
+        elif torch.cuda.is_available():
+            kind = "cuda"
+        elif _import_torch_npu():
+            kind = "npu"
+        else:
+            return torch.device("cpu")
     if kind == "cuda" and not torch.cuda.is_available():
         raise UserError("device: 'cuda' was requested but torch sees no CUDA device")
     if kind == "npu" and not _import_torch_npu():
-        raise UserError("device: 'npu' was requested but torch_npu is not installed or sees no NPU "
+        why = "USE_ASCEND_NPU=1 is set" if _npu_requested_by_env() else "'npu' was requested"
+        raise UserError(f"device: {why} but torch_npu is not installed or sees no NPU "
                         "(pip install 'contentv-rlhf[npu]')")
-    return torch.device(name)
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not index and "LOCAL_RANK" in os.environ:
+        index = os.environ["LOCAL_RANK"]
+    return torch.device(f"{kind}:{index}" if index else kind)
 
 
 def _backend(device: torch.device):

@@ -113,3 +113,15 @@ def test_tiny_model_command_refuses_to_overwrite(tmp_path, capsys):
     code, _, stderr = call_cli(capsys, "tiny-model", target)
     assert code == 2 and "--overwrite" in stderr
     assert call_cli(capsys, "tiny-model", target, "--overwrite", "--seed", "2")[0] == 0
+
+
+def test_memory_options_do_not_change_the_video(tiny_model_dir, tmp_path, capsys):
+    common = ["generate", "--model", tiny_model_dir, "--prompt", "a boat", *SMALL, "--seed", "2", "--dtype", "fp32"]
+    assert call_cli(capsys, *common, "--out", tmp_path / "plain.mp4")[0] == 0
+    code, _, stderr = call_cli(
+        capsys, *common, "--out", tmp_path / "lean.mp4",
+        "--cpu-offload", "--no-batch-cfg", "--vae-slicing", "--vae-tiling", "--no-free-text-encoders",
+    )
+    assert code == 0, stderr
+    plain, lean = read_video(tmp_path / "plain.mp4"), read_video(tmp_path / "lean.mp4")
+    assert abs(plain.astype(int) - lean.astype(int)).max() <= 2  # same up to float reassociation
