@@ -21,6 +21,7 @@ COMMANDS = {
     "quickstart": "rlhf.commands.quickstart",
     "tiny-model": "rlhf.commands.tiny_model",
     "generate": "rlhf.commands.generate",
+    "rollout": "rlhf.commands.rollout",
 }
 
 
@@ -76,8 +77,10 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # commands that relaunch themselves (torchrun) reuse the original arguments
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

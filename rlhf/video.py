@@ -6,7 +6,6 @@ never leaves a truncated video under the final name.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from rlhf.errors import UserError
+from rlhf.io import atomic_path
 
 
 def denormalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
@@ -38,11 +38,6 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return frames.permute(1, 2, 3, 0).cpu().numpy()
 
 
-def temporary_path(path: Path) -> Path:
-    """A sibling temporary name that keeps the suffix (PyAV picks the container from it)."""
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-
-
 def write_mp4(path: str | Path, frames: np.ndarray, fps: float = 24, crf: int = 18) -> Path:
     """Write `(T, H, W, 3)` uint8 frames as an H.264 mp4 at `fps`, atomically."""
     import av
@@ -52,23 +47,17 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float = 24, crf: int = 
         raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
     if frames.shape[1] % 2 or frames.shape[2] % 2:
         raise ValueError(f"H.264 (yuv420p) needs even frame sizes, got {frames.shape[2]}x{frames.shape[1]}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
     height, width = frames.shape[1:3]
-    try:
-        with av.open(str(tmp), mode="w") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height = width, height
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf)}
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        for packet in stream.encode():
+            container.mux(packet)
     return path
 
 

@@ -1,0 +1,233 @@
+"""The rollout stage: K samples per prompt from the base model (optionally + a LoRA) into a rollout store.
+
+Work is cut into units of `batch_size` samples of one prompt. A unit's samples are computed together, and
+nothing about a unit depends on which process runs it or on what else is pending: noise comes from each
+sample's own seed, embeddings are computed one prompt at a time. So a resumed run and an N-process run
+write the same latents as one uninterrupted process on the same device type.
+
+Order of work in each process: check/create the store -> encode the missing prompt embeddings (then free
+the text encoders) -> sample the pending units -> (rank 0) write the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.errors import UserError
+from rollouts.config import RolloutConfig
+
+logger = logging.getLogger("contentv-rlhf")
+
+
+def sample_seed(base_seed: int, prompt: str, index: int) -> int:
+    """A 63-bit seed from (base seed, prompt text, sample index): stable under reordering of prompts."""
+    digest = hashlib.sha256(f"{base_seed}\x00{prompt}\x00{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def frame_indices(total: int, count: int) -> list[int]:
+    """`count` evenly spaced frame indices (segment middles) out of `total`."""
+    count = min(count, total)
+    return [int((i + 0.5) * total / count) for i in range(count)]
+
+
+def _fingerprint(folder: Path) -> str:
+    """Identifies a model or adapter folder by its config files' content and its weight files' sizes."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(path.read_bytes() if path.suffix == ".json" else str(path.stat().st_size).encode())
+    return digest.hexdigest()[:16]
+
+
+def store_settings(config: RolloutConfig, frames: int, device_type: str) -> dict[str, Any]:
+    """Everything that determines the samples' content: a store is only resumed under equal settings."""
+    model = Path(config.model).resolve()
+    adapter = Path(config.adapter).resolve() if config.adapter else None
+    return {
+        "model": str(model),
+        "model_fingerprint": _fingerprint(model / "transformer") if (model / "transformer").is_dir() else None,
+        "adapter": str(adapter) if adapter else None,
+        "adapter_fingerprint": _fingerprint(adapter) if adapter and adapter.is_dir() else None,
+        "adapter_scale": config.adapter_scale,
+        "device_type": device_type,
+        "dtype": config.dtype,
+        "vae_dtype": config.vae_dtype,
+        "frames": frames,
+        "height": config.height,
+        "width": config.width,
+        "steps": config.steps,
+        "guidance": config.guidance,
+        "negative_prompt": config.negative_prompt,
+        "max_sequence_length": config.max_sequence_length,
+        "batch_cfg": config.batch_cfg,
+        "samples_per_prompt": config.samples_per_prompt,
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "save_videos": config.save_videos,
+        "save_frames": config.save_frames,
+        "fps": config.fps,
+    }
+
+
+def _check_existing(store, settings: dict[str, Any], prompts: dict[str, str], overwrite: bool) -> bool:
+    """True if `store` already holds a compatible (possibly partial) rollout; raises on a mismatch."""
+    if not store.root.exists() or not any(store.root.iterdir()):
+        return False
+    if not store.exists():
+        if overwrite:
+            return False
+        raise UserError(f"{store.root}: exists and is not a rollout store; choose another --out or pass --overwrite")
+    meta = store.read_meta()
+    differing = sorted(k for k in settings.keys() | meta["settings"].keys()
+                       if settings.get(k) != meta["settings"].get(k))
+    if not differing and store.read_prompts() != prompts:
+        differing = ["prompts"]
+    if differing and not overwrite:
+        shown = ", ".join(f"{k} (store: {meta['settings'].get(k)!r}, now: {settings.get(k)!r})" if k != "prompts"
+                          else "the prompt list" for k in differing[:3])
+        raise UserError(f"{store.meta_path}: store was made with other settings: {shown}; "
+                        "use another --out or pass --overwrite")
+    return not differing
+
+
+@dataclass
+class Unit:
+    """`batch_size` consecutive samples of one prompt, computed together."""
+
+    prompt_id: str
+    prompt: str
+    indices: list[int]
+
+
+def plan_units(prompts: dict[str, str], samples_per_prompt: int, batch_size: int) -> list[Unit]:
+    return [
+        Unit(pid, text, list(range(start, min(start + batch_size, samples_per_prompt))))
+        for pid, text in prompts.items()
+        for start in range(0, samples_per_prompt, batch_size)
+    ]
+
+
+def run_rollout(config: RolloutConfig) -> Path:
+    """Sample the missing units of the store at `config.out`; returns the store path."""
+    from rlhf import devices
+    from rlhf.distributed import Processes
+    from rlhf.io import remove_stale_temporaries
+    from rlhf.progress import Progress
+    from rlhf.prompts import load_prompts
+    from rollouts.store import RolloutStore, sample_id
+
+    prompt_list = load_prompts(config.prompts)
+    device = devices.resolve_device(config.device)
+    processes = Processes.init(cpu=device.type == "cpu")
+    if processes.is_main and prompt_list.report():
+        logger.warning(prompt_list.report())
+    prompts = dict(zip(prompt_list.ids, prompt_list.prompts, strict=True))
+
+    from rlhf.sampling import latent_shape, round_frames
+
+    frames = round_frames(config.frames)
+    if frames != config.frames and processes.is_main:
+        logger.warning("frames=%d is not of the form 4k + 1; sampling %d frames", config.frames, frames)
+    shape = latent_shape(frames, config.height, config.width)
+    settings = store_settings(config, frames, device.type)
+    store = RolloutStore(config.out)
+
+    # 1. Check or create the store (every rank checks, so all fail alike; rank 0 writes).
+    resuming = _check_existing(store, settings, prompts, config.overwrite)
+    if processes.is_main:
+        if not resuming and store.root.exists():
+            shutil.rmtree(store.root)
+        if resuming:
+            removed = remove_stale_temporaries(store.root)
+            if removed:
+                logger.info("removed %d unfinished temporary file(s) from an interrupted run", removed)
+        else:
+            store.write_header(settings, shape, prompts)
+    processes.barrier()
+
+    # 2. What is left to do for this rank.
+    units = processes.shard(plan_units(prompts, config.samples_per_prompt, config.batch_size))
+    pending = [u for u in units if not all(store.sample_path(sample_id(u.prompt_id, i)).exists() for i in u.indices)]
+    for unit in units:  # a complete unit's files must be readable: fail now rather than in training
+        if unit not in pending:
+            for index in unit.indices:
+                store.sample_metadata(sample_id(unit.prompt_id, index))
+    total = sum(len(u.indices) for u in units)
+    done = total - sum(len(u.indices) for u in pending)
+    if processes.is_main:
+        logger.info("rollout: %d prompts x %d samples -> %s (%d already done, %d process(es))", len(prompts),
+                    config.samples_per_prompt, store.root, done * processes.world_size, processes.world_size)
+
+    if pending:
+        _sample_units(config, store, pending, prompts, frames, Progress(
+            total=total, initial=done, desc=f"rollout[rank {processes.rank}]", unit="sample",
+        ))
+    processes.barrier()
+
+    # 3. The manifest, once every rank has finished.
+    if processes.is_main:
+        rows = []
+        for unit in plan_units(prompts, config.samples_per_prompt, config.batch_size):
+            for index in unit.indices:
+                sid = sample_id(unit.prompt_id, index)
+                meta = store.sample_metadata(sid)
+                rows.append({
+                    "sample_id": sid, "prompt_id": unit.prompt_id, "prompt": unit.prompt, "sample_index": index,
+                    "seed": meta["seed"], "latents": str(store.sample_path(sid).relative_to(store.root)),
+                    "video": str(store.video_path(sid).relative_to(store.root)) if config.save_videos else None,
+                })
+        store.write_manifest(rows)
+        logger.info("rollout complete: %d samples in %s", len(rows), store.root)
+    processes.barrier()
+    return store.root
+
+
+def _sample_units(config: RolloutConfig, store, pending: list[Unit], prompts: dict[str, str], frames: int,
+                  progress) -> None:
+    from rlhf.generation import VideoGenerator
+    from rlhf.video import to_uint8_frames, write_mp4
+    from rollouts.store import NEGATIVE, sample_id
+
+    guided = config.guidance != 1.0
+    needed = sorted({u.prompt_id for u in pending}) + ([NEGATIVE] if guided else [])
+    missing = [pid for pid in needed if not store.embeds_path(pid).exists()]
+    decode = config.save_videos or config.save_frames > 0
+    generator = VideoGenerator(config, load_text_encoders=bool(missing), load_vae=decode)
+
+    # One prompt per encoder call, so an embedding does not depend on which prompts share its batch.
+    for pid in missing:
+        text = config.negative_prompt if pid == NEGATIVE else prompts[pid]
+        store.write_embeds(pid, generator.encode_prompts([text]))
+    if missing and config.free_text_encoders:
+        generator.free_text_encoders()
+    uncond = store.load_embeds(NEGATIVE) if guided else None
+
+    kept = frame_indices(frames, config.save_frames) if config.save_frames else []
+    with progress:
+        for unit in pending:
+            seeds = [sample_seed(config.seed, unit.prompt, i) for i in unit.indices]
+            latents = generator.sample_latents(store.load_embeds(unit.prompt_id), uncond, seeds, config,
+                                               progress=False)
+            videos = generator.decode(latents) if decode else None  # (B, 3, T, H, W)
+            for row, (index, seed) in enumerate(zip(unit.indices, seeds, strict=True)):
+                sid = sample_id(unit.prompt_id, index)
+                frames_u8 = None
+                if videos is not None:
+                    pixels = to_uint8_frames(videos[row])  # (T, H, W, 3)
+                    if config.save_videos:
+                        write_mp4(store.video_path(sid), pixels, fps=config.fps)
+                    frames_u8 = torch.from_numpy(pixels[kept]) if kept else None
+                # The sample file is written last: its presence marks the sample complete.
+                store.write_sample(sid, latents[row], {
+                    "sample_id": sid, "prompt_id": unit.prompt_id, "sample_index": index, "seed": seed,
+                    "frame_indices": kept,
+                }, frames=frames_u8)
+            progress.update(len(unit.indices))

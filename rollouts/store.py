@@ -1,0 +1,187 @@
+"""The rollout store: sampled latents, prompt embeddings, videos and an index, in a documented layout.
+
+Layout (format version 1, see docs/formats.md):
+
+    STORE/
+      store.json                       format, version, settings that produced the samples, latent shape
+      prompts.jsonl                    {"prompt_id": "p00000", "prompt": "..."} per line
+      embeds/<prompt_id>.safetensors   prompt_embeds (L, D), pooled (P,)   -- once per prompt
+      embeds/negative.safetensors      the negative prompt's embeddings (when guidance != 1)
+      samples/<prompt_id>/<sample_id>.safetensors
+                                       latents (C, T, H, W) bf16 [+ frames (F, H, W, 3) uint8];
+                                       metadata: sample_id, prompt_id, sample_index, seed, frame_indices
+      videos/<sample_id>.mp4           decoded video (save_videos: true)
+      manifest.parquet                 one row per sample (written when the rollout completes)
+
+Every file is written atomically, and a sample file is written last for its sample, so "the sample file
+exists" means "the sample is complete". Later stages read the store without loading the model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from rlhf import io
+from rlhf.errors import UserError
+from rlhf.sampling import PromptEmbeds
+
+FORMAT = "contentv-rlhf.rollout"
+VERSION = 1
+NEGATIVE = "negative"
+MANIFEST_COLUMNS = ("sample_id", "prompt_id", "prompt", "sample_index", "seed", "latents", "video")
+
+
+def sample_id(prompt_id: str, index: int) -> str:
+    return f"{prompt_id}_s{index:03d}"
+
+
+class RolloutStore:
+    """Read (and, for the rollout stage, write) one store directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ---- paths -------------------------------------------------------------------------------
+    @property
+    def meta_path(self) -> Path:
+        return self.root / "store.json"
+
+    @property
+    def prompts_path(self) -> Path:
+        return self.root / "prompts.jsonl"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.parquet"
+
+    def embeds_path(self, prompt_id: str) -> Path:
+        return self.root / "embeds" / f"{prompt_id}.safetensors"
+
+    def sample_path(self, sample: str) -> Path:
+        return self.root / "samples" / sample.rsplit("_s", 1)[0] / f"{sample}.safetensors"
+
+    def video_path(self, sample: str) -> Path:
+        return self.root / "videos" / f"{sample}.mp4"
+
+    # ---- metadata ----------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.meta_path.exists()
+
+    def read_meta(self) -> dict[str, Any]:
+        """store.json, checked for format and version."""
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: rollout store not found")
+        try:
+            meta = json.loads(self.meta_path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{self.meta_path}: missing; {self.root} is not a rollout store") from None
+        except (OSError, ValueError) as err:
+            raise UserError(f"{self.meta_path}: corrupt store metadata ({err})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise UserError(f"{self.meta_path}: not a contentv-rlhf rollout store (format {meta.get('format')!r})")
+        if meta.get("version") != VERSION:
+            raise UserError(f"{self.meta_path}: store format version {meta.get('version')} is not supported "
+                            f"(this tool reads version {VERSION})")
+        return meta
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.read_meta()["settings"]
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.read_meta()["latent_shape"])
+
+    def read_prompts(self) -> dict[str, str]:
+        """prompt_id -> prompt, in order."""
+        try:
+            lines = self.prompts_path.read_text(encoding="utf-8").splitlines()
+            records = [json.loads(line) for line in lines if line.strip()]
+            return {r["prompt_id"]: r["prompt"] for r in records}
+        except FileNotFoundError:
+            raise UserError(f"{self.prompts_path}: missing from the rollout store") from None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{self.prompts_path}: corrupt prompt list ({err})") from None
+
+    def write_header(self, settings: Mapping[str, Any], latent_shape: tuple[int, ...], prompts: Mapping[str, str]):
+        io.write_json(self.meta_path, {
+            "format": FORMAT, "version": VERSION, "settings": dict(settings), "latent_shape": list(latent_shape),
+        })
+        io.write_text(self.prompts_path, "".join(
+            json.dumps({"prompt_id": pid, "prompt": text}, ensure_ascii=False) + "\n" for pid, text in prompts.items()
+        ))
+
+    # ---- tensors -----------------------------------------------------------------------------
+    def write_embeds(self, prompt_id: str, embeds: PromptEmbeds) -> None:
+        io.save_tensors(self.embeds_path(prompt_id), {
+            "prompt_embeds": embeds.prompt_embeds[0].cpu(), "pooled": embeds.pooled[0].cpu(),
+        })
+
+    def load_embeds(self, prompt_id: str) -> PromptEmbeds:
+        """One prompt's embeddings as a batch of one."""
+        tensors = _load(self.embeds_path(prompt_id))
+        return PromptEmbeds(tensors["prompt_embeds"][None], tensors["pooled"][None])
+
+    def write_sample(self, sample: str, latents: torch.Tensor, metadata: Mapping[str, Any],
+                     frames: torch.Tensor | None = None) -> None:
+        tensors = {"latents": latents.to(torch.bfloat16).cpu()}
+        if frames is not None:
+            tensors["frames"] = frames.cpu()
+        io.save_tensors(self.sample_path(sample), tensors, {k: json.dumps(v) for k, v in metadata.items()})
+
+    def sample_metadata(self, sample: str) -> dict[str, Any]:
+        """A sample file's metadata, reading only its header (raises UserError if unreadable)."""
+        path = self.sample_path(sample)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                if "latents" not in handle.keys():
+                    raise UserError(f"{path}: corrupt sample file (no 'latents' tensor)")
+                return {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise UserError(f"{path}: corrupt sample file ({err}); delete it to regenerate the sample") from None
+
+    def load_sample(self, sample: str) -> dict[str, torch.Tensor]:
+        """{'latents': (C, T, H, W) bf16, optionally 'frames': (F, H, W, 3) uint8}."""
+        return _load(self.sample_path(sample))
+
+    # ---- index -------------------------------------------------------------------------------
+    def write_manifest(self, rows: list[dict[str, Any]]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pylist(rows, schema=pa.schema([
+            ("sample_id", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
+            ("sample_index", pa.int32()), ("seed", pa.int64()), ("latents", pa.string()), ("video", pa.string()),
+        ]))
+        with io.atomic_path(self.manifest_path) as tmp:
+            pq.write_table(table, tmp)
+
+    def manifest(self) -> list[dict[str, Any]]:
+        """The manifest rows (requires a completed rollout)."""
+        import pyarrow.parquet as pq
+
+        if not self.manifest_path.exists():
+            self.read_meta()
+            raise UserError(f"{self.manifest_path}: missing; the rollout into {self.root} has not completed "
+                            "(rerun `contentv-rlhf rollout` with the same config to finish it)")
+        try:
+            return pq.read_table(self.manifest_path).to_pylist()
+        except Exception as err:  # pyarrow raises several unrelated types for a damaged file
+            raise UserError(f"{self.manifest_path}: corrupt manifest ({err})") from None
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing from the rollout store") from None
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path}: corrupt tensor file ({err})") from None
