@@ -56,7 +56,7 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _configure_logging(verbose: bool) -> None:
+def configure_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    _configure_logging(args.verbose)
+    configure_logging(args.verbose)
     try:
         return int(args.run(args) or 0)
     except UserError as err:

@@ -6,10 +6,14 @@ import pytest
 
 from rlhf.commands.generate import GenerateConfig
 from rlhf.config import config_from_dict, help_problems, load_yaml
+from rollouts.config import RolloutConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Config file -> the dataclass it must load into, plus fields a user must add on the command line.
-SHIPPED = {"generate.yaml": (GenerateConfig, {"prompt": "a test prompt"})}
+SHIPPED = {
+    "generate.yaml": (GenerateConfig, {"prompt": "a test prompt"}),
+    "rollout.yaml": (RolloutConfig, {}),
+}
 
 
 def test_every_config_file_is_listed():
@@ -23,6 +27,6 @@ def test_shipped_config_loads(name):
     assert isinstance(config, cls)
 
 
-@pytest.mark.parametrize("cls", [GenerateConfig])
+@pytest.mark.parametrize("cls", [GenerateConfig, RolloutConfig])
 def test_every_field_has_help(cls):
     assert help_problems(cls) == []
