@@ -22,6 +22,7 @@ COMMANDS = {
     "tiny-model": "rlhf.commands.tiny_model",
     "generate": "rlhf.commands.generate",
     "rollout": "rlhf.commands.rollout",
+    "train": "rlhf.commands.train",
 }
 
 
@@ -64,6 +65,7 @@ def configure_logging(verbose: bool = False) -> None:
         # Library chatter (deprecation notes, "weights not initialised" on tiny models) hides our output.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         for name in ("diffusers", "transformers", "peft", "accelerate", "httpx", "urllib3"):
             logging.getLogger(name).setLevel(logging.ERROR)
         # Per-component "Loading weights" bars drown the tool's own progress bars.

@@ -128,3 +128,15 @@ def manual_seed_all(seed: int) -> None:
     for backend in (torch.cuda, getattr(torch, "npu", None)):
         if backend is not None and backend.is_available():
             backend.manual_seed_all(seed)
+
+
+def rng_state(device: torch.device) -> torch.Tensor | None:
+    """The accelerator's RNG state for `device` (None on CPU), for exact resumes."""
+    backend = _backend(device)
+    return None if backend is None else backend.get_rng_state(device)
+
+
+def set_rng_state(device: torch.device, state: torch.Tensor | None) -> None:
+    backend = _backend(device)
+    if backend is not None and state is not None:
+        backend.set_rng_state(state, device)

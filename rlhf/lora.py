@@ -18,18 +18,8 @@ import torch
 from safetensors import SafetensorError
 
 from rlhf.errors import UserError
+from rlhf.options import DEFAULT_LORA_TARGETS
 
-# The eight MM-DiT attention projections present in every ContentV block.
-DEFAULT_LORA_TARGETS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-)
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"

@@ -16,6 +16,11 @@ DTypeName = Literal["bf16", "fp16", "fp32"]
 DEVICE_CHOICES: tuple[str, ...] = DeviceName.__args__
 DTYPE_CHOICES: tuple[str, ...] = DTypeName.__args__
 
+# The eight MM-DiT attention projections present in every ContentV block.
+DEFAULT_LORA_TARGETS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+)
 # ContentV's reference demo negative prompt.
 DEFAULT_NEGATIVE_PROMPT = (
     "overexposed, low quality, deformation, a poor composition, bad hands, bad teeth, bad eyes, bad limbs, "
@@ -86,3 +91,68 @@ class SamplingOptions:
             raise ConfigError("max_sequence_length", f"must be >= 1, got {self.max_sequence_length}")
         if self.fps <= 0:
             raise ConfigError("fps", f"must be > 0, got {self.fps}")
+
+
+@dataclass
+class LoraOptions:
+    """The LoRA adapter trained on the transformer (peft)."""
+
+    lora_rank: int = option(32, "LoRA rank r.")
+    lora_alpha: float = option(64.0, "LoRA alpha; the update is scaled by alpha / r.")
+    lora_dropout: float = option(0.0, "Dropout on the LoRA branch.")
+    lora_targets: list[str] = option(
+        list(DEFAULT_LORA_TARGETS),
+        "Module name suffixes to adapt (default: the 8 MM-DiT attention projections of every block).",
+    )
+
+    def __post_init__(self) -> None:
+        if self.lora_rank < 1:
+            raise ConfigError("lora_rank", f"must be >= 1, got {self.lora_rank}")
+        if self.lora_alpha <= 0:
+            raise ConfigError("lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_targets:
+            raise ConfigError("lora_targets", "must name at least one module")
+
+
+@dataclass
+class TrainingOptions:
+    """Optimisation, precision, checkpointing and logging shared by every trainer."""
+
+    output_dir: str | None = option(None, "Run directory: checkpoints/, logs/, adapter/ and summary.json go here.")
+    learning_rate: float = option(1e-4, "Peak AdamW learning rate of the LoRA parameters.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = option("constant", "Schedule after warmup.")
+    warmup_steps: int = option(0, "Linear warmup steps.")
+    max_steps: int = option(100, "Optimiser steps to train.")
+    gradient_accumulation_steps: int = option(1, "Micro-batches accumulated per optimiser step.")
+    max_grad_norm: float = option(1.0, "Gradient-norm clipping (0 disables).")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
+    use_8bit_adam: bool = option(False, "bitsandbytes AdamW8bit (requires bitsandbytes and a CUDA device).")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("bf16", "Autocast precision; LoRA weights stay fp32.")
+    gradient_checkpointing: bool = option(True, "Recompute transformer blocks in the backward pass.")
+    seed: int = option(0, "Seed of data order, noise and sigmas.")
+    save_every: int = option(50, "Write a checkpoint every N optimiser steps (0: only at the end).")
+    keep_last: int = option(3, "Checkpoints kept (older ones are deleted).")
+    resume_from: str | None = option(None, "'latest' or a checkpoint directory to resume from.")
+    log_every: int = option(1, "Log metrics every N optimiser steps.")
+    report_to: Literal["tensorboard", "wandb", "none"] = option("tensorboard", "Experiment tracker (metrics.jsonl "
+                                                                "is always written).")
+    max_nonfinite_steps: int = option(5, "Stop after this many consecutive steps with a non-finite loss.")
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir", "is required: the run directory")
+        for name in ("max_steps", "gradient_accumulation_steps", "log_every", "keep_last", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError("learning_rate", f"must be > 0, got {self.learning_rate}")
+        if self.max_grad_norm < 0:
+            raise ConfigError("max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")

@@ -23,6 +23,7 @@ class Progress:
         self.enabled, self.log_every = enabled, log_every
         self.start = self.last_log = time.perf_counter()
         self.bar = None
+        self.postfix: dict[str, float] = {}
         if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
@@ -39,12 +40,19 @@ class Progress:
         elif self.enabled and time.perf_counter() - self.last_log >= self.log_every:
             self._log()
 
+    def set_postfix(self, **values: float) -> None:
+        """Latest figures (e.g. loss) shown beside the bar or in the next log line."""
+        self.postfix = values
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+
     def _log(self) -> None:
         self.last_log = time.perf_counter()
         rate = self.rate()
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        logger.info("%s: %d/%d %s, %.2f %s/s, ETA %.0fs", self.desc, self.done, self.total, self.unit, rate,
-                    self.unit, eta)
+        extra = "".join(f", {k} {v:.4g}" for k, v in self.postfix.items())
+        logger.info("%s: %d/%d %s, %.2f %s/s, ETA %.0fs%s", self.desc, self.done, self.total, self.unit, rate,
+                    self.unit, eta, extra)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -34,6 +34,11 @@ _UNSUPPORTED_SCHEDULER_OPTIONS = (
 )
 
 
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """The flow scheduler's time shift: sigma' = shift * sigma / (1 + (shift - 1) * sigma)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
 @dataclass(frozen=True)
 class FlowSchedule:
     """The sigma schedule of a flow-matching checkpoint (read from `scheduler/scheduler_config.json`)."""
@@ -64,8 +69,7 @@ class FlowSchedule:
         return cls.from_config(config, source=str(path))
 
     def shift_sigmas(self, sigmas: torch.Tensor) -> torch.Tensor:
-        """sigma' = shift * sigma / (1 + (shift - 1) * sigma)."""
-        return self.shift * sigmas / (1 + (self.shift - 1) * sigmas)
+        return shift_sigmas(sigmas, self.shift)
 
     def sigmas(self, steps: int) -> torch.Tensor:
         """`steps + 1` float32 sigmas from 1 (pure noise) down to a terminal 0."""

@@ -37,3 +37,40 @@ def call_cli(capsys, *args) -> tuple[int, str, str]:
         code = exit.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+TRAIN_PROMPTS = ["a red ball", "a blue lake", "a green field", "a yellow sun", "a white cloud", "a black cat"]
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_model_dir, tmp_path_factory):
+    """A small rollout store: 6 prompts x 4 samples of 5 frames at 32x32, with 4 decoded frames each."""
+    from rlhf.cli import main
+
+    root = tmp_path_factory.mktemp("store")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(TRAIN_PROMPTS) + "\n")
+    out = root / "store"
+    code = main([
+        "rollout", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--out", str(out),
+        "--frames", "5", "--height", "32", "--width", "32", "--steps", "2", "--guidance", "3",
+        "--samples-per-prompt", "4", "--batch-size", "4", "--save-frames", "4", "--dtype", "fp32",
+    ])
+    assert code == 0
+    from rollouts.store import RolloutStore
+
+    return RolloutStore(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tiny_store, tmp_path_factory):
+    """Best-vs-worst pairs under a synthetic reward (mean latent value), saved as a pairs dataset."""
+    from rewards.pairs import PairsConfig, build_pairs, save_pairs
+
+    rows = [
+        {"sample_id": r["sample_id"], "prompt_id": r["prompt_id"],
+         "scores": {"latent_mean": float(tiny_store.load_sample(r["sample_id"])["latents"].float().mean())}}
+        for r in tiny_store.manifest()
+    ]
+    pairs, summary = build_pairs(rows, PairsConfig(min_margin=0.0))
+    return save_pairs(pairs, summary, tmp_path_factory.mktemp("pairs") / "pairs", {"store": str(tiny_store.root)})

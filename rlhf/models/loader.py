@@ -81,6 +81,25 @@ def check_model_dir(
     return path
 
 
+def read_transformer_config(path: str | Path) -> dict:
+    """The transformer's init arguments (class defaults + its config.json) without loading weights."""
+    import inspect
+
+    from rlhf.models.transformer import SD3Transformer3DModel
+
+    path = check_model_dir(path, vae=False, text_encoders=False)
+    config_file = path / "transformer" / "config.json"
+    try:
+        stored = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{config_file}: not readable JSON ({err})") from None
+    defaults = {
+        name: p.default for name, p in inspect.signature(SD3Transformer3DModel.__init__).parameters.items()
+        if name != "self"
+    }
+    return {**defaults, **{k: v for k, v in stored.items() if k in defaults}}
+
+
 def _load(what: str, loader, *args, **kwargs):
     """Turn a loading failure of a present folder (corrupt or mismatched files) into a UserError."""
     try:

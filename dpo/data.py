@@ -1,0 +1,104 @@
+"""Preference pairs joined with the rollout store: cached latents and prompt embeddings, no model needed.
+
+`PairData` checks everything up front (pairs that name missing samples, a store whose latents or
+embeddings do not fit the transformer) so a bad input fails before training starts, in one clear line.
+Batches are drawn by a stateless rule: micro-batch m of epoch e takes positions of a permutation seeded by
+(seed, e), so the data a step sees depends only on the step index (exact resume, any process count).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf.errors import UserError
+from rlhf.sampling import PromptEmbeds
+from rlhf.training import step_generator
+from rollouts.store import RolloutStore
+
+
+@dataclass
+class PairBatch:
+    latents_w: torch.Tensor  # (B, C, T, H, W)
+    latents_l: torch.Tensor  # (B, C, T, H, W)
+    text: PromptEmbeds  # (B, L, D), (B, P)
+    weights: torch.Tensor  # (B,)
+    pair_ids: list[str]  # "chosen>rejected" for messages
+
+
+def pairs_store_path(pairs_dir: Path) -> str | None:
+    """The rollout store recorded in a pairs dataset's summary.json, if any."""
+    try:
+        summary = json.loads((pairs_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (summary.get("metadata") or {}).get("store")
+
+
+class PairData:
+    def __init__(self, pairs_dir: str | Path, store: RolloutStore, weighting: str = "none"):
+        from datasets import load_from_disk
+
+        self.pairs_dir = Path(pairs_dir)
+        try:
+            dataset = load_from_disk(str(self.pairs_dir))
+        except (FileNotFoundError, ValueError) as err:
+            raise UserError(f"{self.pairs_dir}: not a pairs dataset ({err})") from None
+        missing = {"prompt_id", "chosen_id", "rejected_id", "margin"} - set(dataset.column_names)
+        if missing:
+            raise UserError(f"{self.pairs_dir}: pairs dataset lacks columns {sorted(missing)}")
+        if len(dataset) == 0:
+            raise UserError(f"{self.pairs_dir}: the pairs dataset is empty; nothing to train on")
+        self.store = store
+        self.rows = dataset.select_columns(["prompt_id", "chosen_id", "rejected_id", "margin"]).to_list()
+        known = {row["sample_id"] for row in store.manifest()}
+        absent = sorted({r[k] for r in self.rows for k in ("chosen_id", "rejected_id")} - known)
+        if absent:
+            raise UserError(f"{self.pairs_dir}: {len(absent)} pair sample(s) are not in the rollout store "
+                            f"{store.root} (e.g. {absent[0]}); were the pairs built from another store?")
+        margins = torch.tensor([float(r["margin"]) for r in self.rows])
+        self.weights = margins / margins.mean() if weighting == "margin" else torch.ones(len(self.rows))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def check_fits(self, model_dir: str | Path) -> None:
+        """The store's latents and embeddings must match the input sizes of the transformer in `model_dir`."""
+        from rlhf.models.loader import read_transformer_config
+
+        config = read_transformer_config(model_dir)
+        text = self.store.load_embeds(self.rows[0]["prompt_id"])
+        expected = {
+            "latent channels": (self.store.latent_shape[0], config["in_channels"]),
+            "text feature size": (text.prompt_embeds.shape[-1], config["joint_attention_dim"]),
+            "pooled text size": (text.pooled.shape[-1], config["pooled_projection_dim"]),
+        }
+        for what, (found, wanted) in expected.items():
+            if found != wanted:
+                raise UserError(f"{self.store.meta_path}: the store's {what} is {found} but the transformer in "
+                                f"{model_dir} expects {wanted}; the store was made with another model")
+
+    def batches_per_epoch(self, batch_size: int, world_size: int) -> int:
+        count = len(self) // (batch_size * world_size)
+        if count == 0:
+            raise UserError(f"{self.pairs_dir}: {len(self)} pair(s) are fewer than one global batch "
+                            f"(batch_size {batch_size} x {world_size} process(es))")
+        return count
+
+    def indices(self, micro_batch: int, batch_size: int, rank: int, world_size: int, seed: int) -> list[int]:
+        """Pair indices of global micro-batch `micro_batch` for process `rank`."""
+        per_epoch = self.batches_per_epoch(batch_size, world_size)
+        epoch, position = divmod(micro_batch, per_epoch)
+        order = torch.randperm(len(self), generator=step_generator(seed, epoch, -1)).tolist()
+        start = (position * world_size + rank) * batch_size
+        return order[start : start + batch_size]
+
+    def batch(self, indices: list[int]) -> PairBatch:
+        rows = [self.rows[i] for i in indices]
+        w = torch.stack([self.store.load_sample(r["chosen_id"])["latents"] for r in rows])
+        lo = torch.stack([self.store.load_sample(r["rejected_id"])["latents"] for r in rows])
+        text = PromptEmbeds.cat([self.store.load_embeds(r["prompt_id"]) for r in rows])
+        return PairBatch(w, lo, text, self.weights[indices], [f"{r['chosen_id']}>{r['rejected_id']}" for r in rows])

@@ -1,0 +1,287 @@
+"""Infrastructure shared by every trainer: accelerate, the LoRA policy, optimiser, checkpoints, logging.
+
+A trainer (dpo/trainer.py, ...) owns only its data and its step; everything around the step lives here:
+
+    run = TrainingRun(options, lora, ...)          # accelerator, run dir, trackers
+    policy = run.load_policy(model_dir, dtype)      # transformer + fresh LoRA, grad checkpointing
+    run.prepare(policy)                             # optimiser, lr schedule, DDP wrap, resume
+    for step in run.steps(): ...                    # the trainer's loop body
+        run.optimizer_step(...)                     # clip, non-finite guard, step, schedule
+        run.log(step, metrics); run.maybe_checkpoint(step)
+    run.finish(summary)                             # adapter (peft + diffusers), config, summary.json
+
+Randomness is stateless per step (`step_generator`), so resuming at step N reproduces the data order,
+noise and sigmas of an uninterrupted run; the torch RNG state (dropout) is checkpointed per rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf import devices, io
+from rlhf.config import save_config
+from rlhf.errors import UserError
+from rlhf.lora import add_lora, lora_state_dict, save_adapter
+from rlhf.options import LoraOptions, TrainingOptions
+
+logger = logging.getLogger("contentv-rlhf")
+CHECKPOINT_PREFIX = "step-"
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive non-finite losses."""
+
+
+def step_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator determined by (seed, *keys): per-step randomness that needs no saved state."""
+    digest = hashlib.sha256(":".join(map(str, (seed, *keys))).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def lr_lambda(options: TrainingOptions):
+    def factor(step: int) -> float:
+        if step < options.warmup_steps:
+            return (step + 1) / (options.warmup_steps + 1)
+        progress = (step - options.warmup_steps) / max(1, options.max_steps - options.warmup_steps)
+        if options.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if options.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+class TrainingRun:
+    """One training run in `options.output_dir` (see the module docstring for the call order)."""
+
+    def __init__(self, options: TrainingOptions, lora: LoraOptions, device: str, config: Any):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.options, self.lora, self.config = options, lora, config
+        self.output_dir = Path(options.output_dir)
+        target = devices.resolve_device(device)
+        self.accelerator = Accelerator(
+            cpu=target.type == "cpu",
+            mixed_precision=options.mixed_precision,
+            log_with=None if options.report_to == "none" else options.report_to,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.logs_dir)),
+        )
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        self.step = 0
+        self.nonfinite_in_row = 0
+        self.skipped_steps = 0
+        self.history: list[dict[str, float]] = []
+
+    # ---- directories -------------------------------------------------------------------------
+    @property
+    def logs_dir(self) -> Path:
+        return self.output_dir / "logs"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    # ---- model, optimiser --------------------------------------------------------------------
+    def load_policy(self, model_dir: str | Path, dtype: str) -> torch.nn.Module:
+        """The transformer in `dtype` (frozen) with a fresh fp32 LoRA adapter (trainable)."""
+        from diffusers.training_utils import cast_training_params
+
+        from rlhf.models.loader import load_contentv
+
+        transformer = load_contentv(
+            model_dir, dtype=dtype, device=self.device, load_vae=False, load_text_encoders=False
+        ).transformer
+        add_lora(transformer, self.lora.lora_rank, self.lora.lora_alpha, self.lora.lora_dropout,
+                 self.lora.lora_targets)
+        cast_training_params(transformer, dtype=torch.float32)
+        if self.options.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+        return transformer
+
+    def prepare(self, policy: torch.nn.Module) -> torch.nn.Module:
+        """Build the optimiser and schedule, wrap for (D)DP, and resume if asked. Returns the wrapped policy."""
+        params = [p for p in policy.parameters() if p.requires_grad]
+        o = self.options
+        if o.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise UserError("use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)") from None
+            optimizer_cls = bnb.optim.AdamW8bit
+        else:
+            optimizer_cls = torch.optim.AdamW
+        optimizer = optimizer_cls(params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
+                                  weight_decay=o.weight_decay, eps=o.adam_epsilon)
+        # The scheduler is stepped by us once per optimiser step (accelerate would step it per process).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))
+        self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.params = params
+        if o.resume_from:
+            self._resume(o.resume_from)
+        # Only now, with every input checked, does the run directory get written to.
+        if self.is_main:
+            self.logs_dir.mkdir(parents=True, exist_ok=True)
+        if o.report_to != "none":
+            self.accelerator.init_trackers("contentv-rlhf")
+        return self.policy
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.policy)
+
+    def steps(self) -> Iterator[int]:
+        """Optimiser step indices still to run (after a resume, from the checkpoint's step)."""
+        return iter(range(self.step, self.options.max_steps))
+
+    def optimizer_step(self, loss_is_finite: bool, pair_ids: list[str]) -> float | None:
+        """Clip, step and schedule, unless any process saw a non-finite loss or gradient; returns the grad norm."""
+        finite = torch.tensor(float(loss_is_finite), device=self.device)
+        grads_finite = all(torch.isfinite(p.grad).all() for p in self.params if p.grad is not None)
+        finite = self.accelerator.reduce(finite * float(grads_finite), reduction="sum")
+        if finite.item() < self.accelerator.num_processes:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.nonfinite_in_row += 1
+            logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step,
+                           self.nonfinite_in_row)
+            if self.nonfinite_in_row >= self.options.max_nonfinite_steps:
+                raise TrainingDiverged(
+                    f"training stopped at step {self.step}: {self.nonfinite_in_row} consecutive non-finite "
+                    f"losses (last pairs: {', '.join(pair_ids[:6])}); lower learning_rate or beta"
+                )
+            return None
+        self.nonfinite_in_row = 0
+        grad_norm = None
+        if self.options.max_grad_norm > 0:
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.params, self.options.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    # ---- logging -----------------------------------------------------------------------------
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Average `metrics` over processes; write metrics.jsonl and the trackers (main process)."""
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], device=self.device, dtype=torch.float64)
+        values = self.accelerator.reduce(values, reduction="mean")
+        record = {"step": step, **{k: float(v) for k, v in zip(keys, values.tolist(), strict=True)}}
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        memory = devices.peak_memory_bytes(self.device)
+        if memory is not None:
+            record["peak_memory_gb"] = memory / 2**30
+        self.history.append(record)
+        if not self.is_main or step % self.options.log_every:
+            return
+        with open(self.logs_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.options.report_to != "none":
+            self.accelerator.log(record, step=step)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def maybe_checkpoint(self, step: int) -> None:
+        """After optimiser step `step` (0-based) completed: checkpoint every `save_every` steps."""
+        done = step + 1
+        if self.options.save_every and done % self.options.save_every == 0 and done < self.options.max_steps:
+            self.save_checkpoint(done)
+
+    def save_checkpoint(self, done: int) -> Path:
+        """Adapter, optimiser, scheduler, per-rank RNG and counters, written atomically (tmp dir + rename)."""
+        final = self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{done:07d}"
+        tmp = self.checkpoints_dir / f".{final.name}.tmp"
+        accelerator = self.accelerator
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save({"cpu": torch.get_rng_state(), "accelerator": devices.rng_state(self.device)},
+                   tmp / f"rng_rank{accelerator.process_index}.pt")
+        if self.is_main:
+            save_adapter(self.unwrapped, tmp / "adapter")
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            io.write_json(tmp / "trainer_state.json", {
+                "step": done, "nonfinite_in_row": self.nonfinite_in_row, "skipped_steps": self.skipped_steps,
+                "num_processes": accelerator.num_processes,
+            })
+        accelerator.wait_for_everyone()
+        if self.is_main:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in sorted(self.checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*"))[: -self.options.keep_last]:
+                shutil.rmtree(old)
+            logger.info("checkpoint: %s", final)
+        accelerator.wait_for_everyone()
+        return final
+
+    def _find_checkpoint(self, spec: str) -> Path:
+        if spec == "latest":
+            found = sorted(self.checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*"))
+            if not found:
+                raise UserError(f"resume_from: no checkpoint found in {self.checkpoints_dir}")
+            return found[-1]
+        path = Path(spec)
+        if not path.is_dir():
+            raise UserError(f"resume_from: checkpoint directory {path} not found")
+        return path
+
+    def _resume(self, spec: str) -> None:
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = self._find_checkpoint(spec)
+        rank = self.accelerator.process_index
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+            weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+            result = set_peft_model_state_dict(self.unwrapped, weights)
+            if result.unexpected_keys or len(weights) != len(lora_state_dict(self.unwrapped)):
+                raise ValueError("adapter weights do not match this run's LoRA configuration")
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+            self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+            rng = torch.load(path / f"rng_rank{rank}.pt", weights_only=False)
+        except FileNotFoundError as err:
+            raise UserError(f"{path}: incomplete checkpoint ({Path(err.filename).name} missing)") from None
+        except Exception as err:  # torch/safetensors/json raise many types for a damaged file
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"{path}: corrupt checkpoint ({first})") from None
+        if state.get("num_processes") != self.accelerator.num_processes:
+            logger.warning("resuming a %s-process checkpoint with %d processes: data order changes",
+                           state.get("num_processes"), self.accelerator.num_processes)
+        torch.set_rng_state(rng["cpu"])
+        devices.set_rng_state(self.device, rng["accelerator"])
+        self.step = int(state["step"])
+        self.nonfinite_in_row = int(state["nonfinite_in_row"])
+        self.skipped_steps = int(state["skipped_steps"])
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    # ---- the end -----------------------------------------------------------------------------
+    def finish(self, summary: dict[str, Any]) -> Path:
+        """Save the final adapter (peft + diffusers formats), the config and summary.json."""
+        self.accelerator.wait_for_everyone()
+        adapter_dir = self.output_dir / "adapter"
+        if self.is_main:
+            save_adapter(self.unwrapped, adapter_dir)
+            save_config(self.config, adapter_dir / "training_config.yaml")
+            last = self.history[-10:]
+            averaged = {k: sum(r[k] for r in last) / len(last) for k in (last[0] if last else {}) if k != "step"}
+            io.write_json(self.output_dir / "summary.json", {
+                **summary, "steps": self.options.max_steps, "skipped_steps": self.skipped_steps,
+                "last_10_steps_mean": averaged, "adapter": str(adapter_dir),
+            })
+            io.write_json(adapter_dir / "summary.json", summary)
+        self.accelerator.end_training()
+        return adapter_dir
