@@ -244,6 +244,11 @@ class TrainingRun:
 
         path = self._find_checkpoint(spec)
         rank = self.accelerator.process_index
+        required = ("trainer_state.json", "adapter/adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
+                    f"rng_rank{rank}.pt")
+        missing = [name for name in required if not (path / name).is_file()]
+        if missing:
+            raise UserError(f"{path}: incomplete checkpoint ({', '.join(missing)} missing)")
         try:
             state = json.loads((path / "trainer_state.json").read_text())
             weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
@@ -253,8 +258,6 @@ class TrainingRun:
             self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
             self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
             rng = torch.load(path / f"rng_rank{rank}.pt", weights_only=False)
-        except FileNotFoundError as err:
-            raise UserError(f"{path}: incomplete checkpoint ({Path(err.filename).name} missing)") from None
         except Exception as err:  # torch/safetensors/json raise many types for a damaged file
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"{path}: corrupt checkpoint ({first})") from None
