@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from dpo.config import DPOConfig
 from rlhf.commands.generate import GenerateConfig
 from rlhf.config import config_from_dict, help_problems, load_yaml
 from rollouts.config import RolloutConfig
@@ -13,6 +14,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = {
     "generate.yaml": (GenerateConfig, {"prompt": "a test prompt"}),
     "rollout.yaml": (RolloutConfig, {}),
+    "dpo.yaml": (DPOConfig, {}),
 }
 
 
@@ -27,6 +29,14 @@ def test_shipped_config_loads(name):
     assert isinstance(config, cls)
 
 
-@pytest.mark.parametrize("cls", [GenerateConfig, RolloutConfig])
+@pytest.mark.parametrize("cls", [GenerateConfig, RolloutConfig, DPOConfig])
 def test_every_field_has_help(cls):
     assert help_problems(cls) == []
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(path))  # accelerate's own loader
+    assert config.num_processes >= 1 and config.mixed_precision == "bf16"
