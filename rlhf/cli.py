@@ -22,7 +22,10 @@ COMMANDS = {
     "tiny-model": "rlhf.commands.tiny_model",
     "generate": "rlhf.commands.generate",
     "rollout": "rlhf.commands.rollout",
+    "score": "rlhf.commands.score",
+    "pairs": "rlhf.commands.pairs",
     "train": "rlhf.commands.train",
+    "merge": "rlhf.commands.merge",
 }
 
 

@@ -12,6 +12,7 @@ Layout (format version 1, see docs/formats.md):
                                        metadata: sample_id, prompt_id, sample_index, seed, frame_indices
       videos/<sample_id>.mp4           decoded video (save_videos: true)
       manifest.parquet                 one row per sample (written when the rollout completes)
+      scores/<scorer>.json             {"info": {...}, "weight": w, "scores": {sample_id: float or null}}
 
 Every file is written atomically, and a sample file is written last for its sample, so "the sample file
 exists" means "the sample is complete". Later stages read the store without loading the model.
@@ -149,6 +150,48 @@ class RolloutStore:
     def load_sample(self, sample: str) -> dict[str, torch.Tensor]:
         """{'latents': (C, T, H, W) bf16, optionally 'frames': (F, H, W, 3) uint8}."""
         return _load(self.sample_path(sample))
+
+    def load_frames(self, sample: str) -> torch.Tensor:
+        """The frames kept for scoring as `(F, 3, H, W)` float in [0, 1] (the saved subset, else the mp4)."""
+        tensors = self.load_sample(sample)
+        if "frames" in tensors:
+            frames = tensors["frames"]
+        elif self.video_path(sample).exists():
+            from rlhf.video import read_video
+
+            frames = torch.from_numpy(read_video(self.video_path(sample)))
+        else:
+            raise UserError(f"{self.sample_path(sample)}: no decoded frames or video for this sample; rerun the "
+                            "rollout with save_frames > 0 or save_videos: true")
+        return frames.permute(0, 3, 1, 2).float() / 255.0  # (F, 3, H, W)
+
+    # ---- scores ------------------------------------------------------------------------------
+    @property
+    def scores_dir(self) -> Path:
+        return self.root / "scores"
+
+    def score_path(self, name: str) -> Path:
+        return self.scores_dir / f"{name}.json"
+
+    def read_scores(self, name: str) -> dict[str, Any]:
+        """`{"info": {...}, "scores": {sample_id: float | None}}` of one scorer ({} if not scored yet)."""
+        path = self.score_path(name)
+        if not path.exists():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data.get("scores"), dict):
+                raise ValueError("no 'scores' mapping")
+            return data
+        except (OSError, ValueError, AttributeError) as err:
+            raise UserError(f"{path}: corrupt score file ({err}); delete it to rescore") from None
+
+    def write_scores(self, name: str, info: Mapping[str, Any], weight: float,
+                     scores: Mapping[str, float | None]) -> None:
+        io.write_json(self.score_path(name), {"info": dict(info), "weight": weight, "scores": dict(scores)})
+
+    def scored_dimensions(self) -> list[str]:
+        return sorted(p.stem for p in self.scores_dir.glob("*.json")) if self.scores_dir.is_dir() else []
 
     # ---- index -------------------------------------------------------------------------------
     def write_manifest(self, rows: list[dict[str, Any]]) -> None:
