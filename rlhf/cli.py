@@ -26,6 +26,7 @@ COMMANDS = {
     "pairs": "rlhf.commands.pairs",
     "train": "rlhf.commands.train",
     "merge": "rlhf.commands.merge",
+    "eval": "rlhf.commands.eval",
 }
 
 

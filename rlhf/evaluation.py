@@ -1,0 +1,187 @@
+"""The eval stage: base vs candidate adapters on the SAME prompts and seeds, scored, compared pairwise.
+
+For every prompt and seed, the base model (adapters disabled) and each candidate adapter generate from the
+same initial noise; every reward scores every video. Per reward and candidate: means, the paired difference
+with a bootstrap 95% CI, and win / tie / loss rates against the base. `trained` rewards are the ones the
+adapter was optimised for (their weighted sum is reported as `combined`); `held_out` rewards were not
+trained on: a trained reward that rises while a held-out one falls is flagged as possible reward hacking.
+Writes `eval.json` (+ a few mp4s per model for the report) and returns it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import ConfigError, option
+from rlhf.errors import UserError
+from rlhf.options import ModelOptions, SamplingOptions
+
+logger = logging.getLogger("contentv-rlhf")
+COMBINED = "combined"
+BASE = "base"
+
+
+@dataclass
+class EvalConfig(ModelOptions, SamplingOptions):
+    """`eval`: the model and sampling sections plus candidates, prompts, seeds and rewards."""
+
+    adapters: list[str] = option([], "Candidate LoRA adapters to compare with the base model (one or more).")
+    prompts: str | None = option(None, "Held-out prompt file (.txt/.jsonl/.csv/datasets folder).")
+    seeds: int = option(4, "Seeds per prompt; every model uses the same seeds.")
+    seed_offset: int = option(100_000, "First evaluation seed (keep evaluation seeds apart from training's).")
+    rewards: str | None = option(None, "Rewards YAML of the trained rewards (as given to `score`).")
+    held_out_rewards: str | None = option(None, "Rewards YAML of rewards NOT trained on (hacking check).")
+    out: str | None = option(None, "Output directory for eval.json and sample videos.")
+    save_videos: int = option(2, "Prompts whose videos (all seeds, every model) are saved for the report.")
+    tie_tolerance: float = option(0.0, "Score differences within this tolerance count as ties.")
+    bootstrap_resamples: int = option(2000, "Bootstrap resamples for the confidence intervals.")
+
+    def __post_init__(self) -> None:
+        ModelOptions.__post_init__(self)
+        if self.adapter:
+            raise ConfigError("adapter", "is not used by eval; list the candidates under `adapters`")
+        SamplingOptions.__post_init__(self)
+        for name in ("prompts", "rewards", "out"):
+            if not getattr(self, name):
+                raise ConfigError(name, "is required")
+        if not self.adapters:
+            raise ConfigError("adapters", "needs at least one candidate adapter directory")
+        if self.seeds < 1:
+            raise ConfigError("seeds", f"must be >= 1, got {self.seeds}")
+        if self.save_videos < 0:
+            raise ConfigError("save_videos", f"must be >= 0, got {self.save_videos}")
+
+
+def _load_rewards(path: str | None, source: str) -> tuple[dict, Any]:
+    from rewards.build import build_scorers
+    from rewards.config import RewardsConfig
+    from rlhf.config import config_from_dict, load_yaml
+
+    if path is None:
+        return {}, None
+    config = config_from_dict(RewardsConfig, load_yaml(path), source=path)
+    scorers = build_scorers(config)
+    logger.debug("%s: %s", source, ", ".join(scorers))
+    return scorers, config
+
+
+def run_eval(config: EvalConfig) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from rlhf.generation import VideoGenerator
+    from rlhf.io import write_json
+    from rlhf.lora import load_adapter
+    from rlhf.progress import Progress
+    from rlhf.prompts import load_prompts
+    from rlhf.stats import compare_paired
+    from rlhf.video import to_uint8_frames, write_mp4
+
+    prompts = load_prompts(config.prompts)
+    if prompts.report():
+        logger.warning(prompts.report())
+    trained, _ = _load_rewards(config.rewards, "rewards")
+    held_out, _ = _load_rewards(config.held_out_rewards, "held_out_rewards")
+    overlap = sorted(set(trained) & set(held_out))
+    if overlap:
+        raise UserError(f"{config.held_out_rewards}: scorer name(s) {overlap} also appear in the trained rewards "
+                        f"{config.rewards}; a held-out reward must not be trained on")
+    scorers = {**trained, **held_out}
+
+    generator = VideoGenerator(config)
+    candidates = {f"candidate{i}": str(Path(path)) for i, path in enumerate(config.adapters)}
+    for name, path in candidates.items():
+        load_adapter(generator.transformer, path, adapter_name=name)
+    generator.transformer.requires_grad_(False)
+    guided = config.guidance != 1.0
+    texts = prompts.prompts + ([config.negative_prompt] if guided else [])
+    embeds = generator.encode_prompts(texts)
+    if config.free_text_encoders:
+        generator.free_text_encoders()
+    uncond = embeds.select(len(prompts.prompts)) if guided else None
+    seeds = [config.seed_offset + i for i in range(config.seeds)]
+    out = Path(config.out)
+
+    models = [BASE, *candidates]
+    # scores[model][reward] -> (prompts, seeds)
+    scores = {m: {r: np.zeros((len(prompts.prompts), len(seeds))) for r in scorers} for m in models}
+    videos: dict[str, dict[str, list[str]]] = {m: {} for m in models}
+    with Progress(total=len(prompts.prompts) * len(models), desc="eval", unit="video batch") as progress:
+        for p_index, prompt in enumerate(prompts.prompts):
+            for model in models:
+                if model == BASE:
+                    generator.transformer.disable_adapters()
+                else:
+                    generator.transformer.enable_adapters()
+                    generator.transformer.set_adapters([model])
+                latents = generator.sample_latents(embeds.select(p_index), uncond, seeds, config, progress=False)
+                video = generator.decode(latents)  # (S, 3, T, H, W) in [-1, 1]
+                frames = ((video + 1) / 2).permute(0, 2, 1, 3, 4)  # (S, T, 3, H, W) in [0, 1]
+                with torch.no_grad():
+                    for reward, (scorer, _) in scorers.items():
+                        device = scorer.device or frames.device
+                        scores[model][reward][p_index] = scorer(frames.to(device), [prompt] * len(seeds)).cpu()
+                if p_index < config.save_videos:
+                    paths = []
+                    for s_index, seed in enumerate(seeds):
+                        path = out / "videos" / f"{model}_p{p_index:03d}_seed{seed}.mp4"
+                        write_mp4(path, to_uint8_frames(video[s_index]), fps=config.fps)
+                        paths.append(str(path.relative_to(out)))
+                    videos[model][str(p_index)] = paths
+                progress.update(1)
+
+    def combined(model: str) -> np.ndarray:
+        return sum(weight * scores[model][name] for name, (_, weight) in trained.items())
+
+    comparisons, warnings = {}, []
+    # A weight-0 entry of the trained rewards is only logged: it did not shape the pairs or gradients.
+    rewards_of = {**{r: "trained" if w else "logged" for r, (_, w) in trained.items()},
+                  **{r: "held_out" for r in held_out}, COMBINED: "trained"}
+    for model in candidates:
+        rows = {}
+        for reward in [COMBINED, *scorers]:
+            base = combined(BASE) if reward == COMBINED else scores[BASE][reward]
+            cand = combined(model) if reward == COMBINED else scores[model][reward]
+            rows[reward] = compare_paired(base.ravel(), cand.ravel(), config.tie_tolerance,
+                                          config.bootstrap_resamples).to_dict()
+        rising = [r for r in trained if rewards_of[r] == "trained" and rows[r]["ci_low"] > 0]
+        falling = [r for r in held_out if rows[r]["ci_high"] < 0]
+        if rising and falling:
+            warnings.append(f"{model} ({candidates[model]}): trained reward(s) {', '.join(rising)} rose while "
+                            f"held-out reward(s) {', '.join(falling)} fell: possible reward hacking")
+        comparisons[model] = rows
+
+    result = {
+        "model": str(config.model),
+        "candidates": candidates,
+        "prompts": prompts.prompts,
+        "seeds": seeds,
+        "rewards": rewards_of,
+        "weights": {name: weight for name, (_, weight) in trained.items()},
+        "scores": {m: {r: v.tolist() for r, v in per.items()} for m, per in scores.items()},
+        "comparisons": comparisons,
+        "warnings": warnings,
+        "videos": videos,
+        "sampling": {k: getattr(config, k) for k in ("frames", "height", "width", "steps", "guidance", "fps")},
+    }
+    write_json(out / "eval.json", result)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The comparison table printed on the terminal."""
+    lines = []
+    for model, rows in result["comparisons"].items():
+        lines.append(f"{model}: {result['candidates'][model]}  (n = {next(iter(rows.values()))['n']} prompt x seed)")
+        lines.append(f"  {'reward':<20} {'kind':<8} {'base':>9} {'tuned':>9} {'diff':>9} {'95% CI':>21} "
+                     f"{'win':>6} {'tie':>6}")
+        for reward, row in rows.items():
+            ci = f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]"
+            lines.append(f"  {reward:<20} {result['rewards'][reward]:<8} {row['base_mean']:>9.4f} "
+                         f"{row['candidate_mean']:>9.4f} {row['mean_diff']:>+9.4f} {ci:>21} "
+                         f"{row['win_rate']:>6.1%} {row['tie_rate']:>6.1%}")
+    lines += [f"WARNING: {w}" for w in result["warnings"]]
+    return "\n".join(lines)
