@@ -55,8 +55,9 @@ and reported (`summary["excluded"]`: sample id, prompt id, dimension, value); it
 
 References: Diffusion-DPO (Wallace et al. 2023) and flow_grpo's DPO recipe (best-vs-worst of K
 samples); VideoAlign (Liu et al. 2025: small gaps are ties); CaPO / Parrot (Pareto-front pairs across
-rewards); DenseDPO (quality-only rankings prefer static videos); Rousseeuw & Croux 1993 (MAD,
-1.4826 = 1 / Phi^-1(3/4)). See docs in /work/shared/design: algorithms.md, rewards-facts.md.
+rewards); Rousseeuw & Croux 1993 (MAD; 1.4826 = 1 / Phi^-1(3/4)). Design notes: algorithms.md
+("Preference pairs from automatic rewards") and rewards-facts.md ("Combining dimensions into
+preferences").
 """
 
 from __future__ import annotations
@@ -70,12 +71,15 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from rlhf.config import ConfigError, config_to_dict, option
 from rlhf.errors import UserError
+
+if TYPE_CHECKING:
+    import datasets
 
 NormalizeMode = Literal["prompt", "store", "none"]
 PairPolicy = Literal["best_vs_worst", "all_above_margin", "pareto"]
@@ -179,7 +183,7 @@ def pair_columns(dimensions: Sequence[str]) -> list[str]:
     return columns
 
 
-def pair_features(dimensions: Sequence[str]):
+def pair_features(dimensions: Sequence[str]) -> datasets.Features:
     """The `datasets.Features` of the pairs dataset: ids as strings, every score as float64."""
     import datasets
 
@@ -206,9 +210,28 @@ def build_pairs(table: Iterable[ScoreRow | Mapping[str, Any]],
 
     Returns `(pairs, summary)`: `pairs` is a list of flat records with the columns of
     `pair_columns(summary["dimensions"])` (dimensions sorted by name), grouped by prompt in table
-    order, largest margin first; `chosen_score > rejected_score` in every record. `summary` is a
-    JSON-serialisable dict (see `_summary`). Raises `UserError` for an empty table, a table without
-    scores, a weight for a dimension the table lacks, duplicate sample ids or non-numeric scores.
+    order, largest margin first; `chosen_score > rejected_score` in every record.
+
+    `summary` is a JSON-serialisable dict (no NaN) with the keys:
+
+    - `config`: the PairsConfig as a dict; `dimensions`: sorted names; `weights`: effective weight of
+      every dimension;
+    - `counts`: prompts, samples, valid_samples, excluded_samples, prompts_too_few_samples (< 2 valid
+      samples), prompts_without_pairs (those included), candidate_pairs, pairs;
+    - `dropped`: not_dominated (pareto), margin, dimension_regression, max_pairs
+      (candidate_pairs = pairs + the sum of these);
+    - `excluded`: one entry per non-finite or missing score {sample_id, prompt_id, dimension, value
+      ("nan", "inf", "-inf" or "missing")}; `excluded_sample_ids`: the samples, in table order;
+    - `normalization`: mode, eps, pooled_scale (the store-wide scale per dimension: of the within-prompt
+      residuals for mode prompt, of the scores for mode store; None for none), pooled_scale_prompts
+      (prompts with >= 2 valid samples that used it), std_fallbacks (per dimension);
+    - `score_spread`: per dimension {mean, std, min, max, within_prompt_std} of the valid raw scores
+      (population std; within_prompt_std = mean over prompts with >= 2 valid samples);
+    - `margin_stats`: {mean, min, max} of the kept pairs' margins (None without pairs);
+    - `warnings`: human-readable lines (exclusions, small prompts, std fallbacks, no pairs kept).
+
+    Raises `UserError` for an empty table, a table without scores, a weight for a dimension the
+    table lacks, duplicate sample ids, non-numeric scores or a dimension name that clashes with a column.
     """
     rows = [row if isinstance(row, ScoreRow) else ScoreRow.from_mapping(row, f"score table row {i}")
             for i, row in enumerate(table)]
@@ -234,11 +257,13 @@ def build_pairs(table: Iterable[ScoreRow | Mapping[str, Any]],
     combined = z[:, active] @ w[active]  # (N,)
     sign = np.sign(w)
 
+    valid_members = _groups(codes[valid], np.flatnonzero(valid))  # per prompt code: valid table indices
     counts = {"candidate_pairs": 0, "prompts_too_few_samples": 0, "prompts_without_pairs": 0}
     dropped = dict.fromkeys(DROP_REASONS, 0)
-    pairs: list[dict[str, Any]] = []
+    chosen: list[np.ndarray] = [np.empty(0, dtype=np.int64)]  # per prompt: table indices of kept pairs
+    rejected: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
     for code in range(len(prompt_ids)):
-        members = np.flatnonzero((codes == code) & valid)  # table order
+        members = valid_members.get(code, np.empty(0, dtype=np.int64))  # table order
         if len(members) < 2:
             counts["prompts_too_few_samples"] += 1
             counts["prompts_without_pairs"] += 1
@@ -263,7 +288,10 @@ def build_pairs(table: Iterable[ScoreRow | Mapping[str, Any]],
             kept = kept[: config.max_pairs_per_prompt]
         if not len(kept):
             counts["prompts_without_pairs"] += 1
-        pairs += [_record(rows, dims, raw, z, combined, win[p], lose[p]) for p in kept]
+        chosen.append(win[kept])
+        rejected.append(lose[kept])
+
+    pairs = _records(rows, dims, raw, z, combined, np.concatenate(chosen), np.concatenate(rejected))
 
     summary = _summary(config, rows, dims, weights, raw, codes, valid, excluded, norm_info, counts,
                        dropped, pairs)
@@ -389,6 +417,14 @@ def _group_codes(groups: Sequence[Any] | np.ndarray) -> np.ndarray:
     return np.array([codes.setdefault(g, len(codes)) for g in np.asarray(groups).tolist()], dtype=np.int64)
 
 
+def _groups(codes: np.ndarray, index: np.ndarray | None = None) -> dict[int, np.ndarray]:
+    """{code: positions i with codes[i] == code, in order} (or `index[i]` for those positions)."""
+    order = np.argsort(codes, kind="stable")
+    uniq, starts = np.unique(codes[order], return_index=True)
+    chunks = np.split(order if index is None else index[order], starts[1:])
+    return {int(c): chunk for c, chunk in zip(uniq, chunks, strict=True)}
+
+
 def _scale(resid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-column scale of residuals (M, D): 1.4826 * median |resid|, or the std where that is 0.
 
@@ -418,7 +454,7 @@ def _normalize(raw: np.ndarray, codes: np.ndarray, mode: str, pool_below: int,
         raise ValueError(f"unknown normalisation mode {mode!r}")
 
     resid = np.empty_like(raw)  # (N, D): residual from each sample's own prompt median
-    groups = [np.flatnonzero(codes == c) for c in np.unique(codes)]
+    groups = list(_groups(codes).values())
     for idx in groups:
         resid[idx] = raw[idx] - np.median(raw[idx], axis=0)
     pool_idx = np.concatenate([idx for idx in groups if len(idx) >= 2] or [np.empty(0, dtype=np.int64)])
@@ -467,24 +503,28 @@ def _candidates(policy: str, combined: np.ndarray,
     return win, lose, int(np.count_nonzero(~either))
 
 
-def _record(rows: list[ScoreRow], dims: list[str], raw: np.ndarray, z: np.ndarray, combined: np.ndarray,
-            win: int, lose: int) -> dict[str, Any]:
-    chosen_score, rejected_score = float(combined[win]), float(combined[lose])
-    record: dict[str, Any] = {
-        "prompt_id": rows[win].prompt_id, "chosen_id": rows[win].sample_id, "rejected_id": rows[lose].sample_id,
-        "chosen_score": chosen_score, "rejected_score": rejected_score, "margin": chosen_score - rejected_score,
+def _records(rows: list[ScoreRow], dims: list[str], raw: np.ndarray, z: np.ndarray, combined: np.ndarray,
+             win: np.ndarray, lose: np.ndarray) -> list[dict[str, Any]]:
+    """One flat record per pair (win[p], lose[p]), columns as `pair_columns(dims)`, plain Python values."""
+    columns: dict[str, list] = {
+        "prompt_id": [rows[i].prompt_id for i in win],
+        "chosen_id": [rows[i].sample_id for i in win],
+        "rejected_id": [rows[i].sample_id for i in lose],
+        "chosen_score": combined[win].tolist(),
+        "rejected_score": combined[lose].tolist(),
+        "margin": (combined[win] - combined[lose]).tolist(),
     }
     for k, dim in enumerate(dims):
-        record[f"chosen_{dim}"], record[f"rejected_{dim}"] = float(raw[win, k]), float(raw[lose, k])
-        record[f"chosen_{dim}_z"], record[f"rejected_{dim}_z"] = float(z[win, k]), float(z[lose, k])
-    return record
+        columns[f"chosen_{dim}"], columns[f"rejected_{dim}"] = raw[win, k].tolist(), raw[lose, k].tolist()
+        columns[f"chosen_{dim}_z"], columns[f"rejected_{dim}_z"] = z[win, k].tolist(), z[lose, k].tolist()
+    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
 def _spread(raw: np.ndarray, codes: np.ndarray) -> dict[str, float | None]:
     """mean / std / min / max of one dimension's valid raw scores, and the mean within-prompt std."""
     if len(raw) == 0:
         return dict.fromkeys(("mean", "std", "min", "max", "within_prompt_std"))
-    within = [raw[codes == c].std() for c in np.unique(codes) if np.count_nonzero(codes == c) >= 2]
+    within = [raw[idx].std() for idx in _groups(codes).values() if len(idx) >= 2]
     return {"mean": float(raw.mean()), "std": float(raw.std()), "min": float(raw.min()),
             "max": float(raw.max()), "within_prompt_std": float(np.mean(within)) if within else None}
 
@@ -493,19 +533,7 @@ def _summary(config: PairsConfig, rows: list[ScoreRow], dims: list[str], weights
              raw: np.ndarray, codes: np.ndarray, valid: np.ndarray, excluded: list[dict[str, Any]],
              norm_info: dict[str, Any], counts: dict[str, int], dropped: dict[str, int],
              pairs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The JSON-serialisable summary.
-
-    Keys: `config` (the PairsConfig as a dict), `dimensions` (sorted), `weights` (effective, every
-    dimension), `counts` {prompts, samples, valid_samples, excluded_samples, prompts_too_few_samples
-    (< 2 valid samples), prompts_without_pairs (including those), candidate_pairs, pairs},
-    `dropped` {not_dominated, margin, dimension_regression, max_pairs}, `excluded` (one entry per
-    non-finite or missing score: sample_id, prompt_id, dimension, value), `excluded_sample_ids`,
-    `normalization` {mode, eps, pooled_scale (the store-wide scale per dimension: of within-prompt
-    residuals for mode prompt, of the scores for mode store; None for none), pooled_scale_prompts
-    (prompts with >= 2 valid samples that used it), std_fallbacks (per dimension)}, `score_spread` {dimension: {mean, std, min, max, within_prompt_std}}
-    over valid raw scores (population std), `margin_stats` {mean, min, max} of the kept pairs (None if none),
-    and `warnings` (human-readable lines).
-    """
+    """The JSON-serialisable summary; its keys are listed in `build_pairs`."""
     excluded_ids = list(dict.fromkeys(e["sample_id"] for e in excluded))
     counts = {"prompts": len(set(codes.tolist())), "samples": len(rows), "valid_samples": int(valid.sum()),
               "excluded_samples": len(excluded_ids), **counts, "pairs": len(pairs)}

@@ -1,0 +1,93 @@
+"""The `rewards` config section: which scorers to build, their options and weights, where to run them.
+
+YAML shape (each scorer entry: `weight` plus that scorer's options, checked strictly):
+
+    scorers:
+      clip: {weight: 1.0, checkpoint: /models/clip/ViT-L-14.pt, num_frames: 8}
+      aesthetic: {weight: 0.5, head: /models/sac+logos+ava1-l14-linearMSE.pth,
+                  clip_checkpoint: /models/clip/ViT-L-14.pt}
+      motion: {weight: 0.5, backend: raft_small, raft_weights: /models/raft_small_C_T_V2-01064c6d.pth}
+      brightness: {weight: 0.0}          # weight 0: scored and logged, not trained on (held out)
+      my_scorer: {class: "my_pkg.rewards:MyScorer", weight: 1.0, options: {any: thing}}
+    device: auto
+    batch_size: 8
+
+An entry's name is a registry name (`rewards.registry.SCORERS`) unless it sets `class`, either a
+registry name (to use one scorer twice with different options) or `package.module:ClassName`; such
+entries take their options under `options:` so they cannot clash with `weight` / `class`.
+Validating imports the scorer modules (torch) but loads no weights: files are checked when built.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from rewards.registry import SCORERS, scorer_class
+from rlhf.config import ConfigError, config_from_dict, option
+from rlhf.errors import UserError
+from rlhf.options import DeviceName
+
+SOURCE = "rewards.scorers"
+
+
+class ScorerSpec(NamedTuple):
+    """One validated scorer entry: what to build and how much its score counts."""
+
+    name: str
+    cls: type
+    options: Any
+    weight: float
+
+
+@dataclass
+class RewardsConfig:
+    """Reward scorers to build (name -> weight and options), their device and batch size."""
+
+    scorers: dict[str, dict[str, Any] | None] = option(
+        {}, "Scorer name -> {weight, options...}; names: " + ", ".join(SCORERS) +
+        ", or any name with class: 'package.module:ClassName' and options: {...}."
+    )
+    device: DeviceName = option("auto", "Device for the scorers: auto picks npu, then cuda, then cpu.")
+    batch_size: int = option(8, "Videos per scorer call when scoring a rollout (lower it if memory runs out).")
+
+    def __post_init__(self) -> None:
+        if not self.scorers:
+            raise ConfigError("scorers", "needs at least one scorer, e.g. {clip: {checkpoint: FILE}}; "
+                              f"known scorers: {', '.join(SCORERS)}")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        scorer_specs(self)  # fail now, not after an hour of sampling
+
+
+def scorer_specs(config: RewardsConfig) -> list[ScorerSpec]:
+    """Each entry of `config.scorers` resolved to its class, validated options and weight."""
+    return [parse_entry(name, entry) for name, entry in config.scorers.items()]
+
+
+def parse_entry(name: str, entry: dict[str, Any] | None) -> ScorerSpec:
+    """Validate one `scorers` entry; errors name `rewards.scorers.<name>`."""
+    source = f"{SOURCE}.{name}"
+    entry = dict(entry or {})
+    weight = _weight(entry.pop("weight", 1.0), source)
+    if "class" in entry:
+        cls = scorer_class(str(entry.pop("class")), source)
+        raw = entry.pop("options", None) or {}
+        if entry:
+            raise UserError(f"{source}: an entry with class takes only class, weight and options, got "
+                            f"{', '.join(map(repr, entry))}; put the scorer's options under options:")
+    else:
+        cls = scorer_class(name, source)
+        raw = entry
+    return ScorerSpec(name, cls, config_from_dict(cls.Options, raw, source=source), weight)
+
+
+def _weight(value: Any, source: str) -> float:
+    try:
+        weight = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        weight = math.nan
+    if not math.isfinite(weight):
+        raise UserError(f"{source}: weight expects a finite number, got {value!r}")
+    return weight
