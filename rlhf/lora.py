@@ -26,10 +26,12 @@ DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def _check_targets(model: torch.nn.Module, targets: Sequence[str], source: str) -> None:
-    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    # Any module type counts: a layer already wrapped by another adapter is no longer an nn.Linear.
+    names = [name for name, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        examples = sorted({n.split(".", 2)[-1] for n in names if n.startswith("transformer_blocks.0.")})
+        linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        examples = sorted({n.split(".", 2)[-1] for n in linear if n.startswith("transformer_blocks.0.")})
         raise UserError(
             f"{source}: LoRA target module(s) {', '.join(missing)} not found in the transformer; "
             f"linear layers of a block are: {', '.join(examples)}"

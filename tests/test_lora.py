@@ -90,3 +90,14 @@ def test_bad_adapters(tiny_model_dir, adapted, tmp_path):
     (broken / PEFT_WEIGHTS).write_bytes(b"garbage")
     with pytest.raises(UserError, match="broken: adapter could not be loaded"):
         load_adapter(model, broken)
+
+
+def test_two_adapters_on_one_transformer(tiny_model_dir, adapted):
+    _, base, expected, adapter_dir = adapted
+    model = fresh_transformer(tiny_model_dir)
+    load_adapter(model, adapter_dir, adapter_name="first")
+    load_adapter(model, adapter_dir, adapter_name="second")
+    model.set_adapters(["first"])
+    torch.testing.assert_close(forward(model), expected)
+    model.disable_adapters()
+    torch.testing.assert_close(forward(model), base)

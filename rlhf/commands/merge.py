@@ -1,0 +1,38 @@
+"""`contentv-rlhf merge`: fuse LoRA adapters into the transformer and write a complete release checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "Fuse one or more LoRA adapters into the transformer and write a complete checkpoint (same layout)."
+EXAMPLES = """\
+  contentv-rlhf merge --model ContentV-8B --adapter runs/dpo/adapter --out ContentV-8B-dpo
+  contentv-rlhf merge --model ContentV-8B --adapter runs/dpo/adapter --adapter runs/reward/adapter \\
+      --weight 0.5 --weight 1.5 --out ContentV-8B-mix --overwrite
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR", help="ContentV checkpoint directory (diffusers layout).")
+    parser.add_argument(
+        "--adapter", required=True, action="append", metavar="DIR",
+        help="LoRA adapter directory (peft or diffusers format); repeat to merge several, in order.",
+    )
+    parser.add_argument(
+        "--weight", action="append", type=float, metavar="W",
+        help="Multiplier of an adapter's update (default 1.0); give it once per --adapter, in the same order.",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DIR",
+        help="Output checkpoint directory. Other components are hard-linked to the model's files when on "
+        "the same filesystem (else copied); built in a temporary sibling and renamed into place.",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace --out if it exists and is not empty.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rlhf.merge import merge_adapters
+
+    summary = merge_adapters(args.model, args.adapter, args.out, weights=args.weight, overwrite=args.overwrite)
+    print(summary.describe())
+    return 0
