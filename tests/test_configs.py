@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 
 from dpo.config import DPOConfig
+from rewards.config import RewardsConfig
+from rlhf.commands.pairs import PairsStageConfig
+from rlhf.evaluation import EvalConfig
 from rlhf.commands.generate import GenerateConfig
 from rlhf.config import config_from_dict, help_problems, load_yaml
 from rollouts.config import RolloutConfig
@@ -15,6 +18,10 @@ SHIPPED = {
     "generate.yaml": (GenerateConfig, {"prompt": "a test prompt"}),
     "rollout.yaml": (RolloutConfig, {}),
     "dpo.yaml": (DPOConfig, {}),
+    "rewards.yaml": (RewardsConfig, {}),
+    "rewards_heldout.yaml": (RewardsConfig, {}),
+    "pairs.yaml": (PairsStageConfig, {"store": "s", "out": "o"}),
+    "eval.yaml": (EvalConfig, {"adapters": ["a"]}),
 }
 
 
@@ -29,7 +36,9 @@ def test_shipped_config_loads(name):
     assert isinstance(config, cls)
 
 
-@pytest.mark.parametrize("cls", [GenerateConfig, RolloutConfig, DPOConfig])
+@pytest.mark.parametrize(
+    "cls", [GenerateConfig, RolloutConfig, DPOConfig, RewardsConfig, PairsStageConfig, EvalConfig]
+)
 def test_every_field_has_help(cls):
     assert help_problems(cls) == []
 
