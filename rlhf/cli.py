@@ -27,6 +27,7 @@ COMMANDS = {
     "train": "rlhf.commands.train",
     "merge": "rlhf.commands.merge",
     "eval": "rlhf.commands.eval",
+    "report": "rlhf.commands.report",
 }
 
 

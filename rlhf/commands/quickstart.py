@@ -1,60 +1,102 @@
 """`contentv-rlhf quickstart`: the whole loop on the tiny default model, on any machine, in minutes.
 
-Every stage calls the same code a user runs on ContentV-8B; only the model is tiny. Stages that later
-issues add (rollout, score, pairs, train, merge, eval, report) join this list as they land.
+tiny model -> rollout -> score -> pairs -> train (Flow-DPO) -> merge -> eval -> report. Every stage is the
+real command a user runs on ContentV-8B (called through the CLI entry point with the flags printed); only the
+model is tiny and the rewards are weight-free. The stage configs are written to OUT/configs/ so the run can
+be repeated stage by stage. Finished stages are skipped when the quickstart is rerun.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 from pathlib import Path
 
-HELP = "Run the pipeline end to end on a tiny random model (no weights or GPU needed)."
+HELP = "Run the whole pipeline end to end on a tiny random model (no weights or GPU needed)."
 EXAMPLES = """\
   contentv-rlhf quickstart
   contentv-rlhf quickstart --out runs/quickstart --device cpu
 """
 
-PROMPTS = ("a red ball bouncing on grass", "a calm blue lake at sunset")
+# Training prompts and held-out evaluation prompts (disjoint), as in a real run.
+TRAIN_PROMPTS = [
+    "a red ball bouncing on grass", "a calm blue lake at sunset", "a dog running along a beach",
+    "city lights at night from above", "a sailboat on a windy sea", "snow falling in a pine forest",
+    "a candle flickering in the dark", "clouds drifting over mountains", "a cat playing with yarn",
+    "rain on a window pane", "a hot air balloon rising", "waves crashing on rocks",
+]
+EVAL_PROMPTS = [
+    "a yellow taxi in traffic", "a horse galloping in a field", "fireworks over a river",
+    "a child flying a kite", "leaves blowing in autumn wind", "a train crossing a bridge",
+]
+# The trained reward and a held-out one (weight-free scorers, so nothing needs downloading).
+REWARDS = {"scorers": {"brightness": {"weight": 1.0}}, "device": "cpu"}
+HELD_OUT_REWARDS = {"scorers": {"colorfulness": {"weight": 1.0}, "contrast": {"weight": 1.0}}, "device": "cpu"}
+SAMPLING = ["--frames", "5", "--height", "32", "--width", "32", "--steps", "8", "--guidance", "4", "--fps", "8"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="quickstart-out", help="Output directory (default: quickstart-out).")
     parser.add_argument("--device", default="auto", help="auto, cuda, npu or cpu (default: auto).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the tiny model and the samples.")
-
-
-def _stage(number: int, title: str) -> float:
-    print(f"[{number}] {title}", flush=True)
-    return time.perf_counter()
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the tiny model and the rollout.")
+    parser.add_argument("--train-steps", type=int, default=300, help="Flow-DPO optimiser steps (default: 300).")
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlhf.cli import main as cli_main
-    from rlhf.models.loader import check_model_dir
+    import yaml
+
+    from rlhf.cli import main as cli
 
     out = Path(args.out)
-    model_dir = out / "tiny-model"
-
-    start = _stage(1, f"tiny model -> {model_dir}")
-    if (model_dir / "model_index.json").exists():
-        check_model_dir(model_dir)
-        print(f"    reusing {model_dir}")
-    elif cli_main(["tiny-model", str(model_dir), "--seed", str(args.seed)]) != 0:
-        return 2
-    print(f"    done in {time.perf_counter() - start:.1f}s")
-
-    start = _stage(2, f"generate {len(PROMPTS)} videos -> {out / 'samples'}")
-    for index, prompt in enumerate(PROMPTS):
-        status = cli_main([
-            "generate", "--model", str(model_dir), "--device", args.device, "--dtype", "fp32",
-            "--prompt", prompt, "--out", str(out / "samples" / f"sample_{index}.mp4"),
-            "--frames", "17", "--height", "64", "--width", "64", "--steps", "8", "--guidance", "4",
-            "--fps", "8", "--seed", str(args.seed + index),
-        ])
+    configs = out / "configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    (configs / "train_prompts.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
+    (configs / "eval_prompts.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
+    (configs / "rewards.yaml").write_text(yaml.safe_dump({**REWARDS, "device": args.device}))
+    (configs / "held_out_rewards.yaml").write_text(yaml.safe_dump({**HELD_OUT_REWARDS, "device": args.device}))
+    paths = {name: out / name for name in ("tiny-model", "rollout", "pairs", "train", "merged", "eval")}
+    common = ["--device", args.device, "--dtype", "fp32"]
+    stages = [
+        ("tiny model", paths["tiny-model"] / "model_index.json",
+         ["tiny-model", paths["tiny-model"], "--seed", args.seed]),
+        ("rollout", paths["rollout"] / "manifest.parquet",
+         ["rollout", "--model", paths["tiny-model"], "--prompts", configs / "train_prompts.txt",
+          "--out", paths["rollout"], "--samples-per-prompt", "4", "--batch-size", "4", "--save-frames", "4",
+          "--seed", args.seed, *SAMPLING, *common]),
+        ("score", None, ["score", "--store", paths["rollout"], "--config", configs / "rewards.yaml"]),
+        ("pairs", paths["pairs"] / "summary.json",
+         ["pairs", "--store", paths["rollout"], "--out", paths["pairs"], "--min-margin", "0.5"]),
+        ("train (Flow-DPO)", paths["train"] / "adapter" / "adapter_model.safetensors",
+         ["train", "--pairs", paths["pairs"], "--output-dir", paths["train"], "--max-steps", args.train_steps,
+          "--learning-rate", "1e-3", "--beta", "5000", "--lora-rank", "8", "--lora-alpha", "8",
+          "--mixed-precision", "no", "--no-gradient-checkpointing", "--save-every", "100",
+          "--report-to", "none", "--seed", args.seed, *common]),
+        ("merge", paths["merged"] / "model_index.json",
+         ["merge", "--model", paths["tiny-model"], "--adapter", paths["train"] / "adapter", "--out", paths["merged"]]),
+        ("eval", paths["eval"] / "eval.json",
+         ["eval", "--model", paths["tiny-model"], "--adapters", paths["train"] / "adapter",
+          "--prompts", configs / "eval_prompts.txt", "--seeds", "4", "--rewards", configs / "rewards.yaml",
+          "--held-out-rewards", configs / "held_out_rewards.yaml", "--out", paths["eval"], *SAMPLING, *common]),
+    ]
+    for number, (title, done_marker, argv) in enumerate(stages, 1):
+        argv = [str(a) for a in argv]
+        print(f"[{number}/{len(stages) + 1}] {title}: contentv-rlhf {shlex.join(argv)}", flush=True)
+        if done_marker is not None and done_marker.exists():
+            print(f"    already done ({done_marker})")
+            continue
+        start = time.perf_counter()
+        status = cli(argv)
         if status != 0:
             return status
-    print(f"    done in {time.perf_counter() - start:.1f}s")
-    print(f"quickstart finished: outputs in {out}")
-    return 0
+        print(f"    done in {time.perf_counter() - start:.1f}s", flush=True)
+
+    from rlhf.report import write_run_manifest
+
+    write_run_manifest(out, store=paths["rollout"], pairs=paths["pairs"], train=paths["train"], eval=paths["eval"])
+    report = ["report", "--run", str(out)]
+    print(f"[{len(stages) + 1}/{len(stages) + 1}] report: contentv-rlhf {shlex.join(report)}", flush=True)
+    status = cli(report)
+    if status == 0:
+        print(f"quickstart finished: open {out / 'report.html'}")
+    return status

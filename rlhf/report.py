@@ -1,0 +1,696 @@
+"""The run report: one self-contained HTML page summarising a run, from the files its stages wrote.
+
+A *run directory* has `run.json` naming where each stage wrote its output (paths relative to the run
+directory, or absolute when outside it)::
+
+    {"kind": "contentv-rlhf.run",
+     "stages": {"store": "rollout", "pairs": "pairs", "train": "train", "eval": "eval"}}
+
+Only `eval` is required. The page (`build_report`) has, in order:
+
+1. warnings of the evaluation (possible reward hacking), highlighted;
+2. the evaluation table: per candidate and reward, kind, base and tuned means, difference, 95% CI, win/tie rate;
+3. base vs tuned videos for the same prompt and seed (eval's saved mp4s), each with its scores;
+4. the preference pairs with the widest and the narrowest margins: the rollout store's videos, else a strip of
+   the frames saved in the sample file, with the pair's scores;
+5. training curves from `logs/metrics.jsonl` as inline SVG plots (loss, implicit accuracy, reward margin,
+   lr, then every other logged number, reward terms included).
+
+Everything is embedded (videos as `data:video/mp4;base64` URIs, frame strips as base64 PNG, plots as inline
+SVG, CSS and a tiny status script inline), so the page opens offline and can be mailed or archived as one
+file. Every piece of text that comes from a file (prompts, paths, reward names, warnings) is HTML-escaped.
+A section whose input is missing or unreadable is replaced by a note; only a missing or corrupt eval is an
+error (`UserError`).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io as _io
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rlhf.errors import UserError
+
+RUN_FILE = "run.json"
+RUN_KIND = "contentv-rlhf.run"
+STAGES = ("store", "pairs", "train", "eval")
+REPORT_FILE = "report.html"
+# Training metrics plotted first, in this order; every other numeric key follows.
+PRIMARY_METRICS = ("loss", "implicit_accuracy", "reward_margin", "lr")
+# Shown together in one plot (policy vs reference denoising errors on chosen / rejected).
+ERROR_METRICS = ("policy_err_w", "policy_err_l", "ref_err_w", "ref_err_l")
+NOT_PLOTTED = ("step",)
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def esc(value: Any) -> str:
+    """HTML-escape any value for text and (double- or single-quoted) attribute positions."""
+    return html.escape(str(value), quote=True)
+
+
+# ---- run.json ------------------------------------------------------------------------------------
+
+
+def write_run_manifest(run_dir: str | os.PathLike, **stage_paths: str | os.PathLike | None) -> Path:
+    """Write `run_dir/run.json` naming each stage's output (`store`, `pairs`, `train`, `eval`).
+
+    A path inside `run_dir` is stored relative to it (the run directory can be moved), any other as an
+    absolute path; a stage given as None is left out. Returns the path of run.json.
+    """
+    from rlhf.io import write_json
+
+    unknown = sorted(set(stage_paths) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; expected some of {list(STAGES)}")
+    root = Path(run_dir).resolve()
+    stages = {}
+    for name in STAGES:
+        if stage_paths.get(name) is None:
+            continue
+        path = Path(stage_paths[name]).resolve()
+        stages[name] = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    return write_json(root / RUN_FILE, {"kind": RUN_KIND, "stages": stages})
+
+
+def read_run_manifest(run_dir: str | os.PathLike) -> dict[str, Path]:
+    """Stage name -> resolved path, from `run_dir/run.json` (UserError if missing, corrupt or without eval)."""
+    root = Path(run_dir)
+    path = root / RUN_FILE
+    if not root.is_dir():
+        raise UserError(f"{root}: run directory not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; {root} is not a run directory (the quickstart writes one, or "
+                        "call rlhf.report.write_run_manifest)") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: corrupt run manifest ({err})") from None
+    if not isinstance(data, dict) or data.get("kind") != RUN_KIND:
+        kind = data.get("kind") if isinstance(data, dict) else None
+        raise UserError(f"{path}: not a contentv-rlhf run manifest (kind {kind!r}, expected {RUN_KIND!r})")
+    stages = data.get("stages")
+    if not isinstance(stages, dict) or not all(isinstance(v, str) and v for v in stages.values()):
+        raise UserError(f"{path}: 'stages' must map stage names to paths")
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise UserError(f"{path}: unknown stage(s) {unknown}; expected some of {list(STAGES)}")
+    if "eval" not in stages:
+        raise UserError(f"{path}: no 'eval' stage; run `contentv-rlhf eval` and name its output in run.json")
+    return {name: root / value for name, value in stages.items()}  # an absolute value replaces root
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+
+
+def load_eval(path: Path) -> tuple[dict[str, Any], Path]:
+    """(eval.json content, its folder); `path` is the eval folder or the eval.json file itself."""
+    file = path if path.suffix == ".json" else path / "eval.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{file}: missing; run `contentv-rlhf eval --out {path}` first") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"{file}: corrupt eval results ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{file}: corrupt eval results (not a JSON object)")
+    for key, kind in (("comparisons", dict), ("rewards", dict), ("candidates", dict)):
+        if not isinstance(data.get(key), kind):
+            raise UserError(f"{file}: corrupt eval results (no {key!r} mapping)")
+    return data, file.parent
+
+
+def read_metrics(path: Path) -> tuple[list[dict[str, float]], int]:
+    """metrics.jsonl records by step (a step logged twice, after a resume, keeps its last record), and the
+    number of unreadable lines (a line cut by a killed run)."""
+    by_step: dict[int, dict[str, float]] = {}
+    bad = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            by_step[int(record["step"])] = record
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+    return [by_step[s] for s in sorted(by_step)], bad
+
+
+# ---- media ---------------------------------------------------------------------------------------
+
+
+def data_uri(mime: str, payload: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(payload).decode('ascii')}"
+
+
+def video_tag(path: Path, title: str) -> str:
+    """An autoplaying, looping `<video>` with the mp4 embedded; a note if the file is missing."""
+    try:
+        payload = path.read_bytes()
+    except OSError as err:
+        return f'<div class="missing">video not available: {esc(path)} ({esc(err.strerror or err)})</div>'
+    return (f'<video class="clip" src="{data_uri("video/mp4", payload)}" title="{esc(title)}" '
+            'autoplay loop muted playsinline controls preload="auto"></video>')
+
+
+def frame_strip_png(frames, max_height: int = 160, min_height: int = 96, gap: int = 2) -> bytes:
+    """(F, H, W, 3) uint8 frames side by side as one PNG; small frames upscaled (nearest), big ones shrunk."""
+    import numpy as np
+    from PIL import Image
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected (F, H, W, 3) frames, got {frames.shape}")
+    count, height, width = frames.shape[:3]
+    if height < min_height:
+        scale, resample = math.ceil(min_height / height), Image.NEAREST
+    else:
+        scale, resample = min(1.0, max_height / height), Image.BILINEAR
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    strip = Image.new("RGB", (count * size[0] + (count - 1) * gap, size[1]), (255, 255, 255))
+    for i, frame in enumerate(frames.astype(np.uint8)):
+        strip.paste(Image.fromarray(frame).resize(size, resample), (i * (size[0] + gap), 0))
+    buffer = _io.BytesIO()
+    strip.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+# ---- inline SVG plots ----------------------------------------------------------------------------
+
+
+def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """About `count` round tick values covering [low, high] (1, 2, 2.5, 5 x 10^k steps)."""
+    span = high - low
+    raw = span / max(count - 1, 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    ticks = []
+    for k in range(math.floor(low / step), math.ceil(high / step) + 1):
+        value = k * step
+        if low - step * 1e-9 <= value <= high + step * 1e-9:
+            ticks.append(value)
+    return ticks
+
+
+def _tick_labels(ticks: Sequence[float]) -> list[str]:
+    """One style per axis: scientific when any tick is tiny or huge, else up to 4 significant digits."""
+    scientific = any(t and (abs(t) >= 1e4 or abs(t) < 1e-3) for t in ticks)
+    return ["0" if t == 0 else f"{t:.2e}" if scientific else f"{t:.4g}" for t in ticks]
+
+
+def _rolling_mean(values: list[float], window: int) -> list[float]:
+    out, total, queue = [], 0.0, []
+    for value in values:
+        queue.append(value)
+        total += value
+        if len(queue) > window:
+            total -= queue.pop(0)
+        out.append(total / len(queue))
+    return out
+
+
+def svg_line_plot(series: Mapping[str, Sequence[tuple[float, float]]], title: str, *, x_label: str = "step",
+                  width: int = 420, height: int = 230) -> str:
+    """A small line plot as inline SVG (no external resources, no xmlns needed inside HTML).
+
+    `series` maps a legend name to (x, y) points; non-finite points are dropped. A long noisy series is drawn
+    faint with its rolling mean on top. Returns `<svg class="plot" ...>` markup, every label escaped.
+    """
+    clean = {name: [(float(x), float(y)) for x, y in points if math.isfinite(x) and math.isfinite(y)]
+             for name, points in series.items()}
+    clean = {name: points for name, points in clean.items() if points}
+    left, right, top, bottom = 62, 12, 26, 38
+    inner_w, inner_h = width - left - right, height - top - bottom
+    parts = [f'<svg class="plot" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="{esc(title)}">',
+             f'<text x="{width / 2:.1f}" y="16" text-anchor="middle" class="plot-title">{esc(title)}</text>']
+    if not clean:
+        parts.append(f'<text x="{width / 2:.1f}" y="{height / 2:.1f}" text-anchor="middle" class="axis">'
+                     'no finite values</text></svg>')
+        return "".join(parts)
+    xs = [x for points in clean.values() for x, _ in points]
+    ys = [y for points in clean.values() for _, y in points]
+    x_lo, x_hi = min(xs), max(xs)
+    y_lo, y_hi = min(ys), max(ys)
+    if x_hi == x_lo:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    if y_hi == y_lo:
+        pad = abs(y_lo) * 0.1 or 1.0
+        y_lo, y_hi = y_lo - pad, y_hi + pad
+    else:
+        pad = (y_hi - y_lo) * 0.05
+        y_lo, y_hi = y_lo - pad, y_hi + pad
+
+    def px(x: float) -> float:
+        return left + (x - x_lo) / (x_hi - x_lo) * inner_w
+
+    def py(y: float) -> float:
+        return top + (y_hi - y) / (y_hi - y_lo) * inner_h
+
+    parts.append(f'<rect x="{left}" y="{top}" width="{inner_w}" height="{inner_h}" class="frame"/>')
+    ticks = _nice_ticks(y_lo, y_hi)
+    for tick, label in zip(ticks, _tick_labels(ticks), strict=True):
+        y = py(tick)
+        parts.append(f'<line x1="{left}" x2="{left + inner_w}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="axis">{esc(label)}</text>')
+    ticks = _nice_ticks(x_lo, x_hi)
+    for tick, label in zip(ticks, _tick_labels(ticks), strict=True):
+        x = px(tick)
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + inner_h}" class="grid"/>'
+                     f'<text x="{x:.1f}" y="{top + inner_h + 16}" text-anchor="middle" class="axis">{esc(label)}</text>')
+    parts.append(f'<text x="{left + inner_w / 2:.1f}" y="{height - 4}" text-anchor="middle" class="axis">'
+                 f'{esc(x_label)}</text>')
+    for index, (name, points) in enumerate(clean.items()):
+        color = COLORS[index % len(COLORS)]
+        points = sorted(points)
+        smooth = len(points) > 50
+        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
+        opacity = ' stroke-opacity="0.35"' if smooth else ""
+        parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.5"{opacity}>'
+                     f'<title>{esc(name)}</title></polyline>')
+        if smooth:
+            window = max(5, len(points) // 30)
+            means = _rolling_mean([y for _, y in points], window)
+            coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for (x, _), y in zip(points, means, strict=True))
+            parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2">'
+                         f'<title>{esc(name)} (rolling mean of {window})</title></polyline>')
+        elif len(points) <= 40:
+            parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}">'
+                      f'<title>{esc(name)} step {x:g}: {y:.6g}</title></circle>'
+                      for x, y in points]
+    if len(clean) > 1:  # legend last, over the lines
+        legend_w = 36 + 6.5 * max(len(n) for n in clean)
+        parts.append(f'<rect x="{left + 4}" y="{top + 3}" width="{legend_w:.0f}" height="{14 * len(clean) + 4}" '
+                     'class="legend-box"/>')
+        for index, name in enumerate(clean):
+            ly, color = top + 16 + 14 * index, COLORS[index % len(COLORS)]
+            parts.append(f'<line x1="{left + 8}" x2="{left + 24}" y1="{ly - 4}" y2="{ly - 4}" stroke="{color}" '
+                         f'stroke-width="2"/><text x="{left + 28}" y="{ly}" class="legend">{esc(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# ---- sections ------------------------------------------------------------------------------------
+
+
+class SkipSection(Exception):
+    """A section's input is missing or unreadable: the page shows this note instead of the section."""
+
+
+def _num(value: Any, spec: str = ".5g") -> str:
+    if value is None:
+        return "–"
+    try:
+        return format(float(value), spec)
+    except (TypeError, ValueError):
+        return esc(value)
+
+
+def _trend_class(low: Any, high: Any) -> str:
+    """'up' / 'down' when a 95% CI excludes zero, '' otherwise."""
+    try:
+        if float(low) > 0:
+            return "up"
+        if float(high) < 0:
+            return "down"
+    except (TypeError, ValueError):
+        pass
+    return ""
+
+
+KIND_ORDER = ("trained", "logged", "held_out")
+
+
+def reward_order(kinds: Mapping[str, str], names) -> list[str]:
+    """`combined` first, then trained, logged and held-out rewards, each alphabetically."""
+    def key(name: str) -> tuple:
+        kind = kinds.get(name, "")
+        return (name != "combined", KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), name)
+
+    return sorted(names, key=key)
+
+
+def eval_table_section(result: Mapping[str, Any]) -> str:
+    kinds = result["rewards"]
+    parts = ['<p class="hint">Paired over the same prompts and seeds. <b>trained</b>: optimised for '
+             '(<b>combined</b> is their weighted sum); <b>logged</b>: trained-reward entry with weight 0; '
+             '<b>held_out</b>: never trained on, a drop there while a trained reward rises hints at reward '
+             'hacking. Green / red: the 95% CI of the difference excludes zero.</p>']
+    for model, rows in result["comparisons"].items():
+        if not isinstance(rows, dict) or not rows:
+            continue
+        n = next(iter(rows.values())).get("n", "?")
+        parts.append(f'<h3>{esc(model)} <code>{esc(result["candidates"].get(model, ""))}</code></h3>'
+                     f'<p class="hint">n = {esc(n)} (prompt, seed) pairs</p>')
+        parts.append('<table class="eval"><thead><tr><th>reward</th><th>kind</th><th>base mean</th>'
+                     '<th>tuned mean</th><th>diff</th><th>95% CI</th><th>win</th><th>tie</th><th>loss</th>'
+                     '</tr></thead><tbody>')
+        for reward in reward_order(kinds, rows):
+            row = rows[reward]
+            trend = _trend_class(row.get("ci_low"), row.get("ci_high"))
+            kind = kinds.get(reward, "?")
+            parts.append(
+                f'<tr class="{trend}"><td>{esc(reward)}</td><td><span class="kind {esc(kind)}">{esc(kind)}</span>'
+                f'</td><td>{_num(row.get("base_mean"))}</td><td>{_num(row.get("candidate_mean"))}</td>'
+                f'<td class="diff">{_num(row.get("mean_diff"), "+.3g")}</td>'
+                f'<td>[{_num(row.get("ci_low"), "+.3g")}, {_num(row.get("ci_high"), "+.3g")}]</td>'
+                f'<td>{_num(row.get("win_rate"), ".0%")}</td><td>{_num(row.get("tie_rate"), ".0%")}</td>'
+                f'<td>{_num(row.get("loss_rate"), ".0%")}</td></tr>')
+        parts.append("</tbody></table>")
+    if len(parts) == 1:
+        raise SkipSection("eval.json has no comparisons")
+    return "".join(parts)
+
+
+def _eval_video_scores(result: Mapping[str, Any], model: str, p: int, s: int) -> dict[str, float]:
+    """Every reward's score of one (model, prompt, seed) video, `combined` first when computable."""
+    per_reward = result.get("scores", {}).get(model, {})
+    scores = {}
+    for reward, table in per_reward.items():
+        try:
+            scores[reward] = float(table[p][s])
+        except (IndexError, KeyError, TypeError, ValueError):
+            continue
+    weights = result.get("weights") or {}
+    if weights and all(name in scores for name in weights):
+        scores = {"combined": sum(w * scores[name] for name, w in weights.items()), **scores}
+    return scores
+
+
+def _score_table(scores: Mapping[str, float], kinds: Mapping[str, str],
+                 reference: Mapping[str, float] | None = None) -> str:
+    rows = []
+    for reward in reward_order(kinds, scores):
+        value = scores[reward]
+        delta = ""
+        if reference is not None and reward in reference:
+            diff = value - reference[reward]
+            delta = f' <span class="{"up" if diff > 0 else "down" if diff < 0 else ""}">({diff:+.3g})</span>'
+        kind = kinds.get(reward, "")
+        rows.append(f'<tr><td title="{esc(kind)}">{esc(reward)}</td><td>{_num(value)}{delta}</td></tr>')
+    return f'<table class="scores">{"".join(rows)}</table>'
+
+
+def eval_videos_section(result: Mapping[str, Any], eval_dir: Path) -> str:
+    videos = result.get("videos") or {}
+    models = ["base", *result["candidates"]]
+    prompts = result.get("prompts") or []
+    seeds = result.get("seeds") or []
+    indices = sorted({int(p) for per in videos.values() if isinstance(per, dict) for p in per})
+    if not indices:
+        raise SkipSection("eval saved no videos (eval --save-videos 0)")
+    kinds = result["rewards"]
+    parts = ['<p class="hint">Side by side: the base model and each candidate from the same initial noise '
+             '(same prompt and seed). Scores under each video, the difference to the base video in brackets.</p>']
+    for p in indices:
+        prompt = prompts[p] if p < len(prompts) else f"prompt {p}"
+        parts.append(f'<div class="card"><h3>Prompt {p}: <q>{esc(prompt)}</q></h3><div class="groups">')
+        rows = max(len((videos.get(m) or {}).get(str(p), [])) for m in models)
+        for s in range(rows):
+            seed = seeds[s] if s < len(seeds) else s
+            parts.append(f'<div class="group"><div class="group-label">seed {esc(seed)}</div><div class="side">')
+            reference = _eval_video_scores(result, "base", p, s)
+            for model in models:
+                adapter = result["candidates"].get(model, "")
+                caption = f'<figcaption title="{esc(adapter)}">{esc(model)}</figcaption>'
+                paths = (videos.get(model) or {}).get(str(p), [])
+                if s >= len(paths):
+                    parts.append(f'<figure class="cell">{caption}<div class="missing">no video saved</div></figure>')
+                    continue
+                media = video_tag(eval_dir / paths[s], f"{prompt} | {model} | seed {seed}")
+                table = _score_table(_eval_video_scores(result, model, p, s), kinds,
+                                     None if model == "base" else reference)
+                parts.append(f'<figure class="cell">{caption}{media}{table}</figure>')
+            parts.append("</div></div>")
+        parts.append("</div></div>")
+    return "".join(parts)
+
+
+def _pair_dimensions(columns: Sequence[str], summary: Mapping[str, Any]) -> list[str]:
+    dims = summary.get("dimensions")
+    if isinstance(dims, list):
+        return [str(d) for d in dims]
+    return [c[len("chosen_"):] for c in columns
+            if c.startswith("chosen_") and not c.endswith("_z") and c not in ("chosen_id", "chosen_score")]
+
+
+def pick_examples(pairs: Sequence[Mapping[str, Any]], count: int) -> tuple[list[Mapping], list[Mapping]]:
+    """The `count` widest-margin pairs and the `count` narrowest ones (no pair shown twice)."""
+    finite = [p for p in pairs if isinstance(p.get("margin"), (int, float)) and math.isfinite(p["margin"])]
+    ranked = sorted(finite, key=lambda p: p["margin"], reverse=True)
+    widest = ranked[:count]
+    narrowest = [p for p in reversed(ranked[count:])][:count]
+    return widest, narrowest
+
+
+def _sample_media(store, sample_id: str, title: str) -> str:
+    """The store's mp4 of a sample if present, else its saved frames as a PNG strip, else a note."""
+    if store is None:
+        return '<div class="missing">rollout store not available</div>'
+    video = store.video_path(sample_id)
+    if video.exists():
+        return video_tag(video, title)
+    try:
+        tensors = store.load_sample(sample_id)
+    except UserError as err:
+        return f'<div class="missing">{esc(err)}</div>'
+    if "frames" not in tensors:
+        return '<div class="missing">no video or decoded frames saved for this sample</div>'
+    png = frame_strip_png(tensors["frames"].numpy())
+    return (f'<img class="frames" src="{data_uri("image/png", png)}" alt="{esc(title)}" title="{esc(title)}">'
+            f'<div class="hint">{len(tensors["frames"])} saved frames</div>')
+
+
+def pairs_section(pairs_dir: Path, store_dir: Path | None, count: int) -> str:
+    from datasets import load_from_disk
+
+    if not pairs_dir.exists():
+        raise SkipSection(f"pairs dataset {pairs_dir} not found")
+    summary: dict[str, Any] = {}
+    try:
+        summary = json.loads((pairs_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    try:
+        dataset = load_from_disk(str(pairs_dir))
+    except (OSError, ValueError) as err:
+        raise SkipSection(f"{pairs_dir}: not a readable pairs dataset ({err})") from None
+    pairs = dataset.to_list()
+    if not pairs:
+        raise SkipSection(f"{pairs_dir}: the pairs dataset is empty")
+    notes = []
+    if store_dir is None and isinstance(summary.get("metadata"), dict) and summary["metadata"].get("store"):
+        store_dir = Path(summary["metadata"]["store"])
+    store, prompts = None, {}
+    if store_dir is None:
+        notes.append("no rollout store named in run.json or the pairs' summary.json: scores only")
+    else:
+        from rollouts.store import RolloutStore
+
+        try:
+            store = RolloutStore(store_dir)
+            store.read_meta()
+            prompts = store.read_prompts()
+        except UserError as err:
+            store = None
+            notes.append(f"rollout store unavailable ({err}): scores only")
+    dims = _pair_dimensions(dataset.column_names, summary)
+    weights = summary.get("weights") or {}
+    widest, narrowest = pick_examples(pairs, count)
+    counts = summary.get("counts") or {}
+    parts = [f'<p class="hint">{len(pairs)} pairs from {esc(counts.get("prompts", "?"))} prompts; scores are '
+             'raw with the normalised z in brackets; the combined score is the weighted sum of the z.</p>']
+    parts += [f'<p class="note">{esc(n)}</p>' for n in notes]
+    for heading, group in (("Widest margins", widest), ("Narrowest margins", narrowest)):
+        if not group:
+            continue
+        parts.append(f'<h3>{heading}</h3><div class="groups">')
+        for pair in group:
+            prompt = prompts.get(pair["prompt_id"], "")
+            parts.append(f'<div class="card"><h4>{esc(pair["prompt_id"])}: <q>{esc(prompt)}</q> '
+                         f'<span class="margin">margin {_num(pair["margin"], ".4g")}</span></h4><div class="pair">')
+            for side in ("chosen", "rejected"):
+                sid = pair[f"{side}_id"]
+                rows = [f'<tr><td>combined</td><td>{_num(pair[f"{side}_score"], ".4g")}</td></tr>']
+                for dim in dims:
+                    raw, z = pair.get(f"{side}_{dim}"), pair.get(f"{side}_{dim}_z")
+                    weight = weights.get(dim)
+                    label = f"{dim} (w={weight:g})" if isinstance(weight, (int, float)) else dim
+                    rows.append(f'<tr><td>{esc(label)}</td><td>{_num(raw, ".4g")} ({_num(z, "+.3g")})</td></tr>')
+                media = _sample_media(store, sid, f"{side}: {sid} | {prompt}")
+                parts.append(f'<figure class="cell {side}"><figcaption>{side} <code>{esc(sid)}</code>'
+                             f'</figcaption>{media}<table class="scores">{"".join(rows)}</table></figure>')
+            parts.append("</div></div>")
+        parts.append("</div>")
+    return "".join(parts)
+
+
+def training_section(train_dir: Path) -> str:
+    metrics_path = train_dir / "logs" / "metrics.jsonl"
+    if not metrics_path.exists():
+        raise SkipSection(f"{metrics_path} not found")
+    try:
+        records, bad = read_metrics(metrics_path)
+    except OSError as err:
+        raise SkipSection(f"{metrics_path}: unreadable ({err})") from None
+    if not records:
+        raise SkipSection(f"{metrics_path}: no metrics logged")
+    keys = []
+    for record in records:
+        keys += [k for k, v in record.items() if k not in keys and k not in NOT_PLOTTED
+                 and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    groups: list[tuple[str, list[str]]] = [(k, [k]) for k in PRIMARY_METRICS if k in keys]
+    errors = [k for k in ERROR_METRICS if k in keys]
+    others = [k for k in keys if k not in PRIMARY_METRICS and k not in ERROR_METRICS]
+    groups += [(k, [k]) for k in others if "reward" in k]  # reward terms right after the main curves
+    if errors:
+        groups.append(("denoising errors (policy vs reference)", errors))
+    groups += [(k, [k]) for k in others if "reward" not in k]
+    parts = []
+    summary: dict[str, Any] = {}
+    try:
+        summary = json.loads((train_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    facts = [f"{len(records)} logged steps (last: {records[-1]['step']})"]
+    for key in ("method", "steps", "skipped_steps", "pairs", "prompts"):
+        if key in summary:
+            facts.append(f"{key}: {summary[key]}")
+    parts.append(f'<p class="hint">{esc("; ".join(facts))}</p>')
+    if bad:
+        parts.append(f'<p class="note">{bad} unreadable line(s) in {esc(metrics_path)} skipped</p>')
+    parts.append('<div class="plots">')
+    for title, names in groups:
+        series = {n: [(r["step"], r[n]) for r in records if isinstance(r.get(n), (int, float))] for n in names}
+        parts.append(svg_line_plot(series, title))
+    parts.append("</div>")
+    return "".join(parts)
+
+
+# ---- page ----------------------------------------------------------------------------------------
+
+CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #1d2433; background: #f5f6f8; }
+header { background: #1d2433; color: #fff; padding: 16px 28px; }
+header h1 { margin: 0 0 4px; font-size: 22px; }
+header code { color: #c9d4ff; }
+nav a { color: #c9d4ff; margin-right: 16px; }
+main { padding: 8px 28px 40px; max-width: 1500px; }
+section { background: #fff; border-radius: 8px; padding: 12px 20px 18px; margin: 16px 0; box-shadow: 0 1px 3px #0002; }
+h2 { margin: 4px 0 8px; font-size: 19px; } h3 { font-size: 16px; margin: 14px 0 6px; } h4 { margin: 4px 0 8px; }
+code { font-size: 12px; background: #eef0f4; padding: 1px 4px; border-radius: 3px; word-break: break-all; }
+header code { background: transparent; }
+.hint { color: #5b6475; margin: 4px 0 8px; }
+.note { background: #eef3fb; border-left: 4px solid #6b8fd6; padding: 6px 10px; margin: 6px 0; }
+.warning { background: #fff4e5; border-left: 5px solid #e8590c; padding: 8px 12px; margin: 8px 0; font-weight: 600; color: #8a3200; }
+table.eval { border-collapse: collapse; margin: 4px 0 12px; }
+table.eval th, table.eval td { padding: 4px 10px; border-bottom: 1px solid #e3e6eb; text-align: right; font-variant-numeric: tabular-nums; }
+table.eval th:first-child, table.eval td:first-child, table.eval th:nth-child(2), table.eval td:nth-child(2) { text-align: left; }
+table.eval thead th { background: #f0f2f5; }
+tr.up td.diff, span.up { color: #1b7f3b; font-weight: 600; } tr.down td.diff, span.down { color: #c92a2a; font-weight: 600; }
+tr.up { background: #ebfbee; } tr.down { background: #fff0f0; }
+.kind { font-size: 11px; padding: 1px 6px; border-radius: 8px; background: #e9ecef; }
+.kind.trained { background: #dbe4ff; } .kind.held_out { background: #fff3bf; } .kind.logged { background: #e9ecef; }
+.card { border: 1px solid #e3e6eb; border-radius: 6px; padding: 8px 12px; margin: 10px 0; }
+.groups > .card { margin: 0; }
+figure.cell { margin: 0; }
+figure.cell figcaption { font-weight: 600; margin-bottom: 4px; }
+figure.chosen figcaption { color: #1b7f3b; } figure.rejected figcaption { color: #c92a2a; }
+.groups { display: flex; flex-wrap: wrap; gap: 14px 28px; align-items: flex-start; }
+.group-label { font-weight: 600; color: #5b6475; margin-bottom: 2px; }
+.side { display: flex; gap: 10px; align-items: flex-start; }
+figure.cell { width: 288px; }
+video.clip { width: 100%; display: block; background: #000; border-radius: 4px; image-rendering: pixelated; }
+img.frames { max-width: 100%; image-rendering: pixelated; border-radius: 4px; }
+table.scores { font-size: 12px; border-collapse: collapse; margin-top: 4px; font-variant-numeric: tabular-nums; }
+table.scores td { padding: 1px 8px 1px 0; }
+.pair { display: flex; gap: 10px; align-items: flex-start; }
+.margin { font-weight: normal; color: #5b6475; margin-left: 8px; }
+.missing { color: #8a3200; background: #fff4e5; padding: 8px; border-radius: 4px; }
+.plots { display: flex; flex-wrap: wrap; gap: 12px; }
+svg.plot { background: #fff; border: 1px solid #e3e6eb; border-radius: 4px; }
+svg.plot .frame { fill: none; stroke: #9aa3b2; } svg.plot .legend-box { fill: #fff; fill-opacity: 0.85; stroke: #e3e6eb; } svg.plot .grid { stroke: #e9ecef; }
+svg.plot .axis { font-size: 10px; fill: #5b6475; } svg.plot .legend { font-size: 11px; fill: #1d2433; }
+svg.plot .plot-title { font-size: 13px; font-weight: 600; fill: #1d2433; }
+"""
+
+# Fills <pre id="report-status"> with what loaded, for headless checks (tests) and quick debugging.
+STATUS_SCRIPT = """
+(function () {
+  function update() {
+    var videos = document.querySelectorAll("video");
+    var loaded = 0, failed = 0;
+    videos.forEach(function (v) {
+      if (v.readyState >= 1 && v.duration > 0) loaded++;
+      if (v.error) failed++;
+    });
+    var images = document.querySelectorAll("img.frames");
+    var decoded = 0;
+    images.forEach(function (i) { if (i.complete && i.naturalWidth > 0) decoded++; });
+    document.getElementById("report-status").textContent = JSON.stringify({
+      videos: videos.length, videos_loaded: loaded, videos_failed: failed,
+      images: images.length, images_decoded: decoded, plots: document.querySelectorAll("svg.plot").length
+    });
+  }
+  document.querySelectorAll("video").forEach(function (v) {
+    v.addEventListener("loadedmetadata", update);
+    v.addEventListener("error", update);
+  });
+  window.addEventListener("load", update);
+  update();
+})();
+"""
+
+
+def build_report(run_dir: str | os.PathLike, examples: int = 2) -> str:
+    """The report page of the run in `run_dir` (see the module docstring); UserError if eval is unusable."""
+    stages = read_run_manifest(run_dir)
+    result, eval_dir = load_eval(stages["eval"])
+    sections: list[tuple[str, str, Any]] = [
+        ("eval", "Evaluation: base vs tuned", lambda: eval_table_section(result)),
+        ("videos", "Base vs tuned videos", lambda: eval_videos_section(result, eval_dir)),
+        ("pairs", "Preference pairs: widest and narrowest margins",
+         lambda: pairs_section(stages["pairs"], stages.get("store"), examples) if "pairs" in stages
+         else _skip("no pairs stage in run.json")),
+        ("training", "Training curves",
+         lambda: training_section(stages["train"]) if "train" in stages else _skip("no train stage in run.json")),
+    ]
+    body = []
+    for anchor, title, build in sections:
+        try:
+            content = build()
+        except SkipSection as note:
+            content = f'<p class="note">Section skipped: {esc(note)}</p>'
+        body.append(f'<section id="{anchor}"><h2>{esc(title)}</h2>{content}</section>')
+    warnings = "".join(f'<div class="warning">&#9888; {esc(w)}</div>' for w in result.get("warnings") or [])
+    sampling = result.get("sampling") or {}
+    facts = [f"model <code>{esc(result.get('model', '?'))}</code>",
+             f"{len(result.get('prompts') or [])} held-out prompts x {len(result.get('seeds') or [])} seeds"]
+    if sampling:
+        facts.append(esc(", ".join(f"{k} {v}" for k, v in sampling.items())))
+    nav = "".join(f'<a href="#{a}">{esc(t.split(":")[0])}</a>' for a, t, _ in sections)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>contentv-rlhf report: {esc(Path(run_dir).resolve().name)}</title><style>{CSS}</style></head>"
+        f"<body><header><h1>contentv-rlhf run report</h1><div><code>{esc(Path(run_dir).resolve())}</code></div>"
+        f"<div>{' | '.join(facts)}</div><nav>{nav}</nav></header><main>{warnings}{''.join(body)}"
+        f'<pre id="report-status" hidden></pre></main><script>{STATUS_SCRIPT}</script></body></html>\n'
+    )
+
+
+def _skip(note: str):
+    raise SkipSection(note)
+
+
+def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, examples: int = 2) -> Path:
+    """Build the report of `run_dir` and write it atomically to `out` (default `run_dir/report.html`)."""
+    from rlhf.io import write_text
+
+    page = build_report(run_dir, examples=examples)
+    return write_text(Path(out) if out is not None else Path(run_dir) / REPORT_FILE, page)
