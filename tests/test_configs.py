@@ -6,10 +6,10 @@ import pytest
 
 from dpo.config import DPOConfig
 from rewards.config import RewardsConfig
-from rlhf.commands.pairs import PairsStageConfig
-from rlhf.evaluation import EvalConfig
 from rlhf.commands.generate import GenerateConfig
+from rlhf.commands.pairs import PairsStageConfig
 from rlhf.config import config_from_dict, help_problems, load_yaml
+from rlhf.evaluation import EvalConfig
 from rollouts.config import RolloutConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
