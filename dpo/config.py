@@ -30,6 +30,10 @@ class DPOConfig(TrainingOptions, LoraOptions):
     logit_std: float = option(1.0, "Std of the logit-normal sigma sampler.")
     apply_shift: bool = option(True, "Apply the checkpoint scheduler's shift to the sampled sigmas.")
     batch_size: int = option(1, "Pairs per micro-batch per process (winner and loser run in one forward).")
+    init_adapter: str | None = option(None, "Start the LoRA from this adapter (e.g. the previous online round's).")
+    reference: Literal["base", "init"] = option(
+        "base", "Reference model: the base (adapter disabled) or base + init_adapter (frozen)."
+    )
 
     def __post_init__(self) -> None:
         TrainingOptions.__post_init__(self)
@@ -42,5 +46,7 @@ class DPOConfig(TrainingOptions, LoraOptions):
             raise ConfigError("sft_weight", f"must be >= 0, got {self.sft_weight}")
         if self.batch_size < 1:
             raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.reference == "init" and not self.init_adapter:
+            raise ConfigError("reference", "'init' needs init_adapter (the adapter the reference keeps)")
         if self.logit_std <= 0:
             raise ConfigError("logit_std", f"must be > 0, got {self.logit_std}")

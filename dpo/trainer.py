@@ -58,17 +58,13 @@ def dpo_step(run: TrainingRun, batch: PairBatch, config: DPOConfig, schedule: Fl
     s = sigmas.view(-1, 1, 1, 1, 1)
     x_t = ((1 - s) * x0 + s * noise).to(dtype)
     text = PromptEmbeds.cat([batch.text, batch.text]).to(device, dtype)
-    # 3. Policy errors with gradients; reference errors with the adapter disabled, without gradients.
+    # 3. Reference errors first, without gradients (switching adapters must not touch the policy's graph),
+    #    then policy errors with gradients.
+    with torch.no_grad(), run.reference_mode() as reference:
+        ref_err = flow_matching_error(velocity(reference, x_t, sigmas, text, schedule.num_train_timesteps),
+                                      noise, x0)
     policy_err = flow_matching_error(velocity(run.policy, x_t, sigmas, text, schedule.num_train_timesteps),
                                      noise, x0)
-    with torch.no_grad():
-        reference = run.unwrapped
-        reference.disable_adapters()
-        try:
-            ref_err = flow_matching_error(velocity(reference, x_t, sigmas, text, schedule.num_train_timesteps),
-                                          noise, x0)
-        finally:
-            reference.enable_adapters()
     # 4. The loss on (winner, loser) halves.
     return flow_dpo_loss(
         policy_err[:pairs], policy_err[pairs:], ref_err[:pairs], ref_err[pairs:], beta=config.beta,
@@ -91,7 +87,7 @@ def train_dpo(config: DPOConfig) -> Path:
 
     run = TrainingRun(config, config, config.device, config)
     data.batches_per_epoch(config.batch_size, run.accelerator.num_processes)  # at least one full batch
-    run.prepare(run.load_policy(model_dir, config.dtype))
+    run.prepare(run.load_policy(model_dir, config.dtype, config.init_adapter, config.reference == "init"))
     accelerator = run.accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
     if run.is_main:

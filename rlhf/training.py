@@ -16,6 +16,7 @@ noise and sigmas of an uninterrupted run; the torch RNG state (dropout) is check
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -83,6 +84,7 @@ class TrainingRun:
         self.nonfinite_in_row = 0
         self.skipped_steps = 0
         self.history: list[dict[str, float]] = []
+        self.reference_adapter = False
 
     # ---- directories -------------------------------------------------------------------------
     @property
@@ -94,10 +96,19 @@ class TrainingRun:
         return self.output_dir / "checkpoints"
 
     # ---- model, optimiser --------------------------------------------------------------------
-    def load_policy(self, model_dir: str | Path, dtype: str) -> torch.nn.Module:
-        """The transformer in `dtype` (frozen) with a fresh fp32 LoRA adapter (trainable)."""
-        from diffusers.training_utils import cast_training_params
+    def load_policy(self, model_dir: str | Path, dtype: str, init_adapter: str | Path | None = None,
+                    reference_adapter: bool = False) -> torch.nn.Module:
+        """The transformer in `dtype` (frozen) with a trainable fp32 LoRA adapter named "default".
 
+        The adapter starts at zero, or from `init_adapter` (a previous round's adapter) when given. With
+        `reference_adapter`, `init_adapter` is also attached, frozen, as the adapter "reference", so the
+        reference model is "base + init adapter" instead of the base (see `reference_mode`).
+        """
+        from diffusers.training_utils import cast_training_params
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from rlhf.lora import PEFT_WEIGHTS, load_adapter
         from rlhf.models.loader import load_contentv
 
         transformer = load_contentv(
@@ -105,11 +116,43 @@ class TrainingRun:
         ).transformer
         add_lora(transformer, self.lora.lora_rank, self.lora.lora_alpha, self.lora.lora_dropout,
                  self.lora.lora_targets)
+        if init_adapter is not None:
+            weights = load_file(str(Path(init_adapter) / PEFT_WEIGHTS))
+            result = set_peft_model_state_dict(transformer, weights, adapter_name="default")
+            if result.unexpected_keys or len(weights) != len(lora_state_dict(transformer)):
+                raise UserError(f"{init_adapter}: its LoRA layout differs from lora_rank/lora_targets of this run")
+        self.reference_adapter = reference_adapter
+        if reference_adapter:
+            if init_adapter is None:
+                raise UserError("reference: 'init' needs an init_adapter (the previous round's adapter)")
+            load_adapter(transformer, init_adapter, adapter_name="reference")
+            transformer.set_adapters(["default"])
+        for name, param in transformer.named_parameters():
+            param.requires_grad_("lora_" in name and ".default." in name)
         cast_training_params(transformer, dtype=torch.float32)
         if self.options.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         transformer.train()
         return transformer
+
+    @contextlib.contextmanager
+    def reference_mode(self) -> Iterator[torch.nn.Module]:
+        """The reference model for the block: the policy with its trained adapter switched off (base), or
+        switched to the frozen "reference" adapter. Run reference passes before the policy's forward."""
+        model = self.unwrapped
+        if self.reference_adapter:
+            model.set_adapters(["reference"])
+        else:
+            model.disable_adapters()
+        try:
+            yield model
+        finally:
+            if self.reference_adapter:
+                model.set_adapters(["default"])
+                for name, param in model.named_parameters():
+                    param.requires_grad_("lora_" in name and ".default." in name)
+            else:
+                model.enable_adapters()
 
     def prepare(self, policy: torch.nn.Module) -> torch.nn.Module:
         """Build the optimiser and schedule, wrap for (D)DP, and resume if asked. Returns the wrapped policy."""

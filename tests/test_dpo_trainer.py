@@ -161,3 +161,25 @@ def test_bad_input(tiny_pairs, tiny_store, tmp_path, capsys):
     for name in ("r1", "r2", "r3"):
         assert not (tmp_path / name).exists(), name
     assert not (tmp_path / "r4" / "adapter").exists()
+
+
+def test_init_adapter_and_previous_round_reference(tiny_pairs, tmp_path, capsys):
+    first = tmp_path / "round0"
+    assert call_cli(capsys, *train_args(tiny_pairs, first, "--max-steps", "8", "--learning-rate", "3e-3",
+                                        "--beta", "2000", "--save-every", "0"))[0] == 0
+    adapter = first / "adapter"
+    # Reference = base + the previous adapter, policy starts there too: the first step is exactly log 2.
+    continued = tmp_path / "round1"
+    code, _, err = call_cli(capsys, *train_args(tiny_pairs, continued, "--max-steps", "2", "--save-every", "0",
+                                                "--init-adapter", adapter, "--reference", "init"))
+    assert code == 0, err
+    assert metrics(continued)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # Reference = base while the policy starts from the previous adapter: it already prefers the winners.
+    against_base = tmp_path / "round1_base"
+    assert call_cli(capsys, *train_args(tiny_pairs, against_base, "--max-steps", "2", "--save-every", "0",
+                                        "--init-adapter", adapter, "--beta", "2000"))[0] == 0
+    assert metrics(against_base)[0]["loss"] < math.log(2) - 0.01
+    # The frozen reference adapter is not saved into the result; only the trained one is.
+    assert all(".reference." not in k for k in adapter_weights(continued))
+    code, _, err = call_cli(capsys, *train_args(tiny_pairs, tmp_path / "bad", "--reference", "init"))
+    assert code == 2 and "init_adapter" in err

@@ -1,0 +1,304 @@
+"""Reward-gradient trainer (DRaFT-K / ReFL style): LoRA on the ContentV transformer from differentiable rewards.
+
+Each step samples videos with the policy (base + LoRA) from fresh noise, decodes a subset of their frames with
+the VAE, scores them with the configured rewards and back-propagates `-reward_scale * reward` into the LoRA
+parameters through the last `grad_steps` denoising steps (DRaFT-K; the earlier steps run under `no_grad`).
+
+Supports: truncated back-propagation through the last K Euler steps, optional stop-gradient on each step's
+latent input to the transformer, batched or split classifier-free guidance, differentiable decoding of only the
+first frame / k evenly spaced / k random frames (the causal Wan VAE decodes a latent prefix; per-latent-frame
+gradient checkpointing in the decoder), weighted sums of differentiable scorers, a flow-matching regulariser on
+the detached samples (ContentV's recipe), transformer gradient checkpointing, bf16 autocast, gradient
+accumulation, grad-norm clipping, warmup + schedules, non-finite step skipping, atomic checkpoints with exact
+resume, metrics.jsonl + tensorboard/wandb (all from rlhf/training.py), single process or DDP.
+
+Assumptions: prompt embeddings depend only on the prompt, so they are computed once at start (text encoders
+freed before the transformer loads) and cached on the CPU; the VAE and the scorers are frozen. Prompt order,
+noise and decoded frames depend only on (seed, micro-batch index, rank), so a resumed run repeats an
+uninterrupted one. The forwards of a step bypass the DDP wrapper (a step runs several forwards before one
+backward) and the LoRA gradients are averaged over processes explicitly; FSDP and DeepSpeed are not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpo.losses import flow_matching_error, sample_sigmas
+from dpo.reward_gradient_config import RewardGradientConfig
+from rewards.build import WeightedScorer, build_scorers, weighted_reward
+from rewards.config import RewardsConfig
+from rlhf import devices
+from rlhf.config import config_from_dict, load_yaml
+from rlhf.errors import UserError
+from rlhf.progress import Progress
+from rlhf.prompts import load_prompts, prompt_id
+from rlhf.sampling import (
+    VAE_TEMPORAL_FACTOR,
+    FlowSchedule,
+    PromptEmbeds,
+    euler_step,
+    latent_shape,
+    predict_velocity,
+)
+from rlhf.training import TrainingRun, step_generator
+from rlhf.video import denormalize_latents
+
+logger = logging.getLogger("contentv-rlhf")
+ENCODE_CHUNK = 8  # prompts per text-encoder call at start
+
+
+# ---- frozen parts, built once ------------------------------------------------------------------------------
+@dataclass
+class FrozenParts:
+    """Everything a step needs besides the policy; built once by `load_frozen_parts`."""
+
+    schedule: FlowSchedule
+    vae: torch.nn.Module
+    scorers: dict[str, WeightedScorer]
+    reward_device: torch.device
+    prompts: list[str]
+    text: PromptEmbeds  # (N, L, D), (N, P) on the CPU: one row per prompt
+    negative: PromptEmbeds | None  # (1, L, D), (1, P) on the CPU; None without guidance
+
+
+def load_rewards_config(path: str | Path) -> RewardsConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"rewards: {path}: rewards config not found")
+    return config_from_dict(RewardsConfig, load_yaml(path), source=str(path))
+
+
+def load_frozen_parts(config: RewardGradientConfig, device: torch.device) -> FrozenParts:
+    """Prompts, scorers, VAE and the prompt-embedding cache. Cheap checks first, big models last."""
+    from rlhf.models.loader import load_contentv
+
+    # 1. Inputs that fail fast: the prompt file and the rewards config (scorer weight files are checked here).
+    prompt_list = load_prompts(config.prompts)
+    if prompt_list.report():
+        logger.warning(prompt_list.report())
+    rewards = load_rewards_config(config.rewards)
+    scorers = build_scorers(rewards)
+    if not any(s.scorer.differentiable and s.weight != 0 for s in scorers.values()):
+        raise UserError(f"{config.rewards}: no differentiable scorer with a non-zero weight; reward-gradient "
+                        f"training needs one (differentiable: "
+                        f"{', '.join(n for n, s in scorers.items() if s.scorer.differentiable) or 'none'})")
+    # 2. VAE and text encoders (not the transformer): encode every prompt once, then free the encoders.
+    parts = load_contentv(config.model, dtype=config.dtype, device=device, vae_dtype=config.vae_dtype,
+                          load_transformer=False, max_sequence_length=config.max_sequence_length)
+    encoder, parts.prompt_encoder = parts.prompt_encoder, None
+    prompts = prompt_list.prompts
+    text = PromptEmbeds.cat([encoder.encode(prompts[i:i + ENCODE_CHUNK]).to("cpu")
+                             for i in range(0, len(prompts), ENCODE_CHUNK)])
+    negative = encoder.encode([config.negative_prompt]).to("cpu") if config.guidance != 1.0 else None
+    encoder.release()
+    return FrozenParts(parts.schedule, parts.vae, scorers, devices.resolve_device(rewards.device), prompts,
+                       text, negative)
+
+
+# ---- pure pieces of a step ---------------------------------------------------------------------------------
+def prompt_indices(micro_batch: int, batch_size: int, rank: int, world_size: int, num_prompts: int,
+                   seed: int) -> list[int]:
+    """Prompt indices of global micro-batch `micro_batch` for process `rank`.
+
+    Consecutive positions of an endless sequence of per-epoch permutations (epoch e seeded by (seed, e, -1)):
+    every prompt is drawn equally often, any prompt count works, and the draw depends only on the index.
+    """
+    start = (micro_batch * world_size + rank) * batch_size
+    orders: dict[int, list[int]] = {}
+    picked = []
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, num_prompts)
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(num_prompts, generator=step_generator(seed, epoch, -1)).tolist()
+        picked.append(orders[epoch][offset])
+    return picked
+
+
+def sample_with_grad(model: torch.nn.Module, noise: torch.Tensor, sigmas: torch.Tensor, cond: PromptEmbeds,
+                     uncond: PromptEmbeds | None, *, guidance: float, batch_cfg: bool, grad_steps: int,
+                     stop_latent_grad: bool, num_train_timesteps: int) -> torch.Tensor:
+    """Euler sampling from `noise` (B, C, T, H, W) where only the last `grad_steps` steps record gradients.
+
+    Steps 1..N-K run under `no_grad`; steps N-K+1..N keep the graph through the model (DRaFT-K). With
+    `stop_latent_grad`, each of those steps feeds the transformer a detached latent, so gradients reach earlier
+    steps only through the Euler updates `x + (sigma_next - sigma) * v`. Returns float32 latents.
+    """
+    steps = len(sigmas) - 1
+    latents = noise.float()
+    for index in range(steps):
+        sigma, sigma_next = float(sigmas[index]), float(sigmas[index + 1])
+        with_grad = index >= steps - grad_steps
+        with contextlib.nullcontext() if with_grad else torch.no_grad():
+            model_in = latents.detach() if stop_latent_grad else latents
+            velocity = predict_velocity(model, model_in, sigma, cond, uncond, guidance, batch_cfg,
+                                        num_train_timesteps)
+            latents = euler_step(latents, velocity, sigma, sigma_next)
+    return latents
+
+
+def select_frames(mode: str, num_frames: int, k: int | None, generator: torch.Generator) -> list[int]:
+    """Sorted video-frame indices the reward sees: [0], k evenly spaced from first to last, or k random."""
+    if mode == "first":
+        return [0]
+    if mode == "k_evenly_spaced":
+        return torch.linspace(0, num_frames - 1, k).round().long().tolist()
+    if mode == "random_k":
+        return sorted(torch.randperm(num_frames, generator=generator)[:k].tolist())
+    raise ValueError(f"unknown decode_frames mode {mode!r}")
+
+
+def latent_frame_of(frame: int) -> int:
+    """The latent frame whose decoder pass outputs video frame `frame` (Wan VAE: 1 frame, then 4 per latent)."""
+    return 0 if frame == 0 else (frame - 1) // VAE_TEMPORAL_FACTOR + 1
+
+
+def _decode_chunk(decoder: torch.nn.Module, x: torch.Tensor, *cache, first_chunk: bool) -> tuple:
+    """One latent frame through the causal decoder; the feature cache goes in and out explicitly, so the call
+    is a pure function that gradient checkpointing can recompute."""
+    cache = list(cache)
+    out = decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first_chunk)
+    return (out, *cache)
+
+
+def decode_video_frames(vae: torch.nn.Module, latents: torch.Tensor, frames: Sequence[int],
+                        checkpoint: bool = False) -> torch.Tensor:
+    """Differentiably decode video frames `frames` of normalised latents (B, C, t, h, w) -> (B, n, 3, H, W) in [0, 1].
+
+    The Wan VAE is causal, so the frames up to the last requested one come from the latent prefix that ends at
+    its latent frame; later latent frames are never decoded (`first` decodes latent frame 0 alone). Identical to
+    the same frames of `vae.decode` on the whole clip (checked in tests). With `checkpoint`, each latent frame's
+    decoder pass is recomputed in the backward pass instead of keeping its activations.
+    """
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
+
+    needed = latent_frame_of(max(frames)) + 1
+    vae_dtype = next(vae.parameters()).dtype
+    z = denormalize_latents(latents[:, :, :needed].to(vae.device, vae_dtype), vae)  # (B, C, needed, h, w)
+    x = vae.post_quant_conv(z)
+    cache: list = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
+    chunks = []
+    for i in range(needed):
+        step = functools.partial(_decode_chunk, vae.decoder, first_chunk=i == 0)
+        if checkpoint and torch.is_grad_enabled():
+            out, *cache = torch.utils.checkpoint.checkpoint(step, x[:, :, i:i + 1], *cache, use_reentrant=False)
+        else:
+            out, *cache = step(x[:, :, i:i + 1], *cache)
+        chunks.append(out)  # (B, 3, 1 or 4, H, W)
+    video = torch.cat(chunks, dim=2)  # (B, 3, T', H, W)
+    if vae.config.patch_size is not None:
+        video = unpatchify(video, patch_size=vae.config.patch_size)
+    video = video.clamp(-1, 1)[:, :, list(frames)]  # (B, 3, n, H, W)
+    return ((video.float() + 1) / 2).permute(0, 2, 1, 3, 4)  # (B, n, 3, H, W)
+
+
+def average_gradients(run: TrainingRun) -> None:
+    """Average the trainable gradients over processes (a step's forwards bypass the DDP wrapper)."""
+    if run.accelerator.num_processes == 1:
+        return
+    for param in run.params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    flat = run.accelerator.reduce(torch.cat([p.grad.flatten() for p in run.params]), reduction="mean")
+    for param, grad in zip(run.params, flat.split([p.numel() for p in run.params]), strict=True):
+        param.grad.copy_(grad.view_as(param))
+
+
+# ---- the step ----------------------------------------------------------------------------------------------
+def reward_gradient_step(run: TrainingRun, parts: FrozenParts, indices: list[int], config: RewardGradientConfig,
+                         generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and metrics for one micro-batch of prompts (the backward pass is the caller's)."""
+    policy = run.unwrapped  # several forwards per backward: no DDP wrapper (see average_gradients)
+    device, dtype = run.device, policy.dtype
+    batch, prompts = len(indices), [parts.prompts[i] for i in indices]
+    # 1. Noise and the decoded frames from the step's generator: a resumed run draws the same.
+    shape = latent_shape(config.frames, config.height, config.width, policy.config.patch_size)
+    noise = torch.randn((batch, *shape), generator=generator).to(device)  # (B, C, T, H, W)
+    frames = select_frames(config.decode_frames, config.frames, config.num_decode_frames, generator)
+    cond = parts.text.select(indices).to(device, dtype)
+    uncond = parts.negative.to(device, dtype) if parts.negative is not None else None
+    # 2. Sample with the policy: steps 1..N-K without gradients, the last K with.
+    with run.accelerator.autocast():
+        latents = sample_with_grad(
+            policy, noise, parts.schedule.sigmas(config.steps), cond, uncond, guidance=config.guidance,
+            batch_cfg=config.batch_cfg, grad_steps=config.grad_steps, stop_latent_grad=config.stop_latent_grad,
+            num_train_timesteps=parts.schedule.num_train_timesteps,
+        )  # (B, C, T, H, W) float32
+    # 3. Decode only the frames the reward needs, in the VAE's dtype (outside autocast), with gradients.
+    video = decode_video_frames(parts.vae, latents, frames, config.vae_gradient_checkpointing)  # (B, n, 3, H, W)
+    # 4. The weighted reward; the loss maximises its batch mean.
+    total, terms = weighted_reward(parts.scorers, video.to(parts.reward_device), prompts)
+    loss = -config.reward_scale * total.mean()
+    metrics = {"reward_total": total.detach().mean(), **{f"reward_{k}": v.mean() for k, v in terms.items()}}
+    # 5. Flow-matching regulariser: the policy's error on its own detached samples at a random sigma.
+    if config.fm_weight > 0:
+        x0 = latents.detach()
+        eps = torch.randn(x0.shape, generator=generator).to(device)
+        sigmas = sample_sigmas(batch, generator, "logit_normal", shift=parts.schedule.shift).to(device)
+        s = sigmas.view(-1, 1, 1, 1, 1)
+        with run.accelerator.autocast():
+            velocity = predict_velocity(policy, (1 - s) * x0 + s * eps, sigmas, cond,
+                                        num_train_timesteps=parts.schedule.num_train_timesteps)
+        fm_loss = flow_matching_error(velocity, eps, x0).mean()
+        loss = loss + config.fm_weight * fm_loss
+        metrics["fm_loss"] = fm_loss.detach()
+    metrics["loss"] = loss.detach()
+    return loss, metrics
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------
+def train_reward_gradient(config: RewardGradientConfig) -> Path:
+    """Train a LoRA adapter on differentiable rewards; returns the final adapter directory."""
+    from accelerate.utils import DistributedType
+
+    run = TrainingRun(config, config, config.device, config)
+    accelerator = run.accelerator
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UserError(f"method reward_gradient supports one process or DDP, not {accelerator.distributed_type.value}")
+    # Order matters: the text encoders are freed before the transformer is loaded (peak memory).
+    parts = load_frozen_parts(config, run.device)
+    devices.manual_seed_all(config.seed)  # the LoRA init (lora_A) does not depend on what ran before
+    run.prepare(run.load_policy(config.model, config.dtype))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    accumulation = config.gradient_accumulation_steps
+    if run.is_main:
+        logger.info("reward gradient: %d prompts, rewards %s, K=%d of %d steps, %d steps x %d micro-batch(es) x "
+                    "%d prompt(s) x %d process(es)", len(parts.prompts), ", ".join(parts.scorers), config.grad_steps,
+                    config.steps, config.max_steps, accumulation, config.batch_size, world)
+
+    progress = Progress(total=config.max_steps, initial=run.step, desc="train reward_gradient", unit="step",
+                        enabled=run.is_main)
+    with progress:
+        for step in run.steps():
+            devices.reset_peak_memory(run.device)
+            start = time.perf_counter()
+            totals: dict[str, float] = {}
+            finite, prompt_ids = True, []
+            for micro in range(accumulation):
+                index = step * accumulation + micro
+                indices = prompt_indices(index, config.batch_size, rank, world, len(parts.prompts), config.seed)
+                prompt_ids += [prompt_id(i) for i in indices]
+                loss, metrics = reward_gradient_step(run, parts, indices, config,
+                                                     step_generator(config.seed, index, rank))
+                accelerator.backward(loss / accumulation)
+                finite &= bool(torch.isfinite(loss))
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + float(value) / accumulation
+            average_gradients(run)
+            grad_norm = run.optimizer_step(finite, prompt_ids)
+            if grad_norm is not None:
+                totals["grad_norm"] = grad_norm
+            totals["step_seconds"] = time.perf_counter() - start
+            run.log(step, totals)
+            progress.update(1)
+            progress.set_postfix(loss=totals["loss"], reward=totals["reward_total"])
+            run.maybe_checkpoint(step)
+    return run.finish({"method": "reward_gradient", "prompts": str(config.prompts), "rewards": str(config.rewards),
+                       "model": str(config.model)})

@@ -1,0 +1,97 @@
+"""The reward-gradient trainer's config (kept light: `--help` builds it without importing torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rlhf.config import ConfigError, option
+from rlhf.options import DEFAULT_NEGATIVE_PROMPT, DeviceName, DTypeName, LoraOptions, TrainingOptions
+
+DecodeFrames = Literal["first", "k_evenly_spaced", "random_k"]
+
+
+@dataclass
+class RewardGradientConfig(TrainingOptions, LoraOptions):
+    """`train` with `method: reward_gradient`: DRaFT-K / ReFL-style training on differentiable rewards.
+
+    Samples from the policy, back-propagates the reward of decoded frames through the last `grad_steps`
+    denoising steps into the LoRA parameters, optionally regularised by the flow-matching loss.
+    """
+
+    method: Literal["reward_gradient"] = option(
+        "reward_gradient", "Trainer: reward_gradient (this config); dpo has its own config."
+    )
+    model: str | None = option(None, "Base ContentV checkpoint directory (diffusers layout).")
+    device: DeviceName = option("auto", "Device (under accelerate launch, each process gets its own).")
+    dtype: DTypeName = option("bf16", "Storage dtype of the frozen transformer weights and the text encoders.")
+    vae_dtype: DTypeName = option("fp32", "VAE dtype (fp32 recommended: the Wan VAE is sensitive to bf16).")
+    prompts: str | None = option(None, "Training prompt file: .txt (one per line), .jsonl/.csv with a 'prompt' "
+                                       "column, or a `datasets` folder.")
+    rewards: str | None = option(None, "Rewards YAML (the `score` command's format: scorers with weights, device); "
+                                       "only differentiable scorers with a non-zero weight give gradients.")
+    # Sampling (ContentV's reference defaults; every sample is drawn from the current policy).
+    frames: int = option(125, "Frames per video, of the form 4k + 1 (the Wan VAE's rule).")
+    height: int = option(432, "Frame height in pixels (a multiple of 16).")
+    width: int = option(768, "Frame width in pixels (a multiple of 16).")
+    steps: int = option(50, "Euler steps per sample.")
+    guidance: float = option(6.0, "Classifier-free guidance scale while sampling (1.0 disables guidance).")
+    negative_prompt: str = option(DEFAULT_NEGATIVE_PROMPT, "Negative prompt of the unconditional branch.")
+    max_sequence_length: int = option(256, "T5 tokens per prompt.")
+    batch_cfg: bool = option(True, "Run the conditional and unconditional branches in one batched forward "
+                                   "(faster; --no-batch-cfg halves activation memory).")
+    # Reward gradients
+    grad_steps: int = option(1, "K: the last K denoising steps run with gradients (DRaFT-K); the others "
+                                "without (1 <= K <= steps).")
+    stop_latent_grad: bool = option(False, "Detach the latent input of the transformer at each step with "
+                                           "gradients; gradients then reach earlier steps only through the Euler "
+                                           "updates, not through the transformer's input (cheaper, lower variance).")
+    decode_frames: DecodeFrames = option(
+        "first", "Frames decoded for the reward: first (one latent frame: cheap with the causal VAE, "
+        "ContentV's recipe), k_evenly_spaced (num_decode_frames frames from first to last) or random_k "
+        "(num_decode_frames distinct random frames per micro-batch)."
+    )
+    num_decode_frames: int | None = option(
+        None, "k for decode_frames k_evenly_spaced / random_k (1..frames); leave unset with first."
+    )
+    vae_gradient_checkpointing: bool = option(
+        True, "Recompute each latent frame's VAE decoder pass in the backward pass (far less VAE memory)."
+    )
+    reward_scale: float = option(1.0, "lambda_r: the loss is -lambda_r * mean(weighted reward).")
+    fm_weight: float = option(
+        0.0, "lambda_fm: weight of the flow-matching loss of the policy on its own (detached) samples at a "
+        "random logit-normal sigma, which keeps it near the base (ContentV's regulariser); 0 disables it."
+    )
+    batch_size: int = option(1, "Prompts per micro-batch per process (one sample each).")
+
+    def __post_init__(self) -> None:
+        TrainingOptions.__post_init__(self)
+        LoraOptions.__post_init__(self)
+        for name, what in (("model", "a ContentV checkpoint directory"), ("prompts", "a prompt file"),
+                           ("rewards", "a rewards YAML file")):
+            if not getattr(self, name):
+                raise ConfigError(name, f"is required: {what}")
+        if self.frames < 1 or (self.frames - 1) % 4:
+            raise ConfigError("frames", f"must be of the form 4k + 1 (e.g. 121, 125), got {self.frames}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value < 16 or value % 16:
+                raise ConfigError(name, f"must be a positive multiple of 16, got {value}")
+        for name in ("steps", "max_sequence_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.guidance < 0:
+            raise ConfigError("guidance", f"must be >= 0, got {self.guidance}")
+        if not 1 <= self.grad_steps <= self.steps:
+            raise ConfigError("grad_steps", f"must be in 1..steps ({self.steps}), got {self.grad_steps}")
+        if self.decode_frames == "first":
+            if self.num_decode_frames is not None:
+                raise ConfigError("num_decode_frames", "applies only to decode_frames k_evenly_spaced or "
+                                  "random_k (first decodes one frame)")
+        elif self.num_decode_frames is None or not 1 <= self.num_decode_frames <= self.frames:
+            raise ConfigError("num_decode_frames", f"must be in 1..frames ({self.frames}) with decode_frames "
+                              f"{self.decode_frames}, got {self.num_decode_frames}")
+        if self.reward_scale <= 0:
+            raise ConfigError("reward_scale", f"must be > 0, got {self.reward_scale}")
+        if self.fm_weight < 0:
+            raise ConfigError("fm_weight", f"must be >= 0, got {self.fm_weight}")
