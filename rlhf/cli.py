@@ -25,6 +25,7 @@ COMMANDS = {
     "score": "rlhf.commands.score",
     "pairs": "rlhf.commands.pairs",
     "train": "rlhf.commands.train",
+    "online": "rlhf.commands.online",
     "merge": "rlhf.commands.merge",
     "eval": "rlhf.commands.eval",
     "report": "rlhf.commands.report",

@@ -80,6 +80,9 @@ class TrainingRun:
         )
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
+        # The LoRA init (and dropout) draw from the global RNG: seed it so a run does not depend on what
+        # ran before it in the same process (resumes restore the RNG state from the checkpoint).
+        devices.manual_seed_all(options.seed)
         self.step = 0
         self.nonfinite_in_row = 0
         self.skipped_steps = 0

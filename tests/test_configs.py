@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from dpo.config import DPOConfig
+from dpo.online import OnlineConfig
 from rewards.config import RewardsConfig
 from rlhf.commands.generate import GenerateConfig
 from rlhf.commands.pairs import PairsStageConfig
@@ -22,6 +23,7 @@ SHIPPED = {
     "rewards_heldout.yaml": (RewardsConfig, {}),
     "pairs.yaml": (PairsStageConfig, {"store": "s", "out": "o"}),
     "eval.yaml": (EvalConfig, {"adapters": ["a"]}),
+    "online_dpo.yaml": (OnlineConfig, {}),
 }
 
 
@@ -34,10 +36,14 @@ def test_shipped_config_loads(name):
     cls, extra = SHIPPED[name]
     config = config_from_dict(cls, {**load_yaml(CONFIGS / name), **extra}, source=name)
     assert isinstance(config, cls)
+    if cls is OnlineConfig:  # its stage sections are checked by the stages' own configs
+        from dpo.online import _validate_sections
+
+        _validate_sections(config)
 
 
 @pytest.mark.parametrize(
-    "cls", [GenerateConfig, RolloutConfig, DPOConfig, RewardsConfig, PairsStageConfig, EvalConfig]
+    "cls", [GenerateConfig, RolloutConfig, DPOConfig, RewardsConfig, PairsStageConfig, EvalConfig, OnlineConfig]
 )
 def test_every_field_has_help(cls):
     assert help_problems(cls) == []

@@ -1,0 +1,159 @@
+"""Online (iterative) Flow-DPO: R rounds of rollout -> score -> pairs -> train, each from the last adapter.
+
+Round r lives in `OUT/round-<r>/{rollout,pairs,train}` and runs the real stage commands (the same code a user
+runs by hand; their configs are the `rollout`, `pairs` and `train` sections, validated up front by the stages'
+own config classes). Round r > 0 samples with round r-1's adapter, continues training from it, and uses as
+reference either the base model or that previous policy (`reference: previous`). Everything resumes: finished
+stages are skipped, an unfinished training resumes from its latest checkpoint. After each round a summary row
+(mean rewards, pairs kept, implicit accuracy) is printed and saved to `OUT/rounds.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from rlhf.config import ConfigError, option
+from rlhf.errors import UserError
+
+logger = logging.getLogger("contentv-rlhf")
+# Keys each section may not set: the online loop owns them.
+_OWNED = {
+    "rollout": {"model", "prompts", "out", "adapter", "overwrite", "num_processes"},
+    "pairs": {"store", "out", "overwrite"},
+    "train": {"pairs", "store", "model", "output_dir", "init_adapter", "reference", "resume_from", "method"},
+}
+
+
+@dataclass
+class OnlineConfig:
+    """`online`: rounds of rollout -> score -> pairs -> Flow-DPO, each starting from the previous adapter."""
+
+    model: str | None = option(None, "Base checkpoint directory.")
+    prompts: str | None = option(None, "Training prompt file (.txt/.jsonl/.csv/datasets folder).")
+    rewards: str | None = option(None, "Rewards YAML used to score every round (as for `score`).")
+    out: str | None = option(None, "Run directory; round r goes to OUT/round-<r>.")
+    rounds: int = option(2, "Number of rounds R.")
+    reference: Literal["base", "previous"] = option(
+        "base", "DPO reference in round r > 0: the base model, or the previous round's policy."
+    )
+    device: str = option("auto", "Device for every stage (auto, cuda, npu, cpu).")
+    seed: int = option(0, "Base seed; round r samples with seed + r.")
+    rollout: dict[str, Any] = option({}, "Flags of `rollout` (e.g. samples_per_prompt, frames, steps).")
+    pairs: dict[str, Any] = option({}, "Flags of `pairs` (e.g. policy, min_margin).")
+    train: dict[str, Any] = option({}, "Flags of `train` (e.g. max_steps, learning_rate, beta, lora_rank).")
+
+    def __post_init__(self) -> None:
+        for name in ("model", "prompts", "rewards", "out"):
+            if not getattr(self, name):
+                raise ConfigError(name, "is required")
+        if self.rounds < 1:
+            raise ConfigError("rounds", f"must be >= 1, got {self.rounds}")
+        for section, owned in _OWNED.items():
+            clash = sorted(owned & set(getattr(self, section)))
+            if clash:
+                raise ConfigError(section, f"must not set {clash}: the online loop sets them for every round")
+
+
+def _flags(values: dict[str, Any]) -> list[str]:
+    argv = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, ",".join(map(str, value))]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _validate_sections(config: OnlineConfig) -> None:
+    """Build each stage's real config from its section, so a typo fails before round 0 starts."""
+    from dpo.config import DPOConfig
+    from rlhf.commands.pairs import PairsStageConfig
+    from rlhf.config import config_from_dict
+    from rollouts.config import RolloutConfig
+
+    checks = [
+        ("rollout", RolloutConfig, {"model": config.model, "prompts": config.prompts, "out": "-"}),
+        ("pairs", PairsStageConfig, {"store": "-", "out": "-"}),
+        ("train", DPOConfig, {"pairs": "-", "output_dir": "-"}),
+    ]
+    for section, cls, fixed in checks:
+        config_from_dict(cls, {**getattr(config, section), **fixed}, source=f"online.{section}")
+
+
+def _round_summary(round_dir: Path, index: int) -> dict[str, Any]:
+    from rewards.scoring import score_weights
+    from rollouts.store import RolloutStore
+
+    store = RolloutStore(round_dir / "rollout")
+    means = {}
+    for name in score_weights(store):
+        values = [v for v in store.read_scores(name)["scores"].values() if v is not None]
+        means[name] = sum(values) / len(values) if values else None
+    pairs = json.loads((round_dir / "pairs" / "summary.json").read_text())
+    train = json.loads((round_dir / "train" / "summary.json").read_text())
+    last = train.get("last_10_steps_mean", {})
+    return {"round": index, "mean_rewards": means, "pairs": pairs["counts"]["pairs"],
+            "implicit_accuracy": last.get("implicit_accuracy"), "loss": last.get("loss")}
+
+
+def format_rounds(rows: list[dict[str, Any]]) -> str:
+    rewards = sorted({name for row in rows for name in row["mean_rewards"]})
+    header = f"{'round':>5}  " + "  ".join(f"{name:>12}" for name in rewards) + f"  {'pairs':>6}  {'impl.acc':>8}"
+    lines = [header]
+    for row in rows:
+        values = "  ".join(f"{row['mean_rewards'].get(name, float('nan')):>12.4f}" for name in rewards)
+        accuracy = row["implicit_accuracy"]
+        lines.append(f"{row['round']:>5}  {values}  {row['pairs']:>6}  "
+                     f"{accuracy if accuracy is None else format(accuracy, '>8.3f')}")
+    return "\n".join(lines)
+
+
+def run_online(config: OnlineConfig) -> list[dict[str, Any]]:
+    from rlhf.cli import main as cli
+    from rlhf.io import write_json
+
+    _validate_sections(config)
+    out = Path(config.out)
+    rows: list[dict[str, Any]] = []
+    previous: Path | None = None
+    for index in range(config.rounds):
+        round_dir = out / f"round-{index:02d}"
+        store, pairs, train = round_dir / "rollout", round_dir / "pairs", round_dir / "train"
+        adapter = train / "adapter"
+        rollout_argv = ["rollout", "--model", config.model, "--prompts", config.prompts, "--out", store,
+                        "--device", config.device, *_flags({"seed": config.seed + index, **config.rollout})]
+        train_argv = ["train", "--pairs", pairs, "--output-dir", train, "--device", config.device,
+                      *_flags({"seed": config.seed + index, **config.train})]
+        if previous is not None:
+            rollout_argv += ["--adapter", previous]
+            train_argv += ["--init-adapter", previous, "--reference", "init" if config.reference == "previous"
+                           else "base"]
+        if (train / "checkpoints").is_dir() and any((train / "checkpoints").glob("step-*")):
+            train_argv += ["--resume-from", "latest"]
+        stages = [
+            ("rollout", store / "manifest.parquet", rollout_argv),
+            ("score", None, ["score", "--store", store, "--config", config.rewards]),
+            ("pairs", pairs / "summary.json", ["pairs", "--store", store, "--out", pairs, *_flags(config.pairs)]),
+            ("train", adapter / "adapter_model.safetensors", train_argv),
+        ]
+        for title, done_marker, argv in stages:
+            argv = [str(a) for a in argv]
+            print(f"[round {index}] {title}: contentv-rlhf {shlex.join(argv)}", flush=True)
+            if done_marker is not None and done_marker.exists():
+                print("    already done")
+                continue
+            if cli(argv) != 0:
+                raise UserError(f"round {index}: stage {title} failed (see the message above)")
+        rows.append(_round_summary(round_dir, index))
+        write_json(out / "rounds.json", rows)
+        print(format_rounds(rows), flush=True)
+        previous = adapter
+    return rows
