@@ -18,7 +18,6 @@ own process so allocator caches do not leak between them. Printed:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import subprocess
@@ -29,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.results import record  # noqa: E402
 
 PROMPTS = ["a red ball bouncing", "a calm lake at dawn", "a dog on a beach", "city lights at night"]
 
@@ -201,10 +202,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     if args.record:
-        command = "python benchmarks/dpo_step.py " + " ".join(sys.argv[1:])
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as fh:
-            fh.write(f"\n### dpo_step ({datetime.date.today()})\n\n`{command}`\n\n```json\n"
-                     f"{json.dumps(result, indent=2)}\n```\n")
+        record("dpo_step", result)
 
 
 if __name__ == "__main__":

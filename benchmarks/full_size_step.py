@@ -15,7 +15,6 @@ Text conditioning is random (333 tokens x 4096, pooled 2048), as the trainer rea
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.results import record  # noqa: E402
 from dpo.config import DPOConfig  # noqa: E402
 from dpo.data import PairBatch  # noqa: E402
 from dpo.trainer import dpo_step  # noqa: E402
@@ -145,10 +145,7 @@ def main() -> None:
         result["dpo"]["mfu"] = round(result["dpo"]["achieved_tflops_per_s"] * 1e12 / peak_flops, 3)
     print(json.dumps(result, indent=2))
     if args.record:
-        command = "python benchmarks/full_size_step.py " + " ".join(sys.argv[1:])
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as fh:
-            fh.write(f"\n### full_size_step ({datetime.date.today()})\n\n`{command}`\n\n```json\n"
-                     f"{json.dumps(result, indent=2)}\n```\n")
+        record("full_size_step", result)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ time goes (encode / sampler / decode / write). Appends a line to benchmarks/RESU
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import shutil
@@ -28,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.results import record  # noqa: E402
 from rlhf.cli import configure_logging  # noqa: E402
 from rlhf.generation import VideoGenerator  # noqa: E402
 from rlhf.io import save_tensors  # noqa: E402
@@ -137,10 +137,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     if args.record:
-        command = "python benchmarks/rollout.py " + " ".join(sys.argv[1:])
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as fh:
-            fh.write(f"\n### rollout ({datetime.date.today()})\n\n`{command}`\n\n```json\n"
-                     f"{json.dumps(result, indent=2)}\n```\n")
+        record("rollout", result)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Prints one JSON object per trainer; `--record` appends it with the command to be
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.results import record  # noqa: E402
 from rlhf.cli import main as cli  # noqa: E402
 
 
@@ -87,10 +87,7 @@ def main() -> None:
                "seconds": round(time.perf_counter() - start, 1)}
     print(json.dumps(row, indent=2))
     if args.record:
-        command = "python benchmarks/toy_alignment.py " + " ".join(sys.argv[1:])
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as fh:
-            fh.write(f"\n### toy_alignment ({datetime.date.today()})\n\n`{command}`\n\n```json\n"
-                     f"{json.dumps(row, indent=2)}\n```\n")
+        record("toy_alignment", row)
 
 
 if __name__ == "__main__":

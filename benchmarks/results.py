@@ -1,0 +1,20 @@
+"""Appending a benchmark's figures, with the command that produced them, to benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def record(name: str, result: Any, text: str | None = None) -> None:
+    """Append `result` (JSON) or `text` (preformatted) under a dated heading with the exact command line."""
+    command = "python benchmarks/" + Path(sys.argv[0]).name + "".join(f" {a}" for a in sys.argv[1:])
+    body = text if text is not None else json.dumps(result, indent=2)
+    fence = "```" if text is not None else "```json"
+    with open(RESULTS, "a") as fh:
+        fh.write(f"\n### {name} ({datetime.date.today()})\n\n`{command}`\n\n{fence}\n{body}\n```\n")
