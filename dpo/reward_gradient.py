@@ -264,7 +264,6 @@ def train_reward_gradient(config: RewardGradientConfig) -> Path:
         raise UserError(f"method reward_gradient supports one process or DDP, not {accelerator.distributed_type.value}")
     # Order matters: the text encoders are freed before the transformer is loaded (peak memory).
     parts = load_frozen_parts(config, run.device)
-    devices.manual_seed_all(config.seed)  # the LoRA init (lora_A) does not depend on what ran before
     run.prepare(run.load_policy(config.model, config.dtype))
     rank, world = accelerator.process_index, accelerator.num_processes
     accumulation = config.gradient_accumulation_steps

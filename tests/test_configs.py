@@ -6,6 +6,7 @@ import pytest
 
 from dpo.config import DPOConfig
 from dpo.online import OnlineConfig
+from dpo.reward_gradient_config import RewardGradientConfig
 from rewards.config import RewardsConfig
 from rlhf.commands.generate import GenerateConfig
 from rlhf.commands.pairs import PairsStageConfig
@@ -24,6 +25,7 @@ SHIPPED = {
     "pairs.yaml": (PairsStageConfig, {"store": "s", "out": "o"}),
     "eval.yaml": (EvalConfig, {"adapters": ["a"]}),
     "online_dpo.yaml": (OnlineConfig, {}),
+    "reward_gradient.yaml": (RewardGradientConfig, {}),
 }
 
 
@@ -43,7 +45,8 @@ def test_shipped_config_loads(name):
 
 
 @pytest.mark.parametrize(
-    "cls", [GenerateConfig, RolloutConfig, DPOConfig, RewardsConfig, PairsStageConfig, EvalConfig, OnlineConfig]
+    "cls", [GenerateConfig, RolloutConfig, DPOConfig, RewardsConfig, PairsStageConfig, EvalConfig, OnlineConfig,
+            RewardGradientConfig]
 )
 def test_every_field_has_help(cls):
     assert help_problems(cls) == []

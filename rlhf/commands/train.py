@@ -1,33 +1,113 @@
-"""`contentv-rlhf train`: train a LoRA adapter (Flow-DPO; more methods as they land)."""
+"""`contentv-rlhf train`: train a LoRA adapter with Flow-DPO (`method: dpo`) or reward gradients
+(`method: reward_gradient`).
+
+Each method has its own strict config (`dpo.config.DPOConfig`, `dpo.reward_gradient_config.RewardGradientConfig`).
+The command line accepts the flags of both; the method is read first (`--method`, else the `--config` YAML's
+`method`, else dpo), then only that method's config is built, and a flag of the other method is an error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import typing
+from typing import Literal
 
-from rlhf.config import add_config_arguments, config_from_args
+from rlhf.config import add_config_arguments, config_from_args, load_yaml, option
+from rlhf.errors import UserError
 
-HELP = "Train a LoRA adapter on the transformer (method: dpo) from a pairs dataset."
+HELP = ("Train a LoRA adapter on the transformer: method dpo (Flow-DPO from a pairs dataset) or reward_gradient "
+        "(DRaFT-K: back-propagate differentiable rewards through the last sampling steps).")
 EXAMPLES = """\
   contentv-rlhf train --config configs/dpo.yaml
   contentv-rlhf train --config configs/dpo.yaml --learning-rate 5e-5 --max-steps 500 --output-dir runs/dpo2
   contentv-rlhf train --config configs/dpo.yaml --resume-from latest
+  contentv-rlhf train --config configs/reward_gradient.yaml                    # method: reward_gradient
+  contentv-rlhf train --config configs/reward_gradient.yaml --grad-steps 2 --decode-frames k_evenly_spaced \\
+      --num-decode-frames 3
   accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m rlhf.cli train --config configs/dpo.yaml
   torchrun --nproc_per_node 2 -m rlhf.cli train --config configs/dpo.yaml --device cpu    # 2 CPU processes
+Flags marked [dpo] or [reward_gradient] belong to that method only; unmarked flags apply to both.
 """
+DEFAULT_METHOD = "dpo"
+
+
+def method_configs() -> dict[str, type]:
+    """Method name -> its config dataclass (light imports: no torch)."""
+    from dpo.config import DPOConfig
+    from dpo.reward_gradient_config import RewardGradientConfig
+
+    return {"dpo": DPOConfig, "reward_gradient": RewardGradientConfig}
+
+
+@functools.cache
+def flags_class() -> type:
+    """A dataclass with every field of every method's config, used only to declare the command-line flags.
+
+    A field of one method has its help prefixed with `[method]`; a shared field whose help differs shows both.
+    """
+    configs = method_configs()
+    merged: dict[str, dict] = {}  # name -> {"type": ..., "field": Field, "help": {method: help}}
+    for method, cls in configs.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            entry = merged.setdefault(f.name, {"type": hints[f.name], "field": f, "help": {}})
+            entry["help"][method] = f.metadata.get("help", "")
+    fields = []
+    for name, entry in merged.items():
+        f, helps = entry["field"], entry["help"]
+        if name == "method":
+            tp = Literal[tuple(configs)]
+            text = (f"Trainer: {' or '.join(configs)}; read from this flag, else the --config file, else "
+                    f"{DEFAULT_METHOD}. Each method accepts only its own fields.")
+        else:
+            tp = entry["type"]
+            if len(helps) < len(configs):
+                text = " ".join(f"[{m}] {h}" for m, h in helps.items())
+            elif len(set(helps.values())) == 1:
+                text = next(iter(helps.values()))
+            else:
+                text = " | ".join(f"{m}: {h}" for m, h in helps.items())
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        fields.append((name, tp, option(default, text, metadata={k: v for k, v in f.metadata.items()
+                                                                  if k != "help"})))
+    return dataclasses.make_dataclass("TrainFlags", fields)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dpo.config import DPOConfig
+    add_config_arguments(parser, flags_class())
 
-    add_config_arguments(parser, DPOConfig)
+
+def read_method(args: argparse.Namespace) -> tuple[str, type]:
+    """The method picked by `--method`, else the `--config` YAML's `method`, else dpo; and its config class."""
+    configs = method_configs()
+    method, source = DEFAULT_METHOD, "default"
+    if hasattr(args, "method"):
+        method, source = args.method, "command line"
+    elif getattr(args, "config", None) and "method" in (data := load_yaml(args.config)):
+        method, source = data["method"], args.config
+    if method not in configs:
+        raise UserError(f"{source}: unknown method {method!r}; expected one of {', '.join(map(repr, configs))}")
+    cls = configs[method]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    foreign = [f.name for f in dataclasses.fields(flags_class()) if hasattr(args, f.name) and f.name not in fields]
+    if foreign:
+        flag = "--" + foreign[0].replace("_", "-")
+        raise UserError(f"command line: {flag} is not an option of method {method}")
+    return method, cls
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpo.config import DPOConfig
+    method, cls = read_method(args)
+    config = config_from_args(cls, args)
+    if method == "reward_gradient":
+        from dpo.reward_gradient import train_reward_gradient
 
-    config = config_from_args(DPOConfig, args)
-    from dpo.trainer import train_dpo
+        adapter = train_reward_gradient(config)
+    else:
+        from dpo.trainer import train_dpo
 
-    adapter = train_dpo(config)
+        adapter = train_dpo(config)
     print(f"adapter written to {adapter}")
     return 0

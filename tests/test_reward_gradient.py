@@ -1,0 +1,241 @@
+"""Reward-gradient trainer on the tiny model: gradient paths, learning, frame-subset decode, resume, bad input."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpo.reward_gradient import (
+    decode_video_frames,
+    load_frozen_parts,
+    prompt_indices,
+    reward_gradient_step,
+    sample_with_grad,
+    select_frames,
+)
+from dpo.reward_gradient_config import RewardGradientConfig
+from rlhf.config import config_from_dict, help_problems, load_yaml
+from rlhf.errors import UserError
+from rlhf.models.loader import load_contentv
+from rlhf.training import TrainingRun, step_generator
+from rlhf.video import decode_latents
+from tests.conftest import REPO, TRAIN_PROMPTS, call_cli
+
+TINY = dict(frames=5, height=32, width=32, steps=3, guidance=2.0, dtype="fp32", mixed_precision="no",
+            report_to="none", lora_rank=4, lora_alpha=8, device="cpu", gradient_checkpointing=False)
+
+
+def flags(**fields):
+    """Command-line flags for config fields (booleans as --name / --no-name)."""
+    args = []
+    for key, value in fields.items():
+        name = key.replace("_", "-")
+        args += [f"--{'' if value else 'no-'}{name}"] if isinstance(value, bool) else [f"--{name}", str(value)]
+    return args
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops are overhead-bound: one intra-op thread is as fast and does not collapse on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reward_gradient")
+    (root / "prompts.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
+    # brightness is trained on; contrast (weight 0) is only logged.
+    (root / "rewards.yaml").write_text("scorers:\n  brightness: {weight: 1.0}\n  contrast: {weight: 0.0}\n"
+                                       "device: cpu\n")
+    return {"model": str(tiny_model_dir), "prompts": str(root / "prompts.txt"), "rewards": str(root / "rewards.yaml")}
+
+
+def make_config(inputs, tmp_path, **overrides):
+    return RewardGradientConfig(**inputs, output_dir=str(tmp_path / "run"), **{**TINY, **overrides})
+
+
+@pytest.fixture
+def trainer(inputs, tmp_path):
+    config = make_config(inputs, tmp_path)
+    run = TrainingRun(config, config, "cpu", config)
+    parts = load_frozen_parts(config, run.device)
+    run.prepare(run.load_policy(config.model, "fp32"))
+    return config, run, parts
+
+
+def lora_grads(run):
+    return {n: p.grad.clone() for n, p in run.unwrapped.named_parameters() if "lora_" in n}
+
+
+def test_gradients_reach_only_the_lora_parameters(trainer):
+    config, run, parts = trainer
+    # The prompt cache holds one CPU row per prompt, equal to a direct encode of the prompts.
+    assert parts.text.prompt_embeds.device.type == "cpu" and len(parts.text) == len(TRAIN_PROMPTS)
+    encoder = load_contentv(config.model, dtype="fp32", load_transformer=False, load_vae=False).prompt_encoder
+    assert torch.equal(parts.text.prompt_embeds, encoder.encode(TRAIN_PROMPTS).prompt_embeds)
+
+    grad_enabled = []
+    hook = run.unwrapped.register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    loss, metrics = reward_gradient_step(run, parts, [0, 3], config, step_generator(0, 0))
+    hook.remove()
+    assert grad_enabled == [False, False, True]  # K=1 of 3 steps (CFG batched: one forward per step)
+    assert metrics["reward_total"] == metrics["reward_brightness"] and "reward_contrast" in metrics
+    loss.backward()
+    # The last block's text queries feed only text outputs that the model discards (SD3's context_pre_only).
+    dead = f"transformer_blocks.{len(run.unwrapped.transformer_blocks) - 1}.attn.add_q_proj."
+    for name, param in run.unwrapped.named_parameters():
+        if "lora_" not in name:
+            assert param.grad is None and not param.requires_grad, name
+        elif "lora_B" in name and not name.startswith(dead):
+            assert param.grad.abs().sum() > 0, name  # B starts at 0, so only B has a gradient at init
+        else:
+            assert not param.grad.any(), name
+    assert all(p.grad is None for p in parts.vae.parameters())
+
+    # K=1: the last step's input comes from no_grad steps, so stopping its gradient changes nothing; K=2 differs.
+    def grads(**overrides):
+        run.optimizer.zero_grad(set_to_none=True)
+        reward_gradient_step(run, parts, [0, 3], dataclasses.replace(config, **overrides),
+                             step_generator(0, 0))[0].backward()
+        return lora_grads(run)
+
+    k1 = grads()
+    assert all(torch.equal(k1[n], g) for n, g in grads(stop_latent_grad=True).items())
+    run.unwrapped.enable_gradient_checkpointing()  # recomputation gives the same gradients
+    checkpointed = grads(vae_gradient_checkpointing=True)
+    run.unwrapped.disable_gradient_checkpointing()
+    assert all(torch.allclose(k1[n], g, rtol=1e-4, atol=1e-7) for n, g in checkpointed.items())
+    k2, k2_stopped = grads(grad_steps=2), grads(grad_steps=2, stop_latent_grad=True)
+    assert any(not torch.allclose(k1[n], k2[n]) for n in k1)
+    assert any(not torch.allclose(k2[n], k2_stopped[n]) for n in k2)
+
+
+def test_sampler_with_gradients_matches_the_no_grad_sampler(trainer):
+    from rlhf.sampling import denoise
+
+    config, run, parts = trainer
+    with torch.no_grad():
+        for name, param in run.unwrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    noise = torch.randn(2, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    sigmas, cond, uncond = parts.schedule.sigmas(3), parts.text.select([1, 2]), parts.negative
+    expected = denoise(run.unwrapped, noise, sigmas, cond, uncond, guidance_scale=2.0)
+    got = sample_with_grad(run.unwrapped, noise, sigmas, cond, uncond, guidance=2.0, batch_cfg=False, grad_steps=2,
+                           stop_latent_grad=True, num_train_timesteps=1000)
+    assert got.requires_grad and torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_frame_subset_decode_equals_full_decode(tiny_model_dir, checkpoint):
+    vae = load_contentv(tiny_model_dir, load_transformer=False, load_text_encoders=False).vae
+    latents = torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1))  # 9 frames of 32x32
+    full = (decode_latents(vae, latents) + 1) / 2  # (B, 3, 9, H, W)
+    calls = []
+    hook = vae.decoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    generator = torch.Generator().manual_seed(0)
+    cases = [("first", None, [0], 1), ("k_evenly_spaced", 3, [0, 4, 8], 3), ("k_evenly_spaced", 2, [0, 8], 3),
+             ("k_evenly_spaced", 9, list(range(9)), 3)]
+    for mode, k, frames, decoder_calls in cases:
+        assert select_frames(mode, 9, k, generator) == frames
+        calls.clear()
+        x = latents.clone().requires_grad_()
+        video = decode_video_frames(vae, x, frames, checkpoint=checkpoint)  # (B, n, 3, H, W)
+        assert torch.allclose(video, full[:, :, frames].permute(0, 2, 1, 3, 4), atol=1e-6), mode
+        video.square().sum().backward()
+        assert len(calls) == decoder_calls * (2 if checkpoint else 1)  # checkpointing recomputes each pass
+        if mode == "first":  # latent frame 0 alone makes video frame 0
+            assert not x.grad[:, :, 1:].any() and x.grad[:, :, 0].any()
+    hook.remove()
+    # Random frames: distinct, sorted, reproducible; frames inside a latent chunk decode right too.
+    frames = select_frames("random_k", 9, 4, torch.Generator().manual_seed(3))
+    assert frames == sorted(set(frames)) and frames == select_frames("random_k", 9, 4, torch.Generator().manual_seed(3))
+    for subset in (frames, [1], [5, 6]):
+        with torch.no_grad():
+            video = decode_video_frames(vae, latents, subset, checkpoint=checkpoint)
+        assert torch.allclose(video, full[:, :, subset].permute(0, 2, 1, 3, 4), atol=1e-6), subset
+
+
+def test_prompt_order_is_stateless_and_balanced():
+    drawn = [prompt_indices(m, 2, rank, 2, 5, seed=0) for m in range(5) for rank in range(2)]
+    flat = [i for batch in drawn for i in batch]
+    assert sorted(flat) == sorted(list(range(5)) * 4)  # 20 draws over 5 prompts: each exactly 4 times
+    assert prompt_indices(3, 2, 1, 2, 5, seed=0) == drawn[7]
+    assert prompt_indices(0, 3, 0, 1, 1, seed=0) == [0, 0, 0]  # fewer prompts than a batch is fine
+
+
+def test_training_raises_the_reward(trainer):
+    config, run, parts = trainer
+    config = dataclasses.replace(config, batch_size=2)
+    run.optimizer.param_groups[0]["lr"] = run.scheduler.base_lrs[0] = 2e-2
+
+    def policy_reward():  # all prompts, fixed noise
+        with torch.no_grad():
+            _, metrics = reward_gradient_step(run, parts, list(range(len(TRAIN_PROMPTS))), config,
+                                              step_generator(99, 0))
+        return metrics["reward_brightness"].item()
+
+    before = policy_reward()
+    for step in range(12):
+        indices = prompt_indices(step, config.batch_size, 0, 1, len(TRAIN_PROMPTS), seed=0)
+        loss, metrics = reward_gradient_step(run, parts, indices, config, step_generator(0, step))
+        loss.backward()
+        assert run.optimizer_step(bool(torch.isfinite(loss)), []) is not None
+    after = policy_reward()
+    assert after > before + 0.015, (before, after)  # 0.570 -> 0.601 when written
+
+
+def test_resume_gives_identical_weights(inputs, tmp_path, capsys):
+    common = flags(**inputs, **{**TINY, "max_steps": 4, "save_every": 2, "learning_rate": 1e-2,
+                                "gradient_accumulation_steps": 2, "decode_frames": "random_k",
+                                "num_decode_frames": 2, "fm_weight": 0.5, "lr_scheduler": "cosine"})
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert call_cli(capsys, "train", "--method", "reward_gradient", *common, "--output-dir", straight)[0] == 0
+    shutil.copytree(straight / "checkpoints", resumed / "checkpoints")
+    code, _, err = call_cli(capsys, "train", "--method", "reward_gradient", *common, "--output-dir", resumed,
+                            "--resume-from", "latest")
+    assert code == 0, err
+    a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(line)["step"] for line in (resumed / "logs" / "metrics.jsonl").read_text().splitlines()] == [2, 3]
+
+
+def test_bad_input_is_one_line(inputs, tmp_path, capsys):
+    def fails(args, expected):
+        code, _, err = call_cli(capsys, "train", *args)
+        assert code == 2, err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+
+    good = {**inputs, **TINY, "output_dir": tmp_path / "run", "max_steps": 1}
+    rg = ["--method", "reward_gradient"]
+    fails([*rg, *flags(**{**good, "prompts": tmp_path / "none.txt"})], "none.txt: prompt file not found")
+    fails([*rg, *flags(**{**good, "rewards": tmp_path / "none.yaml"})], "none.yaml: rewards config not found")
+    fails(["--method", "ppo", *flags(**good)], "unknown method 'ppo'")
+    fails([*rg, *flags(**good), "--pairs", "x"], "--pairs is not an option of method reward_gradient")
+    fails([*rg, *flags(**{**good, "grad_steps": 4})], "field 'grad_steps' must be in 1..steps (3)")
+    yaml = tmp_path / "rg.yaml"
+    yaml.write_text("method: reward_gradient\npairs: x\n")
+    fails(["--config", yaml], "unknown field 'pairs' for RewardGradientConfig")
+    not_differentiable = tmp_path / "rewards.yaml"
+    not_differentiable.write_text("scorers:\n  brightness: {weight: 0.0}\n")
+    fails([*rg, *flags(**{**good, "rewards": not_differentiable})], "no differentiable scorer with a non-zero weight")
+    assert not (tmp_path / "run").exists()
+
+
+def test_shipped_config_and_validation():
+    config = config_from_dict(RewardGradientConfig, load_yaml(REPO / "configs" / "reward_gradient.yaml"))
+    assert config.method == "reward_gradient" and config.grad_steps == 1 and config.decode_frames == "first"
+    assert help_problems(RewardGradientConfig) == []
+    base = {"model": "m", "prompts": "p", "rewards": "r", "output_dir": "o"}
+    for bad, field in (({"frames": 8}, "frames"), ({"num_decode_frames": 2}, "num_decode_frames"),
+                       ({"decode_frames": "random_k"}, "num_decode_frames"), ({"fm_weight": -1}, "fm_weight"),
+                       ({"rewards": None}, "rewards")):
+        with pytest.raises(UserError, match=f"field '{field}'"):
+            config_from_dict(RewardGradientConfig, {**base, **bad})
