@@ -77,18 +77,39 @@ def main() -> None:
 
     from rlhf.commands import quickstart
 
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp) / "toy"
         start = time.perf_counter()
         if cli(["quickstart", "--out", str(out), "--device", "cpu"]) != 0:
             raise SystemExit("quickstart failed")
-        row = {"benchmark": "toy_alignment", "trainer": "dpo",
-               **summarize(out / "eval" / "eval.json", quickstart.SAMPLES_PER_PROMPT),
-               "seconds": round(time.perf_counter() - start, 1)}
-    print(json.dumps(row, indent=2))
-    if args.record:
-        record("toy_alignment", row)
+        rows.append({"benchmark": "toy_alignment", "trainer": "dpo",
+                     **summarize(out / "eval" / "eval.json", quickstart.SAMPLES_PER_PROMPT),
+                     "seconds": round(time.perf_counter() - start, 1)})
 
+        # The reward-gradient trainer on the same model, reward, prompts and evaluation.
+        start = time.perf_counter()
+        configs, common = out / "configs", ["--device", "cpu", "--dtype", "fp32"]
+        trained = cli(["train", "--method", "reward_gradient", "--model", str(out / "tiny-model"),
+                       "--prompts", str(configs / "train_prompts.txt"), "--rewards", str(configs / "rewards.yaml"),
+                       "--output-dir", str(out / "train-rg"), *quickstart.SAMPLING[:-2], "--grad-steps", "1",
+                       "--decode-frames", "first", "--max-steps", "60", "--batch-size", "4",
+                       "--learning-rate", "5e-3", "--lora-rank", "8", "--lora-alpha", "8", "--mixed-precision",
+                       "no", "--no-gradient-checkpointing", "--save-every", "0", "--report-to", "none", *common])
+        evaluated = trained == 0 and cli([
+            "eval", "--model", str(out / "tiny-model"), "--adapters", str(out / "train-rg" / "adapter"),
+            "--prompts", str(configs / "eval_prompts.txt"), "--seeds", str(quickstart.EVAL_SEEDS),
+            "--rewards", str(configs / "rewards.yaml"), "--held-out-rewards", str(configs / "held_out_rewards.yaml"),
+            "--out", str(out / "eval-rg"), "--save-videos", "0", *quickstart.SAMPLING, *common]) == 0
+        if not evaluated:
+            raise SystemExit("reward-gradient training or its evaluation failed")
+        rows.append({"benchmark": "toy_alignment", "trainer": "reward_gradient",
+                     **summarize(out / "eval-rg" / "eval.json", quickstart.SAMPLES_PER_PROMPT),
+                     "seconds": round(time.perf_counter() - start, 1)})
+    for row in rows:
+        print(json.dumps(row, indent=2))
+    if args.record:
+        record("toy_alignment", rows)
 
 if __name__ == "__main__":
     main()
