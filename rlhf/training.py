@@ -190,9 +190,11 @@ class TrainingRun:
 
     def steps(self) -> Iterator[int]:
         """Optimiser step indices still to run (after a resume, from the checkpoint's step)."""
-        return iter(range(self.step, self.options.max_steps))
+        for step in range(self.step, self.options.max_steps):
+            self.step = step
+            yield step
 
-    def optimizer_step(self, loss_is_finite: bool, pair_ids: list[str]) -> float | None:
+    def optimizer_step(self, loss_is_finite: bool, batch_ids: list[str]) -> float | None:
         """Clip, step and schedule, unless any process saw a non-finite loss or gradient; returns the grad norm."""
         finite = torch.tensor(float(loss_is_finite), device=self.device)
         grads_finite = all(torch.isfinite(p.grad).all() for p in self.params if p.grad is not None)
@@ -206,7 +208,7 @@ class TrainingRun:
             if self.nonfinite_in_row >= self.options.max_nonfinite_steps:
                 raise TrainingDiverged(
                     f"training stopped at step {self.step}: {self.nonfinite_in_row} consecutive non-finite "
-                    f"losses (last pairs: {', '.join(pair_ids[:6])}); lower learning_rate or beta"
+                    f"losses (last batch: {', '.join(batch_ids[:6])}); lower learning_rate, check the inputs"
                 )
             return None
         self.nonfinite_in_row = 0
@@ -326,7 +328,8 @@ class TrainingRun:
             save_adapter(self.unwrapped, adapter_dir)
             save_config(self.config, adapter_dir / "training_config.yaml")
             last = self.history[-10:]
-            averaged = {k: sum(r[k] for r in last) / len(last) for k in (last[0] if last else {}) if k != "step"}
+            keys = sorted({k for record in last for k in record} - {"step"})
+            averaged = {k: sum(v) / len(v) for k in keys if (v := [r[k] for r in last if k in r])}
             io.write_json(self.output_dir / "summary.json", {
                 **summary, "steps": self.options.max_steps, "skipped_steps": self.skipped_steps,
                 "last_10_steps_mean": averaged, "adapter": str(adapter_dir),

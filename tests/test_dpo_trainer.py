@@ -183,3 +183,30 @@ def test_init_adapter_and_previous_round_reference(tiny_pairs, tmp_path, capsys)
     assert all(".reference." not in k for k in adapter_weights(continued))
     code, _, err = call_cli(capsys, *train_args(tiny_pairs, tmp_path / "bad", "--reference", "init"))
     assert code == 2 and "init_adapter" in err
+
+
+def test_non_finite_steps_are_skipped_then_stop(tiny_pairs, tmp_path, capsys, monkeypatch):
+    import dpo.trainer
+
+    real_loss = dpo.trainer.flow_dpo_loss
+    calls = {"n": 0}
+
+    def nan_on_second_call(*args, **kwargs):
+        calls["n"] += 1
+        loss, metrics = real_loss(*args, **kwargs)
+        return (loss * torch.nan if calls["n"] == 2 else loss), metrics
+
+    monkeypatch.setattr(dpo.trainer, "flow_dpo_loss", nan_on_second_call)
+    out = tmp_path / "one_nan"
+    code, _, err = call_cli(capsys, *train_args(tiny_pairs, out, "--max-steps", "4", "--save-every", "0"))
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["skipped_steps"] == 1
+    assert "grad_norm" not in metrics(out)[1] and "grad_norm" in metrics(out)[2]  # step 1 made no update
+
+    monkeypatch.setattr(dpo.trainer, "flow_dpo_loss", lambda *a, **k: (real_loss(*a, **k)[0] * torch.nan,
+                                                                       real_loss(*a, **k)[1]))
+    code, _, err = call_cli(capsys, *train_args(tiny_pairs, tmp_path / "all_nan", "--max-steps", "20",
+                                                "--max-nonfinite-steps", "3"))
+    assert code == 2
+    assert "training stopped at step 2: 3 consecutive non-finite losses (last batch: p0" in err
+    assert ">" in err  # pair ids are "chosen>rejected"
