@@ -291,13 +291,6 @@ def train_reward_gradient(config: RewardGradientConfig) -> Path:
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + float(value) / accumulation
             average_gradients(run)
-            grad_norm = run.optimizer_step(finite, prompt_ids)
-            if grad_norm is not None:
-                totals["grad_norm"] = grad_norm
-            totals["step_seconds"] = time.perf_counter() - start
-            run.log(step, totals)
-            progress.update(1)
-            progress.set_postfix(loss=totals["loss"], reward=totals["reward_total"])
-            run.maybe_checkpoint(step)
+            run.end_step(step, totals, finite, prompt_ids, start, progress, {"loss": "loss", "reward": "reward_total"})
     return run.finish({"method": "reward_gradient", "prompts": str(config.prompts), "rewards": str(config.rewards),
                        "model": str(config.model)})

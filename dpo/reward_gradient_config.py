@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlhf.config import ConfigError, option
-from rlhf.options import DEFAULT_NEGATIVE_PROMPT, DeviceName, DTypeName, LoraOptions, TrainingOptions
+from rlhf.options import DeviceName, DTypeName, LoraOptions, SamplingOptions, TrainingOptions
 
 DecodeFrames = Literal["first", "k_evenly_spaced", "random_k"]
 
 
 @dataclass
-class RewardGradientConfig(TrainingOptions, LoraOptions):
+class RewardGradientConfig(TrainingOptions, LoraOptions, SamplingOptions):
     """`train` with `method: reward_gradient`: DRaFT-K / ReFL-style training on differentiable rewards.
 
     Samples from the policy, back-propagates the reward of decoded frames through the last `grad_steps`
@@ -30,16 +30,6 @@ class RewardGradientConfig(TrainingOptions, LoraOptions):
                                        "column, or a `datasets` folder.")
     rewards: str | None = option(None, "Rewards YAML (the `score` command's format: scorers with weights, device); "
                                        "only differentiable scorers with a non-zero weight give gradients.")
-    # Sampling (ContentV's reference defaults; every sample is drawn from the current policy).
-    frames: int = option(125, "Frames per video, of the form 4k + 1 (the Wan VAE's rule).")
-    height: int = option(432, "Frame height in pixels (a multiple of 16).")
-    width: int = option(768, "Frame width in pixels (a multiple of 16).")
-    steps: int = option(50, "Euler steps per sample.")
-    guidance: float = option(6.0, "Classifier-free guidance scale while sampling (1.0 disables guidance).")
-    negative_prompt: str = option(DEFAULT_NEGATIVE_PROMPT, "Negative prompt of the unconditional branch.")
-    max_sequence_length: int = option(256, "T5 tokens per prompt.")
-    batch_cfg: bool = option(True, "Run the conditional and unconditional branches in one batched forward "
-                                   "(faster; --no-batch-cfg halves activation memory).")
     # Reward gradients
     grad_steps: int = option(1, "K: the last K denoising steps run with gradients (DRaFT-K); the others "
                                 "without (1 <= K <= steps).")
@@ -67,21 +57,16 @@ class RewardGradientConfig(TrainingOptions, LoraOptions):
     def __post_init__(self) -> None:
         TrainingOptions.__post_init__(self)
         LoraOptions.__post_init__(self)
+        SamplingOptions.__post_init__(self)
         for name, what in (("model", "a ContentV checkpoint directory"), ("prompts", "a prompt file"),
                            ("rewards", "a rewards YAML file")):
             if not getattr(self, name):
                 raise ConfigError(name, f"is required: {what}")
-        if self.frames < 1 or (self.frames - 1) % 4:
+        # Training samples at exactly this length (no rounding): the decoded frame indices depend on it.
+        if (self.frames - 1) % 4:
             raise ConfigError("frames", f"must be of the form 4k + 1 (e.g. 121, 125), got {self.frames}")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value < 16 or value % 16:
-                raise ConfigError(name, f"must be a positive multiple of 16, got {value}")
-        for name in ("steps", "max_sequence_length", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.guidance < 0:
-            raise ConfigError("guidance", f"must be >= 0, got {self.guidance}")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
         if not 1 <= self.grad_steps <= self.steps:
             raise ConfigError("grad_steps", f"must be in 1..steps ({self.steps}), got {self.grad_steps}")
         if self.decode_frames == "first":

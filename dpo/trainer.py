@@ -113,12 +113,5 @@ def train_dpo(config: DPOConfig) -> Path:
                 finite &= bool(torch.isfinite(loss))
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + float(value) / config.gradient_accumulation_steps
-            grad_norm = run.optimizer_step(finite, pair_ids)
-            if grad_norm is not None:
-                totals["grad_norm"] = grad_norm
-            totals["step_seconds"] = time.perf_counter() - start
-            run.log(step, totals)
-            progress.update(1)
-            progress.set_postfix(loss=totals["loss"], acc=totals["implicit_accuracy"])
-            run.maybe_checkpoint(step)
+            run.end_step(step, totals, finite, pair_ids, start, progress, {"loss": "loss", "acc": "implicit_accuracy"})
     return run.finish({"method": "dpo", "pairs": str(pairs_dir), "store": str(store.root), "model": model_dir})

@@ -17,7 +17,7 @@ from typing import Any
 
 from rlhf.config import ConfigError, option
 from rlhf.errors import UserError
-from rlhf.options import ModelOptions, SamplingOptions
+from rlhf.options import ModelOptions, VideoOptions
 
 logger = logging.getLogger("contentv-rlhf")
 COMBINED = "combined"
@@ -25,7 +25,7 @@ BASE = "base"
 
 
 @dataclass
-class EvalConfig(ModelOptions, SamplingOptions):
+class EvalConfig(ModelOptions, VideoOptions):
     """`eval`: the model and sampling sections plus candidates, prompts, seeds and rewards."""
 
     adapters: list[str] = option([], "Candidate LoRA adapters to compare with the base model (one or more).")
@@ -43,7 +43,7 @@ class EvalConfig(ModelOptions, SamplingOptions):
         ModelOptions.__post_init__(self)
         if self.adapter:
             raise ConfigError("adapter", "is not used by eval; list the candidates under `adapters`")
-        SamplingOptions.__post_init__(self)
+        VideoOptions.__post_init__(self)
         for name in ("prompts", "rewards", "out"):
             if not getattr(self, name):
                 raise ConfigError(name, "is required")

@@ -74,7 +74,6 @@ class SamplingOptions:
         True, "Run the conditional and unconditional branches in one batched forward (faster; "
         "--no-batch-cfg halves activation memory)."
     )
-    fps: float = option(24.0, "Frame rate written to mp4 files.")
 
     def __post_init__(self) -> None:
         if self.frames < 1:
@@ -89,6 +88,16 @@ class SamplingOptions:
             raise ConfigError("guidance", f"must be >= 0, got {self.guidance}")
         if self.max_sequence_length < 1:
             raise ConfigError("max_sequence_length", f"must be >= 1, got {self.max_sequence_length}")
+
+
+@dataclass
+class VideoOptions(SamplingOptions):
+    """Sampling plus what the stages that write mp4 files need."""
+
+    fps: float = option(24.0, "Frame rate written to mp4 files.")
+
+    def __post_init__(self) -> None:
+        SamplingOptions.__post_init__(self)
         if self.fps <= 0:
             raise ConfigError("fps", f"must be > 0, got {self.fps}")
 

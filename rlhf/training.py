@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,21 @@ class TrainingRun:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def end_step(self, step: int, totals: dict[str, float], finite: bool, batch_ids: list[str], started: float,
+                 progress, shown: dict[str, str]) -> None:
+        """After the micro-batches' backward passes: optimiser step, metrics, progress, checkpoint.
+
+        `totals` are the step's metrics averaged over micro-batches; `shown` maps progress-bar labels to keys.
+        """
+        grad_norm = self.optimizer_step(finite, batch_ids)
+        if grad_norm is not None:
+            totals["grad_norm"] = grad_norm
+        totals["step_seconds"] = time.perf_counter() - started
+        self.log(step, totals)
+        progress.update(1)
+        progress.set_postfix(**{label: totals[key] for label, key in shown.items()})
+        self.maybe_checkpoint(step)
 
     # ---- logging -----------------------------------------------------------------------------
     def log(self, step: int, metrics: dict[str, float]) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlhf.config import ConfigError, option
-from rlhf.options import ModelOptions, SamplingOptions
+from rlhf.options import ModelOptions, VideoOptions
 
 
 @dataclass
-class RolloutConfig(ModelOptions, SamplingOptions):
+class RolloutConfig(ModelOptions, VideoOptions):
     """`rollout`: the model and sampling sections plus what to sample and where to store it."""
 
     prompts: str | None = option(None, "Prompt file: .txt (one per line), .jsonl/.csv with a 'prompt' column, "
@@ -26,7 +26,7 @@ class RolloutConfig(ModelOptions, SamplingOptions):
 
     def __post_init__(self) -> None:
         ModelOptions.__post_init__(self)
-        SamplingOptions.__post_init__(self)
+        VideoOptions.__post_init__(self)
         if not self.prompts:
             raise ConfigError("prompts", "is required: a prompt file or datasets folder")
         if not self.out:

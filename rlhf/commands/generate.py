@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
-from rlhf.options import ModelOptions, SamplingOptions
+from rlhf.options import ModelOptions, VideoOptions
 
 HELP = "Generate one video from a prompt and write it as an mp4."
 EXAMPLES = """\
@@ -20,7 +20,7 @@ EXAMPLES = """\
 
 
 @dataclass
-class GenerateConfig(ModelOptions, SamplingOptions):
+class GenerateConfig(ModelOptions, VideoOptions):
     """`generate`: the model and sampling sections plus the prompt, seed and output file."""
 
     prompt: str | None = option(None, "Text prompt to generate.")
@@ -29,7 +29,7 @@ class GenerateConfig(ModelOptions, SamplingOptions):
 
     def __post_init__(self) -> None:
         ModelOptions.__post_init__(self)
-        SamplingOptions.__post_init__(self)
+        VideoOptions.__post_init__(self)
         if not self.prompt or not self.prompt.strip():
             raise ConfigError("prompt", "is required (a non-empty text prompt)")
         if Path(self.out).suffix.lower() != ".mp4":
