@@ -256,12 +256,8 @@ def reward_gradient_step(run: TrainingRun, parts: FrozenParts, indices: list[int
 # ---- the loop ----------------------------------------------------------------------------------------------
 def train_reward_gradient(config: RewardGradientConfig) -> Path:
     """Train a LoRA adapter on differentiable rewards; returns the final adapter directory."""
-    from accelerate.utils import DistributedType
-
     run = TrainingRun(config, config, config.device, config)
     accelerator = run.accelerator
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise UserError(f"method reward_gradient supports one process or DDP, not {accelerator.distributed_type.value}")
     # Order matters: the text encoders are freed before the transformer is loaded (peak memory).
     parts = load_frozen_parts(config, run.device)
     run.prepare(run.load_policy(config.model, config.dtype))

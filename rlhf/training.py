@@ -79,6 +79,12 @@ class TrainingRun:
             log_with=None if options.report_to == "none" else options.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.logs_dir)),
         )
+        kind = self.accelerator.distributed_type.value
+        if kind in ("FSDP", "DEEPSPEED"):
+            # Checkpoints hold one process's optimizer state and the optimizer is built before wrapping:
+            # both are wrong for sharded optimizers, so refuse rather than train and resume incorrectly.
+            raise UserError(f"accelerate distributed type {kind} is not supported by the trainers yet; launch "
+                            "with DDP (configs/accelerate/multi_gpu.yaml)")
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         # The LoRA init (and dropout) draw from the global RNG: seed it so a run does not depend on what
