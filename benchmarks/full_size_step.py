@@ -201,20 +201,14 @@ def main() -> None:
     result = {"benchmark": "full_size_step", "device": str(device), "layers": args.layers,
               "heads": args.heads, "head_dim": args.head_dim, "lora_rank": args.lora_rank,
               "size": f"{args.height}x{args.width}", "dpo": None, "reward_gradient": None, "tried": []}
-    for frames in sorted(args.frames, reverse=True):
-        try:
-            result["dpo"] = dpo_step_at(model, frames, args, device, dtype)
-            break
-        except torch.OutOfMemoryError:
-            result["tried"].append({"frames": frames, "fits": False, "step": "dpo"})
-            devices.empty_cache(device)
-    for frames in sorted(args.frames, reverse=True):
-        try:
-            result["reward_gradient"] = reward_gradient_step_at(model, frames, args, device, dtype)
-            break
-        except torch.OutOfMemoryError:
-            result["tried"].append({"frames": frames, "fits": False, "step": "reward_gradient"})
-            devices.empty_cache(device)
+    for name, step_at in (("dpo", dpo_step_at), ("reward_gradient", reward_gradient_step_at)):
+        for frames in sorted(args.frames, reverse=True):  # the largest frame count that fits
+            try:
+                result[name] = step_at(model, frames, args, device, dtype)
+                break
+            except torch.OutOfMemoryError:
+                result["tried"].append({"frames": frames, "fits": False, "step": name})
+                devices.empty_cache(device)
     peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else None
     if peak_flops is None and device.type == "cuda":
         name = torch.cuda.get_device_name(device)

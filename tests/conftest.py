@@ -74,3 +74,17 @@ def tiny_pairs(tiny_store, tmp_path_factory):
     ]
     pairs, summary = build_pairs(rows, PairsConfig(min_margin=0.0))
     return save_pairs(pairs, summary, tmp_path_factory.mktemp("pairs") / "pairs", {"store": str(tiny_store.root)})
+
+
+def tiny_forward(model):
+    """The tiny transformer's output for fixed random inputs (to compare models and adapters)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return model(
+            hidden_states=torch.randn(1, 16, 2, 4, 4, generator=g),
+            encoder_hidden_states=torch.randn(1, 333, 32, generator=g),
+            pooled_projections=torch.randn(1, 24, generator=g),
+            timestep=torch.tensor([400.0]),
+        ).sample

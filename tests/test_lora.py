@@ -6,21 +6,11 @@ import torch
 from rlhf.errors import UserError
 from rlhf.lora import DIFFUSERS_WEIGHTS, PEFT_WEIGHTS, add_lora, load_adapter, save_adapter
 from rlhf.models.loader import load_contentv
+from tests.conftest import tiny_forward as forward
 
 
 def fresh_transformer(model_dir):
     return load_contentv(model_dir, dtype="fp32", load_vae=False, load_text_encoders=False).transformer
-
-
-def forward(model):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        return model(
-            hidden_states=torch.randn(1, 16, 2, 4, 4, generator=g),
-            encoder_hidden_states=torch.randn(1, 333, 32, generator=g),
-            pooled_projections=torch.randn(1, 24, generator=g),
-            timestep=torch.tensor([400.0]),
-        ).sample
 
 
 @pytest.fixture(scope="module")

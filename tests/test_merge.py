@@ -29,6 +29,7 @@ from rlhf.merge import merge_adapters, read_safetensors_header
 from rlhf.models.loader import load_contentv
 from rlhf.video import read_video, write_mp4
 from tests.conftest import call_cli
+from tests.conftest import tiny_forward as forward
 
 SHARD = Path("transformer") / "diffusion_pytorch_model.safetensors"
 # (rank, alpha) of the adapters built with `add_lora`; alpha != rank so a lost scale would show.
@@ -37,17 +38,6 @@ LORA_SHAPES = {"a": (4, 8.0), "b": (2, 3.0)}
 
 def fresh_transformer(model_dir, dtype="fp32"):
     return load_contentv(model_dir, dtype=dtype, load_vae=False, load_text_encoders=False).transformer
-
-
-def forward(model):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        return model(
-            hidden_states=torch.randn(1, 16, 2, 4, 4, generator=g),
-            encoder_hidden_states=torch.randn(1, 333, 32, generator=g),
-            pooled_projections=torch.randn(1, 24, generator=g),
-            timestep=torch.tensor([400.0]),
-        ).sample
 
 
 def make_adapter(model_dir: Path, out: Path, seed: int, config: LoraConfig | None = None, rank=4, alpha=8.0) -> Path:
