@@ -62,9 +62,6 @@ class RewardGradientConfig(TrainingOptions, LoraOptions, SamplingOptions):
                            ("rewards", "a rewards YAML file")):
             if not getattr(self, name):
                 raise ConfigError(name, f"is required: {what}")
-        # Training samples at exactly this length (no rounding): the decoded frame indices depend on it.
-        if (self.frames - 1) % 4:
-            raise ConfigError("frames", f"must be of the form 4k + 1 (e.g. 121, 125), got {self.frames}")
         if self.batch_size < 1:
             raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
         if not 1 <= self.grad_steps <= self.steps:

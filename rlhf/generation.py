@@ -18,7 +18,7 @@ from rlhf import devices
 from rlhf.lora import load_adapter
 from rlhf.models.loader import load_contentv
 from rlhf.options import ModelOptions, SamplingOptions
-from rlhf.sampling import PromptEmbeds, denoise, initial_noise, latent_shape, round_frames
+from rlhf.sampling import PromptEmbeds, denoise, initial_noise, latent_shape
 from rlhf.video import decode_latents
 
 logger = logging.getLogger(__name__)
@@ -82,12 +82,6 @@ class VideoGenerator:
             self.prompt_encoder.release()
             self.prompt_encoder = None
 
-    def resolve_frames(self, frames: int) -> int:
-        rounded = round_frames(frames)
-        if rounded != frames:
-            logger.warning("frames=%d is not of the form 4k + 1; generating %d frames", frames, rounded)
-        return rounded
-
     @torch.no_grad()
     def sample_latents(
         self,
@@ -98,8 +92,7 @@ class VideoGenerator:
         progress: bool = True,
     ) -> torch.Tensor:
         """Denoise one video per seed; `cond` has one row per seed (or one row for all). float32, on CPU."""
-        frames = self.resolve_frames(sampling.frames)
-        shape = latent_shape(frames, sampling.height, sampling.width, self.transformer.config.patch_size)
+        shape = latent_shape(sampling.frames, sampling.height, sampling.width, self.transformer.config.patch_size)
         noise = initial_noise(shape, seeds).to(self.device)  # (B, C, T, H, W)
         batch = len(seeds)
         cond = cond.to(self.device, self.dtype).expand(batch)

@@ -6,6 +6,7 @@ rollout, ...) inherit these sections; their fields map one to one onto YAML keys
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,6 +16,9 @@ DeviceName = Literal["auto", "cuda", "npu", "cpu"]
 DTypeName = Literal["bf16", "fp16", "fp32"]
 DEVICE_CHOICES: tuple[str, ...] = DeviceName.__args__
 DTYPE_CHOICES: tuple[str, ...] = DTypeName.__args__
+
+logger = logging.getLogger("contentv-rlhf")
+VAE_TEMPORAL_FACTOR = 4  # Wan VAE: 4x temporal compression, frames = 4k + 1
 
 # The eight MM-DiT attention projections present in every ContentV block.
 DEFAULT_LORA_TARGETS = (
@@ -26,6 +30,16 @@ DEFAULT_NEGATIVE_PROMPT = (
     "overexposed, low quality, deformation, a poor composition, bad hands, bad teeth, bad eyes, bad limbs, "
     "distortion"
 )
+
+
+def round_frames(frames: int) -> int:
+    """The frame count the Wan VAE produces for a request: `frames` if it is 4k + 1, else
+    `frames // 4 * 4 + 1` (ContentV's pipeline rule)."""
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    if frames % VAE_TEMPORAL_FACTOR == 1:
+        return frames
+    return frames // VAE_TEMPORAL_FACTOR * VAE_TEMPORAL_FACTOR + 1
 
 
 @dataclass
@@ -78,6 +92,10 @@ class SamplingOptions:
     def __post_init__(self) -> None:
         if self.frames < 1:
             raise ConfigError("frames", f"must be >= 1, got {self.frames}")
+        if round_frames(self.frames) != self.frames:  # rounded once, here, so every stage sees the same count
+            logger.warning("frames=%d is not of the form 4k + 1; using %d frames", self.frames,
+                           round_frames(self.frames))
+            self.frames = round_frames(self.frames)
         for name in ("height", "width"):
             value = getattr(self, name)
             if value < 16 or value % 16:

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from rlhf.errors import UserError
+from rlhf.options import VAE_TEMPORAL_FACTOR
 
-VAE_TEMPORAL_FACTOR = 4  # Wan VAE: 4x temporal compression, frames = 4k + 1
 VAE_SPATIAL_FACTOR = 8
 LATENT_CHANNELS = 16
 
@@ -92,16 +92,6 @@ def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: float, sigm
 def guided_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """Classifier-free guidance: v_uncond + g * (v_cond - v_uncond)."""
     return v_uncond + guidance_scale * (v_cond - v_uncond)
-
-
-def round_frames(frames: int) -> int:
-    """The frame count the Wan VAE produces for a request: `frames` if it is 4k + 1, else
-    `frames // 4 * 4 + 1` (ContentV's pipeline rule)."""
-    if frames < 1:
-        raise ValueError(f"frames must be >= 1, got {frames}")
-    if frames % VAE_TEMPORAL_FACTOR == 1:
-        return frames
-    return frames // VAE_TEMPORAL_FACTOR * VAE_TEMPORAL_FACTOR + 1
 
 
 def latent_shape(frames: int, height: int, width: int, patch_size: int = 2) -> tuple[int, int, int, int]:

@@ -131,11 +131,9 @@ def run_rollout(config: RolloutConfig) -> Path:
         logger.warning(prompt_list.report())
     prompts = dict(zip(prompt_list.ids, prompt_list.prompts, strict=True))
 
-    from rlhf.sampling import latent_shape, round_frames
+    from rlhf.sampling import latent_shape
 
-    frames = round_frames(config.frames)
-    if frames != config.frames and processes.is_main:
-        logger.warning("frames=%d is not of the form 4k + 1; sampling %d frames", config.frames, frames)
+    frames = config.frames  # already 4k + 1 (SamplingOptions rounds it)
     shape = latent_shape(frames, config.height, config.width)
     settings = store_settings(config, frames, device.type)
     store = RolloutStore(config.out)
@@ -163,8 +161,8 @@ def run_rollout(config: RolloutConfig) -> Path:
     total = sum(len(u.indices) for u in units)
     done = total - sum(len(u.indices) for u in pending)
     if processes.is_main:
-        logger.info("rollout: %d prompts x %d samples -> %s (%d already done, %d process(es))", len(prompts),
-                    config.samples_per_prompt, store.root, done * processes.world_size, processes.world_size)
+        logger.info("rollout: %d prompts x %d samples -> %s (%d process(es); this one: %d of %d done)",
+                    len(prompts), config.samples_per_prompt, store.root, processes.world_size, done, total)
 
     if pending:
         _sample_units(config, store, pending, prompts, frames, Progress(

@@ -234,7 +234,9 @@ def test_shipped_config_and_validation():
     assert config.method == "reward_gradient" and config.grad_steps == 1 and config.decode_frames == "first"
     assert help_problems(RewardGradientConfig) == []
     base = {"model": "m", "prompts": "p", "rewards": "r", "output_dir": "o"}
-    for bad, field in (({"frames": 8}, "frames"), ({"num_decode_frames": 2}, "num_decode_frames"),
+    # Like every stage, a frame count that is not 4k + 1 is rounded by ContentV's rule (with a warning).
+    assert config_from_dict(RewardGradientConfig, {**base, "frames": 8}).frames == 9
+    for bad, field in (({"frames": 0}, "frames"), ({"num_decode_frames": 2}, "num_decode_frames"),
                        ({"decode_frames": "random_k"}, "num_decode_frames"), ({"fm_weight": -1}, "fm_weight"),
                        ({"rewards": None}, "rewards")):
         with pytest.raises(UserError, match=f"field '{field}'"):

@@ -6,6 +6,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from rlhf.errors import UserError
 from rlhf.models.transformer import SD3Transformer3DModel
+from rlhf.options import round_frames
 from rlhf.sampling import (
     FlowSchedule,
     PromptEmbeds,
@@ -14,7 +15,6 @@ from rlhf.sampling import (
     initial_noise,
     latent_shape,
     predict_velocity,
-    round_frames,
 )
 
 TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, joint_attention_dim=32, pooled_projection_dim=24)
