@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from rewards.base import ModelCache, Scorer, one_line, require_file, sample_frames
+from rewards.base import ModelCache, Scorer, require_file, sample_frames
 from rewards.clip import DEFAULT_ARCH, shared_clip, validate_clip_source
 from rlhf.config import ConfigError, option
-from rlhf.errors import UserError
+from rlhf.errors import UserError, one_line
 
 HEAD_SOURCES = (
     "download sac+logos+ava1-l14-linearMSE.pth from https://github.com/christophschuhmann/"

@@ -125,9 +125,3 @@ def require_file(path: str | Path | None, option: str, what: str, get_it: str) -
     if path is None or not Path(path).expanduser().is_file():
         raise UserError(f"{option}: {what} not found at {path}; {get_it}")
     return Path(path).expanduser()
-
-
-def one_line(err: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line, shortened to `limit` characters, for UserErrors."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rewards.base import one_line, require_file
-from rlhf.errors import UserError
+from rewards.base import require_file
+from rlhf.errors import UserError, one_line
 
 LOCAL_DIR = "local-dir:"
 OPENAI_VIT_L14 = (

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rewards.analytic import luma
-from rewards.base import one_line, require_file
-from rlhf.errors import UserError
+from rewards.base import require_file
+from rlhf.errors import UserError, one_line
 
 # torchvision's published RAFT weights (a user downloads one and passes its path).
 RAFT_WEIGHT_URLS = {

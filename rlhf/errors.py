@@ -7,3 +7,9 @@ keeps its traceback. Raise it with the offending path or field in the message an
 
 class UserError(Exception):
     """Bad input (a path, a config field, a file's content) described in one line for the user."""
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, shortened to `limit` characters, to quote inside a UserError."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from rlhf.errors import UserError
+from rlhf.errors import UserError, one_line
 from rlhf.options import DEFAULT_LORA_TARGETS
 
 PEFT_CONFIG = "adapter_config.json"
@@ -116,7 +116,6 @@ def load_adapter(
             raise UserError(f"{adapter_dir}: no LoRA adapter found (expected {PEFT_CONFIG} + {PEFT_WEIGHTS}, "
                             f"or {DIFFUSERS_WEIGHTS})")
     except (ValueError, RuntimeError, OSError, KeyError, SafetensorError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{adapter_dir}: adapter could not be loaded ({first_line})") from None
+        raise UserError(f"{adapter_dir}: adapter could not be loaded ({one_line(err)})") from None
     if scale != 1.0:
         transformer.set_adapters([adapter_name], weights=[scale])

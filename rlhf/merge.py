@@ -50,7 +50,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from rlhf.errors import UserError
+from rlhf.errors import UserError, one_line
 from rlhf.lora import DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
 from rlhf.models.loader import check_model_dir
 from rlhf.progress import Progress
@@ -141,15 +141,6 @@ def _mb(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Adapters
-
-
 def read_adapter(adapter_dir: str | Path) -> LoraAdapter:
     """Read a LoRA adapter: peft format (`adapter_config.json` + `adapter_model.safetensors`) preferred,
     else diffusers' `pytorch_lora_weights.safetensors` with its embedded adapter metadata.
@@ -166,7 +157,7 @@ def read_adapter(adapter_dir: str | Path) -> LoraAdapter:
         try:
             config = json.loads(config_path.read_text())
         except (OSError, ValueError) as err:
-            raise UserError(f"{config_path}: not readable JSON ({_first_line(err)})") from None
+            raise UserError(f"{config_path}: not readable JSON ({one_line(err)})") from None
         tensors = {key.removeprefix(PEFT_MODEL_PREFIX): value for key, value in _load_tensors(weights_path).items()}
         config_source = config_path
     elif (adapter_dir / DIFFUSERS_WEIGHTS).is_file():
@@ -183,7 +174,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+        raise UserError(f"{path}: not a readable safetensors file ({one_line(err)})") from None
 
 
 def _read_diffusers_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -191,7 +182,7 @@ def _read_diffusers_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         with safe_open(path, framework="pt") as reader:
             metadata = reader.metadata() or {}
     except (SafetensorError, OSError) as err:
-        raise UserError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+        raise UserError(f"{path}: not a readable safetensors file ({one_line(err)})") from None
     if not metadata.get(DIFFUSERS_METADATA_KEY):
         # Without it lora_alpha is unknown, and guessing alpha = r silently changes the update's scale.
         raise UserError(f"{path}: no `{DIFFUSERS_METADATA_KEY}` in the file's metadata, so lora_alpha is "
@@ -199,7 +190,7 @@ def _read_diffusers_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         config = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in json.loads(metadata[DIFFUSERS_METADATA_KEY]).items()}
     except (ValueError, AttributeError) as err:
-        raise UserError(f"{path}: `{DIFFUSERS_METADATA_KEY}` is not a JSON object ({_first_line(err)})") from None
+        raise UserError(f"{path}: `{DIFFUSERS_METADATA_KEY}` is not a JSON object ({one_line(err)})") from None
     tensors = _load_tensors(path)
     others = [key for key in tensors if not key.startswith(DIFFUSERS_PREFIX)]
     if others:
@@ -307,7 +298,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             (length,) = struct.unpack("<Q", file.read(8))
             header = json.loads(file.read(length))
     except (SafetensorError, OSError, ValueError, struct.error) as err:
-        raise UserError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+        raise UserError(f"{path}: not a readable safetensors file ({one_line(err)})") from None
     header.pop("__metadata__", None)
     start = 8 + length
     return {
@@ -512,7 +503,7 @@ def merge_adapters(
             _write_checkpoint(model_dir, staging, shards, index, updates, summary)
             _move_into_place(staging, out)
         except OSError as err:  # disk full, permissions: the user's environment, not a bug
-            raise UserError(f"{out}: writing the merged checkpoint failed ({_first_line(err)})") from None
+            raise UserError(f"{out}: writing the merged checkpoint failed ({one_line(err)})") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

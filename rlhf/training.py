@@ -31,7 +31,7 @@ import torch
 
 from rlhf import devices, io
 from rlhf.config import save_config
-from rlhf.errors import UserError
+from rlhf.errors import UserError, one_line
 from rlhf.lora import add_lora, lora_state_dict, save_adapter
 from rlhf.options import LoraOptions, TrainingOptions
 
@@ -329,8 +329,7 @@ class TrainingRun:
             self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
             rng = torch.load(path / f"rng_rank{rank}.pt", weights_only=False)
         except Exception as err:  # torch/safetensors/json raise many types for a damaged file
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"{path}: corrupt checkpoint ({first})") from None
+            raise UserError(f"{path}: corrupt checkpoint ({one_line(err)})") from None
         if state.get("num_processes") != self.accelerator.num_processes:
             logger.warning("resuming a %s-process checkpoint with %d processes: data order changes",
                            state.get("num_processes"), self.accelerator.num_processes)

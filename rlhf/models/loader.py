@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 
 from rlhf import devices
-from rlhf.errors import UserError
+from rlhf.errors import UserError, one_line
 from rlhf.sampling import FlowSchedule
 from rlhf.text_encoding import PromptEncoder
 
@@ -105,8 +105,7 @@ def _load(what: str, loader, *args, **kwargs):
     try:
         return loader(*args, local_files_only=True, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{what}: could not be loaded ({first_line})") from None
+        raise UserError(f"{what}: could not be loaded ({one_line(err)})") from None
 
 
 def load_contentv(
