@@ -34,9 +34,8 @@ import torch
 from dpo.losses import flow_matching_error, sample_sigmas
 from dpo.reward_gradient_config import RewardGradientConfig
 from rewards.build import WeightedScorer, build_scorers, weighted_reward
-from rewards.config import RewardsConfig
+from rewards.config import load_rewards_config
 from rlhf import devices
-from rlhf.config import config_from_dict, load_yaml
 from rlhf.errors import UserError
 from rlhf.progress import Progress
 from rlhf.prompts import load_prompts, prompt_id
@@ -67,13 +66,6 @@ class FrozenParts:
     prompts: list[str]
     text: PromptEmbeds  # (N, L, D), (N, P) on the CPU: one row per prompt
     negative: PromptEmbeds | None  # (1, L, D), (1, P) on the CPU; None without guidance
-
-
-def load_rewards_config(path: str | Path) -> RewardsConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"rewards: {path}: rewards config not found")
-    return config_from_dict(RewardsConfig, load_yaml(path), source=str(path))
 
 
 def load_frozen_parts(config: RewardGradientConfig, device: torch.device) -> FrozenParts:

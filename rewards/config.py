@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from rewards.registry import SCORERS, scorer_class
-from rlhf.config import ConfigError, config_from_dict, option
+from rlhf.config import ConfigError, config_from_dict, load_yaml, option
 from rlhf.errors import UserError
 from rlhf.options import DeviceName
 
@@ -91,3 +92,11 @@ def _weight(value: Any, source: str) -> float:
     if not math.isfinite(weight):
         raise UserError(f"{source}: weight expects a finite number, got {value!r}")
     return weight
+
+
+def load_rewards_config(path: str | Path, field: str = "rewards") -> RewardsConfig:
+    """A rewards YAML file (the `score` command's format), strictly checked; `field` names the option."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{field}: {path}: rewards config not found")
+    return config_from_dict(RewardsConfig, load_yaml(path), source=str(path))

@@ -55,17 +55,11 @@ class EvalConfig(ModelOptions, VideoOptions):
             raise ConfigError("save_videos", f"must be >= 0, got {self.save_videos}")
 
 
-def _load_rewards(path: str | None, source: str) -> tuple[dict, Any]:
+def _build_rewards(path: str | None, field: str) -> dict:
     from rewards.build import build_scorers
-    from rewards.config import RewardsConfig
-    from rlhf.config import config_from_dict, load_yaml
+    from rewards.config import load_rewards_config
 
-    if path is None:
-        return {}, None
-    config = config_from_dict(RewardsConfig, load_yaml(path), source=path)
-    scorers = build_scorers(config)
-    logger.debug("%s: %s", source, ", ".join(scorers))
-    return scorers, config
+    return build_scorers(load_rewards_config(path, field)) if path else {}
 
 
 def run_eval(config: EvalConfig) -> dict[str, Any]:
@@ -83,8 +77,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     prompts = load_prompts(config.prompts)
     if prompts.report():
         logger.warning(prompts.report())
-    trained, _ = _load_rewards(config.rewards, "rewards")
-    held_out, _ = _load_rewards(config.held_out_rewards, "held_out_rewards")
+    trained = _build_rewards(config.rewards, "rewards")
+    held_out = _build_rewards(config.held_out_rewards, "held_out_rewards")
     overlap = sorted(set(trained) & set(held_out))
     if overlap:
         raise UserError(f"{config.held_out_rewards}: scorer name(s) {overlap} also appear in the trained rewards "
