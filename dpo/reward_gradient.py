@@ -249,6 +249,11 @@ def reward_gradient_step(run: TrainingRun, parts: FrozenParts, indices: list[int
 def train_reward_gradient(config: RewardGradientConfig) -> Path:
     """Train a LoRA adapter on differentiable rewards; returns the final adapter directory."""
     run = TrainingRun(config, config, config.device, config)
+    if run.layout != "replicated":
+        # Several forwards per backward with gradients averaged by hand (see average_gradients): that
+        # assumes full parameters on every rank, which FSDP and DeepSpeed do not keep.
+        raise UserError(f"reward_gradient: {run.layout} launches are not supported; launch single-process "
+                        "or with DDP (configs/accelerate/multi_gpu.yaml)")
     accelerator = run.accelerator
     # Order matters: the text encoders are freed before the transformer is loaded (peak memory).
     parts = load_frozen_parts(config, run.device)

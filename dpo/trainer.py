@@ -1,6 +1,6 @@
 """Flow-DPO trainer: LoRA on the ContentV transformer from preference pairs of a rollout store.
 
-Supports: accelerate (single process, DDP on CUDA/NPU, gloo on CPU), bf16 autocast, gradient checkpointing,
+Supports: accelerate (single process, DDP on CUDA/NPU, gloo on CPU, FSDP2, DeepSpeed ZeRO-2), bf16 autocast, gradient checkpointing,
 gradient accumulation, grad-norm clipping, warmup + constant/linear/cosine schedules, AdamW (8-bit with
 bitsandbytes), sigmoid/hinge/IPO losses, SFT regulariser, margin-weighted pairs, non-finite step skipping,
 atomic checkpoints with exact resume, metrics.jsonl + tensorboard/wandb.
@@ -12,7 +12,6 @@ its adapter disabled (no second copy of the weights).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -91,9 +90,9 @@ def train_dpo(config: DPOConfig) -> Path:
     accelerator = run.accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
     if run.is_main:
-        logger.info("Flow-DPO: %d pairs from %s, %d steps x %d micro-batch(es) x %d pair(s) x %d process(es)",
+        logger.info("Flow-DPO: %d pairs from %s, %d steps x %d micro-batch(es) x %d pair(s) x %d process(es), %s",
                     len(data), store.root, config.max_steps, config.gradient_accumulation_steps,
-                    config.batch_size, world)
+                    config.batch_size, world, run.layout)
 
     progress = Progress(total=config.max_steps, initial=run.step, desc="train dpo", unit="step",
                         enabled=run.is_main)
@@ -107,9 +106,9 @@ def train_dpo(config: DPOConfig) -> Path:
                 batch = data.batch(data.indices(index, config.batch_size, rank, world, config.seed))
                 pair_ids += batch.pair_ids
                 last = micro == config.gradient_accumulation_steps - 1
-                with accelerator.autocast(), (accelerator.no_sync(run.policy) if not last else contextlib.nullcontext()):
+                with accelerator.autocast(), run.accumulation(last):
                     loss, metrics = dpo_step(run, batch, config, schedule, step_generator(config.seed, index, rank))
-                    accelerator.backward(loss / config.gradient_accumulation_steps)
+                    run.backward(loss)
                 finite &= bool(torch.isfinite(loss))
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + float(value) / config.gradient_accumulation_steps

@@ -18,6 +18,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's rank as set by the launcher (0 when run directly)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 @dataclass
 class Processes:
     """This process's place in the group; `barrier()` is a no-op for a single process."""

@@ -61,8 +61,28 @@ def lora_state_dict(transformer: torch.nn.Module, adapter_name: str = "default")
     return get_peft_model_state_dict(transformer, adapter_name=adapter_name)
 
 
-def save_adapter(transformer: torch.nn.Module, out_dir: str | Path, adapter_name: str = "default") -> Path:
-    """Write the adapter in peft and diffusers formats into `out_dir`, atomically (tmp dir + rename)."""
+def peft_keys(module_state: dict[str, torch.Tensor], adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The LoRA weights of `adapter_name` from a module state dict, under peft's keys (adapter name removed)."""
+    marker = f".{adapter_name}."
+    return {k.replace(marker, "."): v for k, v in module_state.items() if "lora_" in k and marker in k}
+
+
+def module_keys(peft_state: dict[str, torch.Tensor], adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The inverse of `peft_keys`: peft's keys -> the module's parameter names for `adapter_name`."""
+    renamed = {}
+    for key, value in peft_state.items():
+        head, sep, leaf = key.rpartition(".")
+        renamed[f"{head}.{adapter_name}{sep}{leaf}"] = value
+    return renamed
+
+
+def save_adapter(transformer: torch.nn.Module, out_dir: str | Path, adapter_name: str = "default",
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter in peft and diffusers formats into `out_dir`, atomically (tmp dir + rename).
+
+    `state` (peft keys) replaces the weights read from `transformer`: sharded trainers pass the gathered
+    full weights, because their modules hold only a shard (the adapter's config is read from the module).
+    """
     from diffusers import StableDiffusion3Pipeline
     from safetensors.torch import save_file
 
@@ -70,7 +90,9 @@ def save_adapter(transformer: torch.nn.Module, out_dir: str | Path, adapter_name
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(transformer, adapter_name).items()}
+    if state is None:
+        state = lora_state_dict(transformer, adapter_name)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     config = transformer.peft_config[adapter_name]
     config.save_pretrained(tmp)
     save_file(state, tmp / PEFT_WEIGHTS)

@@ -12,6 +12,10 @@ A trainer (dpo/trainer.py, ...) owns only its data and its step; everything arou
 
 Randomness is stateless per step (`step_generator`), so resuming at step N reproduces the data order,
 noise and sigmas of an uninterrupted run; the torch RNG state (dropout) is checkpointed per rank.
+
+Parallel layouts (rlhf/sharding.py): single process and DDP; FSDP2 and DeepSpeed ZeRO-2 through
+`accelerate launch --config_file configs/accelerate/{fsdp,zero2}.yaml`. Trainers stay layout-agnostic by
+going through `accumulation(last)`, `backward(loss)` and `optimizer_step(...)`.
 """
 
 from __future__ import annotations
@@ -29,14 +33,16 @@ from typing import Any
 
 import torch
 
-from rlhf import devices, io
+from rlhf import devices, io, sharding
 from rlhf.config import save_config
 from rlhf.errors import UserError, one_line
-from rlhf.lora import add_lora, lora_state_dict, save_adapter
+from rlhf.lora import add_lora, lora_state_dict, module_keys, peft_keys, save_adapter
 from rlhf.options import LoraOptions, TrainingOptions
 
 logger = logging.getLogger("contentv-rlhf")
 CHECKPOINT_PREFIX = "step-"
+OPTIMIZER_FILE = "optimizer.pt"  # full optimiser state keyed by parameter name (single, DDP, FSDP)
+DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own partitioned checkpoint (ZeRO)
 
 
 class TrainingDiverged(UserError):
@@ -79,12 +85,11 @@ class TrainingRun:
             log_with=None if options.report_to == "none" else options.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.logs_dir)),
         )
-        kind = self.accelerator.distributed_type.value
-        if kind in ("FSDP", "DEEPSPEED"):
-            # Checkpoints hold one process's optimizer state and the optimizer is built before wrapping:
-            # both are wrong for sharded optimizers, so refuse rather than train and resume incorrectly.
-            raise UserError(f"accelerate distributed type {kind} is not supported by the trainers yet; launch "
-                            "with DDP (configs/accelerate/multi_gpu.yaml)")
+        self.layout = sharding.layout_of(self.accelerator)
+        if self.layout == "deepspeed" and self.accelerator.mixed_precision == "no":
+            # DeepSpeed skips a step on inf/NaN gradients only in bf16/fp16 (in fp32 it would apply it).
+            raise UserError("DeepSpeed launches need mixed_precision: bf16 (or fp16) in the training config, "
+                            "so that non-finite steps are skipped")
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         # The LoRA init (and dropout) draw from the global RNG: seed it so a run does not depend on what
@@ -165,7 +170,9 @@ class TrainingRun:
                 model.enable_adapters()
 
     def prepare(self, policy: torch.nn.Module) -> torch.nn.Module:
-        """Build the optimiser and schedule, wrap for (D)DP, and resume if asked. Returns the wrapped policy."""
+        """Build the optimiser and schedule, wrap for DDP/FSDP/DeepSpeed, and resume if asked.
+
+        Returns the wrapped policy."""
         params = [p for p in policy.parameters() if p.requires_grad]
         o = self.options
         if o.use_8bit_adam:
@@ -180,8 +187,11 @@ class TrainingRun:
                                   weight_decay=o.weight_decay, eps=o.adam_epsilon)
         # The scheduler is stepped by us once per optimiser step (accelerate would step it per process).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))
+        if self.layout == "deepspeed":
+            self._configure_deepspeed()
         self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
-        self.params = params
+        # FSDP2 replaces the parameters by sharded ones: collect them again from the wrapped model.
+        self.params = [p for p in self.unwrapped.parameters() if p.requires_grad]
         if o.resume_from:
             self._resume(o.resume_from)
         # Only now, with every input checked, does the run directory get written to.
@@ -190,6 +200,17 @@ class TrainingRun:
         if o.report_to != "none":
             self.accelerator.init_trackers("contentv-rlhf")
         return self.policy
+
+    def _configure_deepspeed(self) -> None:
+        """The DeepSpeed engine owns accumulation and clipping: give it this run's values."""
+        o, plugin = self.options, self.accelerator.state.deepspeed_plugin
+        config = plugin.deepspeed_config
+        micro = getattr(self.config, "batch_size", 1)
+        config["train_micro_batch_size_per_gpu"] = micro
+        config["gradient_accumulation_steps"] = o.gradient_accumulation_steps
+        config["train_batch_size"] = micro * o.gradient_accumulation_steps * self.accelerator.num_processes
+        config["gradient_clipping"] = o.max_grad_norm
+        config.setdefault("steps_per_print", 2**62)
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -201,13 +222,51 @@ class TrainingRun:
             self.step = step
             yield step
 
+    @contextlib.contextmanager
+    def accumulation(self, last: bool) -> Iterator[None]:
+        """Around a micro-batch's forward and backward: no gradient sync across processes unless `last`."""
+        if self.layout == "deepspeed":
+            # accelerate tells the engine whether this backward ends the accumulation (and steps).
+            self.accelerator.sync_gradients = last
+            try:
+                yield
+            finally:
+                self.accelerator.sync_gradients = True
+        elif last:
+            yield
+        else:
+            with self.accelerator.no_sync(self.policy):
+                yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss, scaled for gradient accumulation."""
+        if self.layout == "deepspeed":
+            # The engine divides by its gradient_accumulation_steps and steps the optimiser at the boundary.
+            self.accelerator.backward(loss)
+        else:
+            self.accelerator.backward(loss / self.options.gradient_accumulation_steps)
+
     def optimizer_step(self, loss_is_finite: bool, batch_ids: list[str]) -> float | None:
         """Clip, step and schedule, unless any process saw a non-finite loss or gradient; returns the grad norm."""
+        if self.layout == "deepspeed":
+            # The engine has stepped already (in the last backward) or skipped a non-finite step itself.
+            applied = not self.optimizer.step_was_skipped
+            return self._after_step(applied, batch_ids, self.policy.get_global_grad_norm())
         finite = torch.tensor(float(loss_is_finite), device=self.device)
-        grads_finite = all(torch.isfinite(p.grad).all() for p in self.params if p.grad is not None)
+        grads_finite = all(torch.isfinite(sharding.local(p.grad)).all() for p in self.params if p.grad is not None)
         finite = self.accelerator.reduce(finite * float(grads_finite), reduction="sum")
         if finite.item() < self.accelerator.num_processes:
             self.optimizer.zero_grad(set_to_none=True)
+            return self._after_step(False, batch_ids)
+        grad_norm = None
+        if self.options.max_grad_norm > 0:
+            grad_norm = self.accelerator.clip_grad_norm_(self.params, self.options.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._after_step(True, batch_ids, grad_norm)
+
+    def _after_step(self, applied: bool, batch_ids: list[str], grad_norm: Any = None) -> float | None:
+        if not applied:
             self.skipped_steps += 1
             self.nonfinite_in_row += 1
             logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step,
@@ -219,13 +278,10 @@ class TrainingRun:
                 )
             return None
         self.nonfinite_in_row = 0
-        grad_norm = None
-        if self.options.max_grad_norm > 0:
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.params, self.options.max_grad_norm))
-        self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        if grad_norm is None:
+            return None
+        return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
 
     def end_step(self, step: int, totals: dict[str, float], finite: bool, batch_ids: list[str], started: float,
                  progress, shown: dict[str, str]) -> None:
@@ -268,6 +324,10 @@ class TrainingRun:
         if self.options.save_every and done % self.options.save_every == 0 and done < self.options.max_steps:
             self.save_checkpoint(done)
 
+    def adapter_weights(self) -> dict[str, torch.Tensor]:
+        """The trained adapter's full fp32 weights under peft's keys (collective; complete on rank 0)."""
+        return peft_keys(sharding.gather_trainable(self.unwrapped, self.layout))
+
     def save_checkpoint(self, done: int) -> Path:
         """Adapter, optimiser, scheduler, per-rank RNG and counters, written atomically (tmp dir + rename)."""
         final = self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{done:07d}"
@@ -279,13 +339,21 @@ class TrainingRun:
         accelerator.wait_for_everyone()
         torch.save({"cpu": torch.get_rng_state(), "accelerator": devices.rng_state(self.device)},
                    tmp / f"rng_rank{accelerator.process_index}.pt")
+        weights = self.adapter_weights()
+        if self.layout == "deepspeed":
+            # Each rank writes its optimiser partition; the frozen base is not saved.
+            self.policy.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag="state", exclude_frozen_parameters=True)
+            optimizer_state = None
+        else:
+            optimizer_state = sharding.gather_optimizer(self.unwrapped, self.optimizer.optimizer)
         if self.is_main:
-            save_adapter(self.unwrapped, tmp / "adapter")
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            save_adapter(self.unwrapped, tmp / "adapter", state=weights)
+            if optimizer_state is not None:
+                torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             io.write_json(tmp / "trainer_state.json", {
                 "step": done, "nonfinite_in_row": self.nonfinite_in_row, "skipped_steps": self.skipped_steps,
-                "num_processes": accelerator.num_processes,
+                "num_processes": accelerator.num_processes, "layout": self.layout,
             })
         accelerator.wait_for_everyone()
         if self.is_main:
@@ -309,44 +377,61 @@ class TrainingRun:
         return path
 
     def _resume(self, spec: str) -> None:
-        from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         path = self._find_checkpoint(spec)
-        rank = self.accelerator.process_index
-        required = ("trainer_state.json", "adapter/adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
+        rank, processes = self.accelerator.process_index, self.accelerator.num_processes
+        optimizer_file = DEEPSPEED_DIR if self.layout == "deepspeed" else OPTIMIZER_FILE
+        required = ("trainer_state.json", "adapter/adapter_model.safetensors", optimizer_file, "scheduler.pt",
                     f"rng_rank{rank}.pt")
-        missing = [name for name in required if not (path / name).is_file()]
+        missing = [name for name in required if not (path / name).exists()]
         if missing:
-            raise UserError(f"{path}: incomplete checkpoint ({', '.join(missing)} missing)")
+            saved = (path / DEEPSPEED_DIR).is_dir() != (self.layout == "deepspeed")
+            hint = " (DeepSpeed checkpoints resume only under DeepSpeed, and others not under it)" if saved else ""
+            raise UserError(f"{path}: incomplete checkpoint ({', '.join(missing)} missing){hint}")
+        state = {}
         try:
             state = json.loads((path / "trainer_state.json").read_text())
-            weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
-            result = set_peft_model_state_dict(self.unwrapped, weights)
-            if result.unexpected_keys or len(weights) != len(lora_state_dict(self.unwrapped)):
+            if self.layout == "deepspeed" and state.get("num_processes") != processes:
+                raise UserError(f"{path}: a DeepSpeed checkpoint of {state.get('num_processes')} processes "
+                                f"cannot resume with {processes} (its optimiser state is partitioned)")
+            weights = module_keys(load_file(str(path / "adapter" / "adapter_model.safetensors")))
+            trainable = {name for name, p in self.unwrapped.named_parameters() if p.requires_grad}
+            if set(weights) != trainable:
                 raise ValueError("adapter weights do not match this run's LoRA configuration")
-            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+            if self.layout == "deepspeed":
+                loaded, _ = self.policy.load_checkpoint(str(path / DEEPSPEED_DIR), tag="state",
+                                                        load_module_strict=False, load_lr_scheduler_states=False)
+                if loaded is None:
+                    raise ValueError("DeepSpeed found no state in it")
+            else:
+                optimizer_state = torch.load(path / OPTIMIZER_FILE, weights_only=True)
+                sharding.load_trainable(self.unwrapped, weights, self.optimizer.optimizer, optimizer_state)
             self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
             rng = torch.load(path / f"rng_rank{rank}.pt", weights_only=False)
+        except UserError:
+            raise
         except Exception as err:  # torch/safetensors/json raise many types for a damaged file
             raise UserError(f"{path}: corrupt checkpoint ({one_line(err)})") from None
-        if state.get("num_processes") != self.accelerator.num_processes:
+        if state.get("num_processes") != processes:
             logger.warning("resuming a %s-process checkpoint with %d processes: data order changes",
-                           state.get("num_processes"), self.accelerator.num_processes)
+                           state.get("num_processes"), processes)
         torch.set_rng_state(rng["cpu"])
         devices.set_rng_state(self.device, rng["accelerator"])
         self.step = int(state["step"])
         self.nonfinite_in_row = int(state["nonfinite_in_row"])
         self.skipped_steps = int(state["skipped_steps"])
-        logger.info("resumed from %s at step %d", path, self.step)
+        if self.is_main:
+            logger.info("resumed from %s at step %d", path, self.step)
 
     # ---- the end -----------------------------------------------------------------------------
     def finish(self, summary: dict[str, Any]) -> Path:
         """Save the final adapter (peft + diffusers formats), the config and summary.json."""
         self.accelerator.wait_for_everyone()
         adapter_dir = self.output_dir / "adapter"
+        weights = self.adapter_weights()
         if self.is_main:
-            save_adapter(self.unwrapped, adapter_dir)
+            save_adapter(self.unwrapped, adapter_dir, state=weights)
             save_config(self.config, adapter_dir / "training_config.yaml")
             last = self.history[-10:]
             keys = sorted({k for record in last for k in record} - {"step"})
@@ -356,5 +441,7 @@ class TrainingRun:
                 "last_10_steps_mean": averaged, "adapter": str(adapter_dir),
             })
             io.write_json(adapter_dir / "summary.json", summary)
+        # No rank tears the process group down while another still works in it (gloo aborts on that).
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return adapter_dir

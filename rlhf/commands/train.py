@@ -15,6 +15,7 @@ import typing
 from typing import Literal
 
 from rlhf.config import add_config_arguments, config_from_args, load_yaml, option
+from rlhf.distributed import launched_rank
 from rlhf.errors import UserError
 
 HELP = ("Train a LoRA adapter on the transformer: method dpo (Flow-DPO from a pairs dataset) or reward_gradient "
@@ -109,5 +110,6 @@ def run(args: argparse.Namespace) -> int:
         from dpo.trainer import train_dpo
 
         adapter = train_dpo(config)
-    print(f"adapter written to {adapter}")
+    if launched_rank() == 0:
+        print(f"adapter written to {adapter}")
     return 0

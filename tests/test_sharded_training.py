@@ -1,0 +1,145 @@
+"""Flow-DPO under the shipped FSDP2 and DeepSpeed ZeRO-2 accelerate configs, 2 processes on the CPU.
+
+accelerate cannot launch FSDP or DeepSpeed on a CPU by itself; tests/sharded_cpu_launch.py lets it (see
+there). The references are plain 2-process DDP runs of the same trainer on the same pairs.
+"""
+
+import json
+import math
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rlhf.lora import module_keys
+from tests.conftest import REPO, call_cli
+
+pytest.importorskip("deepspeed", reason="DeepSpeed is part of the [test] extra")
+
+COMMON = ["--dtype", "fp32", "--lora-rank", "4", "--lora-alpha", "8", "--report-to", "none",
+          "--no-gradient-checkpointing", "--learning-rate", "1e-3", "--gradient-accumulation-steps", "2",
+          "--max-steps", "4", "--save-every", "2", "--device", "cpu"]
+
+
+def accelerate_config(tmp_path, name: str, mixed_precision: str):
+    """The shipped configs/accelerate/NAME.yaml for 2 processes."""
+    config = yaml.safe_load((REPO / "configs" / "accelerate" / f"{name}.yaml").read_text())
+    config.update(num_processes=2, mixed_precision=mixed_precision)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train(pairs, out, *extra, launch_config=None):
+    args = ["train", "--pairs", str(pairs), "--output-dir", str(out), *COMMON, *extra]
+    if launch_config is None:  # DDP over gloo
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   "-m", "rlhf.cli", *args]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config),
+                   "--main_process_port", str(free_port()), "tests/sharded_cpu_launch.py", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def trained(pairs, out, *extra, launch_config=None):
+    result = train(pairs, out, *extra, launch_config=launch_config)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def adapter(path):
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+def test_fsdp2_matches_ddp_resumes_exactly_and_its_checkpoints_load_anywhere(tiny_pairs, tmp_path, capsys):
+    fsdp = accelerate_config(tmp_path, "fsdp", "no")
+    ddp_run, fsdp_run, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "fsdp-resumed"
+    trained(tiny_pairs, ddp_run, "--mixed-precision", "no")
+    result = trained(tiny_pairs, fsdp_run, "--mixed-precision", "no", launch_config=fsdp)
+    assert "x 2 process(es), fsdp" in result.stderr
+    # Same pairs, noise and updates: FSDP only changes where the parameters live.
+    assert_same(adapter(fsdp_run / "adapter"), adapter(ddp_run / "adapter"), atol=1e-6)
+    assert max(abs(v).max() for v in adapter(fsdp_run / "adapter").values()) > 1e-3  # it did train
+
+    shutil.copytree(fsdp_run / "checkpoints", resumed / "checkpoints")
+    trained(tiny_pairs, resumed, "--mixed-precision", "no", "--resume-from", "latest", launch_config=fsdp)
+    assert_same(adapter(resumed / "adapter"), adapter(fsdp_run / "adapter"))
+
+    # The checkpoint holds full (gathered) state: one process reads it and holds the step-2 weights.
+    checkpoint = fsdp_run / "checkpoints" / "step-0000002"
+    single = tmp_path / "single"
+    code, _, err = call_cli(capsys, "train", "--pairs", str(tiny_pairs), "--output-dir", str(single),
+                            *COMMON[:-2], "--mixed-precision", "no", "--max-steps", "2",
+                            "--resume-from", str(checkpoint))
+    assert code == 0, err
+    assert_same(adapter(single / "adapter"), adapter(checkpoint / "adapter"))
+    # Optimiser state: full tensors (not one rank's shard) for every adapter weight, by parameter name.
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    weights = module_keys(adapter(checkpoint / "adapter"))
+    assert set(saved["state"]) == set(weights)
+    for name, state in saved["state"].items():
+        assert state["exp_avg_sq"].shape == weights[name].shape, name
+    assert sum(state["exp_avg_sq"].abs().sum() for state in saved["state"].values()) > 0
+
+
+def test_deepspeed_zero2_trains_like_ddp_and_resumes_exactly(tiny_pairs, tmp_path, capsys):
+    zero2 = accelerate_config(tmp_path, "zero2", "bf16")
+    ddp_run, ds_run, resumed = tmp_path / "ddp", tmp_path / "zero2", tmp_path / "zero2-resumed"
+    trained(tiny_pairs, ddp_run, "--mixed-precision", "bf16")
+    result = trained(tiny_pairs, ds_run, "--mixed-precision", "bf16", launch_config=zero2)
+    assert "x 2 process(es), deepspeed" in result.stderr
+    # At init (adapter zero) both see the same loss and gradient.
+    ds_log, ddp_log = metrics(ds_run), metrics(ddp_run)
+    assert ds_log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert ds_log[0]["grad_norm"] == pytest.approx(ddp_log[0]["grad_norm"], rel=0.01)
+    # Later, DeepSpeed computes with bf16 copies of the LoRA weights (DDP autocasts the fp32 ones): the
+    # learned update is the same in direction and size, not bit for bit.
+    ds, ddp = adapter(ds_run / "adapter"), adapter(ddp_run / "adapter")
+    update_ds = torch.cat([v.flatten() for k, v in sorted(ds.items()) if "lora_B" in k])
+    update_ddp = torch.cat([v.flatten() for k, v in sorted(ddp.items()) if "lora_B" in k])
+    assert torch.nn.functional.cosine_similarity(update_ds, update_ddp, dim=0) > 0.95
+    assert update_ds.norm() == pytest.approx(float(update_ddp.norm()), rel=0.1)
+    assert ds[next(iter(ds))].dtype == torch.float32  # the fp32 masters, not the bf16 copies
+
+    shutil.copytree(ds_run / "checkpoints", resumed / "checkpoints")
+    trained(tiny_pairs, resumed, "--mixed-precision", "bf16", "--resume-from", "latest", launch_config=zero2)
+    assert_same(adapter(resumed / "adapter"), adapter(ds_run / "adapter"))
+
+    # A DeepSpeed checkpoint holds partitioned optimiser state: a plain run refuses it with one line.
+    code, _, err = call_cli(capsys, "train", "--pairs", str(tiny_pairs), "--output-dir", str(tmp_path / "plain"),
+                            *COMMON, "--mixed-precision", "no", "--resume-from",
+                            str(ds_run / "checkpoints" / "step-0000002"))
+    assert code == 2
+    assert "DeepSpeed checkpoints resume only under DeepSpeed" in err
+    assert not (tmp_path / "plain").exists()
+
+
+def test_deepspeed_without_mixed_precision_is_refused(tiny_pairs, tmp_path):
+    zero2 = accelerate_config(tmp_path, "zero2", "no")
+    result = train(tiny_pairs, tmp_path / "run", "--mixed-precision", "no", launch_config=zero2)
+    # Each rank exits with code 2 and one line; the launcher itself reports the failure as 1.
+    assert result.returncode != 0
+    assert "failed (exitcode: 2)" in result.stderr
+    assert "contentv-rlhf train: error: DeepSpeed launches need mixed_precision: bf16" in result.stderr
+    assert not (tmp_path / "run").exists()
