@@ -35,7 +35,27 @@ accelerate.state.PartialState.__init__ = _init_as_gpu_group
 accelerate.state.PartialState._prepare_backend = _gloo_backend
 accelerate.state.AcceleratorState.__init__ = _accelerator_init_as_gpu_group
 
+
+def _nan_loss_on_call(call: int) -> None:
+    """Make the Flow-DPO loss non-finite on its `call`-th evaluation in this process (1-based)."""
+    import torch
+
+    import dpo.trainer
+
+    real_loss, calls = dpo.trainer.flow_dpo_loss, [0]
+
+    def loss(*args, **kwargs):
+        calls[0] += 1
+        value, metrics = real_loss(*args, **kwargs)
+        return (value * torch.nan if calls[0] == call else value), metrics
+
+    dpo.trainer.flow_dpo_loss = loss
+
+
 if __name__ == "__main__":
     from rlhf.cli import main
+
+    if "CONTENTV_TEST_NAN_LOSS_CALL" in os.environ:
+        _nan_loss_on_call(int(os.environ["CONTENTV_TEST_NAN_LOSS_CALL"]))
 
     sys.exit(main(sys.argv[1:]))

@@ -6,6 +6,7 @@ there). The references are plain 2-process DDP runs of the same trainer on the s
 
 import json
 import math
+import os
 import shutil
 import socket
 import subprocess
@@ -41,7 +42,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def train(pairs, out, *extra, launch_config=None):
+def train(pairs, out, *extra, launch_config=None, env=None):
     args = ["train", "--pairs", str(pairs), "--output-dir", str(out), *COMMON, *extra]
     if launch_config is None:  # DDP over gloo
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -49,11 +50,12 @@ def train(pairs, out, *extra, launch_config=None):
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config),
                    "--main_process_port", str(free_port()), "tests/sharded_cpu_launch.py", *args]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
 
 
-def trained(pairs, out, *extra, launch_config=None):
-    result = train(pairs, out, *extra, launch_config=launch_config)
+def trained(pairs, out, *extra, launch_config=None, env=None):
+    result = train(pairs, out, *extra, launch_config=launch_config, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -66,13 +68,24 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_skips_a_non_finite_step(pairs, out, mixed_precision, launch_config):
+    """A NaN loss in step 1's first micro-batch (3rd loss call; 2 micro-batches per step): skipped, counted."""
+    result = trained(pairs, out, "--mixed-precision", mixed_precision, "--max-steps", "3", "--save-every", "0",
+                     launch_config=launch_config, env={"CONTENTV_TEST_NAN_LOSS_CALL": "3"})
+    assert "step 1: non-finite loss or gradient, step skipped" in result.stderr
+    assert json.loads((out / "summary.json").read_text())["skipped_steps"] == 1
+    log = metrics(out)
+    assert "grad_norm" not in log[1] and "grad_norm" in log[2]
+    assert all(torch.isfinite(v).all() for v in adapter(out / "adapter").values())
+
+
 def assert_same(a, b, atol=0.0):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
 
 
-def test_fsdp2_matches_ddp_resumes_exactly_and_its_checkpoints_load_anywhere(tiny_pairs, tmp_path, capsys):
+def test_fsdp2_matches_ddp_resumes_exactly_skips_nan_and_its_checkpoints_load_anywhere(tiny_pairs, tmp_path, capsys):
     fsdp = accelerate_config(tmp_path, "fsdp", "no")
     ddp_run, fsdp_run, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "fsdp-resumed"
     trained(tiny_pairs, ddp_run, "--mixed-precision", "no")
@@ -85,6 +98,7 @@ def test_fsdp2_matches_ddp_resumes_exactly_and_its_checkpoints_load_anywhere(tin
     shutil.copytree(fsdp_run / "checkpoints", resumed / "checkpoints")
     trained(tiny_pairs, resumed, "--mixed-precision", "no", "--resume-from", "latest", launch_config=fsdp)
     assert_same(adapter(resumed / "adapter"), adapter(fsdp_run / "adapter"))
+    assert_skips_a_non_finite_step(tiny_pairs, tmp_path / "fsdp-nan", "no", fsdp)
 
     # The checkpoint holds full (gathered) state: one process reads it and holds the step-2 weights.
     checkpoint = fsdp_run / "checkpoints" / "step-0000002"
@@ -103,7 +117,7 @@ def test_fsdp2_matches_ddp_resumes_exactly_and_its_checkpoints_load_anywhere(tin
     assert sum(state["exp_avg_sq"].abs().sum() for state in saved["state"].values()) > 0
 
 
-def test_deepspeed_zero2_trains_like_ddp_and_resumes_exactly(tiny_pairs, tmp_path, capsys):
+def test_deepspeed_zero2_trains_like_ddp_resumes_exactly_and_skips_nan(tiny_pairs, tmp_path, capsys):
     zero2 = accelerate_config(tmp_path, "zero2", "bf16")
     ddp_run, ds_run, resumed = tmp_path / "ddp", tmp_path / "zero2", tmp_path / "zero2-resumed"
     trained(tiny_pairs, ddp_run, "--mixed-precision", "bf16")
@@ -125,6 +139,8 @@ def test_deepspeed_zero2_trains_like_ddp_and_resumes_exactly(tiny_pairs, tmp_pat
     shutil.copytree(ds_run / "checkpoints", resumed / "checkpoints")
     trained(tiny_pairs, resumed, "--mixed-precision", "bf16", "--resume-from", "latest", launch_config=zero2)
     assert_same(adapter(resumed / "adapter"), adapter(ds_run / "adapter"))
+    # DeepSpeed applies the step inside the last backward: it must detect and skip it itself.
+    assert_skips_a_non_finite_step(tiny_pairs, tmp_path / "zero2-nan", "bf16", zero2)
 
     # A DeepSpeed checkpoint holds partitioned optimiser state: a plain run refuses it with one line.
     code, _, err = call_cli(capsys, "train", "--pairs", str(tiny_pairs), "--output-dir", str(tmp_path / "plain"),
