@@ -69,6 +69,12 @@ def lr_lambda(options: TrainingOptions):
     return factor
 
 
+def mark_trainable(transformer: torch.nn.Module) -> None:
+    """Only the LoRA weights of the adapter "default" train; everything else (base, "reference") is frozen."""
+    for name, param in transformer.named_parameters():
+        param.requires_grad_("lora_" in name and ".default." in name)
+
+
 class TrainingRun:
     """One training run in `options.output_dir` (see the module docstring for the call order)."""
 
@@ -142,8 +148,7 @@ class TrainingRun:
                 raise UserError("reference: 'init' needs an init_adapter (the previous round's adapter)")
             load_adapter(transformer, init_adapter, adapter_name="reference")
             transformer.set_adapters(["default"])
-        for name, param in transformer.named_parameters():
-            param.requires_grad_("lora_" in name and ".default." in name)
+        mark_trainable(transformer)
         cast_training_params(transformer, dtype=torch.float32)
         if self.options.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
@@ -159,15 +164,17 @@ class TrainingRun:
             model.set_adapters(["reference"])
         else:
             model.disable_adapters()
+        # peft flips requires_grad when it switches adapters. Keep the trained adapter's flags: FSDP2 picks
+        # its gradient dtype from the trainable parameters at its first forward, which is this one.
+        mark_trainable(model)
         try:
             yield model
         finally:
             if self.reference_adapter:
                 model.set_adapters(["default"])
-                for name, param in model.named_parameters():
-                    param.requires_grad_("lora_" in name and ".default." in name)
             else:
                 model.enable_adapters()
+            mark_trainable(model)
 
     def prepare(self, policy: torch.nn.Module) -> torch.nn.Module:
         """Build the optimiser and schedule, wrap for DDP/FSDP/DeepSpeed, and resume if asked.

@@ -31,7 +31,7 @@ def accelerate_config(tmp_path, name: str, mixed_precision: str):
     """The shipped configs/accelerate/NAME.yaml for 2 processes."""
     config = yaml.safe_load((REPO / "configs" / "accelerate" / f"{name}.yaml").read_text())
     config.update(num_processes=2, mixed_precision=mixed_precision)
-    path = tmp_path / f"{name}.yaml"
+    path = tmp_path / f"{name}-{mixed_precision}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -68,10 +68,13 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_skips_a_non_finite_step(pairs, out, mixed_precision, launch_config):
-    """A NaN loss in step 1's first micro-batch (3rd loss call; 2 micro-batches per step): skipped, counted."""
-    result = trained(pairs, out, "--mixed-precision", mixed_precision, "--max-steps", "3", "--save-every", "0",
-                     launch_config=launch_config, env={"CONTENTV_TEST_NAN_LOSS_CALL": "3"})
+def assert_skips_a_non_finite_step(pairs, out, launch_config):
+    """A NaN loss in step 1's first micro-batch (3rd loss call; 2 micro-batches per step): skipped, counted.
+
+    Run with the shipped defaults (bf16 weights, bf16 autocast, gradient checkpointing)."""
+    result = trained(pairs, out, "--dtype", "bf16", "--mixed-precision", "bf16", "--gradient-checkpointing",
+                     "--max-steps", "3", "--save-every", "0", launch_config=launch_config,
+                     env={"CONTENTV_TEST_NAN_LOSS_CALL": "3"})
     assert "step 1: non-finite loss or gradient, step skipped" in result.stderr
     assert json.loads((out / "summary.json").read_text())["skipped_steps"] == 1
     log = metrics(out)
@@ -98,7 +101,8 @@ def test_fsdp2_matches_ddp_resumes_exactly_skips_nan_and_its_checkpoints_load_an
     shutil.copytree(fsdp_run / "checkpoints", resumed / "checkpoints")
     trained(tiny_pairs, resumed, "--mixed-precision", "no", "--resume-from", "latest", launch_config=fsdp)
     assert_same(adapter(resumed / "adapter"), adapter(fsdp_run / "adapter"))
-    assert_skips_a_non_finite_step(tiny_pairs, tmp_path / "fsdp-nan", "no", fsdp)
+    fsdp_bf16 = accelerate_config(tmp_path, "fsdp", "bf16")
+    assert_skips_a_non_finite_step(tiny_pairs, tmp_path / "fsdp-nan", fsdp_bf16)
 
     # The checkpoint holds full (gathered) state: one process reads it and holds the step-2 weights.
     checkpoint = fsdp_run / "checkpoints" / "step-0000002"
@@ -140,7 +144,7 @@ def test_deepspeed_zero2_trains_like_ddp_resumes_exactly_and_skips_nan(tiny_pair
     trained(tiny_pairs, resumed, "--mixed-precision", "bf16", "--resume-from", "latest", launch_config=zero2)
     assert_same(adapter(resumed / "adapter"), adapter(ds_run / "adapter"))
     # DeepSpeed applies the step inside the last backward: it must detect and skip it itself.
-    assert_skips_a_non_finite_step(tiny_pairs, tmp_path / "zero2-nan", "bf16", zero2)
+    assert_skips_a_non_finite_step(tiny_pairs, tmp_path / "zero2-nan", zero2)
 
     # A DeepSpeed checkpoint holds partitioned optimiser state: a plain run refuses it with one line.
     code, _, err = call_cli(capsys, "train", "--pairs", str(tiny_pairs), "--output-dir", str(tmp_path / "plain"),
