@@ -82,6 +82,17 @@ def assert_skips_a_non_finite_step(pairs, out, launch_config):
     assert all(torch.isfinite(v).all() for v in adapter(out / "adapter").values())
 
 
+def run_beside_ddp(pairs, tmp_path, name: str, mixed_precision: str):
+    """The same training under DDP and under configs/accelerate/NAME.yaml: (launch config, DDP run, run)."""
+    launch_config = accelerate_config(tmp_path, name, mixed_precision)
+    ddp_run, run = tmp_path / "ddp", tmp_path / name
+    trained(pairs, ddp_run, "--mixed-precision", mixed_precision)
+    result = trained(pairs, run, "--mixed-precision", mixed_precision, launch_config=launch_config)
+    layout = {"fsdp": "fsdp", "zero2": "deepspeed"}[name]
+    assert f"x 2 process(es), {layout}" in result.stderr
+    return launch_config, ddp_run, run
+
+
 def assert_same(a, b, atol=0.0):
     assert a.keys() == b.keys()
     for key in a:
@@ -89,11 +100,8 @@ def assert_same(a, b, atol=0.0):
 
 
 def test_fsdp2_matches_ddp_resumes_exactly_skips_nan_and_its_checkpoints_load_anywhere(tiny_pairs, tmp_path, capsys):
-    fsdp = accelerate_config(tmp_path, "fsdp", "no")
-    ddp_run, fsdp_run, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "fsdp-resumed"
-    trained(tiny_pairs, ddp_run, "--mixed-precision", "no")
-    result = trained(tiny_pairs, fsdp_run, "--mixed-precision", "no", launch_config=fsdp)
-    assert "x 2 process(es), fsdp" in result.stderr
+    fsdp, ddp_run, fsdp_run = run_beside_ddp(tiny_pairs, tmp_path, "fsdp", "no")
+    resumed = tmp_path / "fsdp-resumed"
     # Same pairs, noise and updates: FSDP only changes where the parameters live.
     assert_same(adapter(fsdp_run / "adapter"), adapter(ddp_run / "adapter"), atol=1e-6)
     assert max(abs(v).max() for v in adapter(fsdp_run / "adapter").values()) > 1e-3  # it did train
@@ -122,11 +130,8 @@ def test_fsdp2_matches_ddp_resumes_exactly_skips_nan_and_its_checkpoints_load_an
 
 
 def test_deepspeed_zero2_trains_like_ddp_resumes_exactly_and_skips_nan(tiny_pairs, tmp_path, capsys):
-    zero2 = accelerate_config(tmp_path, "zero2", "bf16")
-    ddp_run, ds_run, resumed = tmp_path / "ddp", tmp_path / "zero2", tmp_path / "zero2-resumed"
-    trained(tiny_pairs, ddp_run, "--mixed-precision", "bf16")
-    result = trained(tiny_pairs, ds_run, "--mixed-precision", "bf16", launch_config=zero2)
-    assert "x 2 process(es), deepspeed" in result.stderr
+    zero2, ddp_run, ds_run = run_beside_ddp(tiny_pairs, tmp_path, "zero2", "bf16")
+    resumed = tmp_path / "zero2-resumed"
     # At init (adapter zero) both see the same loss and gradient.
     ds_log, ddp_log = metrics(ds_run), metrics(ddp_run)
     assert ds_log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
