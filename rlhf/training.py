@@ -331,6 +331,10 @@ class TrainingRun:
         if self.options.save_every and done % self.options.save_every == 0 and done < self.options.max_steps:
             self.save_checkpoint(done)
 
+    def local_parameter_bytes(self) -> int:
+        """Bytes of model parameters this process holds (a shard of each under FSDP)."""
+        return sum(sharding.local(p).numel() * p.element_size() for p in self.unwrapped.parameters())
+
     def adapter_weights(self) -> dict[str, torch.Tensor]:
         """The trained adapter's full fp32 weights under peft's keys (collective; complete on rank 0)."""
         return peft_keys(sharding.gather_trainable(self.unwrapped, self.layout))
@@ -446,6 +450,8 @@ class TrainingRun:
             io.write_json(self.output_dir / "summary.json", {
                 **summary, "steps": self.options.max_steps, "skipped_steps": self.skipped_steps,
                 "last_10_steps_mean": averaged, "adapter": str(adapter_dir),
+                "layout": self.layout, "num_processes": self.accelerator.num_processes,
+                "rank0_parameter_bytes": self.local_parameter_bytes(),
             })
             io.write_json(adapter_dir / "summary.json", summary)
         # No rank tears the process group down while another still works in it (gloo aborts on that).

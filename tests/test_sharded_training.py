@@ -105,6 +105,9 @@ def test_fsdp2_matches_ddp_resumes_exactly_skips_nan_and_its_checkpoints_load_an
     # Same pairs, noise and updates: FSDP only changes where the parameters live.
     assert_same(adapter(fsdp_run / "adapter"), adapter(ddp_run / "adapter"), atol=1e-6)
     assert max(abs(v).max() for v in adapter(fsdp_run / "adapter").values()) > 1e-3  # it did train
+    # ... and they live sharded: each of the 2 ranks holds about half of the transformer.
+    held = {run: json.loads((run / "summary.json").read_text())["rank0_parameter_bytes"] for run in (ddp_run, fsdp_run)}
+    assert 0.45 < held[fsdp_run] / held[ddp_run] < 0.55
 
     shutil.copytree(fsdp_run / "checkpoints", resumed / "checkpoints")
     trained(tiny_pairs, resumed, "--mixed-precision", "no", "--resume-from", "latest", launch_config=fsdp)
