@@ -1,7 +1,8 @@
-"""Flow-DPO under the shipped FSDP2 and DeepSpeed ZeRO-2 accelerate configs, 2 processes on the CPU.
+"""Flow-DPO under the shipped accelerate configs (DDP, FSDP2, DeepSpeed ZeRO-2), 2 processes on the CPU.
 
 accelerate cannot launch FSDP or DeepSpeed on a CPU by itself; tests/sharded_cpu_launch.py lets it (see
-there). The references are plain 2-process DDP runs of the same trainer on the same pairs.
+there). The references are 2-process DDP runs (configs/accelerate/multi_gpu.yaml with use_cpu) of the same
+trainer on the same pairs.
 """
 
 import json
@@ -28,9 +29,11 @@ COMMON = ["--dtype", "fp32", "--lora-rank", "4", "--lora-alpha", "8", "--report-
 
 
 def accelerate_config(tmp_path, name: str, mixed_precision: str):
-    """The shipped configs/accelerate/NAME.yaml for 2 processes."""
+    """The shipped configs/accelerate/NAME.yaml for 2 processes (DDP: on the CPUs, which accelerate supports)."""
     config = yaml.safe_load((REPO / "configs" / "accelerate" / f"{name}.yaml").read_text())
     config.update(num_processes=2, mixed_precision=mixed_precision)
+    if config["distributed_type"] == "MULTI_GPU":
+        config["use_cpu"] = True
     path = tmp_path / f"{name}-{mixed_precision}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -42,19 +45,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def train(pairs, out, *extra, launch_config=None, env=None):
-    args = ["train", "--pairs", str(pairs), "--output-dir", str(out), *COMMON, *extra]
-    if launch_config is None:  # DDP over gloo
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   "-m", "rlhf.cli", *args]
-    else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config),
-                   "--main_process_port", str(free_port()), "tests/sharded_cpu_launch.py", *args]
+def train(pairs, out, *extra, launch_config, env=None):
+    """`accelerate launch --config_file LAUNCH_CONFIG contentv-rlhf train ...` (FSDP / DeepSpeed through the
+    test launcher that lets accelerate run them on CPUs)."""
+    sharded = yaml.safe_load(launch_config.read_text())["distributed_type"] in ("FSDP", "DEEPSPEED")
+    entry = ["tests/sharded_cpu_launch.py"] if sharded else ["-m", "rlhf.cli"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config),
+               "--main_process_port", str(free_port()), *entry,
+               "train", "--pairs", str(pairs), "--output-dir", str(out), *COMMON, *extra]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, **(env or {})})
 
 
-def trained(pairs, out, *extra, launch_config=None, env=None):
+def trained(pairs, out, *extra, launch_config, env=None):
     result = train(pairs, out, *extra, launch_config=launch_config, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -86,7 +89,9 @@ def run_beside_ddp(pairs, tmp_path, name: str, mixed_precision: str):
     """The same training under DDP and under configs/accelerate/NAME.yaml: (launch config, DDP run, run)."""
     launch_config = accelerate_config(tmp_path, name, mixed_precision)
     ddp_run, run = tmp_path / "ddp", tmp_path / name
-    trained(pairs, ddp_run, "--mixed-precision", mixed_precision)
+    result = trained(pairs, ddp_run, "--mixed-precision", mixed_precision,
+                     launch_config=accelerate_config(tmp_path, "multi_gpu", mixed_precision))
+    assert "x 2 process(es), replicated" in result.stderr
     result = trained(pairs, run, "--mixed-precision", mixed_precision, launch_config=launch_config)
     layout = {"fsdp": "fsdp", "zero2": "deepspeed"}[name]
     assert f"x 2 process(es), {layout}" in result.stderr
