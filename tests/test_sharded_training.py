@@ -117,6 +117,12 @@ def test_fsdp2_matches_ddp_resumes_exactly_skips_nan_and_its_checkpoints_load_an
     shutil.copytree(fsdp_run / "checkpoints", resumed / "checkpoints")
     trained(tiny_pairs, resumed, "--mixed-precision", "no", "--resume-from", "latest", launch_config=fsdp)
     assert_same(adapter(resumed / "adapter"), adapter(fsdp_run / "adapter"))
+    # An FSDP checkpoint resumed under DDP continues the same run.
+    ddp_resumed = tmp_path / "ddp-resumed"
+    shutil.copytree(fsdp_run / "checkpoints", ddp_resumed / "checkpoints")
+    trained(tiny_pairs, ddp_resumed, "--mixed-precision", "no", "--resume-from", "latest",
+            launch_config=accelerate_config(tmp_path, "multi_gpu", "no"))
+    assert_same(adapter(ddp_resumed / "adapter"), adapter(fsdp_run / "adapter"), atol=1e-6)
     fsdp_bf16 = accelerate_config(tmp_path, "fsdp", "bf16")
     assert_skips_a_non_finite_step(tiny_pairs, tmp_path / "fsdp-nan", fsdp_bf16)
 
