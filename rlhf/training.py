@@ -183,6 +183,10 @@ class TrainingRun:
         params = [p for p in policy.parameters() if p.requires_grad]
         o = self.options
         if o.use_8bit_adam:
+            if self.layout != "replicated":
+                # Its state is not sharded with the parameters, and this pairing is untested.
+                raise UserError(f"use_8bit_adam: not supported with {self.layout} launches (ZeRO/FSDP shard the "
+                                "optimiser state already); launch single-process or with DDP")
             try:
                 import bitsandbytes as bnb
             except ImportError:
