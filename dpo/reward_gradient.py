@@ -257,7 +257,7 @@ def train_reward_gradient(config: RewardGradientConfig) -> Path:
     accelerator = run.accelerator
     # Order matters: the text encoders are freed before the transformer is loaded (peak memory).
     parts = load_frozen_parts(config, run.device)
-    run.prepare(run.load_policy(config.model, config.dtype))
+    run.prepare(run.load_policy(config.model, config.dtype, config.init_adapter))
     rank, world = accelerator.process_index, accelerator.num_processes
     accumulation = config.gradient_accumulation_steps
     if run.is_main:

@@ -30,6 +30,8 @@ class RewardGradientConfig(TrainingOptions, LoraOptions, SamplingOptions):
                                        "column, or a `datasets` folder.")
     rewards: str | None = option(None, "Rewards YAML (the `score` command's format: scorers with weights, device); "
                                        "only differentiable scorers with a non-zero weight give gradients.")
+    init_adapter: str | None = option(None, "Start the LoRA from this adapter (e.g. one trained with DPO) "
+                                            "instead of zero; it also samples the first step's videos.")
     # Reward gradients
     grad_steps: int = option(1, "K: the last K denoising steps run with gradients (DRaFT-K); the others "
                                 "without (1 <= K <= steps).")

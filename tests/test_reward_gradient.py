@@ -207,6 +207,24 @@ def test_resume_gives_identical_weights(inputs, tmp_path, capsys):
     assert [json.loads(line)["step"] for line in (resumed / "logs" / "metrics.jsonl").read_text().splitlines()] == [2, 3]
 
 
+def test_init_adapter_is_where_training_starts(inputs, tmp_path, capsys):
+    def train(out, **fields):
+        args = flags(**inputs, **{**TINY, **fields})
+        code, _, err = call_cli(capsys, "train", "--method", "reward_gradient", *args, "--output-dir", out)
+        assert code == 0, err
+        rewards = [json.loads(line)["reward_total"] for line in (out / "logs" / "metrics.jsonl").open()]
+        return load_file(str(out / "adapter" / "adapter_model.safetensors")), rewards
+
+    first, first_rewards = train(tmp_path / "first", max_steps=2, learning_rate=1e-2)
+    # A negligible learning rate: the final adapter is the init adapter, and the policy sampled with it.
+    again, again_rewards = train(tmp_path / "again", max_steps=1, learning_rate=1e-12,
+                                 init_adapter=tmp_path / "first" / "adapter")
+    assert first.keys() == again.keys()
+    for key in first:
+        torch.testing.assert_close(again[key], first[key], atol=1e-9, rtol=0, msg=key)
+    assert again_rewards[0] != pytest.approx(first_rewards[0], abs=1e-6)  # not the zero adapter's samples
+
+
 def test_bad_input_is_one_line(inputs, tmp_path, capsys):
     def fails(args, expected):
         code, _, err = call_cli(capsys, "train", *args)
