@@ -35,6 +35,14 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def local_optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimiser state (moments) this process holds, through accelerate's and DeepSpeed's wrappers."""
+    while not isinstance(optimizer, torch.optim.Optimizer) or hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return sum(local(value).numel() * value.element_size() for state in optimizer.state.values()
+               for value in state.values() if isinstance(value, torch.Tensor) and value.dim() > 0)
+
+
 def _options(**kwargs: bool):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 

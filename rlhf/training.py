@@ -456,6 +456,7 @@ class TrainingRun:
                 "last_10_steps_mean": averaged, "adapter": str(adapter_dir),
                 "layout": self.layout, "num_processes": self.accelerator.num_processes,
                 "rank0_parameter_bytes": self.local_parameter_bytes(),
+                "rank0_optimizer_bytes": sharding.local_optimizer_bytes(self.optimizer),
             })
             io.write_json(adapter_dir / "summary.json", summary)
         # No rank tears the process group down while another still works in it (gloo aborts on that).

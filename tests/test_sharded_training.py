@@ -98,6 +98,14 @@ def run_beside_ddp(pairs, tmp_path, name: str, mixed_precision: str):
     return launch_config, ddp_run, run
 
 
+def held_fraction(run, reference, what: str) -> float:
+    """Rank 0's bytes of `what` (parameter | optimizer) in `run` relative to `reference` (summary.json)."""
+    def held(path):
+        return json.loads((path / "summary.json").read_text())[f"rank0_{what}_bytes"]
+
+    return held(run) / held(reference)
+
+
 def assert_same(a, b, atol=0.0):
     assert a.keys() == b.keys()
     for key in a:
@@ -110,9 +118,9 @@ def test_fsdp2_matches_ddp_resumes_exactly_skips_nan_and_its_checkpoints_load_an
     # Same pairs, noise and updates: FSDP only changes where the parameters live.
     assert_same(adapter(fsdp_run / "adapter"), adapter(ddp_run / "adapter"), atol=1e-6)
     assert max(abs(v).max() for v in adapter(fsdp_run / "adapter").values()) > 1e-3  # it did train
-    # ... and they live sharded: each of the 2 ranks holds about half of the transformer.
-    held = {run: json.loads((run / "summary.json").read_text())["rank0_parameter_bytes"] for run in (ddp_run, fsdp_run)}
-    assert 0.45 < held[fsdp_run] / held[ddp_run] < 0.55
+    # ... and they live sharded: each of the 2 ranks holds about half of the transformer and of the moments.
+    assert 0.45 < held_fraction(fsdp_run, ddp_run, "parameter") < 0.55
+    assert held_fraction(fsdp_run, ddp_run, "optimizer") == pytest.approx(0.5, abs=0.05)
 
     shutil.copytree(fsdp_run / "checkpoints", resumed / "checkpoints")
     trained(tiny_pairs, resumed, "--mixed-precision", "no", "--resume-from", "latest", launch_config=fsdp)
@@ -146,6 +154,8 @@ def test_fsdp2_matches_ddp_resumes_exactly_skips_nan_and_its_checkpoints_load_an
 def test_deepspeed_zero2_trains_like_ddp_resumes_exactly_and_skips_nan(tiny_pairs, tmp_path, capsys):
     zero2, ddp_run, ds_run = run_beside_ddp(tiny_pairs, tmp_path, "zero2", "bf16")
     resumed = tmp_path / "zero2-resumed"
+    # ZeRO-2 partitions the optimiser state over the 2 ranks (the parameters stay whole, cast to bf16).
+    assert held_fraction(ds_run, ddp_run, "optimizer") == pytest.approx(0.5, abs=0.05)
     # At init (adapter zero) both see the same loss and gradient.
     ds_log, ddp_log = metrics(ds_run), metrics(ddp_run)
     assert ds_log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
