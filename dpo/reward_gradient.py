@@ -207,7 +207,9 @@ def average_gradients(run: TrainingRun) -> None:
 def reward_gradient_step(run: TrainingRun, parts: FrozenParts, indices: list[int], config: RewardGradientConfig,
                          generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and metrics for one micro-batch of prompts (the backward pass is the caller's)."""
-    policy = run.unwrapped  # several forwards per backward: no DDP wrapper (see average_gradients)
+    # Several forwards per backward: the bare module (DDP's wrapper expects one; see average_gradients).
+    # Under FSDP2 it is the sharded module itself; under ZeRO-2 the engine reduces in backward hooks.
+    policy = run.unwrapped
     device, dtype = run.device, policy.dtype
     batch, prompts = len(indices), [parts.prompts[i] for i in indices]
     # 1. Noise and the decoded frames from the step's generator: a resumed run draws the same.
@@ -249,11 +251,6 @@ def reward_gradient_step(run: TrainingRun, parts: FrozenParts, indices: list[int
 def train_reward_gradient(config: RewardGradientConfig) -> Path:
     """Train a LoRA adapter on differentiable rewards; returns the final adapter directory."""
     run = TrainingRun(config, config, config.device, config)
-    if run.layout != "replicated":
-        # Several forwards per backward with gradients averaged by hand (see average_gradients): that
-        # assumes full parameters on every rank, which FSDP and DeepSpeed do not keep.
-        raise UserError(f"reward_gradient: {run.layout} launches are not supported; launch single-process "
-                        "or with DDP (configs/accelerate/multi_gpu.yaml)")
     accelerator = run.accelerator
     # Order matters: the text encoders are freed before the transformer is loaded (peak memory).
     parts = load_frozen_parts(config, run.device)
@@ -277,13 +274,15 @@ def train_reward_gradient(config: RewardGradientConfig) -> Path:
                 index = step * accumulation + micro
                 indices = prompt_indices(index, config.batch_size, rank, world, len(parts.prompts), config.seed)
                 prompt_ids += [prompt_id(i) for i in indices]
-                loss, metrics = reward_gradient_step(run, parts, indices, config,
-                                                     step_generator(config.seed, index, rank))
-                accelerator.backward(loss / accumulation)
+                with run.accumulation(last=micro == accumulation - 1):
+                    loss, metrics = reward_gradient_step(run, parts, indices, config,
+                                                         step_generator(config.seed, index, rank))
+                    run.backward(loss)
                 finite &= bool(torch.isfinite(loss))
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + float(value) / accumulation
-            average_gradients(run)
+            if run.layout == "replicated":  # FSDP and DeepSpeed reduce the gradients in the backward pass
+                average_gradients(run)
             run.end_step(step, totals, finite, prompt_ids, start, progress, {"loss": "loss", "reward": "reward_total"})
     return run.finish({"method": "reward_gradient", "prompts": str(config.prompts), "rewards": str(config.rewards),
                        "model": str(config.model)})

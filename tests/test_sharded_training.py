@@ -1,4 +1,4 @@
-"""Flow-DPO under the shipped accelerate configs (DDP, FSDP2, DeepSpeed ZeRO-2), 2 processes on the CPU.
+"""The trainers under the shipped accelerate configs (DDP, FSDP2, DeepSpeed ZeRO-2), 2 processes on the CPU.
 
 accelerate cannot launch FSDP or DeepSpeed on a CPU by itself; tests/sharded_cpu_launch.py lets it (see
 there). The references are 2-process DDP runs (configs/accelerate/multi_gpu.yaml with use_cpu) of the same
@@ -47,12 +47,13 @@ def free_port() -> int:
 
 def train(pairs, out, *extra, launch_config, env=None):
     """`accelerate launch --config_file LAUNCH_CONFIG contentv-rlhf train ...` (FSDP / DeepSpeed through the
-    test launcher that lets accelerate run them on CPUs)."""
+    test launcher that lets accelerate run them on CPUs). With `pairs` None, `extra` names the inputs."""
     sharded = yaml.safe_load(launch_config.read_text())["distributed_type"] in ("FSDP", "DEEPSPEED")
     entry = ["tests/sharded_cpu_launch.py"] if sharded else ["-m", "rlhf.cli"]
+    inputs = ["--pairs", str(pairs)] if pairs is not None else []
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config),
                "--main_process_port", str(free_port()), *entry,
-               "train", "--pairs", str(pairs), "--output-dir", str(out), *COMMON, *extra]
+               "train", *inputs, "--output-dir", str(out), *COMMON, *extra]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, **(env or {})})
 
@@ -192,3 +193,23 @@ def test_deepspeed_without_mixed_precision_is_refused(tiny_pairs, tmp_path):
     assert "failed (exitcode: 2)" in result.stderr
     assert "contentv-rlhf train: error: DeepSpeed launches need mixed_precision: bf16" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_reward_gradient_under_fsdp_equals_ddp_and_runs_under_zero2(tiny_model_dir, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a red ball\na blue lake\na green field\na yellow sun\n")
+    (tmp_path / "rewards.yaml").write_text("scorers:\n  brightness: {weight: 1.0}\ndevice: cpu\n")
+    inputs = ["--method", "reward_gradient", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.txt"),
+              "--rewards", str(tmp_path / "rewards.yaml"), "--frames", "5", "--height", "32", "--width", "32",
+              "--steps", "3", "--guidance", "2", "--max-steps", "3", "--learning-rate", "1e-2"]
+    runs = {}
+    for name, mixed_precision in (("multi_gpu", "no"), ("fsdp", "no"), ("zero2", "bf16")):
+        runs[name] = tmp_path / name
+        trained(None, runs[name], *inputs, "--mixed-precision", mixed_precision,
+                launch_config=accelerate_config(tmp_path, name, mixed_precision))
+    # Several sampler forwards per backward: FSDP reduces in its backward hooks, DDP by hand; same result.
+    assert_same(adapter(runs["fsdp"] / "adapter"), adapter(runs["multi_gpu"] / "adapter"), atol=1e-6)
+    assert max(abs(v).max() for v in adapter(runs["fsdp"] / "adapter").values()) > 1e-3
+    # ZeRO-2 computes in bf16: the first gradient (zero adapter) agrees with DDP's to bf16 precision.
+    first = {name: metrics(run)[0] for name, run in runs.items()}
+    assert first["zero2"]["grad_norm"] == pytest.approx(first["multi_gpu"]["grad_norm"], rel=0.02)
+    assert first["zero2"]["reward_total"] == pytest.approx(first["multi_gpu"]["reward_total"], rel=0.01)
