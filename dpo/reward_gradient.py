@@ -10,13 +10,14 @@ first frame / k evenly spaced / k random frames (the causal Wan VAE decodes a la
 gradient checkpointing in the decoder), weighted sums of differentiable scorers, a flow-matching regulariser on
 the detached samples (ContentV's recipe), transformer gradient checkpointing, bf16 autocast, gradient
 accumulation, grad-norm clipping, warmup + schedules, non-finite step skipping, atomic checkpoints with exact
-resume, metrics.jsonl + tensorboard/wandb (all from rlhf/training.py), single process or DDP.
+resume, metrics.jsonl + tensorboard/wandb (all from rlhf/training.py); single process, DDP, FSDP2, ZeRO-2.
 
 Assumptions: prompt embeddings depend only on the prompt, so they are computed once at start (text encoders
 freed before the transformer loads) and cached on the CPU; the VAE and the scorers are frozen. Prompt order,
 noise and decoded frames depend only on (seed, micro-batch index, rank), so a resumed run repeats an
 uninterrupted one. The forwards of a step bypass the DDP wrapper (a step runs several forwards before one
-backward) and the LoRA gradients are averaged over processes explicitly; FSDP and DeepSpeed are not supported.
+backward) and under DDP the LoRA gradients are averaged over processes explicitly; FSDP2 and ZeRO-2 reduce
+them in their own backward hooks.
 """
 
 from __future__ import annotations
