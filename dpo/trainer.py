@@ -1,9 +1,9 @@
 """Flow-DPO trainer: LoRA on the ContentV transformer from preference pairs of a rollout store.
 
 Supports: accelerate (single process, DDP on CUDA/NPU, gloo on CPU, FSDP2, DeepSpeed ZeRO-2), bf16 autocast,
-gradient checkpointing, gradient accumulation, grad-norm clipping, warmup + constant/linear/cosine schedules, AdamW (8-bit with
-bitsandbytes), sigmoid/hinge/IPO losses, SFT regulariser, margin-weighted pairs, non-finite step skipping,
-atomic checkpoints with exact resume, metrics.jsonl + tensorboard/wandb.
+gradient checkpointing, gradient accumulation, grad-norm clipping, warmup + constant/linear/cosine schedules,
+AdamW (8-bit with bitsandbytes), sigmoid/hinge/IPO losses, SFT regulariser, margin-weighted pairs, non-finite
+step skipping, atomic checkpoints with exact resume, metrics.jsonl + tensorboard/wandb.
 
 Assumptions: the pairs come from one rollout store whose latents and prompt embeddings were made by the
 same base model; the text encoders and the VAE are never loaded. The reference model is the policy with
