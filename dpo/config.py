@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlhf.config import ConfigError, option
-from rlhf.options import DeviceName, DTypeName, LoraOptions, TrainingOptions
+from rlhf.options import DeviceName, DTypeName, LoraOptions, TrainingOptions, device_name_problem
 
 
 @dataclass
@@ -17,7 +17,8 @@ class DPOConfig(TrainingOptions, LoraOptions):
     pairs: str | None = option(None, "Pairs dataset directory written by `contentv-rlhf pairs`.")
     store: str | None = option(None, "Rollout store the pairs refer to (default: the one recorded in the pairs).")
     model: str | None = option(None, "Base checkpoint (default: the model recorded in the rollout store).")
-    device: DeviceName = option("auto", "Device (under accelerate launch, each process gets its own).")
+    device: DeviceName = option("auto", "Device (under accelerate launch, each process gets its own).",
+                                check=device_name_problem)
     dtype: DTypeName = option("bf16", "Storage dtype of the frozen transformer weights.")
     beta: float = option(500.0, "DPO beta for the per-element-mean error (published: ~100 to ~2000).")
     loss_type: Literal["sigmoid", "hinge", "ipo"] = option("sigmoid", "DPO loss variant (trl's vocabulary).")

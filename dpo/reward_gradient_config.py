@@ -6,7 +6,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlhf.config import ConfigError, option
-from rlhf.options import DeviceName, DTypeName, LoraOptions, SamplingOptions, TrainingOptions
+from rlhf.options import (
+    DeviceName,
+    DTypeName,
+    LoraOptions,
+    SamplingOptions,
+    TrainingOptions,
+    device_name_problem,
+)
 
 DecodeFrames = Literal["first", "k_evenly_spaced", "random_k"]
 
@@ -23,7 +30,8 @@ class RewardGradientConfig(TrainingOptions, LoraOptions, SamplingOptions):
         "reward_gradient", "Trainer: reward_gradient (this config); dpo has its own config."
     )
     model: str | None = option(None, "Base ContentV checkpoint directory (diffusers layout).")
-    device: DeviceName = option("auto", "Device (under accelerate launch, each process gets its own).")
+    device: DeviceName = option("auto", "Device (under accelerate launch, each process gets its own).",
+                                check=device_name_problem)
     dtype: DTypeName = option("bf16", "Storage dtype of the frozen transformer weights and the text encoders.")
     vae_dtype: DTypeName = option("fp32", "VAE dtype (fp32 recommended: the Wan VAE is sensitive to bf16).")
     prompts: str | None = option(None, "Training prompt file: .txt (one per line), .jsonl/.csv with a 'prompt' "

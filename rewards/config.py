@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 from rewards.registry import SCORERS, scorer_class
 from rlhf.config import ConfigError, config_from_dict, load_yaml, option
 from rlhf.errors import UserError
-from rlhf.options import DeviceName
+from rlhf.options import DeviceName, device_name_problem
 
 SOURCE = "rewards.scorers"
 
@@ -50,7 +50,8 @@ class RewardsConfig:
         {}, "Scorer name -> {weight, options...}; names: " + ", ".join(SCORERS) +
         ", or any name with class: 'package.module:ClassName' and options: {...}."
     )
-    device: DeviceName = option("auto", "Device for the scorers: auto picks npu, then cuda, then cpu.")
+    device: DeviceName = option("auto", "Device for the scorers: auto picks npu, then cuda, then cpu; "
+                                        "cuda:1 picks a GPU.", check=device_name_problem)
     batch_size: int = option(8, "Videos per scorer call when scoring a rollout (lower it if memory runs out).")
 
     def __post_init__(self) -> None:

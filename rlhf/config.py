@@ -36,15 +36,18 @@ _METAVARS = {int: "INT", float: "FLOAT", str: "STR", pathlib.Path: "PATH", list:
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None,
-           metadata: Mapping[str, Any] | None = None) -> Any:
+           check: Callable[[Any], str | None] | None = None, metadata: Mapping[str, Any] | None = None) -> Any:
     """A `dataclasses.field` whose metadata carries `help`, optional `choices` and an extra CLI `flag`.
 
+    `check(value)` returns what is wrong with a well-typed value (completing "field 'x' ..."), or None.
     A list, dict, set or dataclass default is deep-copied for every instance (`default_factory`);
     pass `dataclasses.MISSING` for a required field.
     """
     meta = {**(metadata or {}), "help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    if check is not None:
+        meta["check"] = check
     if flag is not None:
         meta["flag"] = flag
     if isinstance(default, (list, dict, set)) or _is_section(type(default)):
@@ -219,6 +222,9 @@ def _build(cls: type[T], data: Mapping, where: Callable[[str], str], prefix: str
                 raise UserError(f"{where(key)}: field {key!r} is required ({_describe(hints[name])})")
             continue
         value = kwargs[name] = _coerce(data[name], hints[name], key, where)
+        check = f.metadata.get("check")
+        if check is not None and value is not None and (problem := check(value)):
+            raise UserError(f"{where(key)}: field {key!r} {problem}")
         choices = f.metadata.get("choices")
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if choices is not None and item is not None and item not in choices:

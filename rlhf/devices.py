@@ -12,7 +12,7 @@ import os
 import torch
 
 from rlhf.errors import UserError
-from rlhf.options import DEVICE_CHOICES, DTYPE_CHOICES
+from rlhf.options import DEVICE_CHOICES, DTYPE_CHOICES, device_name_problem
 
 _DTYPES = {
     "bf16": torch.bfloat16,
@@ -57,9 +57,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     else the CPU. Asking for a device that is not present is a `UserError`. Under a multi-process launcher
     (torchrun / accelerate), an accelerator without an index becomes the process's `LOCAL_RANK` device.
     """
+    if device_name_problem(str(name)):
+        raise UserError(f"device: unknown device {name!r}; expected one of {', '.join(DEVICE_CHOICES)} "
+                        "or an indexed device such as cuda:1")
     kind, _, index = str(name).partition(":")
-    if kind not in DEVICE_CHOICES or (index and not index.isdigit()) or (kind == "auto" and index):
-        raise UserError(f"device: unknown device {name!r}; expected one of {', '.join(DEVICE_CHOICES)}")
     if kind == "auto":
         if _npu_requested_by_env():
             kind = "npu"

@@ -12,10 +12,18 @@ from typing import Literal
 
 from rlhf.config import ConfigError, option
 
-DeviceName = Literal["auto", "cuda", "npu", "cpu"]
+DeviceName = str  # auto | cuda | npu | cpu, the accelerators optionally indexed (cuda:1); see device_name_problem
 DTypeName = Literal["bf16", "fp16", "fp32"]
-DEVICE_CHOICES: tuple[str, ...] = DeviceName.__args__
+DEVICE_CHOICES: tuple[str, ...] = ("auto", "cuda", "npu", "cpu")
 DTYPE_CHOICES: tuple[str, ...] = DTypeName.__args__
+
+
+def device_name_problem(name: str) -> str | None:
+    """What is wrong with a device name (None when it is one of DEVICE_CHOICES, or e.g. `cuda:1`)."""
+    kind, sep, index = name.partition(":")
+    if kind in DEVICE_CHOICES and (not sep or (index.isdigit() and kind != "auto")):
+        return None
+    return f"expects one of {', '.join(DEVICE_CHOICES)} or an indexed device such as cuda:1, got {name!r}"
 
 logger = logging.getLogger("contentv-rlhf")
 VAE_TEMPORAL_FACTOR = 4  # Wan VAE: 4x temporal compression, frames = 4k + 1
@@ -49,7 +57,8 @@ class ModelOptions:
     model: str | None = option(
         None, "ContentV checkpoint directory (diffusers layout). Make a tiny one with `contentv-rlhf tiny-model DIR`."
     )
-    device: DeviceName = option("auto", "Device: auto picks npu (USE_ASCEND_NPU=1), then cuda, then cpu.")
+    device: DeviceName = option("auto", "Device: auto picks npu (USE_ASCEND_NPU=1), then cuda, then cpu; "
+                                        "cuda:1 picks a GPU.", check=device_name_problem)
     dtype: DTypeName = option("bf16", "Transformer and text-encoder dtype.")
     vae_dtype: DTypeName = option("fp32", "VAE dtype (fp32 recommended: the Wan VAE is sensitive to bf16).")
     adapter: str | None = option(None, "LoRA adapter directory to apply to the transformer (peft or diffusers format).")

@@ -194,6 +194,19 @@ def test_option_choices_enforced(tmp_path):
         f"{path}: field 'precision' expects one of 'bf16', 'fp16', 'fp32', got 'int8'")
 
 
+def test_device_fields_take_indexed_accelerators(tmp_path):
+    from dpo.config import DPOConfig
+    from rlhf.options import ModelOptions
+
+    assert config_from_dict(ModelOptions, {"model": "m", "device": "cuda:1"}).device == "cuda:1"
+    assert config_from_dict(DPOConfig, {"pairs": "p", "output_dir": "o", "device": "npu:0"}).device == "npu:0"
+    for bad in ("gpu", "cuda:x", "auto:1"):
+        with pytest.raises(UserError) as info:
+            config_from_dict(ModelOptions, {"model": "m", "device": bad}, source="generate.yaml")
+        assert str(info.value) == ("generate.yaml: field 'device' expects one of auto, cuda, npu, cpu or an "
+                                   f"indexed device such as cuda:1, got {bad!r}")
+
+
 def test_optional_none(tmp_path):
     assert parse(["--seed", "none"]).seed is None
     assert parse(["--seed", "NULL"]).seed is None
