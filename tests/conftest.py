@@ -18,6 +18,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
+def random_adapter(model_dir, out: Path, std: float) -> Path:
+    """A rank-4 adapter on the tiny transformer with lora_B drawn from N(0, std^2), saved by `save_adapter`."""
+    import torch
+
+    from rlhf.lora import add_lora, save_adapter
+    from rlhf.models.loader import load_contentv
+
+    transformer = load_contentv(model_dir, dtype="fp32", load_vae=False, load_text_encoders=False).transformer
+    add_lora(transformer, rank=4, alpha=4)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=std)
+    return save_adapter(transformer, out)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the real `contentv-rlhf` entry point in a subprocess."""
     return subprocess.run(

@@ -9,7 +9,7 @@ import pytest
 
 from rlhf.cli import COMMANDS
 from rlhf.video import probe_video, read_video
-from tests.conftest import call_cli, run_cli
+from tests.conftest import call_cli, random_adapter, run_cli
 
 SMALL = ["--frames", "9", "--height", "32", "--width", "48", "--steps", "3", "--guidance", "4", "--fps", "8"]
 
@@ -60,18 +60,7 @@ def test_generate_same_seed_same_video_and_frames_rounded(tiny_model_dir, tmp_pa
 
 
 def test_generate_with_adapter_and_config_file(tiny_model_dir, tmp_path, capsys):
-    import torch
-
-    from rlhf.lora import add_lora, save_adapter
-    from rlhf.models.loader import load_contentv
-
-    transformer = load_contentv(tiny_model_dir, dtype="fp32", load_vae=False, load_text_encoders=False).transformer
-    add_lora(transformer, rank=4, alpha=4)
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.5)
-    adapter = save_adapter(transformer, tmp_path / "adapter")
+    adapter = random_adapter(tiny_model_dir, tmp_path / "adapter", std=0.5)
     config = tmp_path / "gen.yaml"
     config.write_text(f"model: {tiny_model_dir}\nprompt: a bird\nframes: 5\nheight: 32\nwidth: 32\nsteps: 3\nseed: 1\n")
     base, tuned = tmp_path / "base.mp4", tmp_path / "tuned.mp4"

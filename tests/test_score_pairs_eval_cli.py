@@ -11,7 +11,7 @@ from datasets import load_from_disk
 
 from rewards.base import Scorer
 from rollouts.store import RolloutStore
-from tests.conftest import call_cli
+from tests.conftest import call_cli, random_adapter
 
 
 class NanForFirstPrompt(Scorer):
@@ -87,17 +87,8 @@ def test_score_and_pairs_bad_input(store_copy, tmp_path, capsys):
 
 
 def test_eval_table_and_json(tiny_store, tmp_path, capsys):
-    from rlhf.lora import add_lora, save_adapter
-    from rlhf.models.loader import load_contentv
-
     model = tiny_store.settings["model"]
-    transformer = load_contentv(model, dtype="fp32", load_vae=False, load_text_encoders=False).transformer
-    add_lora(transformer, rank=4, alpha=4)
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.3)
-    adapter = save_adapter(transformer, tmp_path / "adapter")
+    adapter = random_adapter(model, tmp_path / "adapter", std=0.3)
     prompts = tmp_path / "heldout.txt"
     prompts.write_text("a purple flower\na grey rock\n")
     trained = write_yaml(tmp_path / "t.yaml", {"scorers": {"brightness": {"weight": 1.0}}, "device": "cpu"})
@@ -123,11 +114,7 @@ def test_eval_table_and_json(tiny_store, tmp_path, capsys):
     assert len(result["videos"]["base"]["0"]) == 3 and "1" not in result["videos"]["base"]
 
     # The base rows do not depend on which adapters are loaded: they run with every adapter disabled.
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.3)
-    second = save_adapter(transformer, tmp_path / "adapter2")
+    second = random_adapter(model, tmp_path / "adapter2", std=0.3)
     code, _, err = call_cli(capsys, *eval_args(f"{second},{adapter}", tmp_path / "eval2"))
     assert code == 0, err
     again = json.loads((tmp_path / "eval2" / "eval.json").read_text())
