@@ -173,7 +173,10 @@ class TrainingOptions:
     seed: int = option(0, "Seed of data order, noise and sigmas.")
     save_every: int = option(50, "Write a checkpoint every N optimiser steps (0: only at the end).")
     keep_last: int = option(3, "Checkpoints kept (older ones are deleted).")
-    resume_from: str | None = option(None, "'latest' or a checkpoint directory to resume from.")
+    resume_from: str | None = option(None, "'latest' or a checkpoint directory to resume from ('latest' in a run "
+                                     "killed before its first checkpoint starts it again at step 0).")
+    overwrite: bool = option(False, "Replace the run already in output_dir (its checkpoints, logs, adapter and "
+                                    "summary) instead of refusing; without it a run directory is only resumed.")
     log_every: int = option(1, "Log metrics every N optimiser steps.")
     report_to: Literal["tensorboard", "wandb", "none"] = option("tensorboard", "Experiment tracker (metrics.jsonl "
                                                                 "is always written).")
@@ -192,3 +195,5 @@ class TrainingOptions:
             raise ConfigError("learning_rate", f"must be > 0, got {self.learning_rate}")
         if self.max_grad_norm < 0:
             raise ConfigError("max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        if self.overwrite and self.resume_from:
+            raise ConfigError("overwrite", "cannot be combined with resume_from (resume the run, or replace it)")
