@@ -13,7 +13,13 @@ For a pair (winner x0_w, loser x0_l) of one prompt, with ONE noise eps and ONE s
 
 The policy improves on the winner relative to the reference more than on the loser when d_w < d_l; the
 implicit accuracy is mean(d_w < d_l), ties counting one half (so a zero-initialised adapter scores 0.5 and
-its sigmoid loss is log 2). Optional: an SFT term `sft_weight * err(policy, x0_w)` and per-pair weights.
+its sigmoid loss is log 2). Optional: an SFT term `sft_weight * err(policy, x0_w)` and per-pair weights w_i:
+
+    loss = (1/B) sum_i w_i * loss_i
+
+a weighted MEAN over the micro-batch's B pairs, not divided by sum_i w_i: the weights are normalised once over
+the whole dataset (`PairData`: margin / mean margin, so mean 1), and dividing by the batch's own weight sum
+would cancel them (at one pair per micro-batch it would make every weight 1).
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ def flow_dpo_loss(
     if sft_weight:
         losses = losses + sft_weight * policy_err_w
     if pair_weights is not None:
-        loss = (losses * pair_weights).sum() / pair_weights.sum()
+        loss = (losses * pair_weights).mean()  # weights are normalised over the dataset, not the batch
     else:
         loss = losses.mean()
 

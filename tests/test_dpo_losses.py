@@ -41,7 +41,29 @@ def test_sft_term_and_pair_weights():
     per_pair = [-math.log(1 / (1 + math.exp(-beta * x))) + 0.5 * w for x, w in zip(h, [0.5, 0.3, 0.2], strict=True)]
     weights = torch.tensor([1.0, 2.0, 3.0])
     loss, _ = flow_dpo_loss(**ERRS, beta=beta, sft_weight=0.5, pair_weights=weights)
-    assert loss.item() == pytest.approx(sum(w * x for w, x in zip([1, 2, 3], per_pair, strict=True)) / 6, rel=1e-5)
+    # Weighted mean over the B = 3 pairs: the weights were normalised over the dataset, not this batch.
+    assert loss.item() == pytest.approx(sum(w * x for w, x in zip([1, 2, 3], per_pair, strict=True)) / 3, rel=1e-5)
+
+
+def test_margin_weights_act_at_one_pair_per_micro_batch():
+    """Dataset-normalised weights (mean 1) must scale each pair's loss even when a micro-batch holds one pair.
+
+    Summed over micro-batches of one pair each, the total is sum_i w_i loss_i; dividing by the batch's
+    weight sum would give sum_i loss_i, the unweighted loss.
+    """
+    beta = 10.0
+    _, _, h = by_hand(beta)
+    per_pair = [-math.log(1 / (1 + math.exp(-beta * x))) for x in h]
+    margins = [0.6, 1.2, 3.0]
+    weights = [m / (sum(margins) / 3) for m in margins]  # PairData's normalisation: margin / mean margin
+    total = 0.0
+    for i in range(3):
+        one = {k: v[i : i + 1] for k, v in ERRS.items()}
+        loss, _ = flow_dpo_loss(**one, beta=beta, pair_weights=torch.tensor([weights[i]]))
+        assert loss.item() == pytest.approx(weights[i] * per_pair[i], rel=1e-5)
+        total += loss.item()
+    assert total == pytest.approx(sum(w * x for w, x in zip(weights, per_pair, strict=True)), rel=1e-5)
+    assert total != pytest.approx(sum(per_pair), rel=1e-3)  # the weights changed the objective
 
 
 def test_equal_policy_and_reference_give_log2_and_half_accuracy():
