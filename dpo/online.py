@@ -19,13 +19,15 @@ from typing import Any, Literal
 
 from rlhf.config import ConfigError, option
 from rlhf.errors import UserError
+from rlhf.io import output_path_problem
 
 logger = logging.getLogger("contentv-rlhf")
 # Keys each section may not set: the online loop owns them.
 _OWNED = {
     "rollout": {"model", "prompts", "out", "adapter", "overwrite", "num_processes"},
     "pairs": {"store", "out", "overwrite"},
-    "train": {"pairs", "store", "model", "output_dir", "init_adapter", "reference", "resume_from", "method"},
+    "train": {"pairs", "store", "model", "output_dir", "init_adapter", "reference", "resume_from", "overwrite",
+              "method"},
 }
 
 
@@ -51,6 +53,8 @@ class OnlineConfig:
         for name in ("model", "prompts", "rewards", "out"):
             if not getattr(self, name):
                 raise ConfigError(name, "is required")
+        if problem := output_path_problem(self.out, "dir"):
+            raise ConfigError("out", problem)
         if self.rounds < 1:
             raise ConfigError("rounds", f"must be >= 1, got {self.rounds}")
         for section, owned in _OWNED.items():
@@ -119,6 +123,7 @@ def format_rounds(rows: list[dict[str, Any]]) -> str:
 def run_online(config: OnlineConfig) -> list[dict[str, Any]]:
     from rlhf.cli import main as cli
     from rlhf.io import write_json
+    from rlhf.training import holds_run
 
     _validate_sections(config)
     out = Path(config.out)
@@ -136,7 +141,7 @@ def run_online(config: OnlineConfig) -> list[dict[str, Any]]:
             rollout_argv += ["--adapter", previous]
             train_argv += ["--init-adapter", previous, "--reference", "init" if config.reference == "previous"
                            else "base"]
-        if (train / "checkpoints").is_dir() and any((train / "checkpoints").glob("step-*")):
+        if holds_run(train):  # interrupted: continue it (from step 0 if it was killed before a checkpoint)
             train_argv += ["--resume-from", "latest"]
         stages = [
             ("rollout", store / "manifest.parquet", rollout_argv),

@@ -66,6 +66,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from rlhf.base_model import check_adapter_base
     from rlhf.generation import VideoGenerator
     from rlhf.io import write_json
     from rlhf.lora import load_adapter
@@ -85,7 +86,9 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
                         f"{config.rewards}; a held-out reward must not be trained on")
     scorers = {**trained, **held_out}
 
-    generator = VideoGenerator(config)
+    for path in config.adapters:  # before any video: an adapter trained on another base is refused
+        check_adapter_base(path, config.model)
+    generator = VideoGenerator(config, max_sequence_length=config.max_sequence_length)
     candidates = {f"candidate{i}": str(Path(path)) for i, path in enumerate(config.adapters)}
     for name, path in candidates.items():
         load_adapter(generator.transformer, path, adapter_name=name)

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf import devices
+from rlhf.base_model import check_adapter_base
 from rlhf.lora import load_adapter
 from rlhf.models.loader import load_contentv
 from rlhf.options import ModelOptions, SamplingOptions
@@ -29,6 +30,8 @@ class VideoGenerator:
 
     def __init__(self, options: ModelOptions, load_text_encoders: bool = True, load_vae: bool = True):
         self.options = options
+        if options.adapter:  # an adapter trained on another base fails now, not after minutes of loading
+            check_adapter_base(options.adapter, options.model)
         self.device = devices.resolve_device(options.device)
         self.dtype = devices.parse_dtype(options.dtype)
         # With CPU offload every model lives on the CPU and visits the device only while it runs.

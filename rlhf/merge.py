@@ -29,16 +29,23 @@ about one shard's worth of memory, not the model's size:
    memory is the adapters, at most one shard's mapping (of which only the adapted tensors' pages are
    read) and a few float32 copies of the largest adapted matrix.
 3. The temporary directory is renamed into place; on any error it is removed, so the output directory
-   is either absent (or left as it was) or complete.
+   is either absent (or left as it was) or complete. A merge killed outright (kill -9, power loss) cannot
+   remove it: each staging (`.<out>.<random>.partial`) and set-aside (`.<out>.<random>.old`) directory has a
+   sibling owner file (`<dir>.owner`: pid and host), and the next merge into the same output deletes those
+   whose owner is not a live process on this host, before it stages anything.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import socket
 import struct
 import tempfile
 import time
@@ -50,12 +57,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from rlhf.base_model import check_adapter_base, identity
 from rlhf.errors import UserError, one_line
 from rlhf.lora import DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
 from rlhf.models.loader import check_model_dir
 from rlhf.progress import Progress
 
+logger = logging.getLogger("contentv-rlhf")
 TRANSFORMER = "transformer"
+STAGING_SUFFIXES = (".partial", ".old")  # our temporary siblings of the output: being built, set aside
+OWNER_SUFFIX = ".owner"  # beside each of them: {"pid", "host"} of the merge that made it
 PEFT_MODEL_PREFIX = "base_model.model."  # keys of an adapter saved from a PeftModel wrapper
 DIFFUSERS_PREFIX = "transformer."  # keys and metadata of `pytorch_lora_weights.safetensors`
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
@@ -436,15 +447,80 @@ def _check_out_dir(out: Path, model_dir: Path, adapter_dirs: Sequence[Path], ove
                             f"{adapter_dir}")
 
 
+def _make_owned_dir(out: Path, suffix: str) -> Path:
+    """A new hidden sibling of `out` (`.<out>.<random><suffix>`) with its owner file beside it."""
+    made = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent))
+    owner = made.with_name(made.name + OWNER_SUFFIX)
+    owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    return made
+
+
+def _remove_owned_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.with_name(path.name + OWNER_SUFFIX).unlink(missing_ok=True)
+
+
+def _process_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Delete the staging and set-aside directories of `out` that a killed merge left; returns them.
+
+    Only directories named as ours (`.<out>.<random>.partial` / `.old`) are considered, and of those only the
+    ones with an owner file naming a process that is not running on this host (a merge in progress is left
+    alone), or empty ones (a kill between creating the directory and its owner file). Orphaned owner files
+    go too."""
+    removed: list[Path] = []
+    if not out.parent.is_dir():
+        return removed
+    # tempfile.mkdtemp's names: the prefix, 8 random characters, the suffix.
+    ours = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}({'|'.join(map(re.escape, STAGING_SUFFIXES))})"
+                      rf"({re.escape(OWNER_SUFFIX)})?")
+    for path in sorted(p for p in out.parent.glob(f".{glob.escape(out.name)}.*") if ours.fullmatch(p.name)):
+        if path.suffix == OWNER_SUFFIX:
+            if not path.with_suffix("").exists():
+                path.unlink(missing_ok=True)
+            continue
+        if path.suffix not in STAGING_SUFFIXES or path.is_symlink() or not path.is_dir():
+            continue
+        owner_file = path.with_name(path.name + OWNER_SUFFIX)
+        if not owner_file.is_file():
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only if empty: an unmarked directory with content may not be ours
+                removed.append(path)
+            continue
+        try:
+            owner = json.loads(owner_file.read_text())
+        except (OSError, ValueError):
+            owner = {}
+        if isinstance(owner, dict) and owner.get("host") == socket.gethostname() and _process_alive(owner.get("pid")):
+            continue
+        _remove_owned_dir(path)
+        removed.append(path)
+    for path in removed:
+        logger.info("removed %s, left by an interrupted merge into %s", path, out)
+    return removed
+
+
 def _move_into_place(staging: Path, out: Path) -> None:
     if out.is_dir() and any(out.iterdir()):
         # rename() cannot replace a non-empty directory: move the old one aside, rename, then delete it.
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        old = _make_owned_dir(out, ".old")
         os.replace(out, old / out.name)
         os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_owned_dir(old)
     else:
         os.replace(staging, out)  # replaces an empty directory
+    staging.with_name(staging.name + OWNER_SUFFIX).unlink(missing_ok=True)
 
 
 def _check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
@@ -489,6 +565,9 @@ def merge_adapters(
     out = Path(os.path.abspath(out_dir))
     _check_out_dir(out, model_dir, adapter_dirs, overwrite)
     loaded = [read_adapter(d) for d in adapter_dirs]
+    base = identity(model_dir)
+    for adapter_dir in adapter_dirs:
+        check_adapter_base(adapter_dir, model_dir, base)
     transformer_dir = model_dir / TRANSFORMER
     shards, index = _index_transformer(transformer_dir)
     updates = _plan_updates(loaded, adapter_weights, index, transformer_dir)
@@ -496,7 +575,8 @@ def merge_adapters(
                            shards_total=len(shards))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    remove_stale_staging(out)
+    staging = _make_owned_dir(out, ".partial")
     try:
         os.chmod(staging, 0o755)  # mkdtemp makes it owner-only; the model dir should read like any other
         try:
@@ -505,7 +585,7 @@ def merge_adapters(
         except OSError as err:  # disk full, permissions: the user's environment, not a bug
             raise UserError(f"{out}: writing the merged checkpoint failed ({one_line(err)})") from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_owned_dir(staging)
         raise
     summary.seconds = time.perf_counter() - start
     return summary

@@ -25,7 +25,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 
 from rlhf import devices, io, sharding
+from rlhf.base_model import check_adapter_base, identity, write_record
 from rlhf.config import save_config
 from rlhf.errors import UserError, one_line
 from rlhf.lora import add_lora, lora_state_dict, module_keys, peft_keys, save_adapter
@@ -43,10 +46,34 @@ logger = logging.getLogger("contentv-rlhf")
 CHECKPOINT_PREFIX = "step-"
 OPTIMIZER_FILE = "optimizer.pt"  # full optimiser state keyed by parameter name (single, DDP, FSDP)
 DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own partitioned checkpoint (ZeRO)
+METRICS_FILE = "metrics.jsonl"
+ADAPTER_DIR = "adapter"
+# What a run writes into its output_dir; any of them there means the directory holds a run.
+RUN_ENTRIES = (ADAPTER_DIR, "checkpoints", "logs", "summary.json")
+# Hidden leftovers of a killed run: the adapter's staging directories (ours and save_adapter's).
+STAGING_ENTRIES = (f".{ADAPTER_DIR}.staging", f"..{ADAPTER_DIR}.staging.tmp", f".{ADAPTER_DIR}.tmp")
+REPLACED_PREFIX = ".replaced-run-"  # an overwritten run's entries, moved aside before they are deleted
+# LoRA settings that fix the shapes and meaning of the checkpointed weights: the checkpoint's adapter_config.json
+# key for each.
+SHAPE_SETTINGS = {"lora_rank": "r", "lora_alpha": "lora_alpha", "lora_targets": "target_modules"}
 
 
 class TrainingDiverged(UserError):
     """Too many consecutive non-finite losses."""
+
+
+def run_entries(output_dir: str | Path) -> list[str]:
+    """The entries of a training run present in `output_dir` (none: no run there)."""
+    return [name for name in RUN_ENTRIES if (Path(output_dir) / name).exists()]
+
+
+def holds_run(output_dir: str | Path) -> bool:
+    return bool(run_entries(output_dir))
+
+
+def _setting_text(value: Any) -> str:
+    """A LoRA setting as compared and shown: module lists in sorted order, numbers as written (8 == 8.0)."""
+    return ",".join(sorted(value)) if isinstance(value, list | tuple | set) else f"{float(value):g}"
 
 
 def step_generator(seed: int, *keys: int) -> torch.Generator:
@@ -84,6 +111,12 @@ class TrainingRun:
 
         self.options, self.lora, self.config = options, lora, config
         self.output_dir = Path(options.output_dir)
+        # A run directory is continued (resume_from) or replaced (overwrite), never trained into afresh: that
+        # would mix two runs' checkpoints, metrics and adapters.
+        found = run_entries(self.output_dir)
+        if found and not options.resume_from and not options.overwrite:
+            raise UserError(f"{self.output_dir}: already holds a training run ({', '.join(found)}); pass "
+                            "--resume-from latest to continue it or --overwrite to replace it")
         target = devices.resolve_device(device)
         self.accelerator = Accelerator(
             cpu=target.type == "cpu",
@@ -106,6 +139,8 @@ class TrainingRun:
         self.skipped_steps = 0
         self.history: list[dict[str, float]] = []
         self.reference_adapter = False
+        self.model_dir: Path | None = None
+        self.base_identity: dict[str, Any] | None = None  # written into every adapter (rlhf/base_model.py)
 
     # ---- directories -------------------------------------------------------------------------
     @property
@@ -135,6 +170,9 @@ class TrainingRun:
         transformer = load_contentv(
             model_dir, dtype=dtype, device=self.device, load_vae=False, load_text_encoders=False
         ).transformer
+        self.model_dir, self.base_identity = Path(model_dir), identity(model_dir)
+        if init_adapter is not None:
+            check_adapter_base(init_adapter, model_dir, self.base_identity)
         add_lora(transformer, self.lora.lora_rank, self.lora.lora_alpha, self.lora.lora_dropout,
                  self.lora.lora_targets)
         if init_adapter is not None:
@@ -207,10 +245,54 @@ class TrainingRun:
             self._resume(o.resume_from)
         # Only now, with every input checked, does the run directory get written to.
         if self.is_main:
+            if o.overwrite:
+                self._set_aside_previous_run()
+            self._remove_replaced_runs()
+            self._truncate_metrics(self.step)
             self.logs_dir.mkdir(parents=True, exist_ok=True)
         if o.report_to != "none":
-            self.accelerator.init_trackers("contentv-rlhf")
+            # Events a killed run logged after its checkpoint are purged, so each step is in tensorboard once.
+            resumed = {"tensorboard": {"purge_step": self.step}} if o.resume_from and o.report_to == "tensorboard" \
+                else {}
+            self.accelerator.init_trackers("contentv-rlhf", init_kwargs=resumed)
         return self.policy
+
+    def _set_aside_previous_run(self) -> None:
+        """overwrite: move the old run's entries into one hidden directory (each move is a rename, so a kill
+        leaves every entry either in place or set aside), to be deleted by `_remove_replaced_runs`."""
+        old = [self.output_dir / name for name in RUN_ENTRIES + STAGING_ENTRIES]
+        old = [path for path in old if path.exists() or path.is_symlink()]
+        if not old:
+            return
+        aside = Path(tempfile.mkdtemp(prefix=REPLACED_PREFIX, dir=self.output_dir))
+        for path in old:
+            os.replace(path, aside / path.name)
+        logger.info("overwrite: replacing the run in %s (%s)", self.output_dir, ", ".join(p.name for p in old))
+
+    def _remove_replaced_runs(self) -> None:
+        """Delete runs set aside by an overwrite (this one's, or a killed one's)."""
+        if self.output_dir.is_dir():
+            for aside in self.output_dir.glob(f"{REPLACED_PREFIX}*"):
+                shutil.rmtree(aside, ignore_errors=True)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Keep the metrics of steps before `step` (where this run starts), so that a run resumed after a kill
+        logs each step once; a line torn by the kill is dropped. Rewritten atomically. The kept records seed
+        `history`, so summary.json averages the same steps as an uninterrupted run."""
+        path = self.logs_dir / METRICS_FILE
+        if not path.exists():
+            return
+        io.remove_stale_temporaries(self.logs_dir)  # a rewrite the kill interrupted
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] < step:
+                kept.append(record)
+        io.write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+        self.history = kept
 
     def _configure_deepspeed(self) -> None:
         """The DeepSpeed engine owns accumulation and clipping: give it this run's values."""
@@ -323,16 +405,17 @@ class TrainingRun:
         self.history.append(record)
         if not self.is_main or step % self.options.log_every:
             return
-        with open(self.logs_dir / "metrics.jsonl", "a") as fh:
+        with open(self.logs_dir / METRICS_FILE, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.options.report_to != "none":
             self.accelerator.log(record, step=step)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def maybe_checkpoint(self, step: int) -> None:
-        """After optimiser step `step` (0-based) completed: checkpoint every `save_every` steps."""
-        done = step + 1
-        if self.options.save_every and done % self.options.save_every == 0 and done < self.options.max_steps:
+        """After optimiser step `step` (0-based) completed: checkpoint every `save_every` steps and after the
+        last step (a run killed while writing its adapter resumes with nothing left to train)."""
+        done, every = step + 1, self.options.save_every
+        if done == self.options.max_steps or (every and done % every == 0):
             self.save_checkpoint(done)
 
     def local_parameter_bytes(self) -> int:
@@ -362,13 +445,14 @@ class TrainingRun:
         else:
             optimizer_state = sharding.gather_optimizer(self.unwrapped, self.optimizer.optimizer)
         if self.is_main:
-            save_adapter(self.unwrapped, tmp / "adapter", state=weights)
+            self._write_adapter(tmp / ADAPTER_DIR, weights)
             if optimizer_state is not None:
                 torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             io.write_json(tmp / "trainer_state.json", {
                 "step": done, "nonfinite_in_row": self.nonfinite_in_row, "skipped_steps": self.skipped_steps,
                 "num_processes": accelerator.num_processes, "layout": self.layout,
+                "method": getattr(self.config, "method", None),
             })
         accelerator.wait_for_everyone()
         if self.is_main:
@@ -380,12 +464,17 @@ class TrainingRun:
         accelerator.wait_for_everyone()
         return final
 
-    def _find_checkpoint(self, spec: str) -> Path:
+    def _find_checkpoint(self, spec: str) -> Path | None:
+        """The checkpoint to resume; None for 'latest' in a run killed before its first checkpoint."""
         if spec == "latest":
             found = sorted(self.checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*"))
-            if not found:
+            if found:
+                return found[-1]
+            if not holds_run(self.output_dir):  # likely a mistyped output_dir: do not start a new run there
                 raise UserError(f"resume_from: no checkpoint found in {self.checkpoints_dir}")
-            return found[-1]
+            if self.is_main:
+                logger.info("resume_from latest: %s has no checkpoint yet; starting again at step 0", self.output_dir)
+            return None
         path = Path(spec)
         if not path.is_dir():
             raise UserError(f"resume_from: checkpoint directory {path} not found")
@@ -395,6 +484,8 @@ class TrainingRun:
         from safetensors.torch import load_file
 
         path = self._find_checkpoint(spec)
+        if path is None:
+            return
         rank, processes = self.accelerator.process_index, self.accelerator.num_processes
         optimizer_file = DEEPSPEED_DIR if self.layout == "deepspeed" else OPTIMIZER_FILE
         required = ("trainer_state.json", "adapter/adapter_model.safetensors", optimizer_file, "scheduler.pt",
@@ -407,6 +498,7 @@ class TrainingRun:
         state = {}
         try:
             state = json.loads((path / "trainer_state.json").read_text())
+            self._check_same_settings(path, state)
             if self.layout == "deepspeed" and state.get("num_processes") != processes:
                 raise UserError(f"{path}: a DeepSpeed checkpoint of {state.get('num_processes')} processes "
                                 f"cannot resume with {processes} (its optimiser state is partitioned)")
@@ -428,6 +520,8 @@ class TrainingRun:
             raise
         except Exception as err:  # torch/safetensors/json raise many types for a damaged file
             raise UserError(f"{path}: corrupt checkpoint ({one_line(err)})") from None
+        if self.model_dir is not None:
+            check_adapter_base(path / ADAPTER_DIR, self.model_dir, self.base_identity)
         if state.get("num_processes") != processes:
             logger.warning("resuming a %s-process checkpoint with %d processes: data order changes",
                            state.get("num_processes"), processes)
@@ -439,15 +533,46 @@ class TrainingRun:
         if self.is_main:
             logger.info("resumed from %s at step %d", path, self.step)
 
+    def _check_same_settings(self, path: Path, state: dict[str, Any]) -> None:
+        """A checkpoint resumes only under the method and LoRA settings it was trained with: name the one that
+        differs (otherwise the weights would not fit, or would silently mean something else)."""
+        method = getattr(self.config, "method", None)
+        if state.get("method") not in (None, method):
+            raise UserError(f"{path}: the checkpoint was trained with method {state['method']}, this run has "
+                            f"method {method}; resume with the checkpoint's settings or start a new run")
+        config_path = path / ADAPTER_DIR / "adapter_config.json"
+        saved = json.loads(config_path.read_text()) if config_path.exists() else {}
+        for setting, key in SHAPE_SETTINGS.items():
+            if key in saved and _setting_text(saved[key]) != _setting_text(getattr(self.lora, setting)):
+                raise UserError(f"{path}: the checkpoint was trained with {setting} {_setting_text(saved[key])}, "
+                                f"this run has {setting} {_setting_text(getattr(self.lora, setting))}; resume with "
+                                "the checkpoint's settings or start a new run")
+
+    def _write_adapter(self, adapter_dir: Path, weights: dict[str, torch.Tensor],
+                       summary: dict[str, Any] | None = None) -> Path:
+        """The adapter (peft + diffusers formats) with the base model's record and, for the final adapter, the
+        training config and summary: assembled in a hidden sibling and renamed into place whole."""
+        staging = adapter_dir.with_name(f".{adapter_dir.name}.staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        save_adapter(self.unwrapped, staging, state=weights)
+        if self.base_identity is not None:
+            write_record(staging, self.base_identity)
+        if summary is not None:
+            save_config(self.config, staging / "training_config.yaml")
+            io.write_json(staging / "summary.json", summary)
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        staging.rename(adapter_dir)
+        return adapter_dir
+
     # ---- the end -----------------------------------------------------------------------------
     def finish(self, summary: dict[str, Any]) -> Path:
         """Save the final adapter (peft + diffusers formats), the config and summary.json."""
         self.accelerator.wait_for_everyone()
-        adapter_dir = self.output_dir / "adapter"
+        adapter_dir = self.output_dir / ADAPTER_DIR
         weights = self.adapter_weights()
         if self.is_main:
-            save_adapter(self.unwrapped, adapter_dir, state=weights)
-            save_config(self.config, adapter_dir / "training_config.yaml")
+            self._write_adapter(adapter_dir, weights, summary)
             last = self.history[-10:]
             keys = sorted({k for record in last for k in record} - {"step"})
             averaged = {k: sum(v) / len(v) for k in keys if (v := [r[k] for r in last if k in r])}
@@ -458,7 +583,6 @@ class TrainingRun:
                 "rank0_parameter_bytes": self.local_parameter_bytes(),
                 "rank0_optimizer_bytes": sharding.local_optimizer_bytes(self.optimizer),
             })
-            io.write_json(adapter_dir / "summary.json", summary)
         # No rank tears the process group down while another still works in it (gloo aborts on that).
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()

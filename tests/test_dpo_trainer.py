@@ -94,9 +94,9 @@ def test_resume_gives_identical_weights(tiny_pairs, tmp_path, capsys):
               "--gradient-accumulation-steps", "2", "--lr-scheduler", "cosine", "--warmup-steps", "2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert call_cli(capsys, *train_args(tiny_pairs, straight, *common))[0] == 0
-    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step-0000003"]
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
     # A second run that only has the step-3 checkpoint continues to step 6.
-    shutil.copytree(straight / "checkpoints", resumed / "checkpoints")
+    shutil.copytree(straight / "checkpoints" / "step-0000003", resumed / "checkpoints" / "step-0000003")
     code, _, err = call_cli(capsys, *train_args(tiny_pairs, resumed, *common, "--resume-from", "latest"))
     assert code == 0, err
     a, b = adapter_weights(straight), adapter_weights(resumed)
@@ -110,7 +110,8 @@ def test_keep_last_checkpoints(tiny_pairs, tmp_path, capsys):
     out = tmp_path / "run"
     assert call_cli(capsys, *train_args(tiny_pairs, out, "--max-steps", "9", "--save-every", "2",
                                         "--keep-last", "2"))[0] == 0
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000006", "step-0000008"]
+    # The last step is always checkpointed, on top of every save_every.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000008", "step-0000009"]
 
 
 def test_two_cpu_processes(tiny_pairs, tmp_path):

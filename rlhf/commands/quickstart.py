@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     (configs / "eval_prompts.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
     (configs / "rewards.yaml").write_text(yaml.safe_dump({**REWARDS, "device": args.device}))
     (configs / "held_out_rewards.yaml").write_text(yaml.safe_dump({**HELD_OUT_REWARDS, "device": args.device}))
+    from rlhf.training import holds_run
+
     paths = {name: out / name for name in ("tiny-model", "rollout", "pairs", "train", "merged", "eval")}
     common = ["--device", args.device, "--dtype", "fp32"]
     stages = [
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
          ["train", "--pairs", paths["pairs"], "--output-dir", paths["train"], "--max-steps", args.train_steps,
           "--learning-rate", "2e-3", "--beta", "2", "--batch-size", "4", "--lora-rank", "8", "--lora-alpha", "8",
           "--mixed-precision", "no", "--no-gradient-checkpointing", "--save-every", "100",
-          "--report-to", "none", "--seed", args.seed, *common]),
+          "--report-to", "none", "--seed", args.seed, *common,
+          *(["--resume-from", "latest"] if holds_run(paths["train"]) else [])]),  # continue an interrupted one
         ("merge", paths["merged"] / "model_index.json",
          ["merge", "--model", paths["tiny-model"], "--adapter", paths["train"] / "adapter", "--out", paths["merged"]]),
         ("eval", paths["eval"] / "eval.json",
