@@ -1,10 +1,13 @@
 """LoRA adapters on the transformer (peft), saved in two formats and loaded from either.
 
 An adapter directory holds:
-- `adapter_config.json` + `adapter_model.safetensors`: peft's format (what `peft` and our trainer resume);
-- `pytorch_lora_weights.safetensors`: diffusers' LoRA format with the adapter metadata embedded, which
-  `pipe.load_lora_weights(dir)` / `transformer.load_lora_adapter(dir, prefix="transformer")` accept
-  (without the metadata diffusers would lose `lora_alpha` whenever it differs from the rank).
+- `adapter_config.json` + `adapter_model.safetensors`: peft's format, exactly as `PeftModel.save_pretrained`
+  writes it (keys under `base_model.model.`), so `PeftModel.from_pretrained(transformer, dir)` loads it; our
+  trainer resumes from it too;
+- `pytorch_lora_weights.safetensors`: diffusers' LoRA format (keys under `transformer.`) with the adapter
+  metadata embedded, which `transformer.load_lora_adapter(dir, weight_name=DIFFUSERS_WEIGHTS,
+  prefix="transformer")` loads (without the metadata diffusers would lose `lora_alpha` whenever it differs
+  from the rank; without `weight_name` diffusers' model-level loader looks for a `.bin` file).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from rlhf.options import DEFAULT_LORA_TARGETS
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+# `PeftModel` wraps the transformer as `base_model.model`; its files name every weight from there.
+PEFT_MODEL_PREFIX = "base_model.model."
 
 
 def _check_targets(model: torch.nn.Module, targets: Sequence[str], source: str) -> None:
@@ -68,10 +73,11 @@ def peft_keys(module_state: dict[str, torch.Tensor], adapter_name: str = "defaul
 
 
 def module_keys(peft_state: dict[str, torch.Tensor], adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The inverse of `peft_keys`: peft's keys -> the module's parameter names for `adapter_name`."""
+    """The inverse of `peft_keys`: peft's keys (with or without the file's `base_model.model.` prefix) ->
+    the module's parameter names for `adapter_name`."""
     renamed = {}
     for key, value in peft_state.items():
-        head, sep, leaf = key.rpartition(".")
+        head, sep, leaf = key.removeprefix(PEFT_MODEL_PREFIX).rpartition(".")
         renamed[f"{head}.{adapter_name}{sep}{leaf}"] = value
     return renamed
 
@@ -95,7 +101,9 @@ def save_adapter(transformer: torch.nn.Module, out_dir: str | Path, adapter_name
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     config = transformer.peft_config[adapter_name]
     config.save_pretrained(tmp)
-    save_file(state, tmp / PEFT_WEIGHTS)
+    # The keys and header metadata `PeftModel.save_pretrained` writes: without the prefix
+    # `PeftModel.from_pretrained` matches no weight and silently returns the base model.
+    save_file({PEFT_MODEL_PREFIX + k: v for k, v in state.items()}, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
     StableDiffusion3Pipeline.save_lora_weights(
         tmp,
         transformer_lora_layers=state,
@@ -108,13 +116,22 @@ def save_adapter(transformer: torch.nn.Module, out_dir: str | Path, adapter_name
     return out_dir
 
 
+def read_peft_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The LoRA weights of a peft-format adapter under peft's keys for a bare module (prefix removed).
+
+    Adapters written before the prefix was added (and by tools that omit it) read the same.
+    """
+    from safetensors.torch import load_file
+
+    return {k.removeprefix(PEFT_MODEL_PREFIX): v for k, v in load_file(Path(adapter_dir) / PEFT_WEIGHTS).items()}
+
+
 def load_adapter(
     transformer: torch.nn.Module, adapter_dir: str | Path, adapter_name: str = "default", scale: float = 1.0
 ) -> None:
     """Attach the adapter saved in `adapter_dir` (peft format preferred, else diffusers format)."""
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
@@ -126,7 +143,7 @@ def load_adapter(
                                    if k in LoraConfig.__dataclass_fields__})
             _check_targets(transformer, sorted(config.target_modules), str(peft_config))
             transformer.add_adapter(config, adapter_name=adapter_name)
-            result = set_peft_model_state_dict(transformer, load_file(peft_weights), adapter_name=adapter_name)
+            result = set_peft_model_state_dict(transformer, read_peft_weights(adapter_dir), adapter_name=adapter_name)
             if result.unexpected_keys:
                 raise UserError(f"{peft_weights}: {len(result.unexpected_keys)} weights do not match the "
                                 f"transformer (e.g. {result.unexpected_keys[0]})")

@@ -23,6 +23,7 @@ from rlhf.lora import (
     PEFT_WEIGHTS,
     add_lora,
     load_adapter,
+    read_peft_weights,
     save_adapter,
 )
 from rlhf.merge import merge_adapters, read_safetensors_header
@@ -72,7 +73,7 @@ def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
 
 
 def lora_modules(adapter: Path) -> set[str]:
-    return {k.removesuffix(".lora_A.weight") for k in load_file(adapter / PEFT_WEIGHTS) if k.endswith(".lora_A.weight")}
+    return {k.removesuffix(".lora_A.weight") for k in read_peft_weights(adapter) if k.endswith(".lora_A.weight")}
 
 
 def header_bytes(path: Path) -> bytes:
@@ -106,7 +107,7 @@ def test_merged_model_equals_base_plus_adapter(tiny_model_dir, adapters, tmp_pat
     assert summary.merged_weights == len(lora_modules(adapters[name])) == 15  # the last block has no to_add_out
     assert (summary.shards_rewritten, summary.shards_total, summary.adapters) == (1, 1, 1)
     if name == "patterns":  # the patterns really gave other ranks
-        lora = load_file(adapters[name] / PEFT_WEIGHTS)
+        lora = read_peft_weights(adapters[name])
         assert lora["transformer_blocks.0.attn.to_q.lora_A.weight"].shape[0] == 2
         assert lora["transformer_blocks.1.attn.to_k.lora_A.weight"].shape[0] == 3
 
@@ -130,7 +131,7 @@ def test_weighted_merge_of_two_adapters(tiny_model_dir, adapters, tmp_path):
     module = "transformer_blocks.0.attn.to_q"
     expected_w = load_file(tiny_model_dir / SHARD)[f"{module}.weight"].clone()
     for name, weight in (("a", 0.5), ("b", 1.5)):
-        lora = load_file(adapters[name] / PEFT_WEIGHTS)
+        lora = read_peft_weights(adapters[name])
         rank, alpha = LORA_SHAPES[name]
         expected_w += weight * alpha / rank * (lora[f"{module}.lora_B.weight"] @ lora[f"{module}.lora_A.weight"])
     merged_w = load_file(out / SHARD)[f"{module}.weight"]
@@ -142,7 +143,7 @@ def test_bf16_model_stays_bf16_and_merges_in_fp32(tiny_model_dir, adapters, tmp_
     model = copy_model(tiny_model_dir, tmp_path / "bf16", fresh_transformer(tiny_model_dir, dtype="bf16"))
     merge_adapters(model, [adapters["a"]], tmp_path / "out")
     base, merged = load_file(model / SHARD), load_file(tmp_path / "out" / SHARD)
-    lora = load_file(adapters["a"] / PEFT_WEIGHTS)
+    lora = read_peft_weights(adapters["a"])
     rank, alpha = LORA_SHAPES["a"]
     changed = 0
     for key, weight in base.items():
@@ -242,7 +243,7 @@ def test_sharded_transformer_keeps_its_layout(tiny_model_dir, sharded_model_dir,
     # An adapter whose modules all live in one shard rewrites that shard only; the others are hard-linked.
     one_shard = shards[1]
     keys = read_safetensors_header(one_shard)
-    lora = {k: v for k, v in load_file(adapters["a"] / PEFT_WEIGHTS).items()
+    lora = {k: v for k, v in read_peft_weights(adapters["a"]).items()
             if k.rsplit(".", 2)[0] + ".weight" in keys}
     assert lora
     partial = tmp_path / "partial_adapter"
@@ -339,13 +340,13 @@ def test_adapter_formats_give_the_same_merge(tiny_model_dir, adapters, tmp_path)
     shutil.copy(peft_dir / DIFFUSERS_WEIGHTS, only_diffusers)
     merge_adapters(tiny_model_dir, [only_diffusers], tmp_path / "from_diffusers")
     assert (tmp_path / "from_diffusers" / SHARD).read_bytes() == expected
-    # keys saved from a PeftModel wrapper carry a `base_model.model.` prefix.
-    prefixed = tmp_path / "prefixed"
-    prefixed.mkdir()
-    shutil.copy(peft_dir / PEFT_CONFIG, prefixed)
-    save_file({f"base_model.model.{k}": v for k, v in load_file(peft_dir / PEFT_WEIGHTS).items()}, prefixed / PEFT_WEIGHTS)
-    merge_adapters(tiny_model_dir, [prefixed], tmp_path / "from_prefixed")
-    assert (tmp_path / "from_prefixed" / SHARD).read_bytes() == expected
+    # keys without peft's `base_model.model.` prefix (adapters saved by older versions or by other tools).
+    unprefixed = tmp_path / "unprefixed"
+    unprefixed.mkdir()
+    shutil.copy(peft_dir / PEFT_CONFIG, unprefixed)
+    save_file(read_peft_weights(peft_dir), unprefixed / PEFT_WEIGHTS)
+    merge_adapters(tiny_model_dir, [unprefixed], tmp_path / "from_unprefixed")
+    assert (tmp_path / "from_unprefixed" / SHARD).read_bytes() == expected
 
 
 def test_overwrite_replaces_and_weight_zero_is_the_base_model(tiny_model_dir, adapters, tmp_path, capsys):
@@ -400,7 +401,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, adapters, tmp_
         adapter = _write_adapter(inputs / "wrong_shape", adapters["a"], {lora_a: torch.randn(4, 7),
                                                                          lora_b: torch.randn(32, 4)})
     elif case == "dora":
-        adapter = _write_adapter(inputs / "dora", adapters["a"], load_file(adapters["a"] / PEFT_WEIGHTS), use_dora=True)
+        adapter = _write_adapter(inputs / "dora", adapters["a"], read_peft_weights(adapters["a"]), use_dora=True)
     elif case == "bin weights":
         model = copy_model(tiny_model_dir, inputs / "bin_model", safe_serialization=False)
     elif case == "weight count":
