@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rewards.base import ModelCache, Scorer, require_file, sample_frames
+from rewards.base import ModelCache, Scorer, require_file, sample_frames, segment_middles
 from rewards.clip import DEFAULT_ARCH, shared_clip, validate_clip_source
 from rlhf.config import ConfigError, option
 from rlhf.errors import UserError, one_line
@@ -153,6 +153,9 @@ class AestheticScorer(Scorer):
     @property
     def head_kind(self) -> str:
         return self.head.kind
+
+    def frame_positions(self, num_frames: int) -> list[int]:
+        return segment_middles(num_frames, self.options.num_frames)
 
     def score(self, frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         picked = sample_frames(frames, self.options.num_frames)  # (B, N, 3, H, W)

@@ -2,7 +2,8 @@
 
 Meant for the quickstart, toy benchmarks and tests, and as held-out sanity signals; each one alone is
 trivially hackable (brighter, noisier, flickering), so do not train on one by itself. All take frames
-in [0, 1], ignore the prompt and average over every frame of the video.
+in [0, 1], ignore the prompt and average over every frame of the video (on a rollout store's kept frames,
+the per-frame ones average those; `frame_diff_motion` needs every frame, so the store's mp4s).
 
 - `brightness`: mean luma `Y = 0.299 R + 0.587 G + 0.114 B` (ITU-R BT.601), in [0, 1].
 - `contrast`: RMS contrast, the standard deviation of luma over each frame's pixels.
@@ -71,6 +72,9 @@ class FrameDiffMotionScorer(Scorer):
 
     name = "frame_diff_motion"
     differentiable = True
+
+    def frame_positions(self, num_frames: int) -> list[int]:
+        return list(range(num_frames))  # consecutive frames: a subset would change the spacing
 
     def score(self, frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         frames = frames.float()

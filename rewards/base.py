@@ -6,6 +6,14 @@ A scorer is a frozen `torch.nn.Module` called as `scorer(frames, prompts) -> sco
 - `prompts`: a list of B strings (scorers that ignore text still take them);
 - `scores`: `(B,)` float32 on the same device, higher is better.
 
+Which frames a score reads: `frame_positions(num_frames)` names the positions of a `num_frames`-frame
+video that `score` reads, in the order it reads them (CLIP: the segment middles; `motion`: its frame
+pairs), or None for a per-frame statistic averaged over whatever frames it is given. `forward(frames,
+prompts, positions=None, num_frames=None)` hands `score` exactly those frames: out of the whole video by
+default, or out of a saved subset (a rollout store's `frame_indices`) when `positions` says which video
+frames `frames` holds. So a score computed from a store's subset equals the score of the full video
+whenever the subset holds the positions the scorer reads (`covers`), and a subset that does not is an error.
+
 Class attributes: `name` (the registry name; `build_scorers` sets an instance's `name` to its config
 entry), `differentiable` (True when `scores` carries gradients back to `frames`; the reward-gradient
 trainer only backpropagates through those), and `Options` (the dataclass of its config options,
@@ -61,15 +69,46 @@ class Scorer(nn.Module):
         self.options = self.Options() if options is None else options
 
     def score(self, frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """Scores `(B,)` for checked inputs; implemented by each scorer."""
+        """Scores `(B,)` for checked inputs (the `frame_positions` frames); implemented by each scorer."""
         raise NotImplementedError
 
-    def forward(self, frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def frame_positions(self, num_frames: int) -> list[int] | None:
+        """Positions of a `num_frames`-frame video that `score` reads, in order; None: a per-frame average of
+        whatever frames it is given (then an evenly spaced subset only estimates the full video's score)."""
+        return None
+
+    def covers(self, positions: Sequence[int], num_frames: int) -> bool:
+        """Whether frames at `positions` of a `num_frames`-frame video hold every frame `score` reads."""
+        needed = self.frame_positions(num_frames)
+        return needed is None or set(needed) <= set(positions)
+
+    def select_frames(self, frames: torch.Tensor, positions: Sequence[int] | None = None,
+                      num_frames: int | None = None) -> torch.Tensor:
+        """The frames `score` reads, out of `frames` `(B, F, ...)`: the whole video (`positions` None) or the
+        video frames at `positions` (F of them, increasing or not) of a `num_frames`-frame video."""
+        if positions is None:
+            positions, num_frames = range(frames.shape[1]), frames.shape[1]
+        elif num_frames is None or len(positions) != frames.shape[1]:
+            raise ValueError(f"positions needs num_frames and one position per frame ({frames.shape[1]}), got "
+                             f"{len(positions)} position(s) and num_frames {num_frames}")
+        needed = self.frame_positions(num_frames)
+        if needed is None:
+            return frames
+        where = {int(p): i for i, p in enumerate(positions)}
+        missing = sorted(set(needed) - where.keys())
+        if missing:
+            raise ValueError(f"scorer {self.name!r} reads frames {needed} of a {num_frames}-frame video; the "
+                             f"frames given are at {list(positions)} (missing {missing})")
+        return frames[:, [where[p] for p in needed]]
+
+    def forward(self, frames: torch.Tensor, prompts: Sequence[str], positions: Sequence[int] | None = None,
+                num_frames: int | None = None) -> torch.Tensor:
         check_inputs(frames, prompts)
         device = self.device
         if device is not None and device != frames.device:
             raise ValueError(f"scorer {self.name!r} is on {device} but the frames are on {frames.device}; "
                              "move one of them (scorer.to(device))")
+        frames = self.select_frames(frames, positions, num_frames)
         scores = self.score(frames, list(prompts))
         if scores.shape != (frames.shape[0],):
             raise RuntimeError(f"scorer {self.name!r} returned shape {tuple(scores.shape)}, expected ({frames.shape[0]},)")
@@ -113,6 +152,20 @@ def segment_middles(num_frames: int, count: int) -> list[int]:
     count = min(count, num_frames)
     edges = [i * num_frames // count for i in range(count + 1)]
     return [(edges[i] + edges[i + 1] - 1) // 2 for i in range(count)]
+
+
+def frame_pairs(num_frames: int, count: int, stride: int) -> list[tuple[int, int]]:
+    """Frame pairs `(t, t + stride)` of a `num_frames`-frame video, t at the `segment_middles(num_frames, count)`.
+
+    A middle too close to the end moves back to `num_frames - 1 - stride` (duplicates dropped); `stride` is
+    capped at `num_frames - 1`. A rollout store that keeps the same middles and their `+ stride` neighbours
+    (`rollouts.rollout.frame_indices`) holds every frame these pairs read.
+    """
+    if num_frames < 2:
+        return []
+    stride = min(stride, num_frames - 1)
+    starts = sorted({min(m, num_frames - 1 - stride) for m in segment_middles(num_frames, count)})
+    return [(t, t + stride) for t in starts]
 
 
 def sample_frames(frames: torch.Tensor, count: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from rewards.base import ModelCache, Scorer, sample_frames
+from rewards.base import ModelCache, Scorer, sample_frames, segment_middles
 from rewards.clip_backbone import LOCAL_DIR, OPENAI_VIT_L14, ClipBackbone, load_clip
 from rlhf.config import ConfigError, option
 
@@ -75,6 +75,9 @@ class ClipScorer(Scorer):
     def __init__(self, options: ClipOptions, cache: ModelCache | None = None):
         super().__init__(options, cache)
         self.backbone = shared_clip(cache, options.arch, options.checkpoint, "checkpoint")
+
+    def frame_positions(self, num_frames: int) -> list[int]:
+        return segment_middles(num_frames, self.options.num_frames)
 
     def score(self, frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         picked = sample_frames(frames, self.options.num_frames)  # (B, N, 3, H, W)

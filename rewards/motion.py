@@ -1,6 +1,7 @@
 """`motion`: how much a video moves, discounted by how badly the motion explains the next frame.
 
-For P frame pairs (t, t + stride), t at the middles of P equal segments of the valid starts:
+For P frame pairs (t, t + stride), t at the middles of P equal segments of the video (moved back to
+T - 1 - stride near the end; `rewards.base.frame_pairs`):
 
     dynamic(t) = clip(top5(|flow_t|) / (6 * min(H, W) / 256), 0, 1)
     warp_err(t) = mean |frame_t - warp(frame_{t+stride}, flow_t)|          (RGB in [0, 1])
@@ -14,6 +15,11 @@ noise and jittery frames, whose next frame the flow cannot predict, while a smoo
 the previous frame almost exactly (measured on synthetic 128 px videos, mean L1 in [0, 1]
 units: pan ~0, noise ~0.04, shuffled frames ~0.03). Limit: the penalty is about predictability, so
 a rigid scene played in shuffled order, which flow tracks exactly, is not penalised.
+
+Frame spacing is that of the video: `frame_positions(T)` names the 2P frames the pairs read, so a rollout
+store that kept those frames (`save_frames: P`, `save_frame_stride: stride`, the defaults) scores exactly as
+the full video, and scoring a store that did not keep them reads its mp4 or fails; it never pairs the kept
+frames at a spacing other than `stride`.
 
 Frames are resized so the longer side is at most `max_size` first; the threshold uses the size the
 flow was computed at, so the score does not depend on resolution. Videos with one frame score 0.
@@ -33,7 +39,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from rewards.base import ModelCache, Scorer, segment_middles
+from rewards.base import ModelCache, Scorer, frame_pairs
 from rewards.flow import RAFT_WEIGHT_URLS, RaftFlow, lucas_kanade_flow, warp
 from rlhf.config import ConfigError, option
 
@@ -54,8 +60,9 @@ class MotionOptions:
     raft_updates: int = option(12, "RAFT refinement iterations (num_flow_updates).")
     num_pairs: int = option(8, "Frame pairs per video, spread evenly over the video.")
     stride: int = option(
-        3, "Frames between the two frames of a pair. VBench compares frames ~1/8 s apart: 3 at 24 fps. "
-        "Shorter videos use T - 1."
+        3, "Video frames between the two frames of a pair. VBench compares frames ~1/8 s apart: 3 at 24 fps. "
+        "Shorter videos use T - 1. Scoring a rollout store needs the rollout's save_frame_stride equal to this "
+        "(and save_frames equal to num_pairs), or its mp4s."
     )
     tau: float = option(
         0.02, "Warp-error scale of the penalty exp(-warp_err / tau); warp_err is a mean L1 in [0, 1] units "
@@ -106,17 +113,25 @@ class MotionScorer(Scorer):
             return self.raft(frame1, frame2)
         return lucas_kanade_flow(frame1, frame2)
 
+    def frame_positions(self, num_frames: int) -> list[int]:
+        """The video frames the pairs read, pair by pair: `[t_1, t_1 + stride, t_2, t_2 + stride, ...]`."""
+        return [t for pair in frame_pairs(num_frames, self.options.num_pairs, self.options.stride) for t in pair]
+
     @torch.no_grad()
-    def measure(self, frames: torch.Tensor) -> MotionStats:
-        """The score and its parts for `(B, T, 3, H, W)` frames in [0, 1]."""
+    def measure(self, frames: torch.Tensor, positions: list[int] | None = None,
+                num_frames: int | None = None) -> MotionStats:
+        """The score and its parts for `(B, T, 3, H, W)` frames in [0, 1]: the whole video, or the frames at
+        video `positions` of a `num_frames`-frame video (which must hold `frame_positions(num_frames)`)."""
+        return self._measure_pairs(self.select_frames(frames, positions, num_frames))
+
+    def _measure_pairs(self, frames: torch.Tensor) -> MotionStats:
+        """Stats of `(B, 2P, 3, H, W)` frames in pair order (`frame_positions`)."""
         batch, length = frames.shape[:2]
         if length < 2:
             zeros = frames.new_zeros(batch, dtype=torch.float32)
             return MotionStats(zeros, zeros, zeros, zeros)
-        stride = min(self.options.stride, length - 1)
-        starts = torch.tensor(segment_middles(length - stride, self.options.num_pairs), device=frames.device)
-        first, second = frames[:, starts].float(), frames[:, starts + stride].float()  # (B, P, 3, H, W)
-        pairs = starts.numel()
+        first, second = frames[:, 0::2].float(), frames[:, 1::2].float()  # (B, P, 3, H, W)
+        pairs = first.shape[1]
         first, second = self._resize(first.flatten(0, 1)), self._resize(second.flatten(0, 1))  # (B*P, 3, h, w)
         flow = self.flow(first, second)  # (B*P, 2, h, w)
 
@@ -129,8 +144,10 @@ class MotionScorer(Scorer):
         per_video = lambda t: t.view(batch, pairs).mean(1)  # noqa: E731
         return MotionStats(per_video(score), per_video(dynamic), per_video(warp_error), per_video(top))
 
+    @torch.no_grad()
     def score(self, frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return self.measure(frames).score
+        # `forward` passes the `frame_positions` frames, in pair order.
+        return self._measure_pairs(frames).score
 
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]

@@ -68,17 +68,19 @@ def score_store(config: ScoreConfig) -> dict[str, dict[str, Any]]:
     done = total - sum(len(ids) for ids in pending.values())
     logger.info("score: %d samples x %d scorer(s) in %s (%d scores already there)", len(rows), len(scorers),
                 store.root, done)
+    num_frames = int(store.settings["frames"])
     with Progress(total=total, initial=done, desc="score", unit="score") as progress:
         for start in range(0, len(todo), config.batch_size):
             chunk = todo[start : start + config.batch_size]
-            frames = torch.stack([store.load_frames(sid) for sid in chunk])  # (B, F, 3, H, W)
+            inputs = _ScoringFrames(store, chunk, num_frames)
             for name, (scorer, weight) in scorers.items():
-                wanted = [i for i, sid in enumerate(chunk) if sid in pending[name]]
-                if not wanted:
+                ids = [sid for sid in chunk if sid in pending[name]]
+                if not ids:
                     continue
-                ids = [chunk[i] for i in wanted]
+                frames, positions = inputs.for_scorer(name, scorer, ids)
                 with torch.no_grad():
-                    values = scorer(frames[wanted].to(scorer.device or "cpu"), [prompts[s] for s in ids])
+                    values = scorer(frames.to(scorer.device or "cpu"), [prompts[s] for s in ids],
+                                    positions=positions, num_frames=num_frames)
                 for sid, value in zip(ids, values.float().cpu().tolist(), strict=True):
                     existing[name][sid] = value if math.isfinite(value) else None
                 store.write_scores(name, _plain(scorer.info()), weight, existing[name])
@@ -97,6 +99,45 @@ def score_store(config: ScoreConfig) -> dict[str, dict[str, Any]]:
             logger.warning("%s: %d non-finite score(s), excluded from pairs: %s", name, len(bad),
                            ", ".join(bad[:8]) + (", ..." if len(bad) > 8 else ""))
     return summary
+
+
+class _ScoringFrames:
+    """The frames of a chunk of samples, as each scorer needs them.
+
+    A scorer gets the store's kept frames (at their video positions) when they hold every frame it reads
+    (`Scorer.covers`), else every frame of the samples' mp4s, else a UserError naming what is missing: a
+    store's score must be the score of the full video, never one over frames at another spacing.
+    """
+
+    def __init__(self, store, chunk: list[str], num_frames: int):
+        self.store, self.num_frames = store, num_frames
+        self.saved = {sid: store.saved_frames(sid) for sid in chunk}
+        self.videos: dict = {}
+
+    def for_scorer(self, name: str, scorer, ids: list[str]):
+        """`(frames (B, F, 3, H, W), video positions of the F frames)` for samples `ids`."""
+        import torch
+
+        kept = [self.saved[sid] for sid in ids]
+        positions = kept[0][1]
+        if all(f is not None and p == positions and f.shape == kept[0][0].shape for f, p in kept):
+            frames = torch.stack([f for f, _ in kept])
+            if positions is not None and scorer.covers(positions, self.num_frames):
+                return frames, positions
+            if scorer.frame_positions(self.num_frames) is None:  # a per-frame average: any kept frames do
+                return frames, None
+        for sid in ids:
+            if sid not in self.videos:
+                self.videos[sid] = self.store.load_video(sid)
+        if all(self.videos[sid] is not None for sid in ids):
+            video = torch.stack([self.videos[sid] for sid in ids])
+            return video, list(range(video.shape[1]))
+        needed = scorer.frame_positions(self.num_frames)
+        has = "no frames" if kept[0][0] is None else f"frames {kept[0][1] or '(positions unrecorded)'}"
+        raise UserError(f"{self.store.sample_path(ids[0])}: scorer {name!r} reads frames "
+                        f"{sorted(set(needed)) if needed else 'all'} of each {self.num_frames}-frame video; the "
+                        f"store kept {has} and no mp4. Rerun the rollout with save_videos: true, or with "
+                        "save_frames / save_frame_stride matching the scorer (num_frames, num_pairs, stride)")
 
 
 def score_weights(store) -> dict[str, float]:

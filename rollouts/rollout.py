@@ -32,10 +32,18 @@ def sample_seed(base_seed: int, prompt: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def frame_indices(total: int, count: int) -> list[int]:
-    """`count` evenly spaced frame indices (segment middles) out of `total`."""
-    count = min(count, total)
-    return [int((i + 0.5) * total / count) for i in range(count)]
+def frame_indices(total: int, count: int, stride: int = 0) -> list[int]:
+    """Video frames a store keeps for scoring, increasing: the `count` segment middles out of `total` (the
+    frames `clip` and `aesthetic` read with num_frames = count) and, when `stride` > 0, the frame pairs
+    `rewards.base.frame_pairs(total, count, stride)` (what `motion` reads with num_pairs = count)."""
+    from rewards.base import frame_pairs, segment_middles
+
+    if count <= 0:
+        return []
+    kept = set(segment_middles(total, count))
+    if stride > 0:
+        kept.update(t for pair in frame_pairs(total, count, stride) for t in pair)
+    return sorted(kept)
 
 
 def _fingerprint(folder: Path) -> str:
@@ -73,6 +81,7 @@ def store_settings(config: RolloutConfig, frames: int, device_type: str) -> dict
         "batch_size": config.batch_size,
         "save_videos": config.save_videos,
         "save_frames": config.save_frames,
+        "save_frame_stride": config.save_frame_stride,
         "fps": config.fps,
     }
 
@@ -191,14 +200,16 @@ def run_rollout(config: RolloutConfig) -> Path:
 def _sample_units(config: RolloutConfig, store, pending: list[Unit], prompts: dict[str, str], frames: int,
                   progress) -> None:
     from rlhf.generation import VideoGenerator
+    from rlhf.options import uses_guidance
     from rlhf.video import to_uint8_frames, write_mp4
     from rollouts.store import NEGATIVE, sample_id
 
-    guided = config.guidance != 1.0
+    guided = uses_guidance(config.guidance)
     needed = sorted({u.prompt_id for u in pending}) + ([NEGATIVE] if guided else [])
     missing = [pid for pid in needed if not store.embeds_path(pid).exists()]
     decode = config.save_videos or config.save_frames > 0
-    generator = VideoGenerator(config, load_text_encoders=bool(missing), load_vae=decode)
+    generator = VideoGenerator(config, load_text_encoders=bool(missing), load_vae=decode,
+                               max_sequence_length=config.max_sequence_length)
 
     # One prompt per encoder call, so an embedding does not depend on which prompts share its batch.
     for pid in missing:
@@ -208,7 +219,7 @@ def _sample_units(config: RolloutConfig, store, pending: list[Unit], prompts: di
         generator.free_text_encoders()
     uncond = store.load_embeds(NEGATIVE) if guided else None
 
-    kept = frame_indices(frames, config.save_frames) if config.save_frames else []
+    kept = frame_indices(frames, config.save_frames, config.save_frame_stride)
     with progress:
         for unit in pending:
             seeds = [sample_seed(config.seed, unit.prompt, i) for i in unit.indices]

@@ -6,7 +6,7 @@ Layout (format version 1, see docs/formats.md):
       store.json                       format, version, settings that produced the samples, latent shape
       prompts.jsonl                    {"prompt_id": "p00000", "prompt": "..."} per line
       embeds/<prompt_id>.safetensors   prompt_embeds (L, D), pooled (P,)   -- once per prompt
-      embeds/negative.safetensors      the negative prompt's embeddings (when guidance != 1)
+      embeds/negative.safetensors      the negative prompt's embeddings (when guidance > 1)
       samples/<prompt_id>/<sample_id>.safetensors
                                        latents (C, T, H, W) bf16 [+ frames (F, H, W, 3) uint8];
                                        metadata: sample_id, prompt_id, sample_index, seed, frame_indices
@@ -150,6 +150,26 @@ class RolloutStore:
     def load_sample(self, sample: str) -> dict[str, torch.Tensor]:
         """{'latents': (C, T, H, W) bf16, optionally 'frames': (F, H, W, 3) uint8}."""
         return _load(self.sample_path(sample))
+
+    def saved_frames(self, sample: str) -> tuple[torch.Tensor | None, list[int] | None]:
+        """The decoded frames the sample file keeps, `(F, 3, H, W)` float in [0, 1], and the video frame index
+        of each (metadata `frame_indices`); (None, None) when it keeps none, indices None if unrecorded."""
+        tensors = self.load_sample(sample)
+        if "frames" not in tensors:
+            return None, None
+        frames = tensors["frames"]
+        indices = self.sample_metadata(sample).get("frame_indices")
+        if not isinstance(indices, list) or len(indices) != frames.shape[0]:
+            indices = None
+        return frames.permute(0, 3, 1, 2).float() / 255.0, indices
+
+    def load_video(self, sample: str) -> torch.Tensor | None:
+        """Every frame of the sample's mp4 as `(T, 3, H, W)` float in [0, 1], or None without an mp4."""
+        if not self.video_path(sample).exists():
+            return None
+        from rlhf.video import read_video
+
+        return torch.from_numpy(read_video(self.video_path(sample))).permute(0, 3, 1, 2).float() / 255.0
 
     def load_frames(self, sample: str) -> torch.Tensor:
         """The frames kept for scoring as `(F, 3, H, W)` float in [0, 1] (the saved subset, else the mp4)."""

@@ -59,7 +59,9 @@ def test_layout_and_manifest(reference_store):
     for row in rows:
         sample = store.load_sample(row["sample_id"])
         assert sample["latents"].dtype == torch.bfloat16 and tuple(sample["latents"].shape) == store.latent_shape
-        assert sample["frames"].shape == (8, 32, 48, 3) and sample["frames"].dtype == torch.uint8
+        # save_frames 8 of 9 frames plus the stride-3 motion pairs: every frame, at recorded positions.
+        assert sample["frames"].shape == (9, 32, 48, 3) and sample["frames"].dtype == torch.uint8
+        assert store.sample_metadata(row["sample_id"])["frame_indices"] == list(range(9))
         assert row["seed"] == sample_seed(0, prompts[row["prompt_id"]], row["sample_index"])
         info = probe_video(store.root / row["video"])
         assert (info.frames, info.fps, info.width, info.height) == (9, 6.0, 48, 32)
@@ -74,9 +76,13 @@ def test_layout_and_manifest(reference_store):
 
 
 def test_frame_subset_indices():
-    assert frame_indices(9, 8) == [0, 1, 2, 3, 5, 6, 7, 8]
+    # Segment middles (e_i + e_{i+1} - 1) // 2 with e_i = i * total // count, as VBench samples frames.
+    assert frame_indices(9, 8) == [0, 1, 2, 3, 4, 5, 6, 7]
     assert frame_indices(9, 3) == [1, 4, 7]
     assert frame_indices(5, 8) == [0, 1, 2, 3, 4]
+    # Plus the pairs (t, t + stride), t = min(middle, total - 1 - stride).
+    assert frame_indices(9, 3, 3) == [1, 4, 5, 7, 8]
+    assert frame_indices(9, 3, 2) == [1, 3, 4, 6, 7, 8]
 
 
 def test_rerun_is_a_noop_and_other_settings_are_refused(reference_store, tiny_model_dir, prompt_file, capsys):
