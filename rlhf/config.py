@@ -7,7 +7,9 @@ against the field's annotation. `add_config_arguments` and `config_from_args` pu
 command line: `--config FILE` loads YAML and `--field-name VALUE` flags override it. YAML values and
 flag strings go through the same coercion, so `steps: "3"` and `--steps 3` behave alike. A list flag
 takes `a,b` or YAML flow `[a, "b, with comma"]`; a nested dataclass field `train` is set with
-`--train.lr`. Only the standard library and PyYAML are imported, so `--help` stays instant.
+`--train.lr`, and a mapping flag (`--weights '{clip: 2}'`) merges into the YAML's mapping key by key.
+Every number is checked when the config is built: a float field takes finite values only and an int
+field what torch's int64 holds. Only the standard library and PyYAML are imported, so `--help` stays instant.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import pathlib
 import tempfile
@@ -32,6 +35,7 @@ from rlhf.errors import UserError
 T = TypeVar("T")
 _TRUE, _FALSE, _NONE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}, {"none", "null", "~"}
 _NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", pathlib.Path: "a path"}
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # an int field holds what torch's int64 holds
 _METAVARS = {int: "INT", float: "FLOAT", str: "STR", pathlib.Path: "PATH", list: "LIST", tuple: "LIST", dict: "MAP"}
 
 
@@ -122,8 +126,8 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     """Merge defaults <- `--config` YAML <- flags given on the command line, then build `cls`."""
     path = getattr(args, "config", None)
     data = load_yaml(path) if path else {}
-    given = [key for key, _, tp in _walk(cls) if not _is_section(tp) and hasattr(args, key)]
-    for key in given:
+    given = {key: tp for key, _, tp in _walk(cls) if not _is_section(tp) and hasattr(args, key)}
+    for key, tp in given.items():
         node, (*parents, name) = data, key.split(".")
         for part in parents:
             if node.get(part) is None:
@@ -132,13 +136,36 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
             if not isinstance(node, dict):
                 break  # the YAML section is not a mapping; building reports that
         else:
-            node[name] = getattr(args, key)
+            node[name] = _override(node.get(name), getattr(args, key), tp)
 
     def where(key: str) -> str:
         from_cli = any(key == k or key.startswith((k + ".", k + "[")) for k in given)
         return "command line" if from_cli or not path else str(path)
 
     return _build(cls, data, where)
+
+
+def _override(current: Any, flag: Any, tp: Any) -> Any:
+    """The value of a field after a flag: a mapping flag (`--rollout '{frames: 9}'`) merges into the YAML's
+    mapping key by key, as a section's `--train.lr` does; any other flag replaces the value."""
+    plain = [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
+    if not (isinstance(current, Mapping) and isinstance(flag, str) and flag.strip().startswith("{")
+            and any(typing.get_origin(a) is dict for a in plain)):
+        return flag
+    try:
+        parsed = yaml.safe_load(flag)
+    except yaml.YAMLError:
+        return flag  # coercion reports it, naming the field
+    return _merge_mappings(current, parsed) if isinstance(parsed, Mapping) else flag
+
+
+def _merge_mappings(base: Mapping, override: Mapping) -> dict:
+    """`base` updated key by key from `override`, recursing where both hold a mapping."""
+    merged = dict(base)
+    for key, value in override.items():
+        both = isinstance(base.get(key), Mapping) and isinstance(value, Mapping)
+        merged[key] = _merge_mappings(base[key], value) if both else value
+    return merged
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -186,6 +213,10 @@ class _StrictLoader(yaml.SafeLoader):
                                                             key_node.start_mark)
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+class _OutOfRange(UserError):
+    """A number of the right type that no field can take (NaN, inf, beyond int64)."""
 
 
 def _is_section(tp: Any) -> bool:
@@ -250,10 +281,15 @@ def _coerce(value: Any, tp: Any, key: str, where: Callable[[str], str]) -> Any:
         options = [a for a in args if a is not type(None)]
         if len(options) == 1 and _is_section(options[0]):
             return _coerce(value, options[0], key, where)  # keep the section's detailed errors
+        out_of_range = None
         for arg in options:
-            with contextlib.suppress(UserError):
+            try:
                 return _coerce(value, arg, key, where)
-        raise bad
+            except _OutOfRange as err:  # the right kind of value, outside what the field can take
+                out_of_range = out_of_range or err
+            except UserError:
+                pass
+        raise out_of_range or bad
     if origin is Literal:
         for choice in args:
             if (value == choice and type(value) is type(choice)) or (text is not None and text == str(choice)):
@@ -266,11 +302,22 @@ def _coerce(value: Any, tp: Any, key: str, where: Callable[[str], str]) -> Any:
             return text.lower() in _TRUE
         raise bad
     if tp in (int, float):
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool) and (tp is float or type(value) is int):
-            return tp(value)
-        with contextlib.suppress(ValueError, TypeError):
-            return tp(text)
-        raise bad
+            number = tp(value)
+        else:
+            with contextlib.suppress(ValueError, TypeError):
+                number = tp(text)
+        if number is None:
+            raise bad
+        # NaN passes every `x > 0` check and inf or a huge int ends in a traceback where torch or numpy
+        # takes it (a size, a seed, a step): no field takes them, so they stop here for every config.
+        if tp is float and not math.isfinite(number):
+            raise _OutOfRange(f"{where(key)}: field {key!r} expects a finite number, got {value!r}")
+        if tp is int and not INT_MIN <= number <= INT_MAX:
+            raise _OutOfRange(f"{where(key)}: field {key!r} expects an integer in [-2**63, 2**63 - 1] "
+                              f"(torch's int64), got {value!r}")
+        return number
     if tp is str and isinstance(value, str):
         return value
     if tp is pathlib.Path and (text or isinstance(value, os.PathLike)):

@@ -10,24 +10,33 @@ Writes `eval.json` (+ a few mp4s per model for the report) and returns it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import ConfigError, option
+from rlhf.config import INT_MAX, ConfigError, option
 from rlhf.errors import UserError
-from rlhf.options import ModelOptions, VideoOptions
+from rlhf.io import output_path_problem
+from rlhf.options import ModelOptions, VideoOptions, in_range, uses_guidance
 
 logger = logging.getLogger("contentv-rlhf")
 COMBINED = "combined"
 BASE = "base"
+MAX_EVAL_SEEDS = 100_000  # seeds per prompt; far beyond any evaluation budget
+MAX_BOOTSTRAP_RESAMPLES = 1_000_000  # each resample holds a copy of the paired differences
 
 
 @dataclass
 class EvalConfig(ModelOptions, VideoOptions):
     """`eval`: the model and sampling sections plus candidates, prompts, seeds and rewards."""
 
+    # eval compares the base with every candidate of `adapters`: ModelOptions' single adapter is no option
+    # here (init=False keeps it out of __init__, the YAML keys and the flags), only the generator reads it.
+    adapter: str | None = dataclasses.field(default=None, init=False)
+    adapter_scale: float = dataclasses.field(default=1.0, init=False)
     adapters: list[str] = option([], "Candidate LoRA adapters to compare with the base model (one or more).")
     prompts: str | None = option(None, "Held-out prompt file (.txt/.jsonl/.csv/datasets folder).")
     seeds: int = option(4, "Seeds per prompt; every model uses the same seeds.")
@@ -36,23 +45,28 @@ class EvalConfig(ModelOptions, VideoOptions):
     held_out_rewards: str | None = option(None, "Rewards YAML of rewards NOT trained on (hacking check).")
     out: str | None = option(None, "Output directory for eval.json and sample videos.")
     save_videos: int = option(2, "Prompts whose videos (all seeds, every model) are saved for the report.")
-    tie_tolerance: float = option(0.0, "Score differences within this tolerance count as ties.")
-    bootstrap_resamples: int = option(2000, "Bootstrap resamples for the confidence intervals.")
+    tie_tolerance: float = option(0.0, "Score differences within this tolerance count as ties (>= 0).")
+    bootstrap_resamples: int = option(
+        2000, f"Bootstrap resamples for the confidence intervals (1..{MAX_BOOTSTRAP_RESAMPLES})."
+    )
 
     def __post_init__(self) -> None:
         ModelOptions.__post_init__(self)
-        if self.adapter:
-            raise ConfigError("adapter", "is not used by eval; list the candidates under `adapters`")
         VideoOptions.__post_init__(self)
         for name in ("prompts", "rewards", "out"):
             if not getattr(self, name):
                 raise ConfigError(name, "is required")
         if not self.adapters:
             raise ConfigError("adapters", "needs at least one candidate adapter directory")
-        if self.seeds < 1:
-            raise ConfigError("seeds", f"must be >= 1, got {self.seeds}")
+        if problem := output_path_problem(self.out, "dir"):
+            raise ConfigError("out", problem)
+        in_range("seeds", self.seeds, 1, MAX_EVAL_SEEDS)
+        in_range("seed_offset", self.seed_offset, 0, INT_MAX - self.seeds)  # every seed within torch's int64
         if self.save_videos < 0:
             raise ConfigError("save_videos", f"must be >= 0, got {self.save_videos}")
+        in_range("tie_tolerance", self.tie_tolerance, 0, math.inf)
+        # Checked here: the statistics run only after every video has been generated.
+        in_range("bootstrap_resamples", self.bootstrap_resamples, 1, MAX_BOOTSTRAP_RESAMPLES)
 
 
 def _build_rewards(path: str | None, field: str) -> dict:
@@ -93,7 +107,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     for name, path in candidates.items():
         load_adapter(generator.transformer, path, adapter_name=name)
     generator.transformer.requires_grad_(False)
-    guided = config.guidance != 1.0
+    guided = uses_guidance(config.guidance)
     texts = prompts.prompts + ([config.negative_prompt] if guided else [])
     embeds = generator.encode_prompts(texts)
     if config.free_text_encoders:

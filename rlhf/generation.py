@@ -12,13 +12,13 @@ import logging
 from collections.abc import Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from rlhf import devices
 from rlhf.base_model import check_adapter_base
 from rlhf.lora import load_adapter
 from rlhf.models.loader import load_contentv
 from rlhf.options import ModelOptions, SamplingOptions
+from rlhf.progress import Progress
 from rlhf.sampling import PromptEmbeds, denoise, initial_noise, latent_shape
 from rlhf.video import decode_latents
 
@@ -101,7 +101,8 @@ class VideoGenerator:
         cond = cond.to(self.device, self.dtype).expand(batch)
         uncond = uncond.to(self.device, self.dtype) if uncond is not None else None
         sigmas = self.schedule.sigmas(sampling.steps)
-        bar = tqdm(total=sampling.steps, desc="denoise", unit="step", disable=not progress or None, leave=False)
+        # A bar on a terminal, a log line every 30 s elsewhere: a redirected run is not silent for minutes.
+        bar = Progress(total=sampling.steps, desc="denoise", unit="step", enabled=progress)
         with self._on_device(self.transformer), bar:
             latents = denoise(
                 self.transformer,

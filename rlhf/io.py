@@ -2,7 +2,7 @@
 
 A reader (or a rerun after `kill -9`) therefore sees either the old file or the complete new one, never
 a truncated one. Temporary names start with `.` and contain `.tmp-`, so `remove_stale_temporaries` can
-clean what a killed process left behind.
+clean what a killed process left behind. `output_path_problem` checks an output path before any work.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 TMP_MARKER = ".tmp-"
 
@@ -62,3 +62,25 @@ def remove_stale_temporaries(root: str | Path) -> int:
             path.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def output_path_problem(path: str | os.PathLike, kind: Literal["file", "dir"]) -> str | None:
+    """What stops `path` from becoming an output file or directory (`kind`), or None.
+
+    Commands check each output path before any work, so a path of the wrong kind fails in one line rather
+    than in a NotADirectoryError / IsADirectoryError after minutes of sampling or training. The message
+    completes "field 'out' ..." or "--out ...".
+    """
+    path = Path(path)
+    if kind == "dir" and path.exists() and not path.is_dir():
+        return f"must be a directory, but {path} is a file"
+    if kind == "file" and path.is_dir():
+        return f"must be a file, but {path} is a directory"
+    existing = path if kind == "dir" and path.is_dir() else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"cannot be created: {existing} is a file, not a directory"
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot be written: {existing} is not writable"
+    return None

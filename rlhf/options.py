@@ -7,10 +7,12 @@ rollout, ...) inherit these sections; their fields map one to one onto YAML keys
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 from rlhf.config import ConfigError, option
+from rlhf.io import output_path_problem
 
 DeviceName = str  # auto | cuda | npu | cpu, the accelerators optionally indexed (cuda:1); see device_name_problem
 DTypeName = Literal["bf16", "fp16", "fp32"]
@@ -27,6 +29,30 @@ def device_name_problem(name: str) -> str | None:
 
 logger = logging.getLogger("contentv-rlhf")
 VAE_TEMPORAL_FACTOR = 4  # Wan VAE: 4x temporal compression, frames = 4k + 1
+# Upper bounds of sizes and counts: far above any real use (ContentV-8B: 125 frames of 432x768, 50 steps),
+# low enough that a typo (an extra digit run, 1e9) fails here instead of in an allocation or a loop of years.
+MAX_FRAMES = 10_001  # 4k + 1
+MAX_SIDE = 8192  # pixels: 8K
+MAX_STEPS = 10_000  # sampling steps
+MAX_SEQUENCE_LENGTH = 4096  # T5 tokens
+MAX_GUIDANCE = 100  # CFG scales in use are 1 to ~15; beyond this the latents overflow into NaN videos
+MIN_FPS, MAX_FPS = 0.01, 1000  # mp4 time bases below 0.01 fps round to 0 (the muxer falls back to 24)
+MAX_LEARNING_RATE = 1  # AdamW on LoRA weights: any step of this size already diverges
+MAX_LORA_RANK = 16_384  # wider than any DiT layer it adapts
+
+
+def uses_guidance(guidance: float) -> bool:
+    """Whether classifier-free guidance runs at this scale: only above 1, as in diffusers and ContentV
+    (`do_classifier_free_guidance = guidance_scale > 1`); at or below 1 there is no unconditional branch."""
+    return guidance > 1.0
+
+
+def in_range(name: str, value: float, low: float, high: float) -> None:
+    """Raise ConfigError naming `name` unless low <= value <= high (NaN fails too)."""
+    if not value >= low:
+        raise ConfigError(name, f"must be >= {low}, got {value}")
+    if not value <= high:
+        raise ConfigError(name, f"must be <= {high}, got {value}")
 
 # The eight MM-DiT attention projections present in every ContentV block.
 DEFAULT_LORA_TARGETS = (
@@ -90,7 +116,8 @@ class SamplingOptions:
     height: int = option(432, "Frame height in pixels (a multiple of 16).")
     width: int = option(768, "Frame width in pixels (a multiple of 16).")
     steps: int = option(50, "Number of Euler steps.")
-    guidance: float = option(6.0, "Classifier-free guidance scale (1.0 disables guidance).")
+    guidance: float = option(6.0, f"Classifier-free guidance scale, 0..{MAX_GUIDANCE:g} (at or below 1 "
+                                  "there is no guidance: no unconditional branch, as in diffusers).")
     negative_prompt: str = option(DEFAULT_NEGATIVE_PROMPT, "Negative prompt used for the unconditional branch.")
     max_sequence_length: int = option(256, "T5 tokens per prompt.")
     batch_cfg: bool = option(
@@ -99,8 +126,7 @@ class SamplingOptions:
     )
 
     def __post_init__(self) -> None:
-        if self.frames < 1:
-            raise ConfigError("frames", f"must be >= 1, got {self.frames}")
+        in_range("frames", self.frames, 1, MAX_FRAMES)
         if round_frames(self.frames) != self.frames:  # rounded once, here, so every stage sees the same count
             logger.warning("frames=%d is not of the form 4k + 1; using %d frames", self.frames,
                            round_frames(self.frames))
@@ -109,24 +135,21 @@ class SamplingOptions:
             value = getattr(self, name)
             if value < 16 or value % 16:
                 raise ConfigError(name, f"must be a positive multiple of 16, got {value}")
-        if self.steps < 1:
-            raise ConfigError("steps", f"must be >= 1, got {self.steps}")
-        if self.guidance < 0:
-            raise ConfigError("guidance", f"must be >= 0, got {self.guidance}")
-        if self.max_sequence_length < 1:
-            raise ConfigError("max_sequence_length", f"must be >= 1, got {self.max_sequence_length}")
+            in_range(name, value, 16, MAX_SIDE)
+        in_range("steps", self.steps, 1, MAX_STEPS)
+        in_range("guidance", self.guidance, 0, MAX_GUIDANCE)
+        in_range("max_sequence_length", self.max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
 
 
 @dataclass
 class VideoOptions(SamplingOptions):
     """Sampling plus what the stages that write mp4 files need."""
 
-    fps: float = option(24.0, "Frame rate written to mp4 files.")
+    fps: float = option(24.0, f"Frame rate written to mp4 files ({MIN_FPS:g} to {MAX_FPS:g}).")
 
     def __post_init__(self) -> None:
         SamplingOptions.__post_init__(self)
-        if self.fps <= 0:
-            raise ConfigError("fps", f"must be > 0, got {self.fps}")
+        in_range("fps", self.fps, MIN_FPS, MAX_FPS)
 
 
 @dataclass
@@ -142,8 +165,7 @@ class LoraOptions:
     )
 
     def __post_init__(self) -> None:
-        if self.lora_rank < 1:
-            raise ConfigError("lora_rank", f"must be >= 1, got {self.lora_rank}")
+        in_range("lora_rank", self.lora_rank, 1, MAX_LORA_RANK)
         if self.lora_alpha <= 0:
             raise ConfigError("lora_alpha", f"must be > 0, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
@@ -185,6 +207,8 @@ class TrainingOptions:
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise ConfigError("output_dir", "is required: the run directory")
+        if problem := output_path_problem(self.output_dir, "dir"):
+            raise ConfigError("output_dir", problem)
         for name in ("max_steps", "gradient_accumulation_steps", "log_every", "keep_last", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
@@ -193,7 +217,12 @@ class TrainingOptions:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError("learning_rate", f"must be > 0, got {self.learning_rate}")
-        if self.max_grad_norm < 0:
-            raise ConfigError("max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        in_range("learning_rate", self.learning_rate, 0, MAX_LEARNING_RATE)
+        # What torch.optim.AdamW would reject at the first step, rejected before any work.
+        for name in ("max_grad_norm", "weight_decay", "adam_epsilon"):
+            in_range(name, getattr(self, name), 0, math.inf)
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
         if self.overwrite and self.resume_from:
             raise ConfigError("overwrite", "cannot be combined with resume_from (resume the run, or replace it)")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from rlhf.errors import UserError
-from rlhf.options import VAE_TEMPORAL_FACTOR
+from rlhf.options import VAE_TEMPORAL_FACTOR, uses_guidance
 
 VAE_SPATIAL_FACTOR = 8
 LATENT_CHANNELS = 16
@@ -184,7 +184,7 @@ def predict_velocity(
         )[0]
 
     cond = cond.expand(batch)
-    if uncond is None or guidance_scale == 1.0:
+    if uncond is None or not uses_guidance(guidance_scale):
         return forward(model_in, cond, timestep)
     uncond = uncond.expand(batch)
     if batch_cfg:

@@ -1,5 +1,6 @@
 """The real `contentv-rlhf` entry point: help, tiny-model + generate end to end, and bad input."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -30,10 +31,21 @@ def test_help_lists_every_command_and_is_light():
     assert probe.stdout.strip() == "[]"
 
 
+def test_eval_help_lists_only_what_eval_accepts(capsys):
+    code, out, _ = call_cli(capsys, "eval", "--help")
+    assert code == 0 and "--adapters" in out
+    assert re.findall(r"--adapter\b(?!s)", out) == []  # eval compares `adapters`; the single adapter is no option
+    code, out, _ = call_cli(capsys, "generate", "--help")
+    assert code == 0 and len(re.findall(r"--adapter\b(?!s)", out)) >= 2  # generate takes --adapter, --adapter-scale
+
+
 def test_generate_writes_mp4_with_requested_frames(tiny_model_dir, tmp_path):
     out = tmp_path / "clips" / "a.mp4"
     result = run_cli("generate", "--model", tiny_model_dir, "--prompt", "a cat", "--out", out, *SMALL, "--seed", "3")
     assert result.returncode == 0, result.stderr
+    # stderr is a pipe, not a terminal: progress comes as log lines (one per phase, denoising every 30 s + at the end).
+    assert "generate: 9 frames of 48x32, 3 steps, guidance 4, seed 3" in result.stderr
+    assert "denoise: 3/3 step" in result.stderr and "generate: decoding 9 frames" in result.stderr
     info = probe_video(out)
     assert (info.frames, info.width, info.height, info.fps) == (9, 48, 32, 8.0)
     if shutil.which("ffprobe"):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -230,6 +230,74 @@ def test_dict_parsing(tmp_path):
     assert parse(["--weights", "{clip: 2, aesthetic: 0.5}"]).weights == {"clip": 2.0, "aesthetic": 0.5}
     path = write(tmp_path, "weights:\n  clip: high\n")
     assert error(["--config", str(path)]) == f"{path}: field 'weights.clip' expects a number, got 'high'"
+
+
+def test_mapping_flag_merges_into_the_yaml_mapping_key_by_key(tmp_path):
+    path = write(tmp_path, "weights: {clip: 1, aesthetic: 0.5}\n")
+    assert parse(["--config", str(path), "--weights", "{clip: 3, motion: 2}"]).weights == {
+        "clip": 3.0, "aesthetic": 0.5, "motion": 2.0}
+    assert parse(["--config", str(path), "--weights", "{}"]).weights == {"clip": 1.0, "aesthetic": 0.5}
+    assert error(["--config", str(path), "--weights", "{clip: fast}"]) == (
+        "command line: field 'weights.clip' expects a number, got 'fast'")
+
+
+@dataclass
+class Nested:
+    """A free-form mapping field, as `online` passes whole stage sections."""
+
+    stage: dict[str, Any] = option({}, "Flags of a stage.")
+    limit: int | None = option(None, "A bound; none for no bound.")
+
+
+def test_nested_mapping_flags_merge_recursively(tmp_path):
+    path = write(tmp_path, "stage:\n  samples: 8\n  lr: 5.0e-5\n  rewards: {clip: {weight: 1, frames: 8}}\n")
+    cfg = parse(["--config", str(path), "--stage", "{samples: 4, rewards: {clip: {weight: 2}}}"], Nested)
+    assert cfg.stage == {"samples": 4, "lr": 5e-5, "rewards": {"clip": {"weight": 2, "frames": 8}}}
+
+
+def test_online_stage_flags_merge_into_the_yaml_stage_sections(tmp_path):
+    from dpo.online import OnlineConfig
+    from rlhf.cli import build_parser
+
+    path = write(tmp_path, "model: m\nprompts: p.txt\nrewards: r.yaml\nout: runs/online\n"
+                 "rollout: {samples_per_prompt: 8, frames: 17}\ntrain: {learning_rate: 5.0e-5, max_steps: 40}\n")
+    args = build_parser().parse_args(["online", "--config", str(path), "--rollout", "{frames: 9}",
+                                      "--train", "{max_steps: 10}"])
+    cfg = config_from_args(OnlineConfig, args)
+    assert cfg.rollout == {"samples_per_prompt": 8, "frames": 9}
+    assert cfg.train == {"learning_rate": 5e-5, "max_steps": 10}
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "1e400", "-1e999"])
+def test_every_float_field_rejects_non_finite_values(tmp_path, text):
+    assert error([f"--beta={text}"]) == f"command line: field 'beta' expects a finite number, got {text!r}"
+    assert error([f"--train.lr={text}"]) == f"command line: field 'train.lr' expects a finite number, got {text!r}"
+    assert error([f"--train.grad-clip={text}"]) == (
+        f"command line: field 'train.grad_clip' expects a finite number, got {text!r}")
+    assert error([f"--weights={{clip: {text}}}"]).startswith(
+        "command line: field 'weights.clip' expects a finite number, got ")
+    assert error([f"--train.betas=0.9,{text}"]) == (
+        f"command line: field 'train.betas[1]' expects a finite number, got {text!r}")
+
+
+@pytest.mark.parametrize("text", [".nan", ".inf", "-.Inf", "1e400"])
+def test_non_finite_yaml_values_are_rejected_like_flags(tmp_path, text):
+    path = write(tmp_path, f"beta: {text}\n")
+    assert error(["--config", str(path)]).startswith(f"{path}: field 'beta' expects a finite number, got ")
+    path = write(tmp_path, f"train: {{lr: {text}}}\n")
+    assert error(["--config", str(path)]).startswith(f"{path}: field 'train.lr' expects a finite number, got ")
+    with pytest.raises(UserError, match="field 'beta' expects a finite number"):
+        config_from_dict(ExampleConfig, {"beta": float(text.replace(".", "").replace("In", "in"))})
+
+
+def test_int_fields_hold_what_torch_int64_holds():
+    assert parse(["--steps", str(2**63 - 1)]).steps == 2**63 - 1
+    for text in (str(2**63), "99999999999999999999", str(-(2**63) - 1)):
+        assert error([f"--seed={text}"]) == (
+            f"command line: field 'seed' expects an integer in [-2**63, 2**63 - 1] (torch's int64), got {text!r}")
+    assert error(["--sizes", f"1,{2**64}"]).startswith("command line: field 'sizes[1]' expects an integer in")
+    assert error(["--limit", "1" + "0" * 30], Nested).startswith("command line: field 'limit' expects an integer in")
+    assert parse(["--limit", "none"], Nested).limit is None
 
 
 @pytest.mark.parametrize(("text", "expected"), [("true", True), ("Yes", True), ("1", True), ("on", True),

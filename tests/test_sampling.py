@@ -6,7 +6,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from rlhf.errors import UserError
 from rlhf.models.transformer import SD3Transformer3DModel
-from rlhf.options import round_frames
+from rlhf.options import round_frames, uses_guidance
 from rlhf.sampling import (
     FlowSchedule,
     PromptEmbeds,
@@ -94,6 +94,24 @@ def test_batched_cfg_equals_two_passes(transformer):
     torch.testing.assert_close(batched, expected, rtol=1e-4, atol=1e-5)
     sequential = predict_velocity(transformer, latents, 0.7, cond, uncond, guidance_scale=5.0, batch_cfg=False)
     torch.testing.assert_close(sequential, expected, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("scale", [0.0, 0.5, 1.0])
+def test_guidance_at_or_below_1_runs_no_unconditional_branch(transformer, scale):
+    # diffusers and ContentV: do_classifier_free_guidance = guidance_scale > 1.
+    assert not uses_guidance(scale) and uses_guidance(1.01)
+    latents, cond, uncond = torch.randn(2, 16, 2, 4, 6), embeds(2, 1), embeds(1, 2)
+    batches = []
+    hook = transformer.register_forward_pre_hook(lambda _, args, kwargs: batches.append(len(kwargs["timestep"])),
+                                                 with_kwargs=True)
+    try:
+        guided = predict_velocity(transformer, latents, 0.7, cond, uncond, guidance_scale=scale)
+        plain = predict_velocity(transformer, latents, 0.7, cond)
+    finally:
+        hook.remove()
+    assert batches == [2, 2]  # one conditional forward each, no unconditional rows
+    torch.testing.assert_close(guided, plain)
 
 
 @torch.no_grad()

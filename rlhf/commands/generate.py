@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
-from rlhf.options import ModelOptions, VideoOptions
+from rlhf.io import output_path_problem
+from rlhf.options import ModelOptions, VideoOptions, uses_guidance
 
+logger = logging.getLogger("contentv-rlhf")
 HELP = "Generate one video from a prompt and write it as an mp4."
 EXAMPLES = """\
   contentv-rlhf generate --model ContentV-8B --prompt "a red fox running through snow" --out fox.mp4
@@ -34,6 +37,8 @@ class GenerateConfig(ModelOptions, VideoOptions):
             raise ConfigError("prompt", "is required (a non-empty text prompt)")
         if Path(self.out).suffix.lower() != ".mp4":
             raise ConfigError("out", f"must end in .mp4, got {self.out!r}")
+        if problem := output_path_problem(self.out, "file"):
+            raise ConfigError("out", problem)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,13 +52,17 @@ def run(args: argparse.Namespace) -> int:
     from rlhf.video import to_uint8_frames, write_mp4
 
     start = time.perf_counter()
+    logger.info("generate: %d frames of %dx%d, %d steps, guidance %g, seed %d -> %s; loading %s", config.frames,
+                config.width, config.height, config.steps, config.guidance, config.seed, config.out, config.model)
     generator = VideoGenerator(config)
-    guided = config.guidance != 1.0
+    logger.info("generate: model loaded in %.1fs; encoding the prompt", time.perf_counter() - start)
+    guided = uses_guidance(config.guidance)
     embeds = generator.encode_prompts([config.prompt, config.negative_prompt] if guided else [config.prompt])
     if config.free_text_encoders:
         generator.free_text_encoders()
     cond, uncond = embeds.select(0), (embeds.select(1) if guided else None)
     latents = generator.sample_latents(cond, uncond, [config.seed], config)
+    logger.info("generate: decoding %d frames", config.frames)
     video = generator.decode(latents)  # (1, 3, T, H, W)
     out = write_mp4(config.out, to_uint8_frames(video[0]), fps=config.fps)
     frames, height, width = video.shape[2:]

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+
+from rlhf.errors import UserError
+from rlhf.io import output_path_problem
 
 HELP = "Fuse one or more LoRA adapters into the transformer and write a complete checkpoint (same layout)."
 EXAMPLES = """\
@@ -30,8 +34,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="Replace --out if it exists and is not empty.")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Bad weights or an --out of the wrong kind fail here, before the model is read."""
+    for weight in args.weight or []:
+        if not math.isfinite(weight):  # a NaN weight would fuse into a checkpoint of NaN weights
+            raise UserError(f"--weight expects a finite number, got {weight}")
+    if problem := output_path_problem(args.out, "dir"):
+        raise UserError(f"--out {problem}")
+
+
 def run(args: argparse.Namespace) -> int:
     from rlhf.merge import merge_adapters
+
+    check_arguments(args)
 
     summary = merge_adapters(args.model, args.adapter, args.out, weights=args.weight, overwrite=args.overwrite)
     print(summary.describe())

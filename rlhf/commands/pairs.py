@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from rewards.pairs import PairsConfig
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
+from rlhf.io import output_path_problem
 
 HELP = "Build preference pairs from a scored rollout store and save them as a Hugging Face dataset."
 EXAMPLES = """\
@@ -31,6 +32,8 @@ class PairsStageConfig(PairsConfig):
             raise ConfigError("store", "is required: the scored rollout store")
         if not self.out:
             raise ConfigError("out", "is required: the pairs dataset directory")
+        if problem := output_path_problem(self.out, "dir"):
+            raise ConfigError("out", problem)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

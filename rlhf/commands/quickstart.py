@@ -30,6 +30,7 @@ REWARDS = {"scorers": {"brightness": {"weight": 1.0}}}
 HELD_OUT_REWARDS = {"scorers": {"colorfulness": {"weight": 1.0}, "contrast": {"weight": 1.0}}}
 SAMPLES_PER_PROMPT = 8  # K: best-of-K from the base is the toy benchmark's bar
 EVAL_SEEDS = 2 * SAMPLES_PER_PROMPT
+MAX_TRAIN_STEPS = 1_000_000  # a toy run: days of CPU time
 # 5 frames (2 latent frames) at 32x32 keep every stage a few seconds on a CPU.
 SAMPLING = ["--frames", "5", "--height", "32", "--width", "32", "--steps", "8", "--guidance", "4", "--fps", "8"]
 
@@ -41,11 +42,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-steps", type=int, default=600, help="Flow-DPO optimiser steps (default: 600).")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every flag is checked before the first file is written (the stages check their own configs later)."""
+    from rlhf.commands.tiny_model import MAX_SEED
+    from rlhf.errors import UserError
+    from rlhf.io import output_path_problem
+    from rlhf.options import device_name_problem
+
+    if problem := output_path_problem(args.out, "dir"):
+        raise UserError(f"--out {problem}")
+    if problem := device_name_problem(args.device):
+        raise UserError(f"--device {problem}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
+    if not 1 <= args.train_steps <= MAX_TRAIN_STEPS:
+        raise UserError(f"--train-steps must be in 1..{MAX_TRAIN_STEPS}, got {args.train_steps}")
+
+
 def run(args: argparse.Namespace) -> int:
     import yaml
 
     from rlhf.cli import main as cli
 
+    check_arguments(args)
     out = Path(args.out)
     configs = out / "configs"
     configs.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "Write a self-contained HTML report of a run: base vs tuned videos, pair examples, curves, eval table."
 EXAMPLES = """\
@@ -22,10 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rlhf.errors import UserError
+    from rlhf.io import output_path_problem
     from rlhf.report import write_report
 
     if args.examples < 0:
         raise UserError(f"--examples must be >= 0, got {args.examples}")
+    out = args.out or Path(args.run_dir) / "report.html"  # write_report's default
+    if problem := output_path_problem(out, "file"):
+        raise UserError(f"--out {problem}")
     path = write_report(args.run_dir, args.out, examples=args.examples)
     page = path.read_text(encoding="utf-8")
     videos, plots = page.count("<video "), page.count('<svg class="plot"')

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from rlhf.errors import UserError
+from rlhf.io import output_path_problem
+
+MAX_SEED = 2**32 - 1
 HELP = "Write a tiny, randomly initialised ContentV-layout checkpoint (real classes, a few MB)."
 EXAMPLES = """\
   contentv-rlhf tiny-model runs/tiny-model
@@ -13,12 +17,22 @@ EXAMPLES = """\
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", metavar="OUT_DIR", help="Directory to create (must not exist or be empty).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights (default: 0).")
+    parser.add_argument("--seed", type=int, default=0, help=f"Seed of the random weights, 0..{MAX_SEED} (default: 0).")
     parser.add_argument("--overwrite", action="store_true", help="Replace OUT_DIR if it is not empty.")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """A seed torch cannot take or an OUT_DIR of the wrong kind fails here, before any weight is drawn."""
+    if not 0 <= args.seed <= MAX_SEED:  # each component is seeded with seed * 1000 + index (torch's int64)
+        raise UserError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
+    if problem := output_path_problem(args.out_dir, "dir"):
+        raise UserError(f"OUT_DIR {problem}")
 
 
 def run(args: argparse.Namespace) -> int:
     from rlhf.models.tiny import build_tiny_model
+
+    check_arguments(args)
 
     path = build_tiny_model(args.out_dir, seed=args.seed, overwrite=args.overwrite)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
