@@ -39,6 +39,7 @@ MAX_GUIDANCE = 100  # CFG scales in use are 1 to ~15; beyond this the latents ov
 MIN_FPS, MAX_FPS = 0.01, 1000  # mp4 time bases below 0.01 fps round to 0 (the muxer falls back to 24)
 MAX_LEARNING_RATE = 1  # AdamW on LoRA weights: any step of this size already diverges
 MAX_LORA_RANK = 16_384  # wider than any DiT layer it adapts
+MAX_ADAPTER_SCALE = 100  # an update scaled further is no longer the trained one (and overflows toward inf)
 
 
 def uses_guidance(guidance: float) -> bool:
@@ -88,7 +89,8 @@ class ModelOptions:
     dtype: DTypeName = option("bf16", "Transformer and text-encoder dtype.")
     vae_dtype: DTypeName = option("fp32", "VAE dtype (fp32 recommended: the Wan VAE is sensitive to bf16).")
     adapter: str | None = option(None, "LoRA adapter directory to apply to the transformer (peft or diffusers format).")
-    adapter_scale: float = option(1.0, "Multiplier of the adapter's update (1.0 = as trained).")
+    adapter_scale: float = option(1.0, f"Multiplier of the adapter's update, 0..{MAX_ADAPTER_SCALE} "
+                                       "(1.0 = as trained).")
     free_text_encoders: bool = option(
         True, "Drop the text encoders once the prompts are encoded (they are not needed for sampling)."
     )
@@ -104,8 +106,7 @@ class ModelOptions:
                 "model", "is required: a ContentV checkpoint directory (make a tiny one with "
                 "`contentv-rlhf tiny-model DIR`)"
             )
-        if self.adapter_scale < 0:
-            raise ConfigError("adapter_scale", f"must be >= 0, got {self.adapter_scale}")
+        in_range("adapter_scale", self.adapter_scale, 0, MAX_ADAPTER_SCALE)
 
 
 @dataclass

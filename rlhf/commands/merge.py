@@ -7,6 +7,7 @@ import math
 
 from rlhf.errors import UserError
 from rlhf.io import output_path_problem
+from rlhf.options import MAX_ADAPTER_SCALE
 
 HELP = "Fuse one or more LoRA adapters into the transformer and write a complete checkpoint (same layout)."
 EXAMPLES = """\
@@ -24,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--weight", action="append", type=float, metavar="W",
-        help="Multiplier of an adapter's update (default 1.0); give it once per --adapter, in the same order.",
+        help=f"Multiplier of an adapter's update, -{MAX_ADAPTER_SCALE}..{MAX_ADAPTER_SCALE} (default 1.0); give it "
+        "once per --adapter, in the same order.",
     )
     parser.add_argument(
         "--out", required=True, metavar="DIR",
@@ -39,6 +41,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     for weight in args.weight or []:
         if not math.isfinite(weight):  # a NaN weight would fuse into a checkpoint of NaN weights
             raise UserError(f"--weight expects a finite number, got {weight}")
+        if abs(weight) > MAX_ADAPTER_SCALE:
+            raise UserError(f"--weight must be in -{MAX_ADAPTER_SCALE}..{MAX_ADAPTER_SCALE}, got {weight}")
     if problem := output_path_problem(args.out, "dir"):
         raise UserError(f"--out {problem}")
 
