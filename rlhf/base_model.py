@@ -34,6 +34,7 @@ VERSION = 1
 SAMPLED_TENSORS = 8
 SAMPLED_VALUES = 4096
 _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_warned: set[tuple[str, str]] = set()  # (adapter, model) pairs already warned about in this process
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1}
 
@@ -118,6 +119,9 @@ def check_adapter_base(adapter_dir: str | Path, model_dir: str | Path,
     """
     path = Path(adapter_dir) / RECORD
     if not path.exists():
+        if (str(adapter_dir), str(model_dir)) in _warned:
+            return
+        _warned.add((str(adapter_dir), str(model_dir)))
         logger.warning("%s: the adapter has no %s (written by an older version or another tool), so it cannot "
                        "be checked to come from the base model %s", adapter_dir, RECORD, model_dir)
         return

@@ -147,6 +147,10 @@ def run_rollout(config: RolloutConfig) -> Path:
     settings = store_settings(config, frames, device.type)
     store = RolloutStore(config.out)
 
+    if config.adapter:  # an adapter trained on another base is refused before the store is touched
+        from rlhf.base_model import check_adapter_base
+
+        check_adapter_base(config.adapter, config.model)
     # 1. Check or create the store (every rank checks, so all fail alike; rank 0 writes).
     resuming = _check_existing(store, settings, prompts, config.overwrite)
     if processes.is_main:
