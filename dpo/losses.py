@@ -40,6 +40,15 @@ def flow_matching_error(velocity: torch.Tensor, noise: torch.Tensor, latents: to
     return (velocity.float() - target).square().flatten(1).mean(dim=1)
 
 
+def velocity_distance(velocity: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample `mean_{C,T,H,W} ||velocity - target||^2`: (B,) float32 (target is treated as a constant).
+
+    The reward-gradient trainer's regulariser towards the base: `target` is the base model's velocity (adapter
+    disabled) at the same input, so the distance is 0 exactly when the policy predicts what the base does.
+    """
+    return (velocity.float() - target.detach().float()).square().flatten(1).mean(dim=1)
+
+
 def flow_dpo_loss(
     policy_err_w: torch.Tensor,
     policy_err_l: torch.Tensor,

@@ -7,8 +7,9 @@ parameters through the last `grad_steps` denoising steps (DRaFT-K; the earlier s
 Supports: truncated back-propagation through the last K Euler steps, optional stop-gradient on each step's
 latent input to the transformer, batched or split classifier-free guidance, differentiable decoding of only the
 first frame / k evenly spaced / k random frames (the causal Wan VAE decodes a latent prefix; per-latent-frame
-gradient checkpointing in the decoder), weighted sums of differentiable scorers, a flow-matching regulariser on
-the detached samples (ContentV's recipe), transformer gradient checkpointing, bf16 autocast, gradient
+gradient checkpointing in the decoder), weighted sums of differentiable scorers normalised by the base model's
+within-prompt spread (`calibrate_rewards`, the scale `pairs` uses), a regulariser towards the base (the policy's
+velocity against the base's on noised detached samples), transformer gradient checkpointing, bf16 autocast, gradient
 accumulation, grad-norm clipping, warmup + schedules, non-finite step skipping, atomic checkpoints with exact
 resume, metrics.jsonl + tensorboard/wandb (all from rlhf/training.py); single process, DDP, FSDP2, ZeRO-2.
 
@@ -32,13 +33,12 @@ from pathlib import Path
 
 import torch
 
-from dpo.losses import flow_matching_error, sample_sigmas
+from dpo.losses import sample_sigmas, velocity_distance
 from dpo.reward_gradient_config import RewardGradientConfig
-from rewards.build import WeightedScorer, build_scorers, weighted_reward
+from rewards.build import RewardNormalization, WeightedScorer, build_scorers, weighted_reward
 from rewards.config import load_rewards_config
 from rlhf import devices
 from rlhf.errors import UserError
-from rlhf.options import uses_guidance
 from rlhf.progress import Progress
 from rlhf.prompts import load_prompts, prompt_id
 from rlhf.sampling import (
@@ -68,6 +68,7 @@ class FrozenParts:
     prompts: list[str]
     text: PromptEmbeds  # (N, L, D), (N, P) on the CPU: one row per prompt
     negative: PromptEmbeds | None  # (1, L, D), (1, P) on the CPU; None without guidance
+    normalization: RewardNormalization | None = None  # set by `calibrate_rewards`; None = raw scores
 
 
 def load_frozen_parts(config: RewardGradientConfig, device: torch.device) -> FrozenParts:
@@ -91,7 +92,7 @@ def load_frozen_parts(config: RewardGradientConfig, device: torch.device) -> Fro
     prompts = prompt_list.prompts
     text = PromptEmbeds.cat([encoder.encode(prompts[i:i + ENCODE_CHUNK]).to("cpu")
                              for i in range(0, len(prompts), ENCODE_CHUNK)])
-    negative = encoder.encode([config.negative_prompt]).to("cpu") if uses_guidance(config.guidance) else None
+    negative = encoder.encode([config.negative_prompt]).to("cpu") if config.guidance != 1.0 else None
     encoder.release()
     return FrozenParts(parts.schedule, parts.vae, scorers, devices.resolve_device(rewards.device), prompts,
                        text, negative)
@@ -193,6 +194,58 @@ def decode_video_frames(vae: torch.nn.Module, latents: torch.Tensor, frames: Seq
     return ((video.float() + 1) / 2).permute(0, 2, 1, 3, 4)  # (B, n, 3, H, W)
 
 
+@torch.no_grad()
+def calibrate_rewards(run: TrainingRun, parts: FrozenParts, config: RewardGradientConfig) -> RewardNormalization:
+    """Per-reward centre and scale from the base model's videos, so a weight means what it means in `pairs`.
+
+    The reference model (adapter disabled, or the frozen reference adapter) samples `calibration_samples`
+    videos for each of the first `calibration_prompts` prompts of the seed's order, decoded and scored as in
+    training. Reward k's scale is `rewards.pairs.prompt_scale`, the pooled within-prompt 1.4826 MAD (the
+    scale `pairs` divides by with normalize: prompt), its centre the median of all the scores. Noise comes from
+    generators keyed by (seed, -2, sample), so a resumed run calibrates identically. A scale of 0 for a reward
+    with a non-zero weight is an error (its z-score would be unbounded); weight-0 rewards get scale 1.
+    """
+    import numpy as np
+
+    from rewards.pairs import prompt_scale
+
+    schedule, device = parts.schedule, run.device
+    count = min(config.calibration_prompts, len(parts.prompts))
+    chosen = prompt_indices(0, count, 0, 1, len(parts.prompts), config.seed)
+    jobs = [(p, g) for p in chosen for g in range(config.calibration_samples)]  # (prompt index, sample)
+    uncond = parts.negative.to(device, run.unwrapped.dtype) if parts.negative is not None else None
+    rows: list[list[float]] = []
+    with run.reference_mode() as reference:
+        for start in range(0, len(jobs), config.batch_size):
+            chunk = jobs[start:start + config.batch_size]
+            generators = [step_generator(config.seed, -2, start + i) for i in range(len(chunk))]
+            shape = latent_shape(config.frames, config.height, config.width, reference.config.patch_size)
+            noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+            frames = select_frames(config.decode_frames, config.frames, config.num_decode_frames, generators[0])
+            cond = parts.text.select([p for p, _ in chunk]).to(device, reference.dtype)
+            with run.accelerator.autocast():
+                latents = sample_with_grad(
+                    reference, noise, schedule.sigmas(config.steps), cond, uncond, guidance=config.guidance,
+                    batch_cfg=config.batch_cfg, grad_steps=0, stop_latent_grad=False,
+                    num_train_timesteps=schedule.num_train_timesteps)
+            video = decode_video_frames(parts.vae, latents, frames).to(parts.reward_device)
+            _, scores = weighted_reward(parts.scorers, video, [parts.prompts[p] for p, _ in chunk])
+            rows += torch.stack([scores[k].float().cpu() for k in parts.scorers], dim=1).tolist()
+    raw = np.array(rows)  # (prompts x samples, rewards)
+    if not np.isfinite(raw).all():
+        raise UserError(f"{config.rewards}: a reward was not finite on the base model's calibration videos")
+    scale, centre = prompt_scale(raw, [p for p, _ in jobs]), np.median(raw, axis=0)
+    normalization = RewardNormalization({}, {})
+    for k, (name, (_, weight)) in enumerate(parts.scorers.items()):
+        if scale[k] == 0 and weight != 0:
+            raise UserError(f"{config.rewards}: reward {name!r} did not vary between the base model's videos of a "
+                            f"prompt ({len(jobs)} calibration videos); raise calibration_samples or set "
+                            "reward_normalize: none")
+        normalization.centre[name] = float(centre[k])
+        normalization.scale[name] = float(scale[k]) if scale[k] > 0 else 1.0
+    return normalization
+
+
 def average_gradients(run: TrainingRun) -> None:
     """Average the trainable gradients over processes (a step's forwards bypass the DDP wrapper)."""
     if run.accelerator.num_processes == 1:
@@ -203,6 +256,28 @@ def average_gradients(run: TrainingRun) -> None:
     flat = run.accelerator.reduce(torch.cat([p.grad.flatten() for p in run.params]), reduction="mean")
     for param, grad in zip(run.params, flat.split([p.numel() for p in run.params]), strict=True):
         param.grad.copy_(grad.view_as(param))
+
+
+def base_anchor_loss(run: TrainingRun, x0: torch.Tensor, cond: PromptEmbeds, schedule: FlowSchedule,
+                     generator: torch.Generator) -> torch.Tensor:
+    """`mean_B mean_{C,T,H,W} ||v_policy(x_s, 1000 s) - v_base(x_s, 1000 s)||^2`, `x_s = (1 - s) x0 + s eps`.
+
+    One eps and one logit-normal (shifted) sigma s per sample; `v_base` is the reference model (adapter
+    disabled) without gradients, computed before the policy's pass. Its minimum, 0, is the base itself
+    (a zero or disabled adapter), unlike the flow-matching error on the policy's own samples, whose
+    target `eps - x0` the policy that drew x0 already fits.
+    """
+    batch = x0.shape[0]
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    sigmas = sample_sigmas(batch, generator, "logit_normal", shift=schedule.shift).to(x0.device)
+    s = sigmas.view(-1, 1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * eps
+    with torch.no_grad(), run.reference_mode() as reference, run.accelerator.autocast():
+        target = predict_velocity(reference, x_t, sigmas, cond, num_train_timesteps=schedule.num_train_timesteps)
+    with run.accelerator.autocast():
+        velocity = predict_velocity(run.unwrapped, x_t, sigmas, cond,
+                                    num_train_timesteps=schedule.num_train_timesteps)
+    return velocity_distance(velocity, target).mean()
 
 
 # ---- the step ----------------------------------------------------------------------------------------------
@@ -230,19 +305,12 @@ def reward_gradient_step(run: TrainingRun, parts: FrozenParts, indices: list[int
     # 3. Decode only the frames the reward needs, in the VAE's dtype (outside autocast), with gradients.
     video = decode_video_frames(parts.vae, latents, frames, config.vae_gradient_checkpointing)  # (B, n, 3, H, W)
     # 4. The weighted reward; the loss maximises its batch mean.
-    total, terms = weighted_reward(parts.scorers, video.to(parts.reward_device), prompts)
+    total, terms = weighted_reward(parts.scorers, video.to(parts.reward_device), prompts, parts.normalization)
     loss = -config.reward_scale * total.mean()
     metrics = {"reward_total": total.detach().mean(), **{f"reward_{k}": v.mean() for k, v in terms.items()}}
-    # 5. Flow-matching regulariser: the policy's error on its own detached samples at a random sigma.
+    # 5. Regulariser towards the base: the policy's velocity against the base's on its own detached samples.
     if config.fm_weight > 0:
-        x0 = latents.detach()
-        eps = torch.randn(x0.shape, generator=generator).to(device)
-        sigmas = sample_sigmas(batch, generator, "logit_normal", shift=parts.schedule.shift).to(device)
-        s = sigmas.view(-1, 1, 1, 1, 1)
-        with run.accelerator.autocast():
-            velocity = predict_velocity(policy, (1 - s) * x0 + s * eps, sigmas, cond,
-                                        num_train_timesteps=parts.schedule.num_train_timesteps)
-        fm_loss = flow_matching_error(velocity, eps, x0).mean()
+        fm_loss = base_anchor_loss(run, latents.detach(), cond, parts.schedule, generator)
         loss = loss + config.fm_weight * fm_loss
         metrics["fm_loss"] = fm_loss.detach()
     metrics["loss"] = loss.detach()
@@ -257,6 +325,13 @@ def train_reward_gradient(config: RewardGradientConfig) -> Path:
     # Order matters: the text encoders are freed before the transformer is loaded (peak memory).
     parts = load_frozen_parts(config, run.device)
     run.prepare(run.load_policy(config.model, config.dtype, config.init_adapter))
+    if config.reward_normalize == "calibrate":
+        parts.normalization = calibrate_rewards(run, parts, config)
+        if run.is_main:
+            logger.info("reward normalisation (base model, %d x %d videos): %s", config.calibration_prompts,
+                        config.calibration_samples, ", ".join(
+                            f"{k} = (score - {parts.normalization.centre[k]:.4g}) / {parts.normalization.scale[k]:.4g}"
+                            for k in parts.scorers))
     rank, world = accelerator.process_index, accelerator.num_processes
     accumulation = config.gradient_accumulation_steps
     if run.is_main:

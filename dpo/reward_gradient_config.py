@@ -22,8 +22,8 @@ DecodeFrames = Literal["first", "k_evenly_spaced", "random_k"]
 class RewardGradientConfig(TrainingOptions, LoraOptions, SamplingOptions):
     """`train` with `method: reward_gradient`: DRaFT-K / ReFL-style training on differentiable rewards.
 
-    Samples from the policy, back-propagates the reward of decoded frames through the last `grad_steps`
-    denoising steps into the LoRA parameters, optionally regularised by the flow-matching loss.
+    Samples from the policy, back-propagates the (normalised, weighted) reward of decoded frames through the
+    last `grad_steps` denoising steps into the LoRA parameters, optionally regularised towards the base.
     """
 
     method: Literal["reward_gradient"] = option(
@@ -47,20 +47,33 @@ class RewardGradientConfig(TrainingOptions, LoraOptions, SamplingOptions):
                                            "gradients; gradients then reach earlier steps only through the Euler "
                                            "updates, not through the transformer's input (cheaper, lower variance).")
     decode_frames: DecodeFrames = option(
-        "first", "Frames decoded for the reward: first (one latent frame: cheap with the causal VAE, "
-        "ContentV's recipe), k_evenly_spaced (num_decode_frames frames from first to last) or random_k "
-        "(num_decode_frames distinct random frames per micro-batch)."
+        "k_evenly_spaced", "Frames decoded for the reward: k_evenly_spaced (num_decode_frames frames from first "
+        "to last: the causal VAE decodes every latent frame, so the reward's gradient reaches all of them), "
+        "random_k (num_decode_frames distinct random frames per micro-batch) or first (video frame 0 only: "
+        "cheap, but the gradient reaches latent frame 0 alone, i.e. the first frame of the video)."
     )
     num_decode_frames: int | None = option(
-        None, "k for decode_frames k_evenly_spaced / random_k (1..frames); leave unset with first."
+        None, "k for decode_frames k_evenly_spaced / random_k (1..frames); unset = min(8, frames), the frames "
+        "clip/aesthetic read (num_frames 8). Leave unset with first."
     )
     vae_gradient_checkpointing: bool = option(
         True, "Recompute each latent frame's VAE decoder pass in the backward pass (far less VAE memory)."
     )
     reward_scale: float = option(1.0, "lambda_r: the loss is -lambda_r * mean(weighted reward).")
+    reward_normalize: Literal["calibrate", "none"] = option(
+        "calibrate", "How each reward is scaled before weighting: calibrate = (score - median) / s, s the pooled "
+        "within-prompt 1.4826 MAD of the base model's scores on calibration_prompts x calibration_samples "
+        "videos drawn at start, the scale `pairs` (normalize: prompt) divides by, so a weight means the same "
+        "in both; none = raw scores (a weight then multiplies the reward's own units)."
+    )
+    calibration_prompts: int = option(4, "Prompts sampled by the base model at start for reward_normalize "
+                                         "calibrate (the first of the seed's prompt order).")
+    calibration_samples: int = option(4, "Videos per calibration prompt (>= 2: the scale is a within-prompt "
+                                         "spread); the start costs calibration_prompts x this no-grad samples.")
     fm_weight: float = option(
-        0.0, "lambda_fm: weight of the flow-matching loss of the policy on its own (detached) samples at a "
-        "random logit-normal sigma, which keeps it near the base (ContentV's regulariser); 0 disables it."
+        0.0, "lambda_fm: weight of mean ||v_policy(x_t) - v_base(x_t)||^2, the policy's velocity against the "
+        "base's (adapter disabled) on a noised copy x_t of the policy's own detached samples at a random "
+        "logit-normal sigma: 0 at the base, so it keeps the model near the base; 0 disables it."
     )
     batch_size: int = option(1, "Prompts per micro-batch per process (one sample each).")
 
@@ -80,10 +93,17 @@ class RewardGradientConfig(TrainingOptions, LoraOptions, SamplingOptions):
             if self.num_decode_frames is not None:
                 raise ConfigError("num_decode_frames", "applies only to decode_frames k_evenly_spaced or "
                                   "random_k (first decodes one frame)")
-        elif self.num_decode_frames is None or not 1 <= self.num_decode_frames <= self.frames:
+        elif self.num_decode_frames is None:
+            self.num_decode_frames = min(8, self.frames)
+        elif not 1 <= self.num_decode_frames <= self.frames:
             raise ConfigError("num_decode_frames", f"must be in 1..frames ({self.frames}) with decode_frames "
                               f"{self.decode_frames}, got {self.num_decode_frames}")
         if self.reward_scale <= 0:
             raise ConfigError("reward_scale", f"must be > 0, got {self.reward_scale}")
         if self.fm_weight < 0:
             raise ConfigError("fm_weight", f"must be >= 0, got {self.fm_weight}")
+        if self.calibration_prompts < 1:
+            raise ConfigError("calibration_prompts", f"must be >= 1, got {self.calibration_prompts}")
+        if self.calibration_samples < 2:
+            raise ConfigError("calibration_samples", f"must be >= 2 (a within-prompt spread), got "
+                              f"{self.calibration_samples}")

@@ -66,10 +66,19 @@ def score_videos(scorers: Mapping[str, WeightedScorer], frames: torch.Tensor, pr
     return scores
 
 
-def weighted_reward(scorers: Mapping[str, WeightedScorer], frames: torch.Tensor,
-                    prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`sum_k weight_k * score_k(frames)` `(B,)` with gradients, and each scorer's scores (detached).
+class RewardNormalization(NamedTuple):
+    """Per-reward centre and scale: the combined reward uses `(score - centre) / scale`."""
 
+    centre: dict[str, float]
+    scale: dict[str, float]
+
+
+def weighted_reward(scorers: Mapping[str, WeightedScorer], frames: torch.Tensor, prompts: Sequence[str],
+                    normalization: RewardNormalization | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`sum_k weight_k * z_k` `(B,)` with gradients, and each scorer's raw scores (detached).
+
+    `z_k = (score_k(frames) - centre_k) / scale_k` with `normalization`, else the raw score (then a weight
+    multiplies a reward's own units: aesthetic 1-10 outweighs a CLIP cosine ~20x at equal weights).
     Gradients flow through differentiable scorers with a non-zero weight; the others (motion, weight-0
     held-out rewards) run without autograd and only shift the value. Frames must be on the scorers' device.
     """
@@ -78,6 +87,7 @@ def weighted_reward(scorers: Mapping[str, WeightedScorer], frames: torch.Tensor,
     for name, (scorer, weight) in scorers.items():
         with torch.set_grad_enabled(torch.is_grad_enabled() and scorer.differentiable and weight != 0):
             scores = scorer(frames, prompts)
-        total = total + weight * scores
+        z = scores if normalization is None else (scores - normalization.centre[name]) / normalization.scale[name]
+        total = total + weight * z
         parts[name] = scores.detach()
     return total, parts

@@ -412,6 +412,22 @@ def _check_column_names(dims: list[str]) -> None:
             owner[column] = dim
 
 
+def prompt_scale(raw: np.ndarray, groups: Sequence[Any] | np.ndarray) -> np.ndarray:
+    """The pooled within-prompt scale `s_k^pool` (D,) of finite raw scores (N, D), `groups[i]` = prompt of row i.
+
+    `1.4826 * median |r_ik - m_p(i)k|` over the prompts with >= 2 samples (the std of the same residuals where
+    that is 0): the scale `normalize: prompt` divides by for prompts with few samples, so `w_k * r_k / s_k`
+    weighs reward k as a pair's combined score does (the reward-gradient trainer's normalisation).
+    """
+    raw = np.asarray(raw, dtype=np.float64)
+    codes = _group_codes(groups)
+    groups_idx = [idx for idx in _groups(codes).values() if len(idx) >= 2]
+    if not groups_idx:
+        raise ValueError("a pooled within-prompt scale needs a prompt with >= 2 samples")
+    resid = np.concatenate([raw[idx] - np.median(raw[idx], axis=0) for idx in groups_idx])
+    return _scale(resid)[0]
+
+
 def _group_codes(groups: Sequence[Any] | np.ndarray) -> np.ndarray:
     codes: dict[Any, int] = {}
     return np.array([codes.setdefault(g, len(codes)) for g in np.asarray(groups).tolist()], dtype=np.int64)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dpo.losses import flow_dpo_loss, flow_matching_error, sample_sigmas
+from dpo.losses import flow_dpo_loss, flow_matching_error, sample_sigmas, velocity_distance
 
 ERRS = dict(
     policy_err_w=torch.tensor([0.50, 0.30, 0.20]),
@@ -86,3 +86,14 @@ def test_sigma_samplers():
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     shifted, plain = sample_sigmas(100, g1, "uniform", shift=3.0), sample_sigmas(100, g2, "uniform", shift=1.0)
     torch.testing.assert_close(shifted, 3 * plain / (1 + 2 * plain))
+
+
+def test_velocity_distance_is_per_sample_mean_square_and_constant_in_the_target():
+    v = torch.randn(2, 3, 4, requires_grad=True)
+    target = torch.randn(2, 3, 4, requires_grad=True)
+    expected = torch.stack([((v[i] - target[i]) ** 2).mean() for i in range(2)])
+    got = velocity_distance(v, target)
+    torch.testing.assert_close(got, expected)
+    got.sum().backward()
+    assert target.grad is None and v.grad is not None
+    assert velocity_distance(target, target).abs().max().item() == 0.0

@@ -197,7 +197,8 @@ def test_resume_gives_identical_weights(inputs, tmp_path, capsys):
                                 "num_decode_frames": 2, "fm_weight": 0.5, "lr_scheduler": "cosine"})
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert call_cli(capsys, "train", "--method", "reward_gradient", *common, "--output-dir", straight)[0] == 0
-    shutil.copytree(straight / "checkpoints", resumed / "checkpoints")
+    # Only the mid-run checkpoint: the last step's would leave nothing to resume.
+    shutil.copytree(straight / "checkpoints" / "step-0000002", resumed / "checkpoints" / "step-0000002")
     code, _, err = call_cli(capsys, "train", "--method", "reward_gradient", *common, "--output-dir", resumed,
                             "--resume-from", "latest")
     assert code == 0, err
@@ -249,13 +250,107 @@ def test_bad_input_is_one_line(inputs, tmp_path, capsys):
 
 def test_shipped_config_and_validation():
     config = config_from_dict(RewardGradientConfig, load_yaml(REPO / "configs" / "reward_gradient.yaml"))
-    assert config.method == "reward_gradient" and config.grad_steps == 1 and config.decode_frames == "first"
+    assert config.method == "reward_gradient" and config.grad_steps == 1 and config.decode_frames == "k_evenly_spaced"
+    assert config.reward_normalize == "calibrate"
     assert help_problems(RewardGradientConfig) == []
     base = {"model": "m", "prompts": "p", "rewards": "r", "output_dir": "o"}
     # Like every stage, a frame count that is not 4k + 1 is rounded by ContentV's rule (with a warning).
     assert config_from_dict(RewardGradientConfig, {**base, "frames": 8}).frames == 9
-    for bad, field in (({"frames": 0}, "frames"), ({"num_decode_frames": 2}, "num_decode_frames"),
-                       ({"decode_frames": "random_k"}, "num_decode_frames"), ({"fm_weight": -1}, "fm_weight"),
+    assert config_from_dict(RewardGradientConfig, {**base, "frames": 5}).num_decode_frames == 5  # min(8, frames)
+    for bad, field in (({"frames": 0}, "frames"), ({"decode_frames": "first", "num_decode_frames": 2},
+                                                   "num_decode_frames"),
+                       ({"decode_frames": "random_k", "num_decode_frames": 0}, "num_decode_frames"),
+                       ({"fm_weight": -1}, "fm_weight"), ({"calibration_samples": 1}, "calibration_samples"),
                        ({"rewards": None}, "rewards")):
         with pytest.raises(UserError, match=f"field '{field}'"):
             config_from_dict(RewardGradientConfig, {**base, **bad})
+
+
+def test_default_decode_reaches_every_latent_frame(tiny_model_dir):
+    """The reward's gradient w.r.t. the latents is non-zero on every latent frame with the default decode."""
+    vae = load_contentv(tiny_model_dir, dtype="fp32", load_transformer=False, load_text_encoders=False).vae
+    base = {"model": "m", "prompts": "p", "rewards": "r", "output_dir": "o", "frames": 17}
+    config = config_from_dict(RewardGradientConfig, base)
+    assert (config.decode_frames, config.num_decode_frames) == ("k_evenly_spaced", 8)
+    latents = torch.randn(1, 16, 5, 4, 4, generator=torch.Generator().manual_seed(0))  # 17 frames: 5 latent frames
+
+    def reach(mode, k):
+        x = latents.clone().requires_grad_()
+        frames = select_frames(mode, 17, k, torch.Generator().manual_seed(0))
+        decode_video_frames(vae, x, frames).mean().backward()  # brightness-like reward of the decoded frames
+        return [bool(x.grad[:, :, t].abs().sum() > 0) for t in range(5)]
+
+    assert reach(config.decode_frames, config.num_decode_frames) == [True] * 5
+    assert reach("first", None) == [True, False, False, False, False]  # the old default: latent frame 0 only
+    # Sparse frames reach the latent frames between them through the causal decoder's cache.
+    assert reach("k_evenly_spaced", 2) == [True] * 5  # frames 0 and 16: latent frames 0 and 4
+
+
+def test_base_anchor_is_zero_at_the_base_and_positive_away_from_it(trainer):
+    from dpo.reward_gradient import base_anchor_loss
+
+    config, run, parts = trainer
+    x0 = torch.randn(2, 16, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    cond = parts.text.select([0, 1])
+    loss = base_anchor_loss(run, x0, cond, parts.schedule, step_generator(0, 0))
+    assert loss.item() == 0.0 and loss.requires_grad  # zero adapter: the policy is the base
+    with torch.no_grad():
+        for name, param in run.unwrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05, generator=torch.Generator().manual_seed(2))
+    loss = base_anchor_loss(run, x0, cond, parts.schedule, step_generator(0, 0))
+    assert loss.item() > 0
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in run.unwrapped.named_parameters()
+               if "lora_" in n)
+    # The formula, written out: one eps and one shifted logit-normal sigma per sample from the generator.
+    g = step_generator(0, 0)
+    eps = torch.randn(x0.shape, generator=g)
+    s = torch.sigmoid(torch.randn(2, generator=g))
+    s = 3.0 * s / (1 + 2.0 * s)  # the tiny scheduler's shift 3
+    x_t = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * eps
+    model = run.unwrapped
+    with torch.no_grad():
+        v_policy = model(hidden_states=x_t, timestep=1000 * s, encoder_hidden_states=cond.prompt_embeds,
+                         pooled_projections=cond.pooled, return_dict=False)[0]
+        model.disable_adapters()
+        v_base = model(hidden_states=x_t, timestep=1000 * s, encoder_hidden_states=cond.prompt_embeds,
+                       pooled_projections=cond.pooled, return_dict=False)[0]
+        model.enable_adapters()
+    assert loss.item() == pytest.approx(((v_policy - v_base) ** 2).mean().item(), rel=1e-4)
+
+
+def test_calibrated_weights_mean_what_they_mean_in_pairs(trainer):
+    """Two copies of one reward in different units weigh the same after calibration, as z-scores do in pairs."""
+    import numpy as np
+
+    from dpo.reward_gradient import calibrate_rewards
+    from rewards.analytic import BrightnessScorer
+    from rewards.build import WeightedScorer, weighted_reward
+    from rewards.pairs import prompt_scale
+
+    class Scaled(BrightnessScorer):  # brightness in other units: 100 x + 3
+        def score(self, frames, prompts):
+            return 100 * super().score(frames, prompts) + 3
+
+    config, run, parts = trainer
+    config = dataclasses.replace(config, calibration_prompts=2, calibration_samples=3, batch_size=2)
+    parts.scorers = {"small": WeightedScorer(BrightnessScorer(), 1.0), "big": WeightedScorer(Scaled(), 1.0)}
+    norm = calibrate_rewards(run, parts, config)
+    assert norm == calibrate_rewards(run, parts, config)  # deterministic: a resumed run calibrates the same
+    assert norm.scale["big"] == pytest.approx(100 * norm.scale["small"], rel=1e-4)
+    assert norm.centre["big"] == pytest.approx(100 * norm.centre["small"] + 3, rel=1e-5)
+
+    frames = torch.rand(2, 3, 3, 8, 8, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    total, raw = weighted_reward(parts.scorers, frames, ["a", "b"], norm)
+    z = {k: (raw[k] - norm.centre[k]) / norm.scale[k] for k in raw}
+    torch.testing.assert_close(total, z["small"] + z["big"])
+    torch.testing.assert_close(z["small"], z["big"], rtol=1e-3, atol=1e-4)  # equal weights, equal say
+    raw_total, _ = weighted_reward(parts.scorers, frames, ["a", "b"])
+    torch.testing.assert_close(raw_total, raw["small"] + raw["big"])  # none: raw units, "big" dominates
+
+    # The scale is pairs' pooled within-prompt 1.4826 MAD, written out here.
+    scores = np.array([[0.1, 5.0], [0.3, 5.0], [0.2, 9.0], [1.0, 1.0], [1.4, 2.0], [1.1, 4.0]])
+    groups = ["p", "p", "p", "q", "q", "q"]
+    resid = np.array([[-0.1, 0.0], [0.1, 0.0], [0.0, 4.0], [-0.1, -1.0], [0.3, 0.0], [0.0, 2.0]])
+    np.testing.assert_allclose(prompt_scale(scores, groups), 1.4826 * np.median(np.abs(resid), axis=0))
