@@ -127,6 +127,7 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     path = getattr(args, "config", None)
     data = load_yaml(path) if path else {}
     given = {key: tp for key, _, tp in _walk(cls) if not _is_section(tp) and hasattr(args, key)}
+    from_cli: list[str] = []  # dotted keys whose values came from a flag (errors name the command line)
     for key, tp in given.items():
         node, (*parents, name) = data, key.split(".")
         for part in parents:
@@ -136,27 +137,41 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
             if not isinstance(node, dict):
                 break  # the YAML section is not a mapping; building reports that
         else:
-            node[name] = _override(node.get(name), getattr(args, key), tp)
+            node[name], merged = _override(node.get(name), getattr(args, key), tp)
+            from_cli += [key] if merged is None else [f"{key}.{sub}" for sub in merged]
 
     def where(key: str) -> str:
-        from_cli = any(key == k or key.startswith((k + ".", k + "[")) for k in given)
-        return "command line" if from_cli or not path else str(path)
+        cli = any(key == k or key.startswith((k + ".", k + "[")) or k.startswith(key + ".") for k in from_cli)
+        return "command line" if cli or not path else str(path)
 
     return _build(cls, data, where)
 
 
-def _override(current: Any, flag: Any, tp: Any) -> Any:
-    """The value of a field after a flag: a mapping flag (`--rollout '{frames: 9}'`) merges into the YAML's
-    mapping key by key, as a section's `--train.lr` does; any other flag replaces the value."""
+def _override(current: Any, flag: Any, tp: Any) -> tuple[Any, list[str] | None]:
+    """The value of a field after a flag, and the dotted sub-keys the flag set (None: all of it).
+
+    A mapping flag (`--rollout '{frames: 9}'`) merges into the YAML's mapping key by key, as a section's
+    `--train.lr` does; any other flag replaces the value.
+    """
     plain = [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
     if not (isinstance(current, Mapping) and isinstance(flag, str) and flag.strip().startswith("{")
             and any(typing.get_origin(a) is dict for a in plain)):
-        return flag
+        return flag, None
     try:
         parsed = yaml.safe_load(flag)
     except yaml.YAMLError:
-        return flag  # coercion reports it, naming the field
-    return _merge_mappings(current, parsed) if isinstance(parsed, Mapping) else flag
+        return flag, None  # coercion reports it, naming the field
+    if not isinstance(parsed, Mapping):
+        return flag, None
+    return _merge_mappings(current, parsed), _leaf_keys(parsed)
+
+
+def _leaf_keys(mapping: Mapping, prefix: str = "") -> list[str]:
+    """Dotted paths of the non-mapping values of `mapping`."""
+    keys = []
+    for key, value in mapping.items():
+        keys += _leaf_keys(value, f"{prefix}{key}.") if isinstance(value, Mapping) and value else [prefix + str(key)]
+    return keys
 
 
 def _merge_mappings(base: Mapping, override: Mapping) -> dict:

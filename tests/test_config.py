@@ -239,6 +239,9 @@ def test_mapping_flag_merges_into_the_yaml_mapping_key_by_key(tmp_path):
     assert parse(["--config", str(path), "--weights", "{}"]).weights == {"clip": 1.0, "aesthetic": 0.5}
     assert error(["--config", str(path), "--weights", "{clip: fast}"]) == (
         "command line: field 'weights.clip' expects a number, got 'fast'")
+    path = write(tmp_path, "weights: {clip: 1, aesthetic: high}\n")  # the bad value is the file's
+    assert error(["--config", str(path), "--weights", "{clip: 3}"]) == (
+        f"{path}: field 'weights.aesthetic' expects a number, got 'high'")
 
 
 @dataclass
