@@ -6,7 +6,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlhf.config import ConfigError, option
-from rlhf.options import DeviceName, DTypeName, LoraOptions, TrainingOptions, device_name_problem
+from rlhf.options import (
+    MAX_MICRO_BATCH,
+    DeviceName,
+    DTypeName,
+    LoraOptions,
+    TrainingOptions,
+    device_name_problem,
+    in_range,
+)
 
 
 @dataclass
@@ -45,8 +53,7 @@ class DPOConfig(TrainingOptions, LoraOptions):
             raise ConfigError("beta", f"must be > 0, got {self.beta}")
         if self.sft_weight < 0:
             raise ConfigError("sft_weight", f"must be >= 0, got {self.sft_weight}")
-        if self.batch_size < 1:
-            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        in_range("batch_size", self.batch_size, 1, MAX_MICRO_BATCH)
         if self.reference == "init" and not self.init_adapter:
             raise ConfigError("reference", "'init' needs init_adapter (the adapter the reference keeps)")
         if self.logit_std <= 0:

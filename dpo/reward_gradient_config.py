@@ -7,12 +7,14 @@ from typing import Literal
 
 from rlhf.config import ConfigError, option
 from rlhf.options import (
+    MAX_MICRO_BATCH,
     DeviceName,
     DTypeName,
     LoraOptions,
     SamplingOptions,
     TrainingOptions,
     device_name_problem,
+    in_range,
 )
 
 DecodeFrames = Literal["first", "k_evenly_spaced", "random_k"]
@@ -85,8 +87,7 @@ class RewardGradientConfig(TrainingOptions, LoraOptions, SamplingOptions):
                            ("rewards", "a rewards YAML file")):
             if not getattr(self, name):
                 raise ConfigError(name, f"is required: {what}")
-        if self.batch_size < 1:
-            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        in_range("batch_size", self.batch_size, 1, MAX_MICRO_BATCH)
         if not 1 <= self.grad_steps <= self.steps:
             raise ConfigError("grad_steps", f"must be in 1..steps ({self.steps}), got {self.grad_steps}")
         if self.decode_frames == "first":

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 from rewards.registry import SCORERS, scorer_class
 from rlhf.config import ConfigError, config_from_dict, load_yaml, option
 from rlhf.errors import UserError
-from rlhf.options import DeviceName, device_name_problem
+from rlhf.options import MAX_MICRO_BATCH, DeviceName, device_name_problem, in_range
 
 SOURCE = "rewards.scorers"
 
@@ -58,8 +58,7 @@ class RewardsConfig:
         if not self.scorers:
             raise ConfigError("scorers", "needs at least one scorer, e.g. {clip: {checkpoint: FILE}}; "
                               f"known scorers: {', '.join(SCORERS)}")
-        if self.batch_size < 1:
-            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        in_range("batch_size", self.batch_size, 1, MAX_MICRO_BATCH)
         scorer_specs(self)  # fail now, not after an hour of sampling
 
 

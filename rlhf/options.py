@@ -39,6 +39,7 @@ MAX_GUIDANCE = 100  # CFG scales in use are 1 to ~15; beyond this the latents ov
 MIN_FPS, MAX_FPS = 0.01, 1000  # mp4 time bases below 0.01 fps round to 0 (the muxer falls back to 24)
 MAX_LEARNING_RATE = 1  # AdamW on LoRA weights: any step of this size already diverges
 MAX_LORA_RANK = 16_384  # wider than any DiT layer it adapts
+MAX_MICRO_BATCH = 4096  # videos (or pairs) in one forward: far beyond any accelerator's memory
 MAX_ADAPTER_SCALE = 100  # an update scaled further is no longer the trained one (and overflows toward inf)
 
 

@@ -49,6 +49,9 @@ BAD_NUMBERS = [
     ("train --pairs {pairs} --output-dir {new} --weight-decay=-0.1", "field 'weight_decay'"),
     ("train --pairs {pairs} --output-dir {new} --lora-rank 99999999999", "field 'lora_rank'"),
     ("train --pairs {pairs} --output-dir {new} --logit-std inf", "field 'logit_std'"),
+    ("train --pairs {pairs} --output-dir {new} --batch-size 99999999999", "field 'batch_size' must be <= 4096"),
+    ("train --method reward_gradient --model {model} --prompts {prompts} --rewards {rewards} --output-dir {new} "
+     "--batch-size 99999999999", "field 'batch_size' must be <= 4096"),
     ("train --method reward_gradient --model {model} --prompts {prompts} --rewards {rewards} --output-dir {new} "
      "--reward-scale inf", "field 'reward_scale'"),
     ("train --method reward_gradient --model {model} --prompts {prompts} --rewards {rewards} --output-dir {new} "
@@ -63,6 +66,7 @@ BAD_NUMBERS = [
      "--seed-offset=-1", "field 'seed_offset'"),
     ("pairs --store {store} --out {new} --min-margin nan", "field 'min_margin'"),
     ("pairs --config {config} --store {store} --out {new}", "field 'weights.clip'", "weights: {clip: .nan}"),
+    ("score --store {store} --config {rewards} --batch-size 99999999999", "field 'batch_size' must be <= 4096"),
     ("score --store {store} --config {config}", "brightness: weight", "scorers: {brightness: {weight: .nan}}"),
     ("online --model {model} --prompts {prompts} --rewards {rewards} --out {new} --rollout '{{guidance: .nan}}'",
      "field 'guidance'"),
