@@ -39,6 +39,7 @@ from rewards.build import RewardNormalization, WeightedScorer, build_scorers, we
 from rewards.config import load_rewards_config
 from rlhf import devices
 from rlhf.errors import UserError
+from rlhf.options import uses_guidance
 from rlhf.progress import Progress
 from rlhf.prompts import load_prompts, prompt_id
 from rlhf.sampling import (
@@ -92,7 +93,7 @@ def load_frozen_parts(config: RewardGradientConfig, device: torch.device) -> Fro
     prompts = prompt_list.prompts
     text = PromptEmbeds.cat([encoder.encode(prompts[i:i + ENCODE_CHUNK]).to("cpu")
                              for i in range(0, len(prompts), ENCODE_CHUNK)])
-    negative = encoder.encode([config.negative_prompt]).to("cpu") if config.guidance != 1.0 else None
+    negative = encoder.encode([config.negative_prompt]).to("cpu") if uses_guidance(config.guidance) else None
     encoder.release()
     return FrozenParts(parts.schedule, parts.vae, scorers, devices.resolve_device(rewards.device), prompts,
                        text, negative)
