@@ -123,12 +123,14 @@ def test_fsdp2_matches_ddp_resumes_exactly_skips_nan_and_its_checkpoints_load_an
     assert 0.45 < held_fraction(fsdp_run, ddp_run, "parameter") < 0.55
     assert held_fraction(fsdp_run, ddp_run, "optimizer") == pytest.approx(0.5, abs=0.05)
 
-    shutil.copytree(fsdp_run / "checkpoints", resumed / "checkpoints")
+    # Only the mid-run checkpoint: the last step's would leave nothing to resume.
+    shutil.copytree(fsdp_run / "checkpoints" / "step-0000002", resumed / "checkpoints" / "step-0000002")
     trained(tiny_pairs, resumed, "--mixed-precision", "no", "--resume-from", "latest", launch_config=fsdp)
     assert_same(adapter(resumed / "adapter"), adapter(fsdp_run / "adapter"))
     # An FSDP checkpoint resumed under DDP continues the same run.
     ddp_resumed = tmp_path / "ddp-resumed"
-    shutil.copytree(fsdp_run / "checkpoints", ddp_resumed / "checkpoints")
+    # Only the mid-run checkpoint: the last step's would leave nothing to resume.
+    shutil.copytree(fsdp_run / "checkpoints" / "step-0000002", ddp_resumed / "checkpoints" / "step-0000002")
     trained(tiny_pairs, ddp_resumed, "--mixed-precision", "no", "--resume-from", "latest",
             launch_config=accelerate_config(tmp_path, "multi_gpu", "no"))
     assert_same(adapter(ddp_resumed / "adapter"), adapter(fsdp_run / "adapter"), atol=1e-6)
@@ -170,7 +172,8 @@ def test_deepspeed_zero2_trains_like_ddp_resumes_exactly_and_skips_nan(tiny_pair
     assert update_ds.norm() == pytest.approx(float(update_ddp.norm()), rel=0.1)
     assert ds[next(iter(ds))].dtype == torch.float32  # the fp32 masters, not the bf16 copies
 
-    shutil.copytree(ds_run / "checkpoints", resumed / "checkpoints")
+    # Only the mid-run checkpoint: the last step's would leave nothing to resume.
+    shutil.copytree(ds_run / "checkpoints" / "step-0000002", resumed / "checkpoints" / "step-0000002")
     trained(tiny_pairs, resumed, "--mixed-precision", "bf16", "--resume-from", "latest", launch_config=zero2)
     assert_same(adapter(resumed / "adapter"), adapter(ds_run / "adapter"))
     # DeepSpeed applies the step inside the last backward: it must detect and skip it itself.
