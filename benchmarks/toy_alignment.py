@@ -76,6 +76,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from rlhf.commands import quickstart
+    from rlhf.training import holds_run
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +96,8 @@ def main() -> None:
                        "--output-dir", str(out / "train-rg"), *quickstart.SAMPLING[:-2], "--grad-steps", "1",
                        "--decode-frames", "first", "--max-steps", "60", "--batch-size", "4",
                        "--learning-rate", "5e-3", "--lora-rank", "8", "--lora-alpha", "8", "--mixed-precision",
-                       "no", "--no-gradient-checkpointing", "--save-every", "0", "--report-to", "none", *common])
+                       "no", "--no-gradient-checkpointing", "--save-every", "0", "--report-to", "none", *common,
+                       *(["--resume-from", "latest"] if holds_run(out / "train-rg") else [])])  # a kept --out
         evaluated = trained == 0 and cli([
             "eval", "--model", str(out / "tiny-model"), "--adapters", str(out / "train-rg" / "adapter"),
             "--prompts", str(configs / "eval_prompts.txt"), "--seeds", str(quickstart.EVAL_SEEDS),
