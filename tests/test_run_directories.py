@@ -295,6 +295,8 @@ def test_adapters_record_their_base_model_and_are_refused_on_another(tiny_model_
                         "--seeds", "1", "--dtype", "fp32", "--device", "cpu"], refused)
     fails_with(capsys, train_args(tiny_pairs, tmp_path / "round1", "--model", other, "--init-adapter", adapter),
                refused)
+    fails_with(capsys, train_args(tiny_pairs, run, "--model", other, "--max-steps", "2", "--resume-from", "latest"),
+               f"{run / 'checkpoints' / 'step-0000001' / 'adapter' / RECORD}: the adapter was trained on another")
     assert not any((tmp_path / name).exists() for name in ("merged", "cat.mp4", "eval", "round1"))
 
     # On its own base, under any path, it is accepted; an adapter without a record only draws a warning.
