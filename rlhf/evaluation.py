@@ -4,7 +4,9 @@ For every prompt and seed, the base model (adapters disabled) and each candidate
 same initial noise; every reward scores every video. Per reward and candidate: means, the paired difference
 with a bootstrap 95% CI, and win / tie / loss rates against the base. `trained` rewards are the ones the
 adapter was optimised for (their weighted sum is reported as `combined`); `held_out` rewards were not
-trained on: a trained reward that rises while a held-out one falls is flagged as possible reward hacking.
+trained on; `truth` metrics are ground truth the rewards never see (the shapes world's oracle, or a user's
+own scorer of the same interface). A trained reward that rises while a held-out reward or a ground-truth
+metric falls is flagged as possible reward hacking.
 Writes `eval.json` (+ a few mp4s per model for the report) and returns it.
 """
 
@@ -43,6 +45,10 @@ class EvalConfig(ModelOptions, VideoOptions):
     seed_offset: int = option(100_000, "First evaluation seed (keep evaluation seeds apart from training's).")
     rewards: str | None = option(None, "Rewards YAML of the trained rewards (as given to `score`).")
     held_out_rewards: str | None = option(None, "Rewards YAML of rewards NOT trained on (hacking check).")
+    ground_truth: str | None = option(
+        None, "Rewards YAML of ground-truth metrics, reported and never trained on (weights are ignored), e.g. "
+        "configs/world/ground_truth.yaml: the shapes world's oracle accuracy and cleanliness."
+    )
     out: str | None = option(None, "Output directory for eval.json and sample videos.")
     save_videos: int = option(2, "Prompts whose videos (all seeds, every model) are saved for the report.")
     tie_tolerance: float = option(0.0, "Score differences within this tolerance count as ties (>= 0).")
@@ -94,11 +100,17 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         logger.warning(prompts.report())
     trained = _build_rewards(config.rewards, "rewards")
     held_out = _build_rewards(config.held_out_rewards, "held_out_rewards")
-    overlap = sorted(set(trained) & set(held_out))
+    truth = _build_rewards(config.ground_truth, "ground_truth")
+    for path, others in ((config.held_out_rewards, held_out), (config.ground_truth, truth)):
+        overlap = sorted(set(trained) & set(others))
+        if overlap:
+            raise UserError(f"{path}: scorer name(s) {overlap} also appear in the trained rewards "
+                            f"{config.rewards}; a held-out reward or ground-truth metric must not be trained on")
+    overlap = sorted(set(held_out) & set(truth))
     if overlap:
-        raise UserError(f"{config.held_out_rewards}: scorer name(s) {overlap} also appear in the trained rewards "
-                        f"{config.rewards}; a held-out reward must not be trained on")
-    scorers = {**trained, **held_out}
+        raise UserError(f"{config.ground_truth}: scorer name(s) {overlap} also appear in the held-out rewards "
+                        f"{config.held_out_rewards}; give each metric one name")
+    scorers = {**trained, **held_out, **truth}
 
     for path in config.adapters:  # before any video: an adapter trained on another base is refused
         check_adapter_base(path, config.model)
@@ -150,7 +162,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     comparisons, warnings = {}, []
     # A weight-0 entry of the trained rewards is only logged: it did not shape the pairs or gradients.
     rewards_of = {**{r: "trained" if w else "logged" for r, (_, w) in trained.items()},
-                  **{r: "held_out" for r in held_out}, COMBINED: "trained"}
+                  **{r: "held_out" for r in held_out}, **{r: "truth" for r in truth}, COMBINED: "trained"}
     for model in candidates:
         rows = {}
         for reward in [COMBINED, *scorers]:
@@ -159,10 +171,10 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
             rows[reward] = compare_paired(base.ravel(), cand.ravel(), config.tie_tolerance,
                                           config.bootstrap_resamples).to_dict()
         rising = [r for r in trained if rewards_of[r] == "trained" and rows[r]["ci_low"] > 0]
-        falling = [r for r in held_out if rows[r]["ci_high"] < 0]
+        falling = [r for r in [*held_out, *truth] if rows[r]["ci_high"] < 0]
         if rising and falling:
             warnings.append(f"{model} ({candidates[model]}): trained reward(s) {', '.join(rising)} rose while "
-                            f"held-out reward(s) {', '.join(falling)} fell: possible reward hacking")
+                            f"held-out reward(s) or ground truth {', '.join(falling)} fell: possible reward hacking")
         comparisons[model] = rows
 
     result = {

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 class VideoGenerator:
     """A ContentV checkpoint ready to sample from, honouring the memory options of `ModelOptions`."""
 
-    def __init__(self, options: ModelOptions, load_text_encoders: bool = True, load_vae: bool = True):
+    def __init__(self, options: ModelOptions, load_text_encoders: bool = True, load_vae: bool = True,
+                 max_sequence_length: int | None = None):
         self.options = options
         if options.adapter:  # an adapter trained on another base fails now, not after minutes of loading
             check_adapter_base(options.adapter, options.model)
@@ -43,6 +44,7 @@ class VideoGenerator:
             vae_dtype=options.vae_dtype,
             load_vae=load_vae,
             load_text_encoders=load_text_encoders,
+            max_sequence_length=max_sequence_length,
         )
         self.schedule = parts.schedule
         self.transformer = parts.transformer

@@ -2,8 +2,8 @@
 
 Matches diffusers' `StableDiffusion3Pipeline.encode_prompt` (checked in tests): CLIP penultimate hidden
 states of both CLIPs concatenated on features and zero-padded to the T5 width, followed by the T5 tokens
-on the sequence axis (77 + `max_sequence_length` tokens); pooled = CLIP-L and CLIP-G projections
-concatenated. Embeddings depend only on the prompt, so callers cache them per prompt and may `release()`
+on the sequence axis (CLIP's `model_max_length`, 77 for CLIP, + `max_sequence_length` tokens); pooled =
+CLIP-L and CLIP-G projections concatenated. Embeddings depend only on the prompt, so callers cache them per prompt and may `release()`
 the encoders afterwards to free their memory before sampling.
 """
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from rlhf import devices
 from rlhf.sampling import PromptEmbeds
 
-CLIP_MAX_LENGTH = 77
+DEFAULT_T5_LENGTH = 256  # ContentV's max_sequence_length
 
 
 class PromptEncoder:
@@ -27,13 +27,17 @@ class PromptEncoder:
         self,
         tokenizers: Sequence,
         text_encoders: Sequence[torch.nn.Module],
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
     ):
         if len(tokenizers) != 3 or len(text_encoders) != 3:
             raise ValueError("expected three tokenizers and three text encoders (CLIP-L, CLIP-G, T5)")
         self.tokenizers = list(tokenizers)
         self.text_encoders = list(text_encoders)
-        self.max_sequence_length = max_sequence_length
+        # diffusers' SD3 pipeline pads CLIP to the tokenizer's model_max_length and T5 to max_sequence_length
+        # (256 by default); a checkpoint whose T5 tokenizer is shorter (the shapes world's) sets the default.
+        self.max_sequence_length = max_sequence_length or min(
+            DEFAULT_T5_LENGTH, int(getattr(self.tokenizers[2], "model_max_length", DEFAULT_T5_LENGTH))
+        )
 
     @property
     def device(self) -> torch.device:
@@ -62,9 +66,10 @@ class PromptEncoder:
 
     def _clip(self, index: int, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         encoder = self.text_encoders[index]
-        ids = self._ids(self.tokenizers[index], prompts, CLIP_MAX_LENGTH).to(self.device)
+        tokenizer = self.tokenizers[index]
+        ids = self._ids(tokenizer, prompts, tokenizer.model_max_length).to(self.device)
         out = encoder(ids, output_hidden_states=True)
-        return out.hidden_states[-2], out.text_embeds  # (B, 77, Dc), (B, Pc)
+        return out.hidden_states[-2], out.text_embeds  # (B, L_clip, Dc), (B, Pc)
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> PromptEmbeds:
@@ -77,9 +82,9 @@ class PromptEncoder:
         t5_ids = self._ids(self.tokenizers[2], prompts, self.max_sequence_length).to(self.device)
         t5 = self.text_encoders[2](t5_ids)[0]  # (B, L_t5, D)
 
-        clip = torch.cat([clip_l, clip_g], dim=-1)  # (B, 77, Dl + Dg)
-        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # (B, 77, D)
+        clip = torch.cat([clip_l, clip_g], dim=-1)  # (B, L_clip, Dl + Dg)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # (B, L_clip, D)
         return PromptEmbeds(
-            prompt_embeds=torch.cat([clip, t5.to(clip.dtype)], dim=-2),  # (B, 77 + L_t5, D)
+            prompt_embeds=torch.cat([clip, t5.to(clip.dtype)], dim=-2),  # (B, L_clip + L_t5, D)
             pooled=torch.cat([pooled_l, pooled_g], dim=-1),  # (B, Pl + Pg)
         )

@@ -118,7 +118,7 @@ def load_contentv(
     load_transformer: bool = True,
     load_vae: bool = True,
     load_text_encoders: bool = True,
-    max_sequence_length: int = 256,
+    max_sequence_length: int | None = None,
 ) -> ContentVComponents:
     """Load the parts of a ContentV checkpoint at `path` onto `device`.
 
@@ -127,7 +127,8 @@ def load_contentv(
         vae_dtype: VAE dtype (`fp32` default: the Wan VAE decodes poorly in bf16).
         text_encoder_dtype: text encoders' dtype; defaults to `dtype`.
         load_*: skip parts a stage does not need (training never loads text encoders or the VAE).
-        max_sequence_length: T5 tokens per prompt (ContentV: 256).
+        max_sequence_length: T5 tokens per prompt (default: ContentV's 256, or the T5 tokenizer's
+            `model_max_length` when shorter).
     """
     from diffusers import AutoencoderKLWan
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast

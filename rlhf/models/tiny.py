@@ -20,7 +20,7 @@ import os
 import shutil
 import string
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,13 +128,13 @@ def _write_checkpoint(root: Path, seed: int) -> None:
         root / "scheduler"
     )
 
-    clip_vocab_size = _write_clip_tokenizer(root / "tokenizer")
-    _write_clip_tokenizer(root / "tokenizer_2")
+    clip_vocab_size = write_clip_tokenizer(root / "tokenizer")
+    write_clip_tokenizer(root / "tokenizer_2")
     for index, (subfolder, hidden_size) in enumerate(TINY_CLIP_HIDDEN_SIZES.items()):
         torch.manual_seed(_component_seed(seed, index))
-        _tiny_clip(clip_vocab_size, hidden_size).save_pretrained(root / subfolder)
+        random_clip_text_model(clip_vocab_size, hidden_size).save_pretrained(root / subfolder)
 
-    t5_vocab_size = _write_t5_tokenizer(root / "tokenizer_3")
+    t5_vocab_size = write_t5_tokenizer(root / "tokenizer_3")
     torch.manual_seed(_component_seed(seed, 2))
     T5EncoderModel(T5Config(vocab_size=t5_vocab_size, **TINY_T5_CONFIG)).eval().save_pretrained(
         root / "text_encoder_3"
@@ -177,24 +177,27 @@ def _move_into_place(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_clip_tokenizer(folder: Path) -> int:
+def write_clip_tokenizer(folder: Path, merges: Sequence[tuple[str, str]] = tuple(_CLIP_MERGES),
+                         max_length: int = CLIP_MAX_LENGTH) -> int:
     """Write a byte-level BPE vocabulary in CLIP's format and return its size.
 
     Every one of the 256 byte-level symbols is in the vocabulary (bare and with `</w>`), so any text,
-    unicode included, tokenizes without unknown tokens. The specials come last, as in CLIP.
+    unicode included, tokenizes without unknown tokens; `merges` add longer tokens. The specials come
+    last, as in CLIP.
     """
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = alphabet + [symbol + "</w>" for symbol in alphabet] + ["".join(pair) for pair in _CLIP_MERGES]
+    tokens = alphabet + [symbol + "</w>" for symbol in alphabet]
+    tokens += [merged for merged in dict.fromkeys("".join(pair) for pair in merges) if merged not in tokens]
     tokens += [_CLIP_BOS, _CLIP_EOS]
     vocab = {token: index for index, token in enumerate(tokens)}
 
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
-    merges = "".join(f"{left} {right}\n" for left, right in _CLIP_MERGES)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
+    merges_text = "".join(f"{left} {right}\n" for left, right in merges)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + merges_text, encoding="utf-8")
     tokenizer_config = {
         "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": CLIP_MAX_LENGTH,
+        "model_max_length": max_length,
         "bos_token": _CLIP_BOS,
         "eos_token": _CLIP_EOS,
         "pad_token": _CLIP_EOS,
@@ -206,8 +209,9 @@ def _write_clip_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
-def _tiny_clip(vocab_size: int, hidden_size: int) -> CLIPTextModelWithProjection:
-    # The specials are the vocabulary's last two ids (see `_write_clip_tokenizer`). eos_token_id must not
+def random_clip_text_model(vocab_size: int, hidden_size: int, max_length: int = CLIP_MAX_LENGTH
+                           ) -> CLIPTextModelWithProjection:
+    # The specials are the vocabulary's last two ids (see `write_clip_tokenizer`). eos_token_id must not
     # be 2: CLIP treats 2 as "legacy config" and pools at argmax(input_ids) instead of the first EOS.
     config = CLIPTextConfig(
         vocab_size=vocab_size,
@@ -216,7 +220,7 @@ def _tiny_clip(vocab_size: int, hidden_size: int) -> CLIPTextModelWithProjection
         intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
-        max_position_embeddings=CLIP_MAX_LENGTH,
+        max_position_embeddings=max_length,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
@@ -224,8 +228,10 @@ def _tiny_clip(vocab_size: int, hidden_size: int) -> CLIPTextModelWithProjection
     return CLIPTextModelWithProjection(config).eval()
 
 
-def _write_t5_tokenizer(folder: Path) -> int:
+def write_t5_tokenizer(folder: Path, words: Sequence[str] = (), max_length: int = T5_MODEL_MAX_LENGTH) -> int:
     """Write a character-level T5 tokenizer (`tokenizer.json`) and return its vocabulary size.
+
+    Each of `words` is also one piece (scored above its spelling, so a listed word is one token).
 
     transformers 5 rebuilds `T5TokenizerFast` as a Unigram model from `tokenizer.json`, so the backend
     must be a Unigram model with a Metaspace pre-tokenizer; ids 0/1/2 are `<pad>`/`</s>`/`<unk>` as in T5.
@@ -234,6 +240,7 @@ def _write_t5_tokenizer(folder: Path) -> int:
     # "▁x" (-4) beats "▁" + "x" (-6), so a word starts with one piece, as with the real T5 vocabulary.
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
     pieces += [(c, -3.0) for c in characters] + [("▁" + c, -4.0) for c in characters]
+    pieces += [("▁" + word, -1.0) for word in words if len(word) > 1]
 
     backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
@@ -247,7 +254,7 @@ def _write_t5_tokenizer(folder: Path) -> int:
         eos_token="</s>",
         unk_token="<unk>",
         extra_ids=0,
-        model_max_length=T5_MODEL_MAX_LENGTH,
+        model_max_length=max_length,
     )
     tokenizer.save_pretrained(folder)
     return len(pieces)

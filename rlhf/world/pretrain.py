@@ -1,0 +1,498 @@
+"""Train the shapes world's generator and rewards from a seed: `python -m rlhf.world.pretrain --out DIR`.
+
+Stages, each reading what the earlier ones wrote under `--out` (rerun one with `--stages`):
+
+1. `components`: the ContentV layout around the learned parts: word-level CLIP and T5 tokenizers
+   over the world's vocabulary (one token per word, short `model_max_length`), frozen random text
+   encoders (they only have to keep prompts apart; the transformer learns to read them), the flow
+   scheduler, `model_index.json`.
+2. `vae`: `AutoencoderKLWan` (the tiny config) trained to reconstruct world clips of the training
+   combinations. Decoding skips diffusers' final clamp during training (a clamped pixel gets no
+   gradient and training stalls at the mean video), encoding uses the posterior mean plus a little
+   noise, and object pixels weigh 8x (colour is otherwise learned last). Its `latents_mean` /
+   `latents_std` are then fitted on its own latents and written into its config.
+3. `transformer`: `SD3Transformer3DModel` (4 layers, 4 heads x 32) trained by flow matching on the VAE's
+   latents of training-combination clips, with 10% empty prompts (the guidance branch); the EMA
+   weights are saved. It stops early on purpose, so that held-out combinations leave room to improve.
+4. `clip`: an open_clip model (`WORLD_CLIP_CONFIG`) trained contrastively on single frames and their
+   prompts (training combinations only), saved as an open_clip `local-dir:` folder.
+5. `aesthetic`: the LAION head type (`improved-mlp` layout) fitted on that CLIP's image embeddings to
+   predict render quality: clean renders score high, blurred, noisy, fragmented or colour-bled ones low.
+
+Every stage is deterministic for a seed (one CPU thread per stage keeps float sums in one order);
+losses, wall time and the command go to `DIR/pretrain_log.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.world import scene
+
+STAGES = ("components", "vae", "transformer", "clip", "aesthetic")
+
+# The world's text side: short sequences of whole words.
+CLIP_LENGTH = 10
+T5_LENGTH = 10
+CLIP_WIDTHS = {"text_encoder": 8, "text_encoder_2": 16}
+T5_CONFIG: dict[str, Any] = dict(d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=64, feed_forward_proj="gated-gelu")
+VAE_CONFIG: dict[str, Any] = dict(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    in_channels=16, out_channels=16, patch_size=2, num_layers=4, num_attention_heads=4, attention_head_dim=32,
+    joint_attention_dim=32, pooled_projection_dim=24,
+)
+SCHEDULER_SHIFT = 1.0
+CLIP_ARCH = "world-clip"
+WORLD_CLIP_CONFIG: dict[str, Any] = {
+    "embed_dim": 32,
+    "quick_gelu": False,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 32, "patch_size": 4},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    return seed * 100 + STAGES.index(stage)
+
+
+class Log:
+    """`pretrain_log.json`: per stage its command, wall time, settings and loss curve (rewritten atomically)."""
+
+    def __init__(self, path: Path, command: str):
+        self.path, self.command = path, command
+
+    def record(self, stage: str, entry: dict[str, Any]) -> None:
+        # Re-read first: stages may run in parallel processes, each recording its own entry.
+        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        data[stage] = {"command": self.command, **entry}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 20) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ------------------------------------------------------------------------------------- components
+
+
+def _chain(word: str) -> list[tuple[str, str]]:
+    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    merges, built = [], symbols[0]
+    for symbol in symbols[1:]:
+        merges.append((built, symbol))
+        built += symbol
+    return merges
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE of one word: repeatedly merge the adjacent pair of lowest rank."""
+    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:], strict=False))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    return symbols
+
+
+def word_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE merges that build each word left to right into one CLIP token (`word</w>`).
+
+    A merge from one word's chain can fire inside another word first (`r i` of "right" inside
+    "triangle"); the chains of words that come out split are moved to the front until none does.
+    """
+    order = list(words)
+    for _ in range(len(words)):
+        merges = list(dict.fromkeys(pair for word in order for pair in _chain(word)))
+        ranks = {pair: rank for rank, pair in enumerate(merges)}
+        split = [word for word in order if len(_bpe(word, ranks)) > 1]
+        if not split:
+            return merges
+        order = split + [word for word in order if word not in split]
+    raise RuntimeError(f"no merge order makes these words single tokens: {split}")
+
+
+def write_components(out: Path, seed: int, log: Log) -> None:
+    """model_index.json, scheduler, word-level tokenizers and frozen random text encoders."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import T5Config, T5EncoderModel
+
+    from rlhf.models import tiny
+
+    started = time.time()
+    model = out / "model"
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "model_index.json").write_text(json.dumps(tiny.MODEL_INDEX, indent=2) + "\n")
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SCHEDULER_SHIFT).save_pretrained(model / "scheduler")
+    words = scene.vocabulary()
+    merges = word_merges(words)
+    clip_vocab = tiny.write_clip_tokenizer(model / "tokenizer", merges, CLIP_LENGTH)
+    tiny.write_clip_tokenizer(model / "tokenizer_2", merges, CLIP_LENGTH)
+    for index, (folder, width) in enumerate(CLIP_WIDTHS.items()):
+        torch.manual_seed(stage_seed(seed, "components") * 10 + index)
+        tiny.random_clip_text_model(clip_vocab, width, CLIP_LENGTH).save_pretrained(model / folder)
+    t5_vocab = tiny.write_t5_tokenizer(model / "tokenizer_3", words, T5_LENGTH)
+    torch.manual_seed(stage_seed(seed, "components") * 10 + 2)
+    T5EncoderModel(T5Config(vocab_size=t5_vocab, **T5_CONFIG)).eval().save_pretrained(model / "text_encoder_3")
+    log.record("components", {"seconds": round(time.time() - started, 1), "vocabulary": words})
+
+
+# ---------------------------------------------------------------------------------------------- VAE
+
+
+def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """`AutoencoderKLWan._decode` without its final clamp (training needs gradients at saturated pixels)."""
+    vae.clear_cache()
+    x = vae.post_quant_conv(z)
+    chunks = []
+    for index in range(z.shape[2]):
+        vae._conv_idx = [0]
+        chunks.append(vae.decoder(x[:, :, index:index + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                  first_chunk=index == 0))
+    vae.clear_cache()
+    return torch.cat(chunks, 2)
+
+
+def clip_batch(rng: random.Random, batch: int, frames: int = scene.FRAMES) -> tuple[torch.Tensor, list[str]]:
+    """`(B, 3, frames, H, W)` in [-1, 1] of fresh training-combination clips, and their prompts."""
+    videos, prompts = [], []
+    for _ in range(batch):
+        _, clip, text = scene.sample_clip(rng)
+        videos.append(scene.to_model_range(clip[:frames]))
+        prompts.append(text)
+    return torch.stack(videos), prompts
+
+
+def vae_loss(vae, video: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Object-weighted reconstruction loss (MSE + L1) plus a small pull of the latents towards 0."""
+    mean = vae.encode(video).latent_dist.mean
+    z = mean + 0.05 * torch.randn(mean.shape, generator=generator)
+    recon = decode_unclamped(vae, z)
+    weight = 1 + 7 * ((video.amax(1, keepdim=True) + 1) / 2)  # object pixels (value -> 1) weigh 8x
+    error = recon - video
+    return (weight * (error.pow(2) + error.abs())).mean() + 1e-3 * mean.pow(2).mean()
+
+
+def train_vae(out: Path, seed: int, steps: int, batch: int, log: Log) -> None:
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(stage_seed(seed, "vae"))
+    rng = random.Random(stage_seed(seed, "vae"))
+    generator = torch.Generator().manual_seed(stage_seed(seed, "vae"))
+    vae = AutoencoderKLWan(**VAE_CONFIG)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    losses, started = [], time.time()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, 2e-3)
+        frames = 5 if step % 3 else scene.FRAMES  # mostly short clips (cheaper); every third the full 9
+        video, _ = clip_batch(rng, batch, frames)
+        loss = vae_loss(vae, video, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        losses.append(round(loss.item(), 6))
+        if step % 10 == 0 or step == steps - 1:
+            print(f"vae step {step}/{steps} loss {loss.item():.4f} ({time.time() - started:.0f} s)", flush=True)
+    vae.eval()
+    mean, std = fit_latent_statistics(vae, rng)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    vae.save_pretrained(out / "model" / "vae")
+    log.record("vae", {"steps": steps, "batch": batch, "seconds": round(time.time() - started, 1), "losses": losses,
+                       "latents_mean": mean, "latents_std": std})
+
+
+@torch.no_grad()
+def fit_latent_statistics(vae, rng: random.Random, clips: int = 64) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the VAE's latents (posterior means) over fresh clips."""
+    latents = torch.cat([vae.encode(clip_batch(rng, 8)[0]).latent_dist.mean for _ in range(clips // 8)])
+    mean = latents.mean((0, 2, 3, 4))
+    std = latents.std((0, 2, 3, 4)).clamp_min(1e-3)
+    return [round(float(v), 5) for v in mean], [round(float(v), 5) for v in std]
+
+
+# -------------------------------------------------------------------------------------- transformer
+
+
+@torch.no_grad()
+def latent_dataset(out: Path, seed: int, clips_per_prompt: int) -> dict[str, Any]:
+    """Normalised VAE latents of training-combination clips and the embeddings of every prompt.
+
+    Returns `latents (N, C, t, h, w)`, `prompt_index (N, P)` (the clip's prompt in each phrasing),
+    `embeds`/`pooled` for all prompts with the empty prompt last (the unconditional branch).
+    """
+    from rlhf.models.loader import load_contentv
+
+    parts = load_contentv(out / "model", dtype="fp32", load_transformer=False)
+    prompts = scene.prompts_for(scene.TRAINING, tuple(range(len(scene.PHRASINGS))))
+    embeds = parts.prompt_encoder.encode(prompts + [""])
+    rng = random.Random(stage_seed(seed, "transformer"))
+    latents, prompt_index = [], []
+    phrasings = len(scene.PHRASINGS)
+    keys = [(c, s, d) for (c, s) in scene.TRAINING for d in scene.DIRECTIONS]
+    batch: list[torch.Tensor] = []
+    for colour, shape, direction in keys:
+        for _ in range(clips_per_prompt):
+            spec = scene.SceneSpec.sample(colour, shape, direction, rng)
+            batch.append(scene.to_model_range(scene.render(spec)))
+            prompt_index.append([prompts.index(scene.prompt(colour, shape, direction, p)) for p in range(phrasings)])
+            if len(batch) == 16:
+                latents.append(parts.vae.encode(torch.stack(batch)).latent_dist.mean)
+                batch = []
+    if batch:
+        latents.append(parts.vae.encode(torch.stack(batch)).latent_dist.mean)
+    raw = torch.cat(latents)  # (N, C, t, h, w)
+    channels = parts.vae.config.z_dim
+    mean = torch.tensor(parts.vae.config.latents_mean).view(1, channels, 1, 1, 1)
+    std = torch.tensor(parts.vae.config.latents_std).view(1, channels, 1, 1, 1)
+    return {
+        "latents": (raw - mean) / std,  # the inverse of rlhf.video.denormalize_latents
+        "prompt_index": torch.tensor(prompt_index),
+        "embeds": embeds.prompt_embeds,
+        "pooled": embeds.pooled,
+    }
+
+
+def flow_matching_loss(transformer, x0: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
+                       generator: torch.Generator) -> torch.Tensor:
+    """Rectified-flow loss: `x_t = (1 - s) x0 + s eps`, target `eps - x0`, s logit-normal(0, 1), shifted."""
+    from rlhf.sampling import shift_sigmas
+
+    batch = x0.shape[0]
+    sigma = shift_sigmas(torch.sigmoid(torch.randn(batch, generator=generator)), SCHEDULER_SHIFT)
+    eps = torch.randn(x0.shape, generator=generator)
+    s = sigma.view(batch, 1, 1, 1, 1)
+    noisy = (1 - s) * x0 + s * eps
+    velocity = transformer(hidden_states=noisy, encoder_hidden_states=text, pooled_projections=pooled,
+                           timestep=sigma * 1000, return_dict=False)[0]
+    return (velocity - (eps - x0)).pow(2).mean()
+
+
+def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_prompt: int, save_at: list[int],
+                      log: Log) -> None:
+    """Flow matching on the world's latents; EMA weights saved at each of `save_at` (the last one as the model)."""
+    from rlhf.models.transformer import SD3Transformer3DModel
+
+    started = time.time()
+    data = latent_dataset(out, seed, clips_per_prompt)
+    encode_seconds = time.time() - started
+    torch.manual_seed(stage_seed(seed, "transformer"))
+    generator = torch.Generator().manual_seed(stage_seed(seed, "transformer"))
+    transformer = SD3Transformer3DModel(**TRANSFORMER_CONFIG)
+    ema = {name: p.detach().clone() for name, p in transformer.named_parameters()}
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=5e-4, weight_decay=0.0)
+    count, phrasings = data["latents"].shape[0], data["prompt_index"].shape[1]
+    empty = data["embeds"].shape[0] - 1
+    losses: list[float] = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, 5e-4, warmup=50)
+        rows = torch.randint(count, (batch,), generator=generator)
+        phrasing = torch.randint(phrasings, (batch,), generator=generator)
+        prompt = data["prompt_index"][rows, phrasing]
+        prompt = torch.where(torch.rand(batch, generator=generator) < 0.1, empty, prompt)  # 10% unconditional
+        loss = flow_matching_loss(transformer, data["latents"][rows], data["embeds"][prompt], data["pooled"][prompt],
+                                  generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + step) / (10 + step))
+            for name, param in transformer.named_parameters():
+                ema[name].lerp_(param.detach(), 1 - decay)
+        losses.append(round(loss.item(), 6))
+        if step % 50 == 0 or step == steps - 1:
+            print(f"transformer step {step}/{steps} loss {loss.item():.4f} ({time.time() - started:.0f} s)", flush=True)
+        if step + 1 in save_at:
+            snapshot = SD3Transformer3DModel(**TRANSFORMER_CONFIG)
+            snapshot.load_state_dict(ema)
+            folder = out / "model" / "transformer" if step + 1 == max(save_at) else out / f"transformer-{step + 1}"
+            snapshot.save_pretrained(folder, safe_serialization=True)
+    log.record("transformer", {"steps": steps, "batch": batch, "clips": count, "encode_seconds": round(encode_seconds, 1),
+                               "seconds": round(time.time() - started, 1), "losses": losses, "saved_at": save_at})
+
+
+# ----------------------------------------------------------------------------------------- rewards
+
+CLIP_PREPROCESS = {"size": WORLD_CLIP_CONFIG["vision_cfg"]["image_size"], "mode": "RGB",
+                   "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+                   "interpolation": "bicubic", "resize_mode": "shortest"}
+QUALITY_WORDS = {"blur": "blurry", "noise": "noisy", "fragment": "broken", "bleed": "smeared"}
+
+
+def world_clip_backbone(model=None):
+    """The world's open_clip model (random unless given) wrapped with the scorers' own preprocessing."""
+    import open_clip
+
+    from rewards.clip_backbone import ClipBackbone
+
+    if model is None:
+        model = open_clip.model.CLIP(WORLD_CLIP_CONFIG["embed_dim"], WORLD_CLIP_CONFIG["vision_cfg"],
+                                     WORLD_CLIP_CONFIG["text_cfg"], quick_gelu=WORLD_CLIP_CONFIG["quick_gelu"])
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=WORLD_CLIP_CONFIG["text_cfg"]["context_length"])
+    return ClipBackbone(model, tokenizer, CLIP_PREPROCESS, source="world clip")
+
+
+def frame_batch(rng: random.Random, batch: int, degraded_share: float
+                ) -> tuple[torch.Tensor, list[str], list[tuple[str, str]], torch.Tensor]:
+    """Single frames `(B, 3, H, W)` in [0, 1] of training combinations, their captions, (colour, shape) and
+    quality targets (8 clean, down to 2 at full severity). A `degraded_share` of them is spoilt, and its
+    caption says how ("a blurry red circle moving left")."""
+    from rlhf.world.degrade import KINDS, degrade
+
+    images, captions, combos, quality = [], [], [], []
+    for _ in range(batch):
+        spec, clip, text = scene.sample_clip(rng, frames=(rng.randrange(scene.FRAMES),))  # CLIP sees one frame
+        target = 8.0
+        if rng.random() < degraded_share:
+            kind, severity = rng.choice(KINDS), rng.uniform(0.2, 1.0)
+            clip = degrade(clip, kind, severity, rng)
+            text = text.replace(f"a {spec.colour}", f"a {QUALITY_WORDS[kind]} {spec.colour}", 1) \
+                if text.startswith(f"a {spec.colour}") else f"{QUALITY_WORDS[kind]} {text}"
+            target = 8.0 - 6.0 * severity
+        images.append(torch.from_numpy(clip[0]).float().permute(2, 0, 1) / 255)
+        captions.append(text)
+        combos.append((spec.colour, spec.shape))
+        quality.append(target)
+    return torch.stack(images), captions, combos, torch.tensor(quality)
+
+
+def train_clip(out: Path, seed: int, steps: int, batch: int, log: Log) -> None:
+    """Contrastive training; every caption of the same colour and shape counts as a positive (one frame
+    cannot show the direction, and spoilt frames share their clean caption's object)."""
+    from safetensors.torch import save_file
+
+    started = time.time()
+    torch.manual_seed(stage_seed(seed, "clip"))
+    rng = random.Random(stage_seed(seed, "clip"))
+    backbone = world_clip_backbone()
+    model = backbone.model.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    losses = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, 1e-3)
+        images, captions, combos, _ = frame_batch(rng, batch, degraded_share=0.3)
+        image_features = model.encode_image(backbone.preprocess(images), normalize=True)
+        text_features = model.encode_text(backbone.tokenizer(captions), normalize=True)
+        logits = model.logit_scale.exp() * image_features @ text_features.T  # (B, B)
+        same = torch.tensor([[a == b for b in combos] for a in combos], dtype=torch.float32)
+        targets = same / same.sum(1, keepdim=True)
+        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(round(loss.item(), 6))
+        if step % 50 == 0 or step == steps - 1:
+            print(f"clip step {step}/{steps} loss {loss.item():.4f} ({time.time() - started:.0f} s)", flush=True)
+    folder = out / "rewards" / "clip"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": WORLD_CLIP_CONFIG, "preprocess_cfg": CLIP_PREPROCESS}, indent=1) + "\n")
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    log.record("clip", {"steps": steps, "batch": batch, "seconds": round(time.time() - started, 1), "losses": losses})
+
+
+def train_aesthetic(out: Path, seed: int, steps: int, log: Log) -> None:
+    """The `improved-mlp` head (its layer layout, smaller widths) regressed on the quality targets of clean
+    and spoilt frames, from the world CLIP's normalised image embeddings."""
+    from rewards.clip_backbone import load_clip
+
+    started = time.time()
+    torch.manual_seed(stage_seed(seed, "aesthetic"))
+    rng = random.Random(stage_seed(seed, "aesthetic"))
+    backbone = load_clip(CLIP_ARCH, f"local-dir:{out / 'rewards' / 'clip'}")
+    width = backbone.embed_dim
+    head = torch.nn.Sequential(torch.nn.Linear(width, 64), torch.nn.Dropout(0.2), torch.nn.Linear(64, 32),
+                               torch.nn.Dropout(0.2), torch.nn.Linear(32, 16), torch.nn.Dropout(0.1),
+                               torch.nn.Linear(16, 8), torch.nn.Linear(8, 1))
+    with torch.no_grad():
+        head[-1].bias.fill_(5.0)
+    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
+    losses = []
+    for step in range(steps):
+        images, _, _, quality = frame_batch(rng, 128, degraded_share=0.6)
+        with torch.no_grad():
+            embeddings = backbone.encode_images(images)
+        loss = F.mse_loss(head(embeddings).squeeze(1), quality)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(round(loss.item(), 6))
+        if step % 50 == 0 or step == steps - 1:
+            print(f"aesthetic step {step}/{steps} loss {loss.item():.4f} ({time.time() - started:.0f} s)", flush=True)
+    state = {f"layers.{k}": v.detach().clone() for k, v in head.state_dict().items()}
+    torch.save(state, out / "rewards" / "aesthetic_head.pth")
+    log.record("aesthetic", {"steps": steps, "seconds": round(time.time() - started, 1), "losses": losses})
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlhf.world.pretrain", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="Output folder: model/ (ContentV layout), rewards/, log.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of every stage.")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"Comma-separated subset of {', '.join(STAGES)}.")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps losses bit-reproducible).")
+    parser.add_argument("--vae-steps", type=int, default=600, help="VAE optimiser steps.")
+    parser.add_argument("--vae-batch", type=int, default=6, help="Clips per VAE step.")
+    parser.add_argument("--transformer-steps", type=int, default=3000, help="Transformer optimiser steps.")
+    parser.add_argument("--transformer-batch", type=int, default=32, help="Latents per transformer step.")
+    parser.add_argument("--clips-per-prompt", type=int, default=40,
+                        help="Training clips per (colour, shape, direction) encoded for the transformer.")
+    parser.add_argument("--save-at", default="", help="Extra transformer steps at which EMA snapshots are saved "
+                        "(comma-separated), to pick the early stop; the last step is the shipped model.")
+    parser.add_argument("--clip-steps", type=int, default=800, help="CLIP optimiser steps.")
+    parser.add_argument("--clip-batch", type=int, default=128, help="Frames per CLIP step.")
+    parser.add_argument("--aesthetic-steps", type=int, default=300, help="Aesthetic-head optimiser steps.")
+    args = parser.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        parser.error(f"--stages: unknown {unknown}; expected some of {', '.join(STAGES)}")
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # tiny weights decaying towards 0 otherwise hit slow denormal arithmetic
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python -m rlhf.world.pretrain", *(argv if argv is not None else sys.argv[1:])])
+    log = Log(out / "pretrain_log.json", command)
+    runners: dict[str, Callable[[], None]] = {
+        "components": lambda: write_components(out, args.seed, log),
+        "vae": lambda: train_vae(out, args.seed, args.vae_steps, args.vae_batch, log),
+        "transformer": lambda: train_transformer(
+            out, args.seed, args.transformer_steps, args.transformer_batch, args.clips_per_prompt,
+            sorted({int(v) for v in args.save_at.split(",") if v.strip()} | {args.transformer_steps}), log),
+        "clip": lambda: train_clip(out, args.seed, args.clip_steps, args.clip_batch, log),
+        "aesthetic": lambda: train_aesthetic(out, args.seed, args.aesthetic_steps, log),
+    }
+    for stage in stages:
+        if stage in runners:
+            runners[stage]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The shapes world: its definition, the oracle, the spoilt renders, the shipped weights and their pretraining."""
+
+from __future__ import annotations
+
+import random
+from itertools import product
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf.world import degrade, scene
+from rlhf.world.oracle import read_clip
+
+
+def test_world_definition():
+    assert len(scene.COLOURS) == 6 and len(scene.SHAPES) == 3 and len(scene.DIRECTIONS) == 4
+    assert len(scene.HELD_OUT) >= 4
+    assert set(scene.HELD_OUT).isdisjoint(scene.TRAINING)
+    assert len(scene.HELD_OUT) + len(scene.TRAINING) == 18
+    # every colour and every shape is still seen in training, in other combinations
+    assert {c for c, _ in scene.TRAINING} == set(scene.COLOURS)
+    assert {s for _, s in scene.TRAINING} == set(scene.SHAPES)
+    assert len(scene.PHRASINGS) >= 3
+    assert scene.prompt("red", "circle", "left") == "a red circle moving left"
+    for colour, shape, direction, phrasing in product(scene.COLOURS, scene.SHAPES, scene.DIRECTIONS, range(3)):
+        assert scene.parse_prompt(scene.prompt(colour, shape, direction, phrasing)) == (colour, shape, direction)
+    assert scene.parse_prompt("a yellow taxi in traffic") is None
+
+
+def test_renders_follow_the_spec():
+    rng = random.Random(1)
+    for colour, shape, direction in product(scene.COLOURS, scene.SHAPES, scene.DIRECTIONS):
+        spec = scene.SceneSpec.sample(colour, shape, direction, rng)
+        frames = scene.render(spec)
+        assert frames.shape == (scene.FRAMES, scene.SIZE, scene.SIZE, 3) and frames.dtype == np.uint8
+        lit = frames.max(-1) > 127
+        assert lit.any(axis=(1, 2)).all()
+        # inside the frame on every frame: the border rows and columns stay black
+        assert frames[:, 0].max() == 0 and frames[:, -1].max() == 0
+        assert frames[:, :, 0].max() == 0 and frames[:, :, -1].max() == 0
+        # the brightest pixels have the colour's RGB at full value
+        expected = np.round(np.array(scene.rgb(colour)) * 255)
+        brightest = frames.reshape(-1, 3)[frames.reshape(-1, 3).sum(1).argmax()]
+        np.testing.assert_array_equal(brightest, expected)
+        # the centroid moves the stated way by speed * (T - 1) pixels
+        ys, xs = np.nonzero(lit[0])
+        ye, xe = np.nonzero(lit[-1])
+        dx, dy = scene.DIRECTIONS[direction]
+        travel = spec.speed * (scene.FRAMES - 1)
+        assert (xe.mean() - xs.mean()) == pytest.approx(dx * travel, abs=1.0)
+        assert (ye.mean() - ys.mean()) == pytest.approx(dy * travel, abs=1.0)
+
+
+def _clips(count_per_key: int, seed: int):
+    rng = random.Random(seed)
+    for colour, shape, direction in product(scene.COLOURS, scene.SHAPES, scene.DIRECTIONS):
+        for _ in range(count_per_key):
+            yield (colour, shape, direction), scene.render(scene.SceneSpec.sample(colour, shape, direction, rng))
+
+
+def _rotate(frames: np.ndarray, degrees: float) -> np.ndarray:
+    video = degrade._float(frames)  # (T, 3, H, W)
+    return degrade._uint8(torch.stack([degrade._rotate_hue(frame, degrees) for frame in video]))
+
+
+def _blurred(frames: np.ndarray, sigma: float) -> np.ndarray:
+    return degrade._uint8(degrade._gaussian_blur(degrade._float(frames), sigma))
+
+
+@pytest.mark.parametrize("spoil", ["clean", "blur", "hue_shift", "dim"])
+def test_oracle_reads_every_attribute(spoil):
+    """>= 99% on clean renders, and on the blur and colour shifts a VAE introduces."""
+    hits = {"colour": 0, "shape": 0, "direction": 0}
+    total = 0
+    for (colour, shape, direction), frames in _clips(2 if spoil == "clean" else 1, seed=7):
+        if spoil == "blur":
+            frames = _blurred(frames, 1.0)
+        elif spoil == "hue_shift":
+            frames = _rotate(frames, 20.0)
+        elif spoil == "dim":
+            frames = (frames.astype(np.float32) * 0.8).round().astype(np.uint8)
+        reading = read_clip(frames)
+        for name, ok in reading.matches(colour, shape, direction).items():
+            if name in hits:
+                hits[name] += ok
+        total += 1
+    assert total == (144 if spoil == "clean" else 72)
+    for name, count in hits.items():
+        assert count / total >= 0.99, (spoil, name, count / total)
+
+
+def test_cleanliness_separates_clean_from_spoilt_renders():
+    rng = random.Random(3)
+    clean, spoilt = [], {kind: [] for kind in degrade.KINDS}
+    for _, frames in list(_clips(1, seed=11))[::3]:
+        clean.append(read_clip(frames).cleanliness)
+        for kind in degrade.KINDS:
+            spoilt[kind].append(read_clip(degrade.degrade(frames, kind, 1.0, rng)).cleanliness)
+    assert min(clean) >= 0.95
+    for kind, values in spoilt.items():
+        assert np.mean(values) < 0.6, (kind, np.mean(values))
+    assert read_clip(np.zeros((scene.FRAMES, 64, 64, 3), np.uint8)).cleanliness == 0.0
+
+
+def test_oracle_scorer_reports_accuracy_and_refuses_other_prompts():
+    from rlhf.errors import UserError
+    from rlhf.world.metrics import OracleOptions, OracleScorer
+
+    rng = random.Random(0)
+    spec = scene.SceneSpec.sample("blue", "square", "up", rng)
+    frames = torch.from_numpy(scene.render(spec)).float().div(255).permute(0, 3, 1, 2)[None].repeat(2, 1, 1, 1, 1)
+    prompts = ["a blue square moving up", "a red square moving up"]
+    assert OracleScorer(OracleOptions("all"))(frames, prompts).tolist() == [1.0, 0.0]
+    assert OracleScorer(OracleOptions("shape"))(frames, prompts).tolist() == [1.0, 1.0]
+    assert OracleScorer(OracleOptions("cleanliness"))(frames, prompts).min() >= 0.95
+    with pytest.raises(UserError, match="not a shapes-world prompt"):
+        OracleScorer(OracleOptions("colour"))(frames, ["a cat", "a dog"])
+
+
+def test_word_merges_make_every_world_word_one_clip_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from rlhf.models.tiny import write_clip_tokenizer
+    from rlhf.world.pretrain import CLIP_LENGTH, word_merges
+
+    words = scene.vocabulary()
+    write_clip_tokenizer(tmp_path / "tokenizer", word_merges(words), CLIP_LENGTH)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "tokenizer")
+    assert all(len(tokenizer(word, add_special_tokens=False).input_ids) == 1 for word in words)
+    longest = max(len(tokenizer(scene.prompt(c, s, d, p)).input_ids)
+                  for c, s, d, p in product(scene.COLOURS, scene.SHAPES, scene.DIRECTIONS, range(3)))
+    assert longest <= CLIP_LENGTH
