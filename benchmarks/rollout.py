@@ -40,7 +40,7 @@ PROMPTS = ["a red ball bouncing", "a calm lake at dawn", "a dog running on a bea
 
 def reference_loop(config: RolloutConfig, prompts: list[str], out: Path) -> None:
     """One pipeline-style call per video: encode both prompts, two passes per step, decode, save."""
-    generator = VideoGenerator(config)
+    generator = VideoGenerator(config, max_sequence_length=config.max_sequence_length)
     sequential = RolloutConfig(**{**vars(config), "batch_cfg": False})
     for prompt in prompts:
         for index in range(config.samples_per_prompt):
@@ -56,7 +56,7 @@ def breakdown(config: RolloutConfig, prompts: list[str]) -> dict[str, float]:
     """Seconds per stage of our path (same calls as the rollout stage, timed separately)."""
     timings = dict.fromkeys(("load", "encode", "sampler", "decode", "write"), 0.0)
     start = time.perf_counter()
-    generator = VideoGenerator(config)
+    generator = VideoGenerator(config, max_sequence_length=config.max_sequence_length)
     timings["load"] = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

@@ -121,7 +121,9 @@ class SamplingOptions:
     guidance: float = option(6.0, f"Classifier-free guidance scale, 0..{MAX_GUIDANCE:g} (at or below 1 "
                                   "there is no guidance: no unconditional branch, as in diffusers).")
     negative_prompt: str = option(DEFAULT_NEGATIVE_PROMPT, "Negative prompt used for the unconditional branch.")
-    max_sequence_length: int = option(256, "T5 tokens per prompt.")
+    max_sequence_length: int | None = option(
+        None, "T5 tokens per prompt (default: 256 as ContentV, or the T5 tokenizer's model_max_length when shorter)."
+    )
     batch_cfg: bool = option(
         True, "Run the conditional and unconditional branches in one batched forward (faster; "
         "--no-batch-cfg halves activation memory)."
@@ -140,7 +142,8 @@ class SamplingOptions:
             in_range(name, value, 16, MAX_SIDE)
         in_range("steps", self.steps, 1, MAX_STEPS)
         in_range("guidance", self.guidance, 0, MAX_GUIDANCE)
-        in_range("max_sequence_length", self.max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
+        if self.max_sequence_length is not None:
+            in_range("max_sequence_length", self.max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
 
 
 @dataclass

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     logger.info("generate: %d frames of %dx%d, %d steps, guidance %g, seed %d -> %s; loading %s", config.frames,
                 config.width, config.height, config.steps, config.guidance, config.seed, config.out, config.model)
-    generator = VideoGenerator(config)
+    generator = VideoGenerator(config, max_sequence_length=config.max_sequence_length)
     logger.info("generate: model loaded in %.1fs; encoding the prompt", time.perf_counter() - start)
     guided = uses_guidance(config.guidance)
     embeds = generator.encode_prompts([config.prompt, config.negative_prompt] if guided else [config.prompt])
