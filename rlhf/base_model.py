@@ -41,9 +41,6 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 def _config_digest(transformer_dir: Path) -> str:
     path = transformer_dir / "config.json"
-    if not path.is_file():
-        raise UserError(f"{transformer_dir.parent}: no transformer/config.json; expected a ContentV checkpoint "
-                        "directory (diffusers layout)")
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -97,7 +94,9 @@ def _weights_digest(transformer_dir: Path) -> str:
 
 def identity(model_dir: str | Path) -> dict[str, Any]:
     """The record written into adapters: format, the model's path (for messages) and the two digests."""
-    model_dir = Path(model_dir)
+    from rlhf.models.loader import check_model_dir
+
+    model_dir = check_model_dir(model_dir, vae=False, text_encoders=False)  # names the first missing part
     transformer_dir = model_dir / "transformer"
     return {
         "format": FORMAT, "version": VERSION, "model": str(model_dir.resolve()),

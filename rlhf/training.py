@@ -52,6 +52,7 @@ ADAPTER_DIR = "adapter"
 RUN_ENTRIES = (ADAPTER_DIR, "checkpoints", "logs", "summary.json")
 # Hidden leftovers of a killed run: the adapter's staging directories (ours and save_adapter's).
 STAGING_ENTRIES = (f".{ADAPTER_DIR}.staging", f"..{ADAPTER_DIR}.staging.tmp", f".{ADAPTER_DIR}.tmp")
+REMOVED_SUFFIX = ".removed"  # a checkpoint being deleted (hidden, so `latest` never picks it)
 REPLACED_PREFIX = ".replaced-run-"  # an overwritten run's entries, moved aside before they are deleted
 # LoRA settings that fix the shapes and meaning of the checkpointed weights: the checkpoint's adapter_config.json
 # key for each.
@@ -249,6 +250,7 @@ class TrainingRun:
                 self._set_aside_previous_run()
             self._remove_replaced_runs()
             self._truncate_metrics(self.step)
+            self._remove_later_checkpoints(self.step)
             self.logs_dir.mkdir(parents=True, exist_ok=True)
         if o.report_to != "none":
             # Events a killed run logged after its checkpoint are purged, so each step is in tensorboard once.
@@ -274,6 +276,19 @@ class TrainingRun:
         if self.output_dir.is_dir():
             for aside in self.output_dir.glob(f"{REPLACED_PREFIX}*"):
                 shutil.rmtree(aside, ignore_errors=True)
+
+    def _remove_later_checkpoints(self, step: int) -> None:
+        """Checkpoints of this run after `step` (where it continues) belong to the timeline it abandons: resuming
+        from an older checkpoint, `latest` must not later pick one of them up (its steps were cut from the logs)."""
+        if not self.checkpoints_dir.is_dir():
+            return
+        for later in sorted(self.checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*")):
+            if later.name > f"{CHECKPOINT_PREFIX}{step:07d}":
+                logger.info("removing %s: this run continues from step %d", later, step)
+                # Renamed first: a kill during the deletion must not leave a partial step-* for `latest`.
+                os.replace(later, self.checkpoints_dir / f".{later.name}{REMOVED_SUFFIX}")
+        for removed in self.checkpoints_dir.glob(f".{CHECKPOINT_PREFIX}*{REMOVED_SUFFIX}"):
+            shutil.rmtree(removed, ignore_errors=True)
 
     def _truncate_metrics(self, step: int) -> None:
         """Keep the metrics of steps before `step` (where this run starts), so that a run resumed after a kill
@@ -459,7 +474,9 @@ class TrainingRun:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in sorted(self.checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*"))[: -self.options.keep_last]:
-                shutil.rmtree(old)
+                hidden = self.checkpoints_dir / f".{old.name}{REMOVED_SUFFIX}"
+                os.replace(old, hidden)  # never a partial step-* dir, whenever a kill strikes
+                shutil.rmtree(hidden)
             logger.info("checkpoint: %s", final)
         accelerator.wait_for_everyone()
         return final

@@ -144,13 +144,35 @@ def test_a_resumed_run_logs_each_step_once(tiny_pairs, tmp_path, capsys):
     summary = json.loads((killed / "summary.json").read_text())["last_10_steps_mean"]
     assert summary["loss"] == json.loads((straight / "summary.json").read_text())["last_10_steps_mean"]["loss"]
 
+    # Resumed from an older checkpoint, the run drops the later ones (their steps are cut from the logs), so
+    # that a later `--resume-from latest` cannot jump to them.
+    code, _, err = call_cli(capsys, *train_args(tiny_pairs, killed, *common, "--max-steps", "5", "--resume-from",
+                                                killed / "checkpoints" / "step-0000003"))
+    assert code == 0, err
+    assert checkpoint_names(killed) == ["step-0000003", "step-0000005"]
+    assert [r["step"] for r in metrics(killed)] == [0, 1, 2, 3, 4]
+    assert event_steps(killed / "logs", "loss") == [0, 1, 2, 3, 4]
 
-def train_until_killed(args, ready, timeout: float = 600) -> None:
-    """Run `contentv-rlhf train` in a subprocess and SIGKILL it as soon as `ready()` holds."""
+
+def start_training(args) -> tuple[subprocess.Popen, Path]:
+    """`contentv-rlhf train` in a subprocess, single-threaded: every run of the test computes alike (a thread
+    count changes float reductions) and a busy machine is not thrashed. Returns it and its log file."""
     log = Path(args[args.index("--output-dir") + 1]).with_suffix(".log")
     with open(log, "ab") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "rlhf.cli", *map(str, args)], cwd=REPO,
-                                   stdout=subprocess.DEVNULL, stderr=stderr)
+                                   stdout=subprocess.DEVNULL, stderr=stderr,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    return process, log
+
+
+def train_to_the_end(args, timeout: float = 1800) -> None:
+    process, log = start_training(args)
+    assert process.wait(timeout) == 0, log.read_text()[-3000:]
+
+
+def train_until_killed(args, ready, timeout: float = 1800) -> None:
+    """Run `contentv-rlhf train` in a subprocess and SIGKILL it as soon as `ready()` holds."""
+    process, log = start_training(args)
     deadline = time.monotonic() + timeout
     try:
         while not ready():
@@ -163,10 +185,10 @@ def train_until_killed(args, ready, timeout: float = 600) -> None:
     assert process.returncode == -signal.SIGKILL
 
 
-def test_kill_9_at_three_points_then_resume(tiny_pairs, tmp_path, capsys):
+def test_kill_9_at_three_points_then_resume(tiny_pairs, tmp_path):
     common = ["--max-steps", "12", "--save-every", "4", "--learning-rate", "1e-3", "--lora-dropout", "0.1"]
     straight = tmp_path / "straight"
-    assert call_cli(capsys, *train_args(tiny_pairs, straight, *common))[0] == 0
+    train_to_the_end(train_args(tiny_pairs, straight, *common))
 
     out = tmp_path / "killed"
     checkpoints = out / "checkpoints"
@@ -188,8 +210,7 @@ def test_kill_9_at_three_points_then_resume(tiny_pairs, tmp_path, capsys):
     train_until_killed(train_args(tiny_pairs, out, *common, "--resume-from", "latest"), checkpointing)
     train_until_killed(train_args(tiny_pairs, out, *common, "--resume-from", "latest"),
                        lambda: max(logged(), default=0) >= 9)
-    code, _, err = call_cli(capsys, *train_args(tiny_pairs, out, *common, "--resume-from", "latest"))
-    assert code == 0, err
+    train_to_the_end(train_args(tiny_pairs, out, *common, "--resume-from", "latest"))
 
     a, b = adapter_weights(straight), adapter_weights(out)
     assert a.keys() == b.keys()
