@@ -117,6 +117,8 @@ def check_adapter_base(adapter_dir: str | Path, model_dir: str | Path,
         UserError: an unreadable record, or one whose transformer config or sampled weights differ.
     """
     path = Path(adapter_dir) / RECORD
+    if not Path(adapter_dir).is_dir():
+        return  # the adapter loader names a missing directory
     if not path.exists():
         if (str(adapter_dir), str(model_dir)) in _warned:
             return
