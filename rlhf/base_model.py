@@ -9,8 +9,9 @@ apart, and hashing an 8B model's weights takes minutes, so the identity is two d
   (`_class_name`, `_diffusers_version`, ...), canonically serialised;
 - `weights_sample_sha256`: for up to `SAMPLED_TENSORS` matrices spread evenly over the sorted tensor names of
   the safetensors shards, the name, the shape and the first `SAMPLED_VALUES` values rounded to bf16 (so a
-  bf16 checkpoint and its fp32 copy agree). This reads the shard headers and a few kilobytes of data: well
-  under a second for ContentV-8B. Checkpoints stored as `.bin` are identified by their files' names and sizes.
+  bf16 checkpoint and its fp32 copy agree). This reads the shard headers and at most 8 x 4096 values (256 KB)
+  of tensor data, whatever the model's size. Checkpoints stored as `.bin` are identified by their files' names
+  and sizes.
 """
 
 from __future__ import annotations
