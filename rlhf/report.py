@@ -1,26 +1,25 @@
 """The run report: one self-contained HTML page summarising a run, from the files its stages wrote.
 
-A *run directory* has `run.json` naming where each stage wrote its output (paths relative to the run
-directory, or absolute when outside it)::
-
-    {"kind": "contentv-rlhf.run",
-     "stages": {"store": "rollout", "pairs": "pairs", "train": "train", "eval": "eval"}}
-
-Only `eval` is required. The page (`build_report`) has, in order:
+It reports any run directory: a pipeline run with `run.json` (the quickstart's), an `eval --out` directory,
+a `train --output-dir` run or an `online --out` run (`rlhf.report_inputs.find_run` tells them apart). The page
+(`build_report`) has, in order, the sections the run has inputs for:
 
 1. warnings of the evaluation (possible reward hacking), highlighted;
 2. the evaluation table: per candidate and reward, kind, base and tuned means, difference, 95% CI, win/tie rate;
 3. base vs tuned videos for the same prompt and seed (eval's saved mp4s), each with its scores;
-4. the preference pairs with the widest and the narrowest margins: the rollout store's videos, else a strip of
-   the frames saved in the sample file, with the pair's scores;
-5. training curves from `logs/metrics.jsonl` as inline SVG plots (loss, implicit accuracy, reward margin,
-   lr, then every other logged number, reward terms included).
+4. online runs: one row per round (mean rewards of its rollout, pairs kept, implicit accuracy, loss) and a
+   plot of the mean rewards over the rounds;
+5. the preference pairs with the widest and the narrowest margins: the rollout store's videos, else a strip of
+   the frames saved in the sample file, with the pair's scores (an online run: its last round's);
+6. training curves from `logs/metrics.jsonl` as inline SVG plots (loss, implicit accuracy, reward margin,
+   lr, then every other logged number, reward terms included); several runs (online rounds, eval candidates)
+   share each plot, one line per run.
 
 Everything is embedded (videos as `data:video/mp4;base64` URIs, frame strips as base64 PNG, plots as inline
 SVG, CSS and a tiny status script inline), so the page opens offline and can be mailed or archived as one
 file. Every piece of text that comes from a file (prompts, paths, reward names, warnings) is HTML-escaped.
-A section whose input is missing or unreadable is replaced by a note; only a missing or corrupt eval is an
-error (`UserError`).
+A section whose input is missing or unreadable is replaced by a note; a directory that holds no run, and a
+missing or corrupt eval a pipeline run names, are errors (`UserError`).
 """
 
 from __future__ import annotations
@@ -36,10 +35,21 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.errors import UserError
+from rlhf.report_inputs import (  # noqa: F401 - run.json helpers are part of this module's API
+    METRICS_FILE,
+    ROUNDS_FILE,
+    RUN_FILE,
+    RUN_KIND,
+    STAGES,
+    RunSources,
+    find_run,
+    load_eval,
+    read_json_object,
+    read_metrics,
+    read_run_manifest,
+    write_run_manifest,
+)
 
-RUN_FILE = "run.json"
-RUN_KIND = "contentv-rlhf.run"
-STAGES = ("store", "pairs", "train", "eval")
 REPORT_FILE = "report.html"
 # Training metrics plotted first, in this order; every other numeric key follows.
 PRIMARY_METRICS = ("loss", "implicit_accuracy", "reward_margin", "lr")
@@ -52,93 +62,6 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
 def esc(value: Any) -> str:
     """HTML-escape any value for text and (double- or single-quoted) attribute positions."""
     return html.escape(str(value), quote=True)
-
-
-# ---- run.json ------------------------------------------------------------------------------------
-
-
-def write_run_manifest(run_dir: str | os.PathLike, **stage_paths: str | os.PathLike | None) -> Path:
-    """Write `run_dir/run.json` naming each stage's output (`store`, `pairs`, `train`, `eval`).
-
-    A path inside `run_dir` is stored relative to it (the run directory can be moved), any other as an
-    absolute path; a stage given as None is left out. Returns the path of run.json.
-    """
-    from rlhf.io import write_json
-
-    unknown = sorted(set(stage_paths) - set(STAGES))
-    if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; expected some of {list(STAGES)}")
-    root = Path(run_dir).resolve()
-    stages = {}
-    for name in STAGES:
-        if stage_paths.get(name) is None:
-            continue
-        path = Path(stage_paths[name]).resolve()
-        stages[name] = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-    return write_json(root / RUN_FILE, {"kind": RUN_KIND, "stages": stages})
-
-
-def read_run_manifest(run_dir: str | os.PathLike) -> dict[str, Path]:
-    """Stage name -> resolved path, from `run_dir/run.json` (UserError if missing, corrupt or without eval)."""
-    root = Path(run_dir)
-    path = root / RUN_FILE
-    if not root.is_dir():
-        raise UserError(f"{root}: run directory not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing; {root} is not a run directory (the quickstart writes one, or "
-                        "call rlhf.report.write_run_manifest)") from None
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: corrupt run manifest ({err})") from None
-    if not isinstance(data, dict) or data.get("kind") != RUN_KIND:
-        kind = data.get("kind") if isinstance(data, dict) else None
-        raise UserError(f"{path}: not a contentv-rlhf run manifest (kind {kind!r}, expected {RUN_KIND!r})")
-    stages = data.get("stages")
-    if not isinstance(stages, dict) or not all(isinstance(v, str) and v for v in stages.values()):
-        raise UserError(f"{path}: 'stages' must map stage names to paths")
-    unknown = sorted(set(stages) - set(STAGES))
-    if unknown:
-        raise UserError(f"{path}: unknown stage(s) {unknown}; expected some of {list(STAGES)}")
-    if "eval" not in stages:
-        raise UserError(f"{path}: no 'eval' stage; run `contentv-rlhf eval` and name its output in run.json")
-    return {name: root / value for name, value in stages.items()}  # an absolute value replaces root
-
-
-# ---- inputs --------------------------------------------------------------------------------------
-
-
-def load_eval(path: Path) -> tuple[dict[str, Any], Path]:
-    """(eval.json content, its folder); `path` is the eval folder or the eval.json file itself."""
-    file = path if path.suffix == ".json" else path / "eval.json"
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{file}: missing; run `contentv-rlhf eval --out {path}` first") from None
-    except (OSError, ValueError) as err:
-        raise UserError(f"{file}: corrupt eval results ({err})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{file}: corrupt eval results (not a JSON object)")
-    for key, kind in (("comparisons", dict), ("rewards", dict), ("candidates", dict)):
-        if not isinstance(data.get(key), kind):
-            raise UserError(f"{file}: corrupt eval results (no {key!r} mapping)")
-    return data, file.parent
-
-
-def read_metrics(path: Path) -> tuple[list[dict[str, float]], int]:
-    """metrics.jsonl records by step (a step logged twice, after a resume, keeps its last record), and the
-    number of unreadable lines (a line cut by a killed run)."""
-    by_step: dict[int, dict[str, float]] = {}
-    bad = 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            by_step[int(record["step"])] = record
-        except (ValueError, KeyError, TypeError):
-            bad += 1
-    return [by_step[s] for s in sorted(by_step)], bad
 
 
 # ---- media ---------------------------------------------------------------------------------------
@@ -530,8 +453,8 @@ def pairs_section(pairs_dir: Path, store_dir: Path | None, count: int) -> str:
     return "".join(parts)
 
 
-def training_section(train_dir: Path) -> str:
-    metrics_path = train_dir / "logs" / "metrics.jsonl"
+def _train_metrics(train_dir: Path) -> tuple[list[dict[str, float]], int, Path]:
+    metrics_path = train_dir / METRICS_FILE
     if not metrics_path.exists():
         raise SkipSection(f"{metrics_path} not found")
     try:
@@ -540,10 +463,11 @@ def training_section(train_dir: Path) -> str:
         raise SkipSection(f"{metrics_path}: unreadable ({err})") from None
     if not records:
         raise SkipSection(f"{metrics_path}: no metrics logged")
-    keys = []
-    for record in records:
-        keys += [k for k, v in record.items() if k not in keys and k not in NOT_PLOTTED
-                 and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return records, bad, metrics_path
+
+
+def _metric_groups(keys: list[str]) -> list[tuple[str, list[str]]]:
+    """(plot title, metrics drawn in it): the primary metrics, reward terms, denoising errors, the rest."""
     groups: list[tuple[str, list[str]]] = [(k, [k]) for k in PRIMARY_METRICS if k in keys]
     errors = [k for k in ERROR_METRICS if k in keys]
     others = [k for k in keys if k not in PRIMARY_METRICS and k not in ERROR_METRICS]
@@ -551,24 +475,79 @@ def training_section(train_dir: Path) -> str:
     if errors:
         groups.append(("denoising errors (policy vs reference)", errors))
     groups += [(k, [k]) for k in others if "reward" not in k]
-    parts = []
-    summary: dict[str, Any] = {}
-    try:
-        summary = json.loads((train_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        pass
-    facts = [f"{len(records)} logged steps (last: {records[-1]['step']})"]
-    for key in ("method", "steps", "skipped_steps", "pairs", "prompts"):
-        if key in summary:
-            facts.append(f"{key}: {summary[key]}")
-    parts.append(f'<p class="hint">{esc("; ".join(facts))}</p>')
-    if bad:
-        parts.append(f'<p class="note">{bad} unreadable line(s) in {esc(metrics_path)} skipped</p>')
+    return groups
+
+
+def training_section(trains: Mapping[str, Path]) -> str:
+    """Curves of one or more training runs (label -> run directory); with several, each plot has one line
+    per run (and metric). A run without metrics gets a note; none with metrics skips the section."""
+    runs: dict[str, list[dict[str, float]]] = {}
+    parts, notes = [], []
+    for label, train_dir in trains.items():
+        try:
+            records, bad, metrics_path = _train_metrics(train_dir)
+        except SkipSection as note:
+            if len(trains) == 1:
+                raise
+            notes.append(f"{label}: {note}")
+            continue
+        runs[label] = records
+        summary = read_json_object(train_dir / "summary.json") or {}
+        facts = [f"{len(records)} logged steps (last: {records[-1]['step']})"]
+        facts += [f"{key}: {summary[key]}" for key in ("method", "steps", "skipped_steps", "pairs", "prompts")
+                  if key in summary]
+        prefix = f"{label}: " if len(trains) > 1 else ""
+        parts.append(f'<p class="hint">{esc(prefix + "; ".join(facts))}</p>')
+        if bad:
+            parts.append(f'<p class="note">{bad} unreadable line(s) in {esc(metrics_path)} skipped</p>')
+    if not runs:
+        raise SkipSection("; ".join(notes))
+    parts += [f'<p class="note">{esc(note)}</p>' for note in notes]
+    keys: list[str] = []
+    for records in runs.values():
+        for record in records:
+            keys += [k for k, v in record.items() if k not in keys and k not in NOT_PLOTTED
+                     and isinstance(v, (int, float)) and not isinstance(v, bool)]
     parts.append('<div class="plots">')
-    for title, names in groups:
-        series = {n: [(r["step"], r[n]) for r in records if isinstance(r.get(n), (int, float))] for n in names}
+    for title, names in _metric_groups(keys):
+        series = {}
+        for label, records in runs.items():
+            for name in names:
+                line = name if len(runs) == 1 else label if len(names) == 1 else f"{label} {name}"
+                series[line] = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
         parts.append(svg_line_plot(series, title))
     parts.append("</div>")
+    return "".join(parts)
+
+
+def rounds_section(online_dir: Path) -> str:
+    """An online run's rounds.json as a table, and the mean rewards per round as a plot."""
+    path = online_dir / ROUNDS_FILE
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SkipSection(f"{path} not found: no round has finished yet") from None
+    except (OSError, ValueError) as err:
+        raise SkipSection(f"{path}: unreadable ({err})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows) or not rows:
+        raise SkipSection(f"{path}: no rounds recorded")
+    rewards = sorted({name for row in rows for name in (row.get("mean_rewards") or {})})
+    head = "".join(f"<th>{esc(name)}</th>" for name in rewards)
+    parts = ['<p class="hint">Per round: the mean reward of its rollout (sampled with the previous round\'s '
+             'adapter), the pairs kept, and the last training steps\' implicit accuracy and loss.</p>',
+             f'<table class="eval"><thead><tr><th>round</th>{head}<th>pairs</th><th>implicit accuracy</th>'
+             '<th>loss</th></tr></thead><tbody>']
+    for row in rows:
+        means = row.get("mean_rewards") or {}
+        cells = "".join(f"<td>{_num(means.get(name))}</td>" for name in rewards)
+        parts.append(f'<tr><td>{esc(row.get("round", "?"))}</td>{cells}<td>{esc(row.get("pairs", "–"))}</td>'
+                     f'<td>{_num(row.get("implicit_accuracy"), ".3f")}</td><td>{_num(row.get("loss"))}</td></tr>')
+    parts.append("</tbody></table>")
+    series = {name: [(row["round"], row["mean_rewards"][name]) for row in rows
+                     if isinstance(row.get("round"), int) and isinstance((row.get("mean_rewards") or {}).get(name),
+                                                                        (int, float))]
+              for name in rewards}
+    parts.append(f'<div class="plots">{svg_line_plot(series, "mean reward per round", x_label="round")}</div>')
     return "".join(parts)
 
 
@@ -647,19 +626,51 @@ STATUS_SCRIPT = """
 """
 
 
+TITLES = {"pipeline": "run", "eval": "evaluation", "train": "training run", "online": "online run"}
+
+
+def _sections(sources: RunSources, result: Mapping[str, Any] | None, eval_dir: Path | None,
+              examples: int) -> list[tuple[str, str, Any]]:
+    """(anchor, title, builder) of every section this kind of run has; a pipeline run lists them all and notes
+    the stages its run.json leaves out."""
+    pipeline = sources.kind == "pipeline"
+    sections: list[tuple[str, str, Any]] = []
+    if result is not None:
+        sections += [("eval", "Evaluation: base vs tuned", lambda: eval_table_section(result)),
+                     ("videos", "Base vs tuned videos", lambda: eval_videos_section(result, eval_dir))]
+    if sources.rounds is not None:
+        sections.append(("rounds", "Online rounds", lambda: rounds_section(sources.rounds)))
+    if sources.pairs is not None or pipeline:
+        sections.append(("pairs", "Preference pairs: widest and narrowest margins",
+                         lambda: pairs_section(sources.pairs, sources.store, examples) if sources.pairs is not None
+                         else _skip("no pairs stage in run.json")))
+    if sources.trains or pipeline:
+        sections.append(("training", "Training curves",
+                         lambda: training_section(sources.trains) if sources.trains
+                         else _skip("no train stage in run.json")))
+    return sections
+
+
+def _facts(sources: RunSources, result: Mapping[str, Any] | None) -> list[str]:
+    """The header's one-line summary of the run, each piece escaped."""
+    if result is not None:
+        facts = [f"model <code>{esc(result.get('model', '?'))}</code>",
+                 f"{len(result.get('prompts') or [])} held-out prompts x {len(result.get('seeds') or [])} seeds"]
+        sampling = result.get("sampling") or {}
+        if sampling:
+            facts.append(esc(", ".join(f"{k} {v}" for k, v in sampling.items())))
+        return facts
+    if sources.kind == "online":
+        return [f"{len(sources.trains)} round(s) with a training run"]
+    summary = read_json_object(next(iter(sources.trains.values())) / "summary.json") if sources.trains else None
+    return [esc(f"{key} {summary[key]}") for key in ("method", "steps", "model") if summary and key in summary]
+
+
 def build_report(run_dir: str | os.PathLike, examples: int = 2) -> str:
-    """The report page of the run in `run_dir` (see the module docstring); UserError if eval is unusable."""
-    stages = read_run_manifest(run_dir)
-    result, eval_dir = load_eval(stages["eval"])
-    sections: list[tuple[str, str, Any]] = [
-        ("eval", "Evaluation: base vs tuned", lambda: eval_table_section(result)),
-        ("videos", "Base vs tuned videos", lambda: eval_videos_section(result, eval_dir)),
-        ("pairs", "Preference pairs: widest and narrowest margins",
-         lambda: pairs_section(stages["pairs"], stages.get("store"), examples) if "pairs" in stages
-         else _skip("no pairs stage in run.json")),
-        ("training", "Training curves",
-         lambda: training_section(stages["train"]) if "train" in stages else _skip("no train stage in run.json")),
-    ]
+    """The report page of the run in `run_dir` (see the module docstring); UserError if it holds no run."""
+    sources = find_run(run_dir)
+    result, eval_dir = load_eval(sources.eval) if sources.eval is not None else (None, None)
+    sections = _sections(sources, result, eval_dir, examples)
     body = []
     for anchor, title, build in sections:
         try:
@@ -667,20 +678,18 @@ def build_report(run_dir: str | os.PathLike, examples: int = 2) -> str:
         except SkipSection as note:
             content = f'<p class="note">Section skipped: {esc(note)}</p>'
         body.append(f'<section id="{anchor}"><h2>{esc(title)}</h2>{content}</section>')
-    warnings = "".join(f'<div class="warning">&#9888; {esc(w)}</div>' for w in result.get("warnings") or [])
-    sampling = result.get("sampling") or {}
-    facts = [f"model <code>{esc(result.get('model', '?'))}</code>",
-             f"{len(result.get('prompts') or [])} held-out prompts x {len(result.get('seeds') or [])} seeds"]
-    if sampling:
-        facts.append(esc(", ".join(f"{k} {v}" for k, v in sampling.items())))
+    warnings = "".join(f'<div class="warning">&#9888; {esc(w)}</div>'
+                       for w in (result or {}).get("warnings") or [])
     nav = "".join(f'<a href="#{a}">{esc(t.split(":")[0])}</a>' for a, t, _ in sections)
+    root = Path(run_dir).resolve()
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-        f"<title>contentv-rlhf report: {esc(Path(run_dir).resolve().name)}</title><style>{CSS}</style></head>"
-        f"<body><header><h1>contentv-rlhf run report</h1><div><code>{esc(Path(run_dir).resolve())}</code></div>"
-        f"<div>{' | '.join(facts)}</div><nav>{nav}</nav></header><main>{warnings}{''.join(body)}"
-        f'<pre id="report-status" hidden></pre></main><script>{STATUS_SCRIPT}</script></body></html>\n'
+        f"<title>contentv-rlhf report: {esc(root.name)}</title><style>{CSS}</style></head>"
+        f"<body><header><h1>contentv-rlhf {esc(TITLES[sources.kind])} report</h1><div><code>{esc(root)}</code>"
+        f"</div><div>{' | '.join(_facts(sources, result))}</div><nav>{nav}</nav></header><main>{warnings}"
+        f'{"".join(body)}<pre id="report-status" hidden></pre></main><script>{STATUS_SCRIPT}</script></body>'
+        "</html>\n"
     )
 
 

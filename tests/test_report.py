@@ -1,5 +1,7 @@
 """`contentv-rlhf report`: a tiny real run (store, pairs, train, eval) rendered as one self-contained page,
-checked as text (embedded media, escaping, no network references) and loaded in headless Chromium."""
+checked as text (embedded media, escaping, no network references) and loaded in headless Chromium; and the
+report of each other kind of run directory (a train run, an eval directory, an online run) checked against
+the files those commands wrote."""
 
 import html
 import json
@@ -8,6 +10,7 @@ import shutil
 import subprocess
 
 import pytest
+import yaml
 
 from rlhf.report import RUN_FILE, write_run_manifest
 from tests.conftest import call_cli
@@ -114,7 +117,7 @@ def test_report_skips_missing_sections_with_a_note(tiny_run, tmp_path, capsys):
     assert not (tmp_path / "report.html").exists()
 
 
-@pytest.mark.parametrize("case", ["no-run-json", "corrupt", "other-kind", "no-eval-stage", "eval-missing",
+@pytest.mark.parametrize("case", ["no-run-json", "corrupt", "other-kind", "no-eval-or-train-stage", "eval-missing",
                                   "not-a-dir"])
 def test_report_bad_run_dir_is_one_line_exit_2(case, tmp_path, capsys):
     run = tmp_path / "run"
@@ -124,8 +127,8 @@ def test_report_bad_run_dir_is_one_line_exit_2(case, tmp_path, capsys):
         manifest.write_text('{"kind": "contentv-rlhf.run", "stages": ')
     elif case == "other-kind":
         manifest.write_text(json.dumps({"kind": "something-else", "stages": {"eval": "eval"}}))
-    elif case == "no-eval-stage":
-        manifest.write_text(json.dumps({"kind": "contentv-rlhf.run", "stages": {"train": "train"}}))
+    elif case == "no-eval-or-train-stage":
+        manifest.write_text(json.dumps({"kind": "contentv-rlhf.run", "stages": {"store": "rollout"}}))
     elif case == "eval-missing":
         write_run_manifest(run, eval=run / "eval")
     elif case == "not-a-dir":
@@ -133,6 +136,7 @@ def test_report_bad_run_dir_is_one_line_exit_2(case, tmp_path, capsys):
     code, stdout, stderr = call_cli(capsys, "report", "--run", run)
     assert code == 2
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("contentv-rlhf report: error: ")
+    assert str(run) in stderr
     assert "Traceback" not in stderr and stdout == ""
     assert not (run / "report.html").exists()
 
@@ -161,3 +165,90 @@ def test_report_loads_in_headless_chromium(tiny_run, report_page, tmp_path):
     assert status["videos_failed"] == 0 and status["videos_loaded"] == status["videos"], status
     assert status["images"] == status["images_decoded"] == report_page.count('<img class="frames"') > 0
     assert status["plots"] == report_page.count('<svg class="plot"') >= 4
+
+
+# ---- other kinds of run directory ------------------------------------------------------------------------
+
+
+def section(page: str, anchor: str) -> str:
+    """The HTML of one `<section id=anchor>` of the page ('' if the page has none)."""
+    start = page.find(f'<section id="{anchor}">')
+    return "" if start < 0 else page[start:page.index("</section>", start)]
+
+
+def curve_points(page: str, line: str) -> dict[int, str]:
+    """step -> value label of the points of the plotted line named `line` in the loss plot."""
+    plot = re.search(r'<svg class="plot"[^>]* aria-label="loss">.*?</svg>', page, re.S).group(0)
+    return {int(step): value for step, value in re.findall(rf"<title>{re.escape(line)} step (\d+): ([^<]+)</title>",
+                                                           plot)}
+
+
+def logged_losses(train_dir) -> dict[int, str]:
+    rows = [json.loads(line) for line in (train_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: f"{row['loss']:.6g}" for row in rows}
+
+
+def report_of(capsys, run_dir, out) -> str:
+    code, stdout, stderr = call_cli(capsys, "report", "--run", run_dir, "--out", out)
+    assert code == 0, stderr
+    assert str(out) in stdout
+    return out.read_text(encoding="utf-8")
+
+
+def test_report_of_a_train_run(tiny_run, tiny_pairs, tmp_path, capsys):
+    """Curves from its metrics.jsonl, and the pairs (with the store) its summary.json names; no eval parts."""
+    page = report_of(capsys, tiny_run["dir"] / "train", tmp_path / "train.html")
+    assert "contentv-rlhf training run report" in page
+    assert curve_points(page, "loss") == logged_losses(tiny_run["dir"] / "train")
+    pairs = section(page, "pairs")
+    assert pairs.count('<img class="frames"') == 2 * tiny_run["pairs_shown"]  # the store has no mp4s
+    assert "Section skipped" not in page and "<video" not in page and not section(page, "eval")
+
+
+def test_report_of_an_eval_directory(tiny_run, tmp_path, capsys):
+    """The eval table and videos, plus the training run its candidate adapter came from."""
+    page = report_of(capsys, tiny_run["dir"] / "eval", tmp_path / "eval.html")
+    assert "contentv-rlhf evaluation report" in page
+    assert page.count("<video") == len(EVAL_PROMPTS) * SEEDS * 2
+    result = json.loads((tiny_run["dir"] / "eval" / "eval.json").read_text())
+    diff = result["comparisons"]["candidate0"]["brightness"]["mean_diff"]
+    assert re.search(rf'<td>brightness</td>.*?<td class="diff">{re.escape(format(diff, "+.3g"))}</td>',
+                     section(page, "eval"))
+    assert curve_points(page, "loss") == logged_losses(tiny_run["dir"] / "train")
+    assert section(page, "pairs").count('<img class="frames"') == 2 * tiny_run["pairs_shown"]
+    assert "Section skipped" not in page
+
+
+@pytest.fixture(scope="module")
+def online_run(tiny_model_dir, tmp_path_factory):
+    from rlhf.cli import main
+    from tests.test_online import online_config
+
+    root = tmp_path_factory.mktemp("online")
+    out = root / "online"
+    config = online_config(root, tiny_model_dir, out)
+    data = yaml.safe_load(config.read_text())
+    data["train"].update(max_steps=3, save_every=3)  # fewer steps than test_online's resume test needs
+    config.write_text(yaml.safe_dump(data))
+    assert main(["online", "--config", str(config)]) == 0
+    return out
+
+
+def test_report_of_an_online_run(online_run, tmp_path, capsys):
+    """One table row per round of rounds.json, every round's curves (one line each), the last round's pairs."""
+    page = report_of(capsys, online_run, tmp_path / "online.html")
+    assert "contentv-rlhf online run report" in page
+    rows = json.loads((online_run / "rounds.json").read_text())
+    table = section(page, "rounds")
+    assert [int(r) for r in re.findall(r"<tr><td>(\d+)</td>", table)] == [row["round"] for row in rows] == [0, 1]
+    for row in rows:
+        cells = re.search(rf"<tr><td>{row['round']}</td>(.*?)</tr>", table).group(1)
+        assert f"<td>{row['pairs']}</td>" in cells
+        for value in row["mean_rewards"].values():
+            assert f"<td>{value:.5g}</td>" in cells
+    assert 'aria-label="mean reward per round"' in table
+    for index in (0, 1):
+        losses = logged_losses(online_run / f"round-{index:02d}" / "train")
+        assert len(losses) == 3 and curve_points(page, f"round {index:02d}") == losses
+    assert section(page, "pairs").count('<img class="frames"') > 0
+    assert "Section skipped" not in page

@@ -7,14 +7,17 @@ from pathlib import Path
 
 HELP = "Write a self-contained HTML report of a run: base vs tuned videos, pair examples, curves, eval table."
 EXAMPLES = """\
-  contentv-rlhf report --run quickstart-out
-  contentv-rlhf report --run runs/dpo-r0 --out /tmp/dpo-r0.html --examples 3
+  contentv-rlhf report --run quickstart-out                  # a pipeline run (run.json)
+  contentv-rlhf report --run runs/dpo-r0 --out /tmp/dpo-r0.html --examples 3   # a training run
+  contentv-rlhf report --run runs/eval-r0                    # an eval directory
+  contentv-rlhf report --run runs/online                     # an online run (every round)
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", dest="run_dir", required=True, metavar="DIR",
-                        help="Run directory with run.json naming the stage outputs (eval required).")
+                        help="Run directory: a quickstart/pipeline run (run.json), `train --output-dir`, "
+                             "`eval --out` or `online --out`.")
     parser.add_argument("--out", metavar="FILE.html", default=None,
                         help="Where to write the page (default: DIR/report.html).")
     parser.add_argument("--examples", type=int, default=2, metavar="N",
