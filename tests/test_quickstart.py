@@ -1,24 +1,33 @@
-"""The quickstart runs every stage through the real CLI and ends with the eval table and a report."""
+"""The quickstart runs every stage through the real CLI on the shipped world and ends with the eval table and a report."""
 
 import json
 
 from tests.conftest import call_cli
 
+SMALL = ("--device", "cpu", "--train-steps", "4", "--train-prompts", "4", "--samples-per-prompt", "2",
+         "--eval-seeds", "1")
+
 
 def test_quickstart_end_to_end_and_rerun(tmp_path, capsys):
     out = tmp_path / "qs"
-    code, stdout, stderr = call_cli(capsys, "quickstart", "--out", out, "--device", "cpu", "--train-steps", "10")
+    code, stdout, stderr = call_cli(capsys, "quickstart", "--out", out, *SMALL)
     assert code == 0, stderr
-    for stage in ("tiny model", "rollout", "score", "pairs", "train (Flow-DPO)", "merge", "eval", "report"):
+    for stage in ("rollout", "score", "pairs", "train (Flow-DPO)", "merge", "eval", "report"):
         assert f"] {stage}: contentv-rlhf " in stdout, stage
     assert "combined" in stdout and "95% CI" in stdout  # the eval table
     assert (out / "merged" / "transformer").is_dir() and (out / "report.html").is_file()
     result = json.loads((out / "eval" / "eval.json").read_text())
-    assert result["rewards"] == {"brightness": "trained", "colorfulness": "held_out", "contrast": "held_out",
-                                 "combined": "trained"}
+    kinds = result["rewards"]
+    assert {kinds[r] for r in ("clip", "aesthetic", "motion")} == {"trained"}
+    assert {kinds[r] for r in ("colorfulness", "contrast", "frame_diff_motion")} == {"held_out"}
+    assert {kinds[r] for r in ("oracle_colour", "oracle_shape", "oracle_direction", "oracle_all",
+                               "oracle_cleanliness")} == {"truth"}
+    assert "oracle_colour_shape" in stdout  # the oracle's accuracy is in the printed table
+    assert len(result["prompts"]) == 16  # the held-out combinations, all four directions
     assert len(json.loads((out / "train" / "summary.json").read_text())) > 0
+    assert "oracle_all" in (out / "report.html").read_text()
 
     # A rerun skips the finished stages.
-    code, stdout, stderr = call_cli(capsys, "quickstart", "--out", out, "--device", "cpu", "--train-steps", "10")
+    code, stdout, stderr = call_cli(capsys, "quickstart", "--out", out, *SMALL)
     assert code == 0, stderr
-    assert stdout.count("already done") == 6
+    assert stdout.count("already done") == 5

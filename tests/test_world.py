@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from itertools import product
 
@@ -131,3 +132,86 @@ def test_word_merges_make_every_world_word_one_clip_token(tmp_path):
     longest = max(len(tokenizer(scene.prompt(c, s, d, p)).input_ids)
                   for c, s, d, p in product(scene.COLOURS, scene.SHAPES, scene.DIRECTIONS, range(3)))
     assert longest <= CLIP_LENGTH
+
+
+def test_shipped_world_loads_through_the_contentv_loader():
+    """The shipped weights are a ContentV-layout checkpoint, open_clip folder and LAION-layout head (<= 30 MB)."""
+    from rewards.aesthetic import AestheticOptions, AestheticScorer
+    from rewards.clip import ClipOptions, ClipScorer
+    from rlhf.models.loader import load_contentv
+    from rlhf.world import AESTHETIC_HEAD, CLIP_DIR, MODEL_DIR, WEIGHTS
+
+    size = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
+    assert size <= 30 * 2**20, size
+    parts = load_contentv(MODEL_DIR, dtype="fp32")
+    assert type(parts.transformer).__name__ == "SD3Transformer3DModel"
+    assert type(parts.vae).__name__ == "AutoencoderKLWan"
+    embeds = parts.prompt_encoder.encode(["a red circle moving left", "a blue square moving up"])
+    assert embeds.prompt_embeds.shape[1] <= 32  # short world sequences: CLIP + T5 lengths of its tokenizers
+    assert not torch.allclose(embeds.prompt_embeds[0], embeds.prompt_embeds[1])
+    clip = ClipScorer(ClipOptions(checkpoint=f"local-dir:{CLIP_DIR}", num_frames=3))
+    aesthetic = AestheticScorer(AestheticOptions(head=str(AESTHETIC_HEAD), clip_checkpoint=f"local-dir:{CLIP_DIR}",
+                                                 num_frames=3))
+    rng = random.Random(5)
+    spec = scene.SceneSpec.sample("blue", "square", "up", rng)
+    clean = torch.from_numpy(scene.render(spec)).float().div(255).permute(0, 3, 1, 2)[None]
+    spoilt = torch.from_numpy(degrade.degrade(scene.render(spec), "noise", 1.0, rng)).float().div(255)
+    spoilt = spoilt.permute(0, 3, 1, 2)[None]
+    right, wrong = clip(clean.repeat(2, 1, 1, 1, 1), ["a blue square moving up", "a red triangle moving up"])
+    assert right > wrong  # the learned CLIP reads colour and shape
+    assert aesthetic(clean, ["x"]) > aesthetic(spoilt, ["x"])  # and the head prefers the clean render
+
+
+@pytest.mark.slow
+def test_pretraining_reproduces_the_recorded_transformer_losses():
+    """The shipped pretraining log's first 50 transformer losses come back from the seed (same CPU threads)."""
+    from rlhf.world import PRETRAIN_LOG, WEIGHTS
+    from rlhf.world.pretrain import train_transformer
+
+    recorded = json.loads(PRETRAIN_LOG.read_text())["transformer"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recorded["threads"])  # the recorded run's: float sums in the same order
+    try:
+        losses = train_transformer(WEIGHTS, recorded["seed"], recorded["steps"], recorded["batch"],
+                                   recorded["clips_per_prompt"], [], None, stop_after=50)
+    finally:
+        torch.set_num_threads(threads)
+    assert losses == recorded["losses"][:50]
+
+
+WORLD_CONFIGS = {  # configs/world file -> the dataclass it loads into, plus fields given on the command line
+    "rollout.yaml": ("rollouts.config:RolloutConfig", {}),
+    "rewards.yaml": ("rewards.config:RewardsConfig", {}),
+    "ground_truth.yaml": ("rewards.config:RewardsConfig", {}),
+    "pairs.yaml": ("rlhf.commands.pairs:PairsStageConfig", {"store": "s", "out": "o"}),
+    "dpo.yaml": ("dpo.config:DPOConfig", {}),
+    "reward_gradient.yaml": ("dpo.reward_gradient_config:RewardGradientConfig", {}),
+    "eval.yaml": ("rlhf.evaluation:EvalConfig", {"adapters": ["a"]}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WORLD_CONFIGS))
+def test_world_configs_load_strictly_from_the_repository_root(name, monkeypatch):
+    import importlib
+    from pathlib import Path
+
+    from rlhf.config import config_from_dict, load_yaml
+
+    root = Path(__file__).resolve().parents[1]
+    assert {p.name for p in (root / "configs" / "world").glob("*.yaml")} == set(WORLD_CONFIGS)
+    monkeypatch.chdir(root)  # their paths are relative to the repository root
+    module, _, cls = WORLD_CONFIGS[name][0].partition(":")
+    cls = getattr(importlib.import_module(module), cls)
+    config = config_from_dict(cls, {**load_yaml(f"configs/world/{name}"), **WORLD_CONFIGS[name][1]}, source=name)
+    for key in ("model", "prompts", "rewards", "ground_truth"):
+        value = getattr(config, key, None)
+        if isinstance(value, str):
+            assert Path(value).exists(), (name, key, value)
+
+
+def test_world_prompt_files_match_the_world_definition():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "world"
+    assert (folder / "train_prompts.txt").read_text().split("\n")[:-1] == scene.prompts_for(scene.TRAINING)
+    assert (folder / "heldout_prompts.txt").read_text().split("\n")[:-1] == scene.prompts_for(scene.HELD_OUT)

@@ -1,9 +1,13 @@
-"""`contentv-rlhf quickstart`: the whole loop on the tiny default model, on any machine, in minutes.
+"""`contentv-rlhf quickstart`: the whole loop on the shapes world, on any machine, in minutes.
 
-tiny model -> rollout -> score -> pairs -> train (Flow-DPO) -> merge -> eval -> report. Every stage is the
-real command a user runs on ContentV-8B (called through the CLI entry point with the flags printed); only the
-model is tiny and the rewards are weight-free. The stage configs are written to OUT/configs/ so the run can
-be repeated stage by stage. Finished stages are skipped when the quickstart is rerun.
+rollout -> score -> pairs -> train (Flow-DPO) -> merge -> eval -> report, on the shipped world model
+(`rlhf/world/weights`: a pretrained text-to-video generator in ContentV's classes and layout) with its
+learned rewards (a world CLIP, an aesthetic head on it, the weight-free motion reward). Every stage is the
+real command a user runs on ContentV-8B, called through the CLI entry point with the flags printed, and
+reads the shipped `configs/world/` files; the eval scores held-out colour-shape combinations with the
+trained rewards, weight-free held-out rewards and the world's oracle (ground truth no reward sees). The
+stage configs are written to OUT/configs/ so the run can be repeated stage by stage. Finished stages are
+skipped when the quickstart is rerun.
 """
 
 from __future__ import annotations
@@ -13,33 +17,28 @@ import shlex
 import time
 from pathlib import Path
 
-HELP = "Run the whole pipeline end to end on a tiny random model (no weights or GPU needed)."
+HELP = "Run the whole pipeline end to end on the shipped shapes-world model (no downloads or GPU needed)."
 EXAMPLES = """\
   contentv-rlhf quickstart
   contentv-rlhf quickstart --out runs/quickstart --device cpu
 """
 
-# Training prompts and held-out evaluation prompts (disjoint), as in a real run.
-_SUBJECTS = ["a red ball", "a blue lake", "a dog", "city lights", "a sailboat", "snow", "a candle", "clouds",
-             "a cat", "rain", "a balloon", "waves"]
-TRAIN_PROMPTS = [f"{s} {where}" for where in ("at night", "in the morning") for s in _SUBJECTS]
-EVAL_PROMPTS = ["a yellow taxi in traffic", "a horse galloping in a field", "fireworks over a river",
-                "a child flying a kite", "leaves blowing in autumn wind", "a train crossing a bridge"]
-# The trained reward and held-out ones (weight-free scorers, so nothing needs downloading).
-REWARDS = {"scorers": {"brightness": {"weight": 1.0}}}
-HELD_OUT_REWARDS = {"scorers": {"colorfulness": {"weight": 1.0}, "contrast": {"weight": 1.0}}}
-SAMPLES_PER_PROMPT = 8  # K: best-of-K from the base is the toy benchmark's bar
-EVAL_SEEDS = 2 * SAMPLES_PER_PROMPT
 MAX_TRAIN_STEPS = 1_000_000  # a toy run: days of CPU time
-# 5 frames (2 latent frames) at 32x32 keep every stage a few seconds on a CPU.
-SAMPLING = ["--frames", "5", "--height", "32", "--width", "32", "--steps", "8", "--guidance", "4", "--fps", "8"]
+MAX_PROMPTS = 1_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="quickstart-out", help="Output directory (default: quickstart-out).")
     parser.add_argument("--device", default="auto", help="auto, cuda, npu or cpu (default: auto).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the tiny model and the rollout.")
-    parser.add_argument("--train-steps", type=int, default=600, help="Flow-DPO optimiser steps (default: 600).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the rollout and of training.")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="Flow-DPO optimiser steps (default: configs/world/dpo.yaml's).")
+    parser.add_argument("--train-prompts", type=int, default=None,
+                        help="Use only the first N training prompts (default: all of configs/world/train_prompts.txt).")
+    parser.add_argument("--samples-per-prompt", type=int, default=None,
+                        help="K videos per training prompt (default: configs/world/rollout.yaml's).")
+    parser.add_argument("--eval-seeds", type=int, default=None, help="Seeds per held-out prompt in the eval "
+                        "(default: configs/world/eval.yaml's).")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -55,51 +54,85 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--device {problem}")
     if not 0 <= args.seed <= MAX_SEED:
         raise UserError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
-    if not 1 <= args.train_steps <= MAX_TRAIN_STEPS:
-        raise UserError(f"--train-steps must be in 1..{MAX_TRAIN_STEPS}, got {args.train_steps}")
+    limits = {"train_steps": MAX_TRAIN_STEPS, "train_prompts": MAX_PROMPTS, "samples_per_prompt": 1024,
+              "eval_seeds": 1024}
+    for name, high in limits.items():
+        value = getattr(args, name)
+        if value is not None and not 1 <= value <= high:
+            raise UserError(f"--{name.replace('_', '-')} must be in 1..{high}, got {value}")
+    if args.samples_per_prompt == 1:
+        raise UserError("--samples-per-prompt must be >= 2: pairs need two samples of a prompt")
+
+
+def world_configs() -> Path:
+    """The shipped `configs/world/` folder of the repository this package runs from."""
+    from rlhf.errors import UserError
+
+    folder = Path(__file__).resolve().parents[2] / "configs" / "world"
+    if not (folder / "rollout.yaml").is_file():
+        raise UserError(f"{folder}: the shapes-world configs are missing; run the quickstart from a clone of the "
+                        "repository installed with `pip install -e .`")
+    return folder
+
+
+def absolute_rewards(path: Path, root: Path, device: str) -> dict:
+    """A world rewards/ground-truth YAML with its repository-relative weight paths made absolute."""
+    import yaml
+
+    config = yaml.safe_load(path.read_text())
+    for entry in config["scorers"].values():
+        for key in ("checkpoint", "clip_checkpoint", "head"):
+            value = entry.get(key)
+            if isinstance(value, str):
+                prefix = "local-dir:" if value.startswith("local-dir:") else ""
+                entry[key] = prefix + str(root / value.removeprefix(prefix))
+    return {**config, "device": device}
 
 
 def run(args: argparse.Namespace) -> int:
     import yaml
 
     from rlhf.cli import main as cli
+    from rlhf.training import holds_run
+    from rlhf.world import MODEL_DIR
 
     check_arguments(args)
+    shipped = world_configs()
+    root = shipped.parents[1]
     out = Path(args.out)
     configs = out / "configs"
     configs.mkdir(parents=True, exist_ok=True)
-    (configs / "train_prompts.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
-    (configs / "eval_prompts.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
-    (configs / "rewards.yaml").write_text(yaml.safe_dump({**REWARDS, "device": args.device}))
-    (configs / "held_out_rewards.yaml").write_text(yaml.safe_dump({**HELD_OUT_REWARDS, "device": args.device}))
-    from rlhf.training import holds_run
+    train_prompts = (shipped / "train_prompts.txt").read_text().split("\n")
+    train_prompts = [p for p in train_prompts if p.strip()][: args.train_prompts]
+    (configs / "train_prompts.txt").write_text("\n".join(train_prompts) + "\n")
+    (configs / "rewards.yaml").write_text(yaml.safe_dump(absolute_rewards(shipped / "rewards.yaml", root, args.device)))
+    (configs / "held_out_rewards.yaml").write_text(
+        yaml.safe_dump({**yaml.safe_load((root / "configs" / "rewards_heldout.yaml").read_text()), "device": args.device}))
+    (configs / "ground_truth.yaml").write_text(
+        yaml.safe_dump(absolute_rewards(shipped / "ground_truth.yaml", root, args.device)))
 
-    paths = {name: out / name for name in ("tiny-model", "rollout", "pairs", "train", "merged", "eval")}
-    common = ["--device", args.device, "--dtype", "fp32"]
+    paths = {name: out / name for name in ("rollout", "pairs", "train", "merged", "eval")}
+    device = ["--device", args.device]
+    optional = lambda flag, value: [flag, value] if value is not None else []  # noqa: E731
     stages = [
-        ("tiny model", paths["tiny-model"] / "model_index.json",
-         ["tiny-model", paths["tiny-model"], "--seed", args.seed]),
         ("rollout", paths["rollout"] / "manifest.parquet",
-         ["rollout", "--model", paths["tiny-model"], "--prompts", configs / "train_prompts.txt",
-          "--out", paths["rollout"], "--samples-per-prompt", SAMPLES_PER_PROMPT, "--batch-size", SAMPLES_PER_PROMPT,
-          "--save-frames", "4",
-          "--seed", args.seed, *SAMPLING, *common]),
+         ["rollout", "--config", shipped / "rollout.yaml", "--model", MODEL_DIR, "--prompts",
+          configs / "train_prompts.txt", "--out", paths["rollout"], "--seed", args.seed, *device,
+          *optional("--samples-per-prompt", args.samples_per_prompt)]),
         ("score", None, ["score", "--store", paths["rollout"], "--config", configs / "rewards.yaml"]),
         ("pairs", paths["pairs"] / "summary.json",
-         ["pairs", "--store", paths["rollout"], "--out", paths["pairs"], "--policy", "all_above_margin",
-          "--min-margin", "1.0"]),
+         ["pairs", "--store", paths["rollout"], "--out", paths["pairs"], "--config", shipped / "pairs.yaml"]),
         ("train (Flow-DPO)", paths["train"] / "adapter" / "adapter_model.safetensors",
-         ["train", "--pairs", paths["pairs"], "--output-dir", paths["train"], "--max-steps", args.train_steps,
-          "--learning-rate", "2e-3", "--beta", "2", "--batch-size", "4", "--lora-rank", "8", "--lora-alpha", "8",
-          "--mixed-precision", "no", "--no-gradient-checkpointing", "--save-every", "100",
-          "--report-to", "none", "--seed", args.seed, *common,
+         ["train", "--config", shipped / "dpo.yaml", "--pairs", paths["pairs"], "--output-dir", paths["train"],
+          "--seed", args.seed, *device, *optional("--max-steps", args.train_steps),
           *(["--resume-from", "latest"] if holds_run(paths["train"]) else [])]),  # continue an interrupted one
         ("merge", paths["merged"] / "model_index.json",
-         ["merge", "--model", paths["tiny-model"], "--adapter", paths["train"] / "adapter", "--out", paths["merged"]]),
+         ["merge", "--model", MODEL_DIR, "--adapter", paths["train"] / "adapter", "--out", paths["merged"]]),
         ("eval", paths["eval"] / "eval.json",
-         ["eval", "--model", paths["tiny-model"], "--adapters", paths["train"] / "adapter",
-          "--prompts", configs / "eval_prompts.txt", "--seeds", EVAL_SEEDS, "--rewards", configs / "rewards.yaml",
-          "--held-out-rewards", configs / "held_out_rewards.yaml", "--out", paths["eval"], *SAMPLING, *common]),
+         ["eval", "--config", shipped / "eval.yaml", "--model", MODEL_DIR, "--adapters", paths["train"] / "adapter",
+          "--prompts", shipped / "heldout_prompts.txt", "--rewards", configs / "rewards.yaml",
+          "--held-out-rewards", configs / "held_out_rewards.yaml", "--ground-truth", configs / "ground_truth.yaml",
+          "--out", paths["eval"], *device, *optional("--seeds", args.eval_seeds)]),
     ]
     for number, (title, done_marker, argv) in enumerate(stages, 1):
         argv = [str(a) for a in argv]

@@ -1,0 +1,252 @@
+"""World alignment: does a trainer make the shapes-world generator follow prompts better, by the oracle?
+
+On the shipped world model (`rlhf/world/weights`), with the shipped world configs (`configs/world/`, no
+per-run tuning), runs the real pipeline through the CLI: rollout (K samples per training prompt) -> score
+(learned CLIP + aesthetic + motion) -> pairs -> train Flow-DPO; and train the reward-gradient trainer on the
+same prompts and rewards. Then, on held-out colour-shape combinations and on training combinations, with
+seeds never used in training, compares per method:
+
+- `base`: the pretrained generator;
+- `best_of_K`: K base samples per prompt and seed (the base's own sample among them), the one the trained
+  reward ranks first (K = the rollout's samples per prompt);
+- `dpo`, `reward_gradient`: the trained adapters.
+
+Per method and split: the trained reward (the rewards config's weighted sum) and each reward's mean; the
+oracle's accuracy on colour, shape, direction, colour+shape and all three, and its cleanliness; the win
+rate against the base on the trained reward (same prompt and seed); the reward-hacking gap (trained-reward
+gain minus colour+shape-accuracy gain, each in units of the base's standard deviation: positive when the
+reward rose more than the ground truth did); and the wall time the method cost. Seed-to-seed noise of the
+base (the std over seed indices of the per-seed mean) is reported for direction accuracy and cleanliness.
+Prints one JSON row per method and split; `--record` appends them, with the command, to RESULTS.md.
+
+    python benchmarks/world_alignment.py [--out DIR] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results import record  # noqa: E402
+
+CONFIGS = ROOT / "configs" / "world"
+ATTRIBUTES = ("colour", "shape", "direction", "colour_shape", "all")
+EVAL_SEED_OFFSET = 500_000  # rollout seeds are derived from (seed, prompt, index) far below this
+
+
+def run_stage(argv: list[str]) -> float:
+    """Run one CLI stage; return its wall time. Stops the benchmark if the stage fails."""
+    from rlhf.cli import main as cli
+
+    start = time.perf_counter()
+    argv = [str(a) for a in argv]
+    print("contentv-rlhf " + " ".join(argv), flush=True)
+    if cli(argv) != 0:
+        raise SystemExit(f"stage failed: contentv-rlhf {' '.join(argv)}")
+    return time.perf_counter() - start
+
+
+def train_all(out: Path, device: str) -> dict[str, dict]:
+    """The pipeline with the shipped configs; returns each method's adapter and the seconds it cost."""
+    common = ["--device", device]
+    rollout_s = run_stage(["rollout", "--config", CONFIGS / "rollout.yaml", "--out", out / "rollout", *common])
+    score_s = run_stage(["score", "--store", out / "rollout", "--config", CONFIGS / "rewards.yaml"])
+    pairs_s = run_stage(["pairs", "--store", out / "rollout", "--out", out / "pairs", "--config", CONFIGS / "pairs.yaml"])
+    dpo_s = run_stage(["train", "--config", CONFIGS / "dpo.yaml", "--pairs", out / "pairs",
+                       "--output-dir", out / "dpo", "--overwrite", *common])
+    rg_s = run_stage(["train", "--config", CONFIGS / "reward_gradient.yaml", "--output-dir", out / "reward_gradient",
+                      "--overwrite", *common])
+    data_s = rollout_s + score_s + pairs_s
+    return {
+        "dpo": {"adapter": out / "dpo" / "adapter", "seconds": {"rollout_score_pairs": data_s, "train": dpo_s}},
+        "reward_gradient": {"adapter": out / "reward_gradient" / "adapter", "seconds": {"train": rg_s}},
+    }
+
+
+class WorldEvaluator:
+    """Samples world videos from the base model or an adapter and reads them with the rewards and the oracle."""
+
+    def __init__(self, adapters: dict[str, Path], device: str):
+        import yaml
+
+        from rewards.build import build_scorers
+        from rlhf.generation import VideoGenerator
+        from rlhf.lora import load_adapter
+        from rlhf.options import ModelOptions, SamplingOptions
+        from rlhf.world import MODEL_DIR
+
+        rollout = yaml.safe_load((CONFIGS / "rollout.yaml").read_text())
+        self.sampling = SamplingOptions(**{k: rollout[k] for k in ("frames", "height", "width", "steps", "guidance",
+                                                                      "negative_prompt")})
+        self.samples_per_prompt = int(rollout["samples_per_prompt"])
+        self.generator = VideoGenerator(ModelOptions(model=str(MODEL_DIR), device=device, dtype=rollout["dtype"]))
+        for name, path in adapters.items():
+            load_adapter(self.generator.transformer, str(path), adapter_name=name)
+        self.generator.transformer.requires_grad_(False)
+        rewards = yaml.safe_load((CONFIGS / "rewards.yaml").read_text())
+        self.scorers = build_scorers({**rewards, "device": device})
+        self.weights = {name: weighted.weight for name, weighted in self.scorers.items()}
+
+    def use(self, adapter: str | None) -> None:
+        transformer = self.generator.transformer
+        if adapter is None:
+            transformer.disable_adapters()
+        else:
+            transformer.enable_adapters()
+            transformer.set_adapters([adapter])
+
+    def sample(self, prompts: list[str], seeds: list[int]) -> dict[str, np.ndarray]:
+        """Per (prompt, seed): each reward, the trained reward, oracle hits per attribute, cleanliness."""
+        import torch
+
+        from rewards.build import score_videos
+        from rlhf.video import to_uint8_frames
+        from rlhf.world.oracle import read_clip
+        from rlhf.world.scene import parse_prompt
+
+        embeds = self.generator.encode_prompts([*prompts, self.sampling.negative_prompt])
+        uncond = embeds.select(len(prompts))
+        rows: dict[str, list] = {}
+        for index, prompt in enumerate(prompts):
+            latents = self.generator.sample_latents(embeds.select(index), uncond, seeds, self.sampling, progress=False)
+            video = self.generator.decode(latents)  # (S, 3, T, H, W) in [-1, 1]
+            frames = ((video + 1) / 2).permute(0, 2, 1, 3, 4)  # (S, T, 3, H, W)
+            with torch.no_grad():
+                scores = score_videos(self.scorers, frames, [prompt] * len(seeds))
+            for name, values in scores.items():
+                rows.setdefault(name, []).append(values.numpy())
+            rows.setdefault("trained", []).append(sum(self.weights[n] * scores[n].numpy() for n in scores))
+            truth = parse_prompt(prompt)
+            readings = [read_clip(to_uint8_frames(v)) for v in video]
+            for attribute in ATTRIBUTES:
+                rows.setdefault(attribute, []).append(np.array([r.matches(*truth)[attribute] for r in readings], float))
+            rows.setdefault("cleanliness", []).append(np.array([r.cleanliness for r in readings]))
+        return {name: np.stack(values) for name, values in rows.items()}  # each (prompts, seeds)
+
+
+def best_of_k(evaluator: WorldEvaluator, prompts: list[str], seeds: list[int], k: int) -> dict[str, np.ndarray]:
+    """For each (prompt, seed): among K base samples (that seed plus K - 1 more), the one the trained reward ranks
+    first."""
+    extra = [EVAL_SEED_OFFSET + 10_000 + i for i in range(len(seeds) * (k - 1))]
+    own = evaluator.sample(prompts, seeds)
+    more = evaluator.sample(prompts, extra)
+    picked = {name: np.empty_like(values) for name, values in own.items()}
+    for j in range(len(seeds)):
+        group = {name: np.concatenate([own[name][:, j:j + 1], more[name][:, j * (k - 1):(j + 1) * (k - 1)]], axis=1)
+                 for name in own}
+        best = group["trained"].argmax(axis=1)  # (prompts,)
+        for name in own:
+            picked[name][:, j] = group[name][np.arange(len(prompts)), best]
+    return picked
+
+
+def write_figure(evaluator: WorldEvaluator, prompts: list[str], seed: int, methods: list[str | None],
+                 path: Path) -> None:
+    """A PNG grid: per prompt, a row of frames (first, middle, last) for each method, same seed."""
+    from PIL import Image
+
+    from rlhf.video import to_uint8_frames
+
+    embeds = evaluator.generator.encode_prompts([*prompts, evaluator.sampling.negative_prompt])
+    uncond = embeds.select(len(prompts))
+    rows = []
+    for index in range(len(prompts)):
+        strips = []
+        for method in methods:
+            evaluator.use(method)
+            latents = evaluator.generator.sample_latents(embeds.select(index), uncond, [seed], evaluator.sampling,
+                                                         progress=False)
+            frames = to_uint8_frames(evaluator.generator.decode(latents)[0])  # (T, H, W, 3)
+            picked = [frames[0], frames[len(frames) // 2], frames[-1]]
+            gap = np.full((frames.shape[1], 2, 3), 255, np.uint8)
+            strips.append(np.concatenate([x for f in picked for x in (f, gap)][:-1], axis=1))
+        sep = np.full((strips[0].shape[0], 8, 3), 255, np.uint8)
+        rows.append(np.concatenate([x for strip in strips for x in (strip, sep)][:-1], axis=1))
+    spacer = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
+    grid = np.concatenate([x for row in rows for x in (row, spacer)][:-1], axis=0)
+    image = Image.fromarray(grid)
+    image.resize((image.width * 2, image.height * 2), Image.NEAREST).save(path)
+
+
+def summarise(method: str, split: str, scores: dict[str, np.ndarray], base: dict[str, np.ndarray],
+              seconds: dict[str, float]) -> dict:
+    diff = (scores["trained"] - base["trained"]).ravel()
+
+    def std(values: np.ndarray) -> float:
+        return float(values.std()) or 1.0
+
+    reward_gain = float(diff.mean())
+    truth_gain = float((scores["colour_shape"] - base["colour_shape"]).mean())
+    row = {
+        "benchmark": "world_alignment", "method": method, "split": split,
+        "n": int(scores["trained"].size),
+        "trained_reward": float(scores["trained"].mean()),
+        "rewards": {name: float(scores[name].mean()) for name in scores
+                    if name not in (*ATTRIBUTES, "cleanliness", "trained")},
+        "oracle": {attribute: float(scores[attribute].mean()) for attribute in ATTRIBUTES},
+        "cleanliness": float(scores["cleanliness"].mean()),
+        "win_rate_vs_base": float((diff > 0).mean()),
+        "tie_rate_vs_base": float((diff == 0).mean()),
+        "trained_reward_gain": reward_gain,
+        "colour_shape_gain": truth_gain,
+        "hacking_gap": reward_gain / std(base["trained"]) - truth_gain / std(base["colour_shape"]),
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
+    if method == "base":
+        per_seed = {name: base[name].mean(axis=0) for name in ("direction", "cleanliness", "colour_shape")}
+        row["seed_noise"] = {name: float(values.std()) for name, values in per_seed.items()}
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--device", default="cpu", help="device of every stage (default: cpu)")
+    parser.add_argument("--seeds", type=int, default=4, help="evaluation seeds per prompt (default: 4)")
+    parser.add_argument("--record", action="store_true", help="append the rows to benchmarks/RESULTS.md")
+    parser.add_argument("--figure", help="write a PNG of held-out prompts: base | Flow-DPO frames, same seed")
+    args = parser.parse_args()
+
+    from rlhf.world import scene
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(args.out or tmp)
+        methods = train_all(out, args.device)
+        evaluator = WorldEvaluator({name: m["adapter"] for name, m in methods.items()}, args.device)
+        seeds = [EVAL_SEED_OFFSET + i for i in range(args.seeds)]
+        splits = {"held_out": scene.prompts_for(scene.HELD_OUT), "training": scene.prompts_for(scene.TRAINING)[::2]}
+        rows = []
+        for split, prompts in splits.items():
+            start = time.perf_counter()
+            evaluator.use(None)
+            base = evaluator.sample(prompts, seeds)
+            base_s = time.perf_counter() - start
+            rows.append(summarise("base", split, base, base, {"sample": base_s}))
+            start = time.perf_counter()
+            picked = best_of_k(evaluator, prompts, seeds, evaluator.samples_per_prompt)
+            rows.append(summarise(f"best_of_{evaluator.samples_per_prompt}", split, picked, base,
+                                  {"sample_and_score": time.perf_counter() - start}))
+            for name, method in methods.items():
+                evaluator.use(name)
+                rows.append(summarise(name, split, evaluator.sample(prompts, seeds), base, method["seconds"]))
+        if args.figure:
+            write_figure(evaluator, splits["held_out"][::4], seeds[0], [None, "dpo"], Path(args.figure))
+    for row in rows:
+        print(json.dumps(row))
+    print(f"world_alignment: {time.perf_counter() - started:.0f} s in all", flush=True)
+    if args.record:
+        record("world_alignment", rows)
+
+
+if __name__ == "__main__":
+    main()
