@@ -108,3 +108,57 @@ def sample_sigmas(
     else:
         raise ValueError(f"unknown sigma sampler {sampler!r}")
     return shift_sigmas(sigmas, shift)
+
+
+# ---- GRPO (Flow-GRPO, Liu et al. 2025) -----------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, weights: torch.Tensor,
+                     clip: float = 5.0, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantages `(N,)` from per-reward scores `rewards` `(N, K)` of samples in groups `groups` `(N,)`.
+
+    Each reward is normalised within each group (flow_grpo `stat_tracking.py`: z = (r - mean_g) / (std_g + eps),
+    population std), then `A = sum_k weights_k * z_k`, clipped to +-clip. With one reward of weight 1 this is
+    flow_grpo's advantage. A reward equal across a group gives z = 0 there exactly (not rounding noise / eps),
+    so a group whose rewards are all equal has A = 0 and contributes no policy gradient.
+    """
+    rewards = rewards.double()
+    z = torch.zeros_like(rewards)
+    for group in groups.unique():
+        members = groups == group
+        r = rewards[members]  # (G, K)
+        spread = (r.max(dim=0).values > r.min(dim=0).values).double()  # (K,) 0 where the group is tied
+        z[members] = spread * (r - r.mean(dim=0)) / (r.std(dim=0, unbiased=False) + eps)
+    return (z @ weights.double()).clamp(-clip, clip).float()
+
+
+def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
+              mean: torch.Tensor, ref_mean: torch.Tensor | None, std: float, beta: float
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-clipped GRPO loss of a batch of stochastic transitions `(B,)`, plus beta * KL to the reference.
+
+        ratio = exp(log_prob - old_log_prob)
+        policy_loss = mean_B max(-A * ratio, -A * clip(ratio, 1 - clip_range, 1 + clip_range))
+        KL = mean_B mean_{C,T,H,W} (mean - ref_mean)^2 / (2 std^2)
+
+    The KL is the exact KL divergence between the transition's Gaussians N(mean, std^2 I) and N(ref_mean, std^2 I)
+    of equal variance, per dimension (a mean over dims, as the log-probabilities are): `std` is the transition's
+    std, std_t * sqrt(-dt). flow_grpo divides by 2 std_t^2 instead (without the sqrt(-dt) factor), i.e. its KL
+    is this one times -dt; beta here = flow_grpo's beta * -dt for the same penalty. `ref_mean` None (beta 0)
+    skips it. Metrics: policy_loss, kl, approx_kl = mean 0.5 (log_prob - old_log_prob)^2, clip_frac =
+    mean(|ratio - 1| > clip_range), ratio (mean).
+    """
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    policy_loss = torch.maximum(unclipped, clipped).mean()
+    if ref_mean is None:
+        kl = torch.zeros((), device=log_prob.device)
+    else:
+        kl = ((mean - ref_mean) ** 2).flatten(1).mean(dim=1).mean() / (2 * std**2)
+    loss = policy_loss + beta * kl
+    metrics = {
+        "policy_loss": policy_loss.detach(), "kl": kl.detach(),
+        "approx_kl": (0.5 * (log_prob - old_log_prob) ** 2).mean().detach(),
+        "clip_frac": ((ratio - 1.0).abs() > clip_range).float().mean().detach(),
+        "ratio": ratio.mean().detach(),
+    }
+    return loss, metrics

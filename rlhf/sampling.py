@@ -10,6 +10,7 @@ shifted by the checkpoint scheduler's `shift`, then a terminal 0 — identical t
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,41 @@ class FlowSchedule:
 def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
     """One flow-matching Euler step from `sigma` to `sigma_next` (computed in float32)."""
     return latents.float() + (sigma_next - sigma) * velocity.float()
+
+
+def sde_step_with_logprob(
+    latents: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float, noise_level: float, *,
+    sigma_max: float, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+    next_latents: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """One step of Flow-GRPO's reverse SDE (same marginals as the ODE), and the step's Gaussian log-probability.
+
+    With a = `noise_level`, dt = sigma_next - sigma (< 0) and std_t = a * sqrt(sigma / (1 - sigma)) (at sigma = 1,
+    `sigma_max` replaces sigma in the denominator: flow_grpo's `sigmas[1]`, the first step's next sigma):
+
+        mean = x * (1 + std_t^2 / (2 sigma) * dt) + v * (1 + std_t^2 * (1 - sigma) / (2 sigma)) * dt
+        x'   = mean + std_t * sqrt(-dt) * eps
+        log p(x' | x) = mean over the non-batch dims of log N(x'; mean, (std_t * sqrt(-dt))^2)
+
+    flow_grpo `sd3_sde_with_logprob.py`. `x'` is `next_latents` when given (recomputing the log-probability of a
+    stored transition), else drawn with `noise` (same shape as `latents`) or from `generator` (CPU draw).
+    Returns `(x', log_prob (B,), mean, std_t)`, all float32; std_t excludes the sqrt(-dt) factor, as in
+    flow_grpo. With a = 0 the step is `euler_step` exactly and the log-probability (undefined) is returned as 0.
+    """
+    x, v = latents.float(), velocity.float()
+    dt = sigma_next - sigma
+    std_t = noise_level * math.sqrt(sigma / (1 - (sigma_max if sigma == 1 else sigma)))
+    mean = x * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    if noise_level == 0:
+        return mean, torch.zeros(x.shape[0], device=x.device), mean, 0.0
+    std = std_t * math.sqrt(-dt)
+    if next_latents is None:
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator).to(x.device)
+        next_latents = mean + std * noise.float()
+    next_latents = next_latents.float()
+    log_prob = -((next_latents.detach() - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+    return next_latents, log_prob.mean(dim=tuple(range(1, log_prob.ndim))), mean, std_t
 
 
 def guided_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:

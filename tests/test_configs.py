@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from dpo.config import DPOConfig
+from dpo.grpo_config import GRPOConfig
 from dpo.online import OnlineConfig
 from dpo.reward_gradient_config import RewardGradientConfig
 from rewards.config import RewardsConfig
@@ -30,6 +31,7 @@ SHIPPED = {
     "eval.yaml": (EvalConfig, {"adapters": ["a"]}),
     "online_dpo.yaml": (OnlineConfig, {}),
     "reward_gradient.yaml": (RewardGradientConfig, {}),
+    "grpo.yaml": (GRPOConfig, {}),
 }
 
 
@@ -50,7 +52,7 @@ def test_shipped_config_loads(name):
 
 @pytest.mark.parametrize(
     "cls", [GenerateConfig, RolloutConfig, DPOConfig, RewardsConfig, PairsStageConfig, EvalConfig, OnlineConfig,
-            RewardGradientConfig]
+            RewardGradientConfig, GRPOConfig]
 )
 def test_every_field_has_help(cls):
     assert help_problems(cls) == []
@@ -77,7 +79,8 @@ WEIGHT_FREE_REWARDS = "configs/rewards_weight_free.yaml"
 PLACEHOLDER_ROOT = "/models/"
 LOCATION_KEYS = {"model", "out", "output_dir", "pairs", "store", "adapters", "prompt"}
 SIZE_KEYS = {"frames", "height", "width", "steps", "seeds", "samples_per_prompt", "batch_size", "save_frames",
-             "num_decode_frames", "max_steps", "gradient_accumulation_steps", "rounds", "rollout", "train"}
+             "num_decode_frames", "max_steps", "gradient_accumulation_steps", "rounds", "rollout", "train",
+             "group_size", "prompts_per_round"}
 # Fields naming an input file that ships with the project (relative to the repository root).
 SHIPPED_FILE_KEYS = ("prompts", "rewards", "held_out_rewards")
 TINY_VIDEO = {"frames": 5, "height": 32, "width": 32, "steps": 2}
@@ -211,6 +214,13 @@ def test_reward_gradient_config_runs(tiny_model_dir, tmp_path):
                                     output_dir=str(out), max_steps=1, gradient_accumulation_steps=1,
                                     num_decode_frames=2, **TINY_VIDEO))
     assert json.loads((out / "summary.json").read_text())["steps"] == 1
+
+
+def test_grpo_config_runs(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    run("train", "--config", as_run("grpo.yaml", tmp_path, model=str(tiny_model_dir), output_dir=str(out),
+                                    max_steps=2, group_size=2, prompts_per_round=1, **TINY_VIDEO))
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
 
 
 def test_online_config_runs(tiny_model_dir, tmp_path):

@@ -186,6 +186,7 @@ WORLD_CONFIGS = {  # configs/world file -> the dataclass it loads into, plus fie
     "pairs.yaml": ("rlhf.commands.pairs:PairsStageConfig", {"store": "s", "out": "o"}),
     "dpo.yaml": ("dpo.config:DPOConfig", {}),
     "reward_gradient.yaml": ("dpo.reward_gradient_config:RewardGradientConfig", {}),
+    "grpo.yaml": ("dpo.grpo_config:GRPOConfig", {}),
     "eval.yaml": ("rlhf.evaluation:EvalConfig", {"adapters": ["a"]}),
 }
 

@@ -1,9 +1,10 @@
-"""`contentv-rlhf train`: train a LoRA adapter with Flow-DPO (`method: dpo`) or reward gradients
-(`method: reward_gradient`).
+"""`contentv-rlhf train`: train a LoRA adapter with Flow-DPO (`method: dpo`), reward gradients
+(`method: reward_gradient`) or online GRPO (`method: grpo`).
 
-Each method has its own strict config (`dpo.config.DPOConfig`, `dpo.reward_gradient_config.RewardGradientConfig`).
-The command line accepts the flags of both; the method is read first (`--method`, else the `--config` YAML's
-`method`, else dpo), then only that method's config is built, and a flag of the other method is an error.
+Each method has its own strict config (`dpo.config.DPOConfig`, `dpo.reward_gradient_config.RewardGradientConfig`,
+`dpo.grpo_config.GRPOConfig`). The command line accepts the flags of all; the method is read first (`--method`, else
+the `--config` YAML's `method`, else dpo), then only that method's config is built, and a flag of another method is
+an error.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from rlhf.config import add_config_arguments, config_from_args, load_yaml, optio
 from rlhf.distributed import launched_rank
 from rlhf.errors import UserError
 
-HELP = ("Train a LoRA adapter on the transformer: method dpo (Flow-DPO from a pairs dataset) or reward_gradient "
-        "(DRaFT-K: back-propagate differentiable rewards through the last sampling steps).")
+HELP = ("Train a LoRA adapter on the transformer: method dpo (Flow-DPO from a pairs dataset), reward_gradient "
+        "(DRaFT-K: back-propagate differentiable rewards through the last sampling steps) or grpo (online Flow-GRPO "
+        "with an SDE window).")
 EXAMPLES = """\
   contentv-rlhf train --config configs/dpo.yaml
   contentv-rlhf train --config configs/dpo.yaml --learning-rate 5e-5 --max-steps 500 --output-dir runs/dpo2
@@ -27,9 +29,10 @@ EXAMPLES = """\
   contentv-rlhf train --config configs/reward_gradient.yaml                    # method: reward_gradient
   contentv-rlhf train --config configs/reward_gradient.yaml --grad-steps 2 --decode-frames k_evenly_spaced \\
       --num-decode-frames 3
+  contentv-rlhf train --config configs/grpo.yaml                               # method: grpo
   accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m rlhf.cli train --config configs/dpo.yaml
   torchrun --nproc_per_node 2 -m rlhf.cli train --config configs/dpo.yaml --device cpu    # 2 CPU processes
-Flags marked [dpo] or [reward_gradient] belong to that method only; unmarked flags apply to both.
+Flags marked [dpo], [reward_gradient] or [grpo] belong to those methods only; unmarked flags apply to all.
 """
 DEFAULT_METHOD = "dpo"
 
@@ -37,9 +40,10 @@ DEFAULT_METHOD = "dpo"
 def method_configs() -> dict[str, type]:
     """Method name -> its config dataclass (light imports: no torch)."""
     from dpo.config import DPOConfig
+    from dpo.grpo_config import GRPOConfig
     from dpo.reward_gradient_config import RewardGradientConfig
 
-    return {"dpo": DPOConfig, "reward_gradient": RewardGradientConfig}
+    return {"dpo": DPOConfig, "reward_gradient": RewardGradientConfig, "grpo": GRPOConfig}
 
 
 @functools.cache
@@ -106,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
         from dpo.reward_gradient import train_reward_gradient
 
         adapter = train_reward_gradient(config)
+    elif method == "grpo":
+        from dpo.grpo import train_grpo
+
+        adapter = train_grpo(config)
     else:
         from dpo.trainer import train_dpo
 
