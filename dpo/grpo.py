@@ -4,7 +4,9 @@ A round samples `group_size` videos for each of `prompts_per_round` prompts with
 CFG). The steps of a window run as Flow-GRPO's reverse SDE (`rlhf.sampling.sde_step_with_logprob`, noise level a),
 the others as the ODE (Euler); the window's latents and the log-probabilities of its transitions are kept. The
 decoded videos are scored with the rewards YAML; each reward is normalised within each prompt's group and the
-weighted sum, clipped to +-advantage_clip, is the advantage (`dpo.losses.group_advantages`). Then
+weighted sum, clipped to +-advantage_clip, is the advantage (`dpo.losses.group_advantages`; the statistics are
+those of the prompt's group in this round, as flow_grpo's PerPromptStatTracker, which it clears every epoch; across
+rounds the prompts trained so far are counted, `prompts_seen`, as its history_prompts). Then
 `updates_per_round` optimiser steps each take an equal share of the round's videos and minimise, over every
 window transition of them, the PPO-clipped ratio loss plus beta * KL to the base (`dpo.losses.grpo_loss`):
 

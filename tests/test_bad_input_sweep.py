@@ -56,6 +56,12 @@ BAD_NUMBERS = [
      "--reward-scale inf", "field 'reward_scale'"),
     ("train --method reward_gradient --model {model} --prompts {prompts} --rewards {rewards} --output-dir {new} "
      "--guidance nan", "field 'guidance'"),
+    ("train --method grpo --model {model} --prompts {prompts} --rewards {rewards} --output-dir {new} "
+     "--noise-level nan", "field 'noise_level'"),
+    ("train --method grpo --model {model} --prompts {prompts} --rewards {rewards} --output-dir {new} "
+     "--clip-range inf", "field 'clip_range'"),
+    ("train --method grpo --model {model} --prompts {prompts} --rewards {rewards} --output-dir {new} "
+     "--group-size 99999999999", "field 'group_size' must be <= 4096"),
     ("eval --model {model} --adapters {adapter} --prompts {prompts} --rewards {rewards} --out {new} "
      "--bootstrap-resamples 0", "field 'bootstrap_resamples' must be >= 1"),
     ("eval --model {model} --adapters {adapter} --prompts {prompts} --rewards {rewards} --out {new} "
@@ -85,6 +91,8 @@ WRONG_OUTPUT_PATHS = [
     ("rollout --model {model} --prompts {prompts} --out {file}/store", "field 'out' cannot be created"),
     ("train --pairs {pairs} --output-dir {file}", "field 'output_dir' must be a directory"),
     ("train --method reward_gradient --model {model} --prompts {prompts} --rewards {rewards} --output-dir {file}",
+     "field 'output_dir' must be a directory"),
+    ("train --method grpo --model {model} --prompts {prompts} --rewards {rewards} --output-dir {file}",
      "field 'output_dir' must be a directory"),
     ("eval --model {model} --adapters {adapter} --prompts {prompts} --rewards {rewards} --out {file}",
      "field 'out' must be a directory"),
