@@ -2,14 +2,14 @@
 
 On the shipped world model (`rlhf/world/weights`), with the shipped world configs (`configs/world/`, no
 per-run tuning), runs the real pipeline through the CLI: rollout (K samples per training prompt) -> score
-(learned CLIP + aesthetic + motion) -> pairs -> train Flow-DPO; and train the reward-gradient trainer on the
-same prompts and rewards. Then, on held-out colour-shape combinations and on training combinations, with
+(learned CLIP + aesthetic + motion) -> pairs -> train Flow-DPO; and train the reward-gradient and the online
+GRPO trainers on the same prompts and rewards. Then, on held-out colour-shape combinations and on training combinations, with
 seeds never used in training, compares per method:
 
 - `base`: the pretrained generator;
 - `best_of_K`: K base samples per prompt and seed (the base's own sample among them), the one the trained
   reward ranks first (K = the rollout's samples per prompt);
-- `dpo`, `reward_gradient`: the trained adapters.
+- `dpo`, `reward_gradient`, `grpo`: the trained adapters (each trainer's shipped world config).
 
 Per method and split: the trained reward (the rewards config's weighted sum) and each reward's mean; the
 oracle's accuracy on colour, shape, direction, colour+shape and all three, and its cleanliness; the win
@@ -41,6 +41,7 @@ from benchmarks.results import record  # noqa: E402
 CONFIGS = ROOT / "configs" / "world"
 ATTRIBUTES = ("colour", "shape", "direction", "colour_shape", "all")
 EVAL_SEED_OFFSET = 500_000  # rollout seeds are derived from (seed, prompt, index) far below this
+VIDEOS_PER_BATCH = 16
 
 
 def run_stage(argv: list[str]) -> float:
@@ -65,10 +66,13 @@ def train_all(out: Path, device: str) -> dict[str, dict]:
                        "--output-dir", out / "dpo", "--overwrite", *common])
     rg_s = run_stage(["train", "--config", CONFIGS / "reward_gradient.yaml", "--output-dir", out / "reward_gradient",
                       "--overwrite", *common])
+    grpo_s = run_stage(["train", "--config", CONFIGS / "grpo.yaml", "--output-dir", out / "grpo", "--overwrite",
+                        *common])
     data_s = rollout_s + score_s + pairs_s
     return {
         "dpo": {"adapter": out / "dpo" / "adapter", "seconds": {"rollout_score_pairs": data_s, "train": dpo_s}},
         "reward_gradient": {"adapter": out / "reward_gradient" / "adapter", "seconds": {"train": rg_s}},
+        "grpo": {"adapter": out / "grpo" / "adapter", "seconds": {"train_with_online_rollouts": grpo_s}},
     }
 
 
@@ -116,20 +120,24 @@ class WorldEvaluator:
         embeds = self.generator.encode_prompts([*prompts, self.sampling.negative_prompt])
         uncond = embeds.select(len(prompts))
         rows: dict[str, list] = {}
-        for index, prompt in enumerate(prompts):
-            latents = self.generator.sample_latents(embeds.select(index), uncond, seeds, self.sampling, progress=False)
-            video = self.generator.decode(latents)  # (S, 3, T, H, W) in [-1, 1]
-            frames = ((video + 1) / 2).permute(0, 2, 1, 3, 4)  # (S, T, 3, H, W)
+        per_chunk = max(1, VIDEOS_PER_BATCH // len(seeds))  # several prompts per batch: one prompt's seeds are few
+        for first in range(0, len(prompts), per_chunk):
+            chunk = range(first, min(first + per_chunk, len(prompts)))
+            cond = embeds.select([index for index in chunk for _ in seeds])
+            latents = self.generator.sample_latents(cond, uncond, [*seeds] * len(chunk), self.sampling, progress=False)
+            video = self.generator.decode(latents)  # (P*S, 3, T, H, W) in [-1, 1]
+            frames = ((video + 1) / 2).permute(0, 2, 1, 3, 4)  # (P*S, T, 3, H, W)
+            chunk_prompts = [prompts[index] for index in chunk for _ in seeds]
             with torch.no_grad():
-                scores = score_videos(self.scorers, frames, [prompt] * len(seeds))
-            for name, values in scores.items():
-                rows.setdefault(name, []).append(values.numpy())
-            rows.setdefault("trained", []).append(sum(self.weights[n] * scores[n].numpy() for n in scores))
-            truth = parse_prompt(prompt)
+                scores = {name: values.numpy().reshape(len(chunk), len(seeds))
+                          for name, values in score_videos(self.scorers, frames, chunk_prompts).items()}
             readings = [read_clip(to_uint8_frames(v)) for v in video]
-            for attribute in ATTRIBUTES:
-                rows.setdefault(attribute, []).append(np.array([r.matches(*truth)[attribute] for r in readings], float))
-            rows.setdefault("cleanliness", []).append(np.array([r.cleanliness for r in readings]))
+            hits = [r.matches(*parse_prompt(p)) for r, p in zip(readings, chunk_prompts, strict=True)]
+            per_prompt = {**scores, "trained": sum(self.weights[n] * scores[n] for n in scores),
+                          **{a: np.array([h[a] for h in hits], float).reshape(len(chunk), -1) for a in ATTRIBUTES},
+                          "cleanliness": np.array([r.cleanliness for r in readings]).reshape(len(chunk), -1)}
+            for name, values in per_prompt.items():
+                rows.setdefault(name, []).extend(values)
         return {name: np.stack(values) for name, values in rows.items()}  # each (prompts, seeds)
 
 
@@ -213,7 +221,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="device of every stage (default: cpu)")
     parser.add_argument("--seeds", type=int, default=4, help="evaluation seeds per prompt (default: 4)")
     parser.add_argument("--record", action="store_true", help="append the rows to benchmarks/RESULTS.md")
-    parser.add_argument("--figure", help="write a PNG of held-out prompts: base | Flow-DPO frames, same seed")
+    parser.add_argument("--figure", help="write a PNG of held-out prompts: base | Flow-DPO | GRPO frames, same seed")
     args = parser.parse_args()
 
     from rlhf.world import scene
@@ -240,7 +248,7 @@ def main() -> None:
                 evaluator.use(name)
                 rows.append(summarise(name, split, evaluator.sample(prompts, seeds), base, method["seconds"]))
         if args.figure:
-            write_figure(evaluator, splits["held_out"][::4], seeds[0], [None, "dpo"], Path(args.figure))
+            write_figure(evaluator, splits["held_out"][::4], seeds[0], [None, "dpo", "grpo"], Path(args.figure))
     for row in rows:
         print(json.dumps(row))
     print(f"world_alignment: {time.perf_counter() - started:.0f} s in all", flush=True)

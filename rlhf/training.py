@@ -103,6 +103,19 @@ def mark_trainable(transformer: torch.nn.Module) -> None:
         param.requires_grad_("lora_" in name and ".default." in name)
 
 
+def reset_single_process_state() -> None:
+    """Forget accelerate's per-process state unless a distributed launch owns it.
+
+    accelerate keeps one state per process and refuses a second `Accelerator` with another precision or device;
+    a second run in the same process (a notebook, a benchmark, the tests) would otherwise fail on it.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if PartialState._shared_state and PartialState().distributed_type == DistributedType.NO:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 class TrainingRun:
     """One training run in `options.output_dir` (see the module docstring for the call order)."""
 
@@ -119,6 +132,7 @@ class TrainingRun:
             raise UserError(f"{self.output_dir}: already holds a training run ({', '.join(found)}); pass "
                             "--resume-from latest to continue it or --overwrite to replace it")
         target = devices.resolve_device(device)
+        reset_single_process_state()
         self.accelerator = Accelerator(
             cpu=target.type == "cpu",
             mixed_precision=options.mixed_precision,
@@ -163,9 +177,8 @@ class TrainingRun:
         """
         from diffusers.training_utils import cast_training_params
         from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        from rlhf.lora import PEFT_WEIGHTS, load_adapter
+        from rlhf.lora import load_adapter, read_peft_weights
         from rlhf.models.loader import load_contentv
 
         transformer = load_contentv(
@@ -177,7 +190,7 @@ class TrainingRun:
         add_lora(transformer, self.lora.lora_rank, self.lora.lora_alpha, self.lora.lora_dropout,
                  self.lora.lora_targets)
         if init_adapter is not None:
-            weights = load_file(str(Path(init_adapter) / PEFT_WEIGHTS))
+            weights = read_peft_weights(init_adapter)
             result = set_peft_model_state_dict(transformer, weights, adapter_name="default")
             if result.unexpected_keys or len(weights) != len(lora_state_dict(transformer)):
                 raise UserError(f"{init_adapter}: its LoRA layout differs from lora_rank/lora_targets of this run")

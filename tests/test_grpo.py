@@ -34,11 +34,6 @@ def flags(**fields):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    from accelerate.state import AcceleratorState
-
-    # An in-process bf16 run of another module (tests/test_configs.py) leaves accelerate's global state set to bf16;
-    # these runs use mixed_precision "no".
-    AcceleratorState._reset_state(reset_partial_state=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

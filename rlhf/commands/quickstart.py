@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     (configs / "ground_truth.yaml").write_text(
         yaml.safe_dump(absolute_rewards(shipped / "ground_truth.yaml", root, args.device)))
 
+    world_batch = yaml.safe_load((shipped / "rollout.yaml").read_text())["batch_size"]
     paths = {name: out / name for name in ("rollout", "pairs", "train", "merged", "eval")}
     device = ["--device", args.device]
     optional = lambda flag, value: [flag, value] if value is not None else []  # noqa: E731
@@ -118,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
         ("rollout", paths["rollout"] / "manifest.parquet",
          ["rollout", "--config", shipped / "rollout.yaml", "--model", MODEL_DIR, "--prompts",
           configs / "train_prompts.txt", "--out", paths["rollout"], "--seed", args.seed, *device,
-          *optional("--samples-per-prompt", args.samples_per_prompt)]),
+          *optional("--samples-per-prompt", args.samples_per_prompt),
+          # a batch holds one prompt's samples at most
+          *optional("--batch-size", args.samples_per_prompt and min(args.samples_per_prompt, world_batch))]),
         ("score", None, ["score", "--store", paths["rollout"], "--config", configs / "rewards.yaml"]),
         ("pairs", paths["pairs"] / "summary.json",
          ["pairs", "--store", paths["rollout"], "--out", paths["pairs"], "--config", shipped / "pairs.yaml"]),
