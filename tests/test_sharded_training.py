@@ -215,4 +215,6 @@ def test_reward_gradient_under_fsdp_equals_ddp_and_runs_under_zero2(tiny_model_d
     # ZeRO-2 computes in bf16: the first gradient (zero adapter) agrees with DDP's to bf16 precision.
     first = {name: metrics(run)[0] for name, run in runs.items()}
     assert first["zero2"]["grad_norm"] == pytest.approx(first["multi_gpu"]["grad_norm"], rel=0.02)
-    assert first["zero2"]["reward_total"] == pytest.approx(first["multi_gpu"]["reward_total"], rel=0.01)
+    # The reward is in z-score units of the base's spread (near 0 at the first step): bound the difference, not
+    # the ratio.
+    assert first["zero2"]["reward_total"] == pytest.approx(first["multi_gpu"]["reward_total"], abs=0.02)
