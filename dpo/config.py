@@ -8,12 +8,15 @@ from typing import Literal
 from rlhf.config import ConfigError, option
 from rlhf.options import (
     MAX_MICRO_BATCH,
+    QUANTIZE_HELP,
     DeviceName,
     DTypeName,
     LoraOptions,
+    QuantizeName,
     TrainingOptions,
     device_name_problem,
     in_range,
+    quantize_problem,
 )
 
 
@@ -28,6 +31,7 @@ class DPOConfig(TrainingOptions, LoraOptions):
     device: DeviceName = option("auto", "Device (under accelerate launch, each process gets its own).",
                                 check=device_name_problem)
     dtype: DTypeName = option("bf16", "Storage dtype of the frozen transformer weights.")
+    quantize: QuantizeName = option("none", QUANTIZE_HELP, check=quantize_problem)
     beta: float = option(500.0, "DPO beta for the per-element-mean error (published: ~100 to ~2000).")
     loss_type: Literal["sigmoid", "hinge", "ipo"] = option("sigmoid", "DPO loss variant (trl's vocabulary).")
     sft_weight: float = option(0.0, "Weight of an SFT term err(policy, winner) added to the loss.")

@@ -254,7 +254,7 @@ def train_grpo(config: GRPOConfig) -> Path:
         raise UserError(f"method grpo runs single-process or under DDP, not under {run.layout} launches")
     # Order matters: the text encoders are freed before the transformer is loaded (peak memory).
     parts = load_parts(config, run.device)
-    run.prepare(run.load_policy(config.model, config.dtype, config.init_adapter))
+    run.prepare(run.load_policy(config.model, config.dtype, config.init_adapter, quantize=config.quantize))
     if run.step % config.updates_per_round:
         raise UserError(f"resume_from: the checkpoint is at step {run.step}, inside a round of "
                         f"updates_per_round {config.updates_per_round}; resume with the run's own settings")

@@ -325,7 +325,7 @@ def train_reward_gradient(config: RewardGradientConfig) -> Path:
     accelerator = run.accelerator
     # Order matters: the text encoders are freed before the transformer is loaded (peak memory).
     parts = load_frozen_parts(config, run.device)
-    run.prepare(run.load_policy(config.model, config.dtype, config.init_adapter))
+    run.prepare(run.load_policy(config.model, config.dtype, config.init_adapter, quantize=config.quantize))
     if config.reward_normalize == "calibrate":
         parts.normalization = calibrate_rewards(run, parts, config)
         if run.is_main:

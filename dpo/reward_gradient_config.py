@@ -8,13 +8,16 @@ from typing import Literal
 from rlhf.config import ConfigError, option
 from rlhf.options import (
     MAX_MICRO_BATCH,
+    QUANTIZE_HELP,
     DeviceName,
     DTypeName,
     LoraOptions,
+    QuantizeName,
     SamplingOptions,
     TrainingOptions,
     device_name_problem,
     in_range,
+    quantize_problem,
 )
 
 DecodeFrames = Literal["first", "k_evenly_spaced", "random_k"]
@@ -35,6 +38,7 @@ class RewardGradientConfig(TrainingOptions, LoraOptions, SamplingOptions):
     device: DeviceName = option("auto", "Device (under accelerate launch, each process gets its own).",
                                 check=device_name_problem)
     dtype: DTypeName = option("bf16", "Storage dtype of the frozen transformer weights and the text encoders.")
+    quantize: QuantizeName = option("none", QUANTIZE_HELP, check=quantize_problem)
     vae_dtype: DTypeName = option("fp32", "VAE dtype (fp32 recommended: the Wan VAE is sensitive to bf16).")
     prompts: str | None = option(None, "Training prompt file: .txt (one per line), .jsonl/.csv with a 'prompt' "
                                        "column, or a `datasets` folder.")

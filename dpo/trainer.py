@@ -108,7 +108,8 @@ def train_dpo(config: DPOConfig) -> Path:
 
     run = TrainingRun(config, config, config.device, config)
     data.batches_per_epoch(config.batch_size, run.accelerator.num_processes)  # at least one full batch
-    run.prepare(run.load_policy(model_dir, config.dtype, config.init_adapter, config.reference == "init"))
+    run.prepare(run.load_policy(model_dir, config.dtype, config.init_adapter, config.reference == "init",
+                                quantize=config.quantize))
     accelerator = run.accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
     if run.is_main:

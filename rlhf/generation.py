@@ -35,8 +35,9 @@ class VideoGenerator:
             check_adapter_base(options.adapter, options.model)
         self.device = devices.resolve_device(options.device)
         self.dtype = devices.parse_dtype(options.dtype)
-        # With CPU offload every model lives on the CPU and visits the device only while it runs.
-        home = torch.device("cpu") if options.cpu_offload else self.device
+        # With CPU offload every model lives on the CPU and visits the device only while it runs; with group
+        # offload the transformer lives on the CPU and its blocks visit the device one at a time.
+        home = torch.device("cpu") if options.cpu_offload or options.group_offload else self.device
         parts = load_contentv(
             options.model,
             dtype=self.dtype,
@@ -45,7 +46,13 @@ class VideoGenerator:
             load_vae=load_vae,
             load_text_encoders=load_text_encoders,
             max_sequence_length=max_sequence_length,
+            quantize=options.quantize,
         )
+        if options.group_offload:  # only the transformer stays on the CPU
+            for part in (parts.vae, *(parts.prompt_encoder.text_encoders if parts.prompt_encoder else ())):
+                if part is not None:
+                    part.to(self.device)
+        self._offloading = False  # group offloading is applied at the first sample, once adapters are attached
         self.schedule = parts.schedule
         self.transformer = parts.transformer
         self.vae = parts.vae
@@ -105,6 +112,13 @@ class VideoGenerator:
         sigmas = self.schedule.sigmas(sampling.steps)
         # A bar on a terminal, a log line every 30 s elsewhere: a redirected run is not silent for minutes.
         bar = Progress(total=sampling.steps, desc="denoise", unit="step", enabled=progress)
+        if self.options.group_offload and not self._offloading:
+            from rlhf.lowmem import enable_block_offload
+
+            streamed = enable_block_offload(self.transformer, self.device)
+            self._offloading = True
+            logger.info("group offload: transformer blocks visit %s one at a time%s", self.device,
+                        " (next block prefetched on a side stream)" if streamed else "")
         with self._on_device(self.transformer), bar:
             latents = denoise(
                 self.transformer,

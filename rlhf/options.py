@@ -18,6 +18,23 @@ DeviceName = str  # auto | cuda | npu | cpu, the accelerators optionally indexed
 DTypeName = Literal["bf16", "fp16", "fp32"]
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cuda", "npu", "cpu")
 DTYPE_CHOICES: tuple[str, ...] = DTypeName.__args__
+# Storage of the frozen transformer's block weights (rlhf/lowmem.py): full precision (`dtype`), or torchao's
+# per-row int8 / float8 weight-only, or 4-bit NormalFloat (QLoRA).
+QuantizeName = Literal["none", "int8_weight_only", "float8_weight_only", "nf4"]
+QUANTIZE_HELP = ("Store the frozen transformer's block weights quantised (torchao, pip install "
+                 "'contentv-rlhf[quant]'): none, int8_weight_only, float8_weight_only (8 bits: half of bf16) or nf4 "
+                 "(4-bit NormalFloat: about a quarter); matmuls run in `dtype` on the dequantised weights. LoRA "
+                 "trains on top; merge always fuses into the full-precision release weights.")
+
+
+def quantize_problem(mode: str) -> str | None:
+    """What is wrong with a quantize setting (None when it can run): a mode other than none needs torchao."""
+    import importlib.util
+
+    if mode != "none" and importlib.util.find_spec("torchao") is None:
+        return f"{mode!r} needs torchao (pip install 'contentv-rlhf[quant]')"
+    return None
+
 
 
 def device_name_problem(name: str) -> str | None:
@@ -100,6 +117,12 @@ class ModelOptions:
     )
     vae_tiling: bool = option(False, "Decode in spatial tiles to cut VAE memory for large frames.")
     vae_slicing: bool = option(False, "Decode the batch one video at a time to cut VAE memory.")
+    quantize: QuantizeName = option("none", QUANTIZE_HELP, check=quantize_problem)
+    group_offload: bool = option(
+        False, "Keep the transformer on the CPU and move one block at a time to the device just before it runs "
+        "(diffusers group offloading; on CUDA the next block is prefetched on a side stream): the transformer "
+        "then needs about one block of device memory instead of all its weights."
+    )
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -108,6 +131,14 @@ class ModelOptions:
                 "`contentv-rlhf tiny-model DIR`)"
             )
         in_range("adapter_scale", self.adapter_scale, 0, MAX_ADAPTER_SCALE)
+        if self.group_offload and self.cpu_offload:
+            raise ConfigError("group_offload", "cannot be combined with cpu_offload (that moves the whole "
+                                               "transformer; group_offload moves one block at a time): pick one")
+        if self.group_offload and self.quantize == "nf4":
+            # diffusers swaps torchao's int8/float8 tensors between devices explicitly; the nf4 tensor is no such
+            # subclass, and its generic `.data` swap is not verified on an accelerator.
+            raise ConfigError("group_offload", "does not support quantize nf4; use int8_weight_only or "
+                                               "float8_weight_only with it")
 
 
 @dataclass

@@ -168,8 +168,11 @@ class TrainingRun:
 
     # ---- model, optimiser --------------------------------------------------------------------
     def load_policy(self, model_dir: str | Path, dtype: str, init_adapter: str | Path | None = None,
-                    reference_adapter: bool = False) -> torch.nn.Module:
+                    reference_adapter: bool = False, quantize: str = "none") -> torch.nn.Module:
         """The transformer in `dtype` (frozen) with a trainable fp32 LoRA adapter named "default".
+
+        `quantize` stores the frozen block weights in 8 or 4 bits (rlhf/lowmem.py); the LoRA trains on top and
+        the reference (adapters off) runs on the same quantised weights. Single-process runs only.
 
         The adapter starts at zero, or from `init_adapter` (a previous round's adapter) when given. With
         `reference_adapter`, `init_adapter` is also attached, frozen, as the adapter "reference", so the
@@ -181,8 +184,12 @@ class TrainingRun:
         from rlhf.lora import load_adapter, read_peft_weights
         from rlhf.models.loader import load_contentv
 
+        if quantize != "none" and self.accelerator.num_processes > 1:
+            # DDP broadcasts, and FSDP/DeepSpeed shard, the frozen weights as plain tensors.
+            raise UserError(f"quantize: {quantize} is supported in single-process runs only (one device: what "
+                            f"it is for), not in this {self.accelerator.num_processes}-process {self.layout} launch")
         transformer = load_contentv(
-            model_dir, dtype=dtype, device=self.device, load_vae=False, load_text_encoders=False
+            model_dir, dtype=dtype, device=self.device, load_vae=False, load_text_encoders=False, quantize=quantize
         ).transformer
         self.model_dir, self.base_identity = Path(model_dir), identity(model_dir)
         if init_adapter is not None:
@@ -448,7 +455,9 @@ class TrainingRun:
 
     def local_parameter_bytes(self) -> int:
         """Bytes of model parameters this process holds (a shard of each under FSDP)."""
-        return sum(sharding.local(p).numel() * p.element_size() for p in self.unwrapped.parameters())
+        from rlhf.lowmem import tensor_bytes
+
+        return sum(tensor_bytes(sharding.local(p)) for p in self.unwrapped.parameters())
 
     def adapter_weights(self) -> dict[str, torch.Tensor]:
         """The trained adapter's full fp32 weights under peft's keys (collective; complete on rank 0)."""

@@ -119,6 +119,7 @@ def load_contentv(
     load_vae: bool = True,
     load_text_encoders: bool = True,
     max_sequence_length: int | None = None,
+    quantize: str = "none",
 ) -> ContentVComponents:
     """Load the parts of a ContentV checkpoint at `path` onto `device`.
 
@@ -129,10 +130,13 @@ def load_contentv(
         load_*: skip parts a stage does not need (training never loads text encoders or the VAE).
         max_sequence_length: T5 tokens per prompt (default: ContentV's 256, or the T5 tokenizer's
             `model_max_length` when shorter).
+        quantize: storage of the transformer's block weights (`rlhf.lowmem.quantize_transformer`): `none`,
+            `int8_weight_only`, `float8_weight_only` or `nf4`; each layer is quantised on `device`.
     """
     from diffusers import AutoencoderKLWan
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+    from rlhf.lowmem import quantize_transformer
     from rlhf.models.attention import use_npu_attention
     from rlhf.models.transformer import SD3Transformer3DModel
 
@@ -152,6 +156,7 @@ def load_contentv(
         )
         if device.type == "npu":
             use_npu_attention(transformer)
+        quantize_transformer(transformer, quantize, device=device)
         components.transformer = transformer.to(device).eval().requires_grad_(False)
     if load_vae:
         vae = _load(f"{path / 'vae'}", AutoencoderKLWan.from_pretrained, path, subfolder="vae", torch_dtype=vae_dtype)
