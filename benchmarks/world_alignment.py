@@ -16,7 +16,8 @@ oracle's accuracy on colour, shape, direction, colour+shape and all three, and i
 rate against the base on the trained reward (same prompt and seed); the reward-hacking gap (trained-reward
 gain minus colour+shape-accuracy gain, each in units of the base's standard deviation: positive when the
 reward rose more than the ground truth did); and the wall time the method cost. Seed-to-seed noise of the
-base (the std over seed indices of the per-seed mean) is reported for direction accuracy and cleanliness.
+base (the std over seed indices of the per-seed mean) is reported for direction accuracy, cleanliness and
+colour+shape accuracy, and each method's colour+shape gain comes with its paired standard error.
 Prints one JSON row per method and split; `--record` appends them, with the command, to RESULTS.md.
 
     python benchmarks/world_alignment.py [--out DIR] [--record]
@@ -206,6 +207,9 @@ def summarise(method: str, split: str, scores: dict[str, np.ndarray], base: dict
         "tie_rate_vs_base": float((diff == 0).mean()),
         "trained_reward_gain": reward_gain,
         "colour_shape_gain": truth_gain,
+        # The paired standard error of that gain: the std over seeds of the per-seed gain, over sqrt(seeds).
+        "colour_shape_gain_stderr": float((scores["colour_shape"] - base["colour_shape"]).mean(axis=0).std()
+                                          / np.sqrt(base["colour_shape"].shape[1])),
         "hacking_gap": reward_gain / std(base["trained"]) - truth_gain / std(base["colour_shape"]),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
@@ -219,7 +223,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--device", default="cpu", help="device of every stage (default: cpu)")
-    parser.add_argument("--seeds", type=int, default=4, help="evaluation seeds per prompt (default: 4)")
+    parser.add_argument("--seeds", type=int, default=12,
+                        help="evaluation seeds per held-out prompt (default: 12; at 4 the seed-to-seed noise of "
+                             "colour+shape accuracy is about 8 points)")
+    parser.add_argument("--training-seeds", type=int, default=4,
+                        help="evaluation seeds per training-combination prompt (default: 4)")
     parser.add_argument("--record", action="store_true", help="append the rows to benchmarks/RESULTS.md")
     parser.add_argument("--figure", help="write a PNG of held-out prompts: base | Flow-DPO | GRPO frames, same seed")
     args = parser.parse_args()
@@ -231,10 +239,11 @@ def main() -> None:
         out = Path(args.out or tmp)
         methods = train_all(out, args.device)
         evaluator = WorldEvaluator({name: m["adapter"] for name, m in methods.items()}, args.device)
-        seeds = [EVAL_SEED_OFFSET + i for i in range(args.seeds)]
-        splits = {"held_out": scene.prompts_for(scene.HELD_OUT), "training": scene.prompts_for(scene.TRAINING)[::2]}
+        splits = {"held_out": (scene.prompts_for(scene.HELD_OUT), args.seeds),
+                  "training": (scene.prompts_for(scene.TRAINING)[::2], args.training_seeds)}
         rows = []
-        for split, prompts in splits.items():
+        for split, (prompts, count) in splits.items():
+            seeds = [EVAL_SEED_OFFSET + i for i in range(count)]
             start = time.perf_counter()
             evaluator.use(None)
             base = evaluator.sample(prompts, seeds)
@@ -248,7 +257,7 @@ def main() -> None:
                 evaluator.use(name)
                 rows.append(summarise(name, split, evaluator.sample(prompts, seeds), base, method["seconds"]))
         if args.figure:
-            write_figure(evaluator, splits["held_out"][::4], seeds[0], [None, "dpo", "grpo"], Path(args.figure))
+            write_figure(evaluator, splits["held_out"][0][::4], EVAL_SEED_OFFSET, [None, "dpo", "grpo"], Path(args.figure))
     for row in rows:
         print(json.dumps(row))
     print(f"world_alignment: {time.perf_counter() - started:.0f} s in all", flush=True)
