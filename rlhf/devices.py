@@ -123,6 +123,12 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     return None if backend is None else int(backend.max_memory_allocated(device))
 
 
+def device_name(device: torch.device) -> str:
+    """The accelerator's product name (e.g. "NVIDIA H100 80GB HBM3"); "cpu" on the CPU."""
+    backend = _backend(device)
+    return "cpu" if backend is None else str(backend.get_device_name(device))
+
+
 def manual_seed_all(seed: int) -> None:
     """Seed torch on the CPU and every accelerator backend present."""
     torch.manual_seed(seed)

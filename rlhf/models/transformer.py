@@ -91,6 +91,7 @@ class SD3Transformer3DModel(
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["JointTransformerBlock"]
+    _repeated_blocks = ["JointTransformerBlock"]  # regional torch.compile (rlhf/compiling.py)
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
 
     @register_to_config

@@ -1,0 +1,112 @@
+"""FLOP accounting (rlhf/flops.py): torch's counter against the MM-DiT's FLOPs written out by hand, the
+gradient-checkpoint recompute counted apart, the CPU attention kernels counted, the measured peak."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf.flops import count_flops, flop_counter, measure_matmul_flops, published_peak_flops, utilisation
+from rlhf.lora import add_lora
+from rlhf.models.transformer import SD3Transformer3DModel
+
+D, HEADS, J, P, C, PATCH = 32, 2, 40, 24, 16, 2  # width, heads, text features, pooled, latent channels, patch
+CONFIG = dict(in_channels=C, out_channels=C, patch_size=PATCH, num_attention_heads=HEADS,
+              attention_head_dim=D // HEADS, joint_attention_dim=J, pooled_projection_dim=P)
+B, T, H, W, L = 2, 2, 8, 12, 5  # batch, latent frames, latent height and width, text tokens
+SV = T * (H // PATCH) * (W // PATCH)  # video tokens per sample: 48
+
+
+def inputs() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(B, C, T, H, W, generator=generator),
+                encoder_hidden_states=torch.randn(B, L, J, generator=generator),
+                pooled_projections=torch.randn(B, P, generator=generator),
+                timestep=torch.tensor([100.0, 900.0]))
+
+
+def linear(tokens: int, fan_in: int, fan_out: int) -> int:
+    """A weight (fan_in -> fan_out) applied to `tokens` rows: one multiply and one add per weight per row."""
+    return 2 * tokens * fan_in * fan_out
+
+
+def hand_forward_flops(layers: int) -> int:
+    """Every matmul of one forward of the ContentV MM-DiT, stream by stream (elementwise ops count zero)."""
+    nv, nt, s = B * SV, B * L, SV + L  # video rows, text rows, joint sequence per sample
+    # 1. Patch embedding: a p x p conv from C channels is a (C p p -> D) weight on each video token.
+    flops = linear(nv, C * PATCH * PATCH, D)
+    # Timestep MLP (256 -> D -> D) and pooled-text MLP (P -> D -> D): once per sample. Text projection J -> D.
+    flops += linear(B, 256, D) + linear(B, D, D) + linear(B, P, D) + linear(B, D, D)
+    flops += linear(nt, J, D)
+    for index in range(layers):
+        last = index == layers - 1  # the last block's text stream stops after attention (context_pre_only)
+        # 2. AdaLN modulation from the conditioning vector: video D -> 6D; text D -> 6D (last block: D -> 2D).
+        flops += linear(B, D, 6 * D) + linear(B, D, 2 * D if last else 6 * D)
+        # 3. Q, K, V: the image-stream weights see only video tokens, the context-stream weights only text tokens.
+        flops += 3 * linear(nv, D, D) + 3 * linear(nt, D, D)
+        # 4. Joint attention over video + text tokens, per head: QK^T (s x d) @ (d x s), then AV (s x s) @ (s x d).
+        flops += B * HEADS * (2 * s * (D // HEADS) * s + 2 * s * s * (D // HEADS))
+        # 5. Output projections: video always, text except in the last block.
+        flops += linear(nv, D, D) + (0 if last else linear(nt, D, D))
+        # 6. Feed-forward D -> 4D -> D: video always, text except in the last block.
+        flops += linear(nv, D, 4 * D) + linear(nv, 4 * D, D)
+        flops += 0 if last else linear(nt, D, 4 * D) + linear(nt, 4 * D, D)
+    # 7. Output AdaLN (D -> 2D per sample) and the projection to p x p x C values per video token.
+    return flops + linear(B, D, 2 * D) + linear(nv, D, PATCH * PATCH * C)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_counter_equals_hand_written_forward_flops(layers):
+    model = SD3Transformer3DModel(num_layers=layers, **CONFIG).eval()
+    with torch.no_grad(), count_flops(model) as flops:
+        model(**inputs())
+    assert flops.hardware == hand_forward_flops(layers)
+    assert flops.recompute == 0 and flops.model == flops.hardware
+
+
+def test_cpu_attention_kernels_are_counted():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 8, generator=generator, requires_grad=True) for _ in range(3))
+    with flop_counter() as counter:
+        out = F.scaled_dot_product_attention(q, k, v)
+    forward = 2 * (2 * 2 * 3 * 40 * 40 * 8)  # QK^T and AV
+    assert counter.get_total_flops() == forward
+    with flop_counter() as counter:
+        out.sum().backward()
+    # torch's flash-attention backward formula: QK^T again (the kernel recomputes the scores), dV, dP, dQ, dK.
+    assert counter.get_total_flops() == 5 * forward // 2
+
+
+def test_checkpoint_recompute_is_counted_apart():
+    torch.manual_seed(0)
+    model = SD3Transformer3DModel(num_layers=2, **CONFIG)
+    model.requires_grad_(False)
+    add_lora(model, rank=4, alpha=4)
+    model.enable_gradient_checkpointing()
+    model.train()
+    checkpoint_func = model._gradient_checkpointing_func
+
+    def step() -> None:
+        model(**inputs()).sample.square().mean().backward()
+
+    with count_flops(model) as checkpointed:
+        step()
+    assert model._gradient_checkpointing_func is checkpoint_func  # restored
+    model.disable_gradient_checkpointing()
+    with count_flops(model) as plain:
+        step()
+    assert plain.recompute == 0
+    assert checkpointed.recompute > 0
+    # Model FLOPs of the checkpointed step == everything the same step runs without checkpointing.
+    assert checkpointed.model == plain.hardware
+    # The recompute is one more forward of the blocks (LoRA included), stopped early once every tensor the backward
+    # needs is back (torch skips the trailing projections): most of the blocks' matmuls, less than a whole forward.
+    blocks = hand_forward_flops(2) - hand_forward_flops(0)
+    assert blocks // 2 < checkpointed.recompute < hand_forward_flops(2) + blocks // 2
+
+
+def test_peak_and_utilisation():
+    cpu = torch.device("cpu")
+    assert published_peak_flops(cpu, torch.float32) is None  # measured on the CPU, never looked up
+    rate = measure_matmul_flops(cpu, torch.float32, (64, 64, 64), seconds=0.05)
+    assert 1e6 < rate < 1e15
+    assert utilisation(2e12, 4.0, 1e12) == pytest.approx(0.5)
