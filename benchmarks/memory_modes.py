@@ -18,7 +18,7 @@ fragmentation). The same arithmetic for the mid-size CPU model is printed beside
 Group offloading is for sampling only (README "Using the real ContentV-8B"): for generate the table gives the
 weight bytes resident on the device with and without it.
 
-Part 2, measured on the CPU (each mode in its own process) on a mid-size model built in code (random weights,
+Part 2, measured on the CPU (the modes one after another, the peak RSS reset before each) on a mid-size model built in code (random weights,
 --mid-layers x --mid-heads x 64): peak RSS, wall and CPU time of one generate (--mid-steps Euler steps with CFG +
 decode with the shapes world's VAE) and of one Flow-DPO optimiser step (after a warm-up step), the step's peak
 tensor bytes (torch profiler), and the quality cost against the unquantised model: the PSNR of the decoded
@@ -39,7 +39,6 @@ import gc
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -364,15 +363,9 @@ def measured(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for task in ("generate", "dpo"):
             for mode in MODES:
-                out = Path(tmp) / f"{task}-{mode}.pt"
-                child = subprocess.run(
-                    [sys.executable, __file__, "--child", task, "--mode", mode, "--out", str(out),
-                     *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k.startswith("mid_")],
-                     f"--threads={args.threads}"],
-                    capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-                if child.returncode:
-                    raise SystemExit(f"{task} {mode} failed:\n{child.stderr[-3000:]}")
-                results[task][mode] = json.loads(child.stdout.split("RESULT ", 1)[1])
+                # One process for all: the peak RSS is reset (/proc/self/clear_refs) before each measured run, after
+                # the previous mode's model is freed and returned to the OS (malloc_trim).
+                results[task][mode] = measure_mode(task, mode, args, Path(tmp) / f"{task}-{mode}.pt")
             reference = torch.load(Path(tmp) / f"{task}-none.pt")
             for mode in MODES[1:]:
                 other = torch.load(Path(tmp) / f"{task}-{mode}.pt")
@@ -422,8 +415,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--lora-rank", type=int, default=32)
     parser.add_argument("--only", choices=["arithmetic", "measured"])
-    parser.add_argument("--mid-layers", type=int, default=8)
-    parser.add_argument("--mid-heads", type=int, default=12)
+    parser.add_argument("--mid-layers", type=int, default=6)
+    parser.add_argument("--mid-heads", type=int, default=8)
     parser.add_argument("--mid-frames", type=int, default=9)
     parser.add_argument("--mid-size", type=int, default=128)
     parser.add_argument("--mid-text", type=int, default=32, help="text tokens of the mid-size model")
@@ -431,13 +424,7 @@ def main() -> None:
     parser.add_argument("--mid-rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--record", action="store_true")
-    parser.add_argument("--child", choices=["generate", "dpo"], help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print("RESULT " + json.dumps(measure_mode(args.child, args.mode, args, Path(args.out))))
-        return
 
     result: dict = {"benchmark": "memory_modes", "cpu_load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     if args.only != "measured":

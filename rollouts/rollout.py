@@ -83,6 +83,8 @@ def store_settings(config: RolloutConfig, frames: int, device_type: str) -> dict
         "save_frames": config.save_frames,
         "save_frame_stride": config.save_frame_stride,
         "fps": config.fps,
+        # Quantised weights change the samples; recorded only when used, so stores written before it resume.
+        **({"quantize": config.quantize} if config.quantize != "none" else {}),
     }
 
 

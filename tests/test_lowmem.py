@@ -187,3 +187,16 @@ def test_merge_has_no_quantize_option(tiny_model_dir, tmp_path, capsys):
     code, _, err = call_cli(capsys, "merge", "--model", tiny_model_dir, "--adapter", tmp_path, "--out",
                             tmp_path / "out", "--quantize", "int8_weight_only")
     assert code == 2 and "--quantize" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_rollout_store_is_resumed_only_with_the_same_quantize(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    common = ["rollout", "--model", tiny_model_dir, "--prompts", prompts, "--out", tmp_path / "store", "--frames", "5",
+              "--height", "32", "--width", "32", "--steps", "2", "--samples-per-prompt", "1", "--save-frames", "0",
+              "--dtype", "fp32"]
+    code, _, err = call_cli(capsys, *common, "--quantize", "int8_weight_only")
+    assert code == 0, err
+    assert json.loads((tmp_path / "store" / "store.json").read_text())["settings"]["quantize"] == "int8_weight_only"
+    code, _, err = call_cli(capsys, *common)  # the same store without quantisation: other samples
+    assert code == 2 and "quantize" in err and len(err.strip().splitlines()) == 1
