@@ -28,6 +28,7 @@ COMMANDS = {
     "online": "rlhf.commands.online",
     "merge": "rlhf.commands.merge",
     "eval": "rlhf.commands.eval",
+    "compare": "rlhf.commands.compare",
     "report": "rlhf.commands.report",
 }
 

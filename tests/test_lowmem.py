@@ -200,3 +200,18 @@ def test_a_rollout_store_is_resumed_only_with_the_same_quantize(tiny_model_dir, 
     assert json.loads((tmp_path / "store" / "store.json").read_text())["settings"]["quantize"] == "int8_weight_only"
     code, _, err = call_cli(capsys, *common)  # the same store without quantisation: other samples
     assert code == 2 and "quantize" in err and len(err.strip().splitlines()) == 1
+
+
+def test_memory_table_arithmetic_counts_what_a_real_model_holds():
+    from benchmarks.memory_modes import MODES, arithmetic, build_transformer
+    from rlhf.lora import add_lora
+    from rlhf.lowmem import parameter_bytes, quantize_transformer
+
+    table = arithmetic(2, 2, 64, 5, 64, 64, 4, text_tokens=8)["modes"]  # meta device, no weights
+    for mode in MODES:
+        real = build_transformer(2, 2, 64, "cpu", torch.bfloat16)
+        quantize_transformer(real, mode)
+        assert table[mode]["weights"] == parameter_bytes(real), mode
+    assert table["nf4"]["weights"] < table["int8_weight_only"]["weights"] < table["none"]["weights"]
+    add_lora(real, rank=4, alpha=4)
+    assert table["none"]["lora_fp32"] == sum(p.numel() * 4 for n, p in real.named_parameters() if "lora_" in n)
