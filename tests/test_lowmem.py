@@ -215,3 +215,25 @@ def test_memory_table_arithmetic_counts_what_a_real_model_holds():
     assert table["nf4"]["weights"] < table["int8_weight_only"]["weights"] < table["none"]["weights"]
     add_lora(real, rank=4, alpha=4)
     assert table["none"]["lora_fp32"] == sum(p.numel() * 4 for n, p in real.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("reward_gradient", ["--max-steps", "2", "--calibration-prompts", "1", "--calibration-samples", "2"]),
+    ("grpo", ["--max-steps", "2", "--group-size", "2", "--prompts-per-round", "2", "--updates-per-round", "2",
+              "--batch-size", "2", "--sde-window-size", "2"]),
+])
+def test_online_trainers_train_on_a_quantised_base(method, extra, tiny_model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    (tmp_path / "prompts.txt").write_text("a red ball\na blue lake\n")
+    (tmp_path / "rewards.yaml").write_text("scorers:\n  brightness: {weight: 1.0}\ndevice: cpu\n")
+    out = tmp_path / "run"
+    code, _, err = call_cli(capsys, "train", "--method", method, "--model", tiny_model_dir, "--prompts",
+                            tmp_path / "prompts.txt", "--rewards", tmp_path / "rewards.yaml", "--output-dir", out,
+                            "--frames", "5", "--height", "32", "--width", "32", "--steps", "3", "--guidance", "2",
+                            "--dtype", "fp32", "--mixed-precision", "no", "--report-to", "none", "--lora-rank", "4",
+                            "--lora-alpha", "8", "--device", "cpu", "--learning-rate", "1e-2",
+                            "--quantize", "int8_weight_only", *extra)
+    assert code == 0, err
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # it trained
