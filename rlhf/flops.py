@@ -158,15 +158,21 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, shape: tuple[
     return best
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int]) -> tuple[float, str]:
-    """The device's peak FLOP/s for `dtype` and how it was obtained: published, else a measured `shape` matmul."""
+def peak_flops(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int],
+               seconds: float = 2.0) -> tuple[float, str]:
+    """The device's peak FLOP/s for `dtype` and how it was obtained: the published figure, else the better of
+    two measured matmuls, the step's typical `shape` and a 2048-square one (a small shape alone can sit below
+    the machine's rate and make utilisation read high)."""
     published = published_peak_flops(device, dtype)
     if published is not None:
         return published
-    m, k, n = shape
+    shapes = [shape, (2048, 2048, 2048)]
+    rates = [measure_matmul_flops(device, dtype, s, seconds / len(shapes)) for s in shapes]
+    best = max(range(len(shapes)), key=rates.__getitem__)
+    m, k, n = shapes[best]
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    return (measure_matmul_flops(device, dtype, shape),
-            f"measured: best {str(dtype).removeprefix('torch.')} matmul {m}x{k} @ {k}x{n} on {device.type}{threads}")
+    return (rates[best], f"measured: best {str(dtype).removeprefix('torch.')} matmul {m}x{k} @ {k}x{n} "
+                         f"on {device.type}{threads}")
 
 
 def utilisation(flops: float, seconds: float, peak: float) -> float:

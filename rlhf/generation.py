@@ -15,6 +15,7 @@ import torch
 
 from rlhf import devices
 from rlhf.base_model import check_adapter_base
+from rlhf.compiling import CompileTimer, compile_blocks
 from rlhf.lora import load_adapter
 from rlhf.models.loader import load_contentv
 from rlhf.options import ModelOptions, SamplingOptions
@@ -60,6 +61,10 @@ class VideoGenerator:
         if options.adapter:
             load_adapter(self.transformer, options.adapter, scale=options.adapter_scale)
             self.transformer.requires_grad_(False)
+        self.compile_timer: CompileTimer | None = None
+        if options.compile:  # once the adapter is attached: its layers are part of the compiled blocks
+            compile_blocks(self.transformer)
+            self.compile_timer = CompileTimer()
         if self.vae is not None:
             if options.vae_tiling:
                 self.vae.enable_tiling()
@@ -119,7 +124,8 @@ class VideoGenerator:
             self._offloading = True
             logger.info("group offload: transformer blocks visit %s one at a time%s", self.device,
                         " (next block prefetched on a side stream)" if streamed else "")
-        with self._on_device(self.transformer), bar:
+        timer = self.compile_timer or contextlib.nullcontext()
+        with self._on_device(self.transformer), bar, timer:
             latents = denoise(
                 self.transformer,
                 noise,
@@ -131,6 +137,8 @@ class VideoGenerator:
                 num_train_timesteps=self.schedule.num_train_timesteps,
                 on_step=lambda _: bar.update(),
             )
+        if self.compile_timer is not None and (seconds := self.compile_timer.take()) > 0:
+            logger.info("compile: %.1f s of this sampling spent compiling the transformer blocks", seconds)
         return latents.cpu()
 
     @torch.no_grad()

@@ -37,6 +37,11 @@ def quantize_problem(mode: str) -> str | None:
 
 
 
+COMPILE_HELP = ("torch.compile each transformer block (regional: one block's compile time, not the whole "
+                "model's), paid during the first steps and logged apart (compile_seconds); see the README "
+                "for when it pays off.")
+
+
 def device_name_problem(name: str) -> str | None:
     """What is wrong with a device name (None when it is one of DEVICE_CHOICES, or e.g. `cuda:1`)."""
     kind, sep, index = name.partition(":")
@@ -117,6 +122,7 @@ class ModelOptions:
     )
     vae_tiling: bool = option(False, "Decode in spatial tiles to cut VAE memory for large frames.")
     vae_slicing: bool = option(False, "Decode the batch one video at a time to cut VAE memory.")
+    compile: bool = option(False, COMPILE_HELP)
     quantize: QuantizeName = option("none", QUANTIZE_HELP, check=quantize_problem)
     group_offload: bool = option(
         False, "Keep the transformer on the CPU and move one block at a time to the device just before it runs "
@@ -228,6 +234,7 @@ class TrainingOptions:
     use_8bit_adam: bool = option(False, "bitsandbytes AdamW8bit (requires bitsandbytes and a CUDA device).")
     mixed_precision: Literal["no", "bf16", "fp16"] = option("bf16", "Autocast precision; LoRA weights stay fp32.")
     gradient_checkpointing: bool = option(True, "Recompute transformer blocks in the backward pass.")
+    compile: bool = option(False, COMPILE_HELP)
     seed: int = option(0, "Seed of data order, noise and sigmas.")
     save_every: int = option(50, "Write a checkpoint every N optimiser steps (0: only at the end).")
     keep_last: int = option(3, "Checkpoints kept (older ones are deleted).")

@@ -37,6 +37,7 @@ import torch
 
 from rlhf import devices, io, sharding
 from rlhf.base_model import check_adapter_base, identity, write_record
+from rlhf.compiling import CompileTimer, compile_blocks
 from rlhf.config import save_config
 from rlhf.errors import UserError, one_line
 from rlhf.lora import add_lora, lora_state_dict, module_keys, peft_keys, save_adapter
@@ -156,6 +157,7 @@ class TrainingRun:
         self.reference_adapter = False
         self.model_dir: Path | None = None
         self.base_identity: dict[str, Any] | None = None  # written into every adapter (rlhf/base_model.py)
+        self.compile_timer: CompileTimer | None = None  # started when options.compile
 
     # ---- directories -------------------------------------------------------------------------
     @property
@@ -212,6 +214,11 @@ class TrainingRun:
         if self.options.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         transformer.train()
+        if self.options.compile:  # after checkpointing: the checkpoint calls the compiled blocks
+            compiled = compile_blocks(transformer)
+            self.compile_timer = CompileTimer().start()
+            logger.info("compile: %d transformer blocks wrapped in torch.compile (compiled during the first steps, "
+                        "logged as compile_seconds)", compiled)
         return transformer
 
     @contextlib.contextmanager
@@ -421,6 +428,8 @@ class TrainingRun:
         if grad_norm is not None:
             totals["grad_norm"] = grad_norm
         totals["step_seconds"] = time.perf_counter() - started
+        if self.compile_timer is not None:  # the part of step_seconds spent compiling
+            totals["compile_seconds"] = self.compile_timer.take()
         self.log(step, totals)
         progress.update(1)
         progress.set_postfix(**{label: totals[key] for label, key in shown.items()})
@@ -621,7 +630,10 @@ class TrainingRun:
                 "layout": self.layout, "num_processes": self.accelerator.num_processes,
                 "rank0_parameter_bytes": self.local_parameter_bytes(),
                 "rank0_optimizer_bytes": sharding.local_optimizer_bytes(self.optimizer),
+                **({"compile_seconds": self.compile_timer.seconds} if self.compile_timer else {}),
             })
+        if self.compile_timer is not None:
+            self.compile_timer.stop()
         # No rank tears the process group down while another still works in it (gloo aborts on that).
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
