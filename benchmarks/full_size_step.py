@@ -96,7 +96,8 @@ def build(args, device: torch.device, dtype: torch.dtype) -> SD3Transformer3DMod
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()
-    model.enable_gradient_checkpointing()
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     return model.train()
 
 
@@ -226,6 +227,8 @@ def main() -> None:
     parser.add_argument("--rg-steps", type=int, default=10, help="denoising steps of the reward-gradient step")
     parser.add_argument("--full-vae", action=argparse.BooleanOptionalAction, default=True,
                         help="full-size Wan VAE (default) or a tiny one (--no-full-vae, for CPU tests)")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="checkpoint the transformer blocks in the training steps (the trainers' default)")
     parser.add_argument("--only", nargs="+", choices=STEP_KINDS, default=list(STEP_KINDS), help="step kinds to run")
     parser.add_argument("--compile", action="store_true",
                         help="also time every step with the transformer blocks compiled (regional torch.compile)")
@@ -242,6 +245,7 @@ def main() -> None:
     model = build(args, device, dtype)
     vae = build_vae(args, device)
     result = {"benchmark": "full_size_step", "device": devices.device_name(device), "dtype": args.dtype,
+              "gradient_checkpointing": args.gradient_checkpointing,
               "threads": torch.get_num_threads() if device.type == "cpu" else None, "layers": args.layers,
               "heads": args.heads, "head_dim": args.head_dim, "lora_rank": args.lora_rank,
               "size": f"{args.height}x{args.width}", "steps": {}, "tried": [],
@@ -262,7 +266,7 @@ def main() -> None:
             except torch.OutOfMemoryError:
                 result["tried"].append({"step": kind, "frames": frames, "fits": False})
                 devices.empty_cache(device)
-    if "dpo" in made:  # the recompute split checked: the step without checkpointing, counted whole
+    if "dpo" in made and args.gradient_checkpointing:  # the recompute split checked: the step without checkpointing, counted whole
         model.gradient_checkpointing = False
         with count_flops(model) as plain:
             made["dpo"](-2)
@@ -298,6 +302,8 @@ def main() -> None:
         if not args.peak_tflops or peak_dtype != dtype:
             again = peak_flops(device, peak_dtype, (tokens, width, 4 * width))
             peaks[name] = max(peaks[name], again, key=lambda reading: reading[0])
+    if dtype == torch.float32 and not args.peak_tflops:  # one dtype: one peak, the best of every reading
+        peaks["transformer"] = peaks["vae"] = max(peaks.values(), key=lambda reading: reading[0])
     result["peak"] = {name: {"tflops": value / 1e12, "source": source} for name, (value, source) in peaks.items()}
     result["load_average_after"] = os.getloadavg()[0]
     for kind, entry in result["steps"].items():
@@ -319,7 +325,8 @@ def main() -> None:
 def render(result: dict, variants: list[str]) -> str:
     lines = [f"{result['device']} ({result['threads']} threads)" if result["threads"] else result["device"],
              f"model: {result['layers']} layers, {result['heads']} heads x {result['head_dim']}, LoRA r"
-             f"{result['lora_rank']}, {result['dtype']}, {result['size']}",
+             f"{result['lora_rank']}, {result['dtype']}, {result['size']}, gradient checkpointing "
+             f"{'on' if result['gradient_checkpointing'] else 'off'}",
              *(f"peak ({name}): {p['tflops']:.4g} TFLOP/s, {p['source']}" for name, p in result["peak"].items()),
              f"1-minute load average: {result['load_average_before']:.2f} before, {result['load_average_after']:.2f} "
              "after (above the thread count: other work ran beside the timings)"]

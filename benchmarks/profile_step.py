@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     args = parser.parse_args()
     args.full_vae = False  # the DPO step has no VAE
+    args.gradient_checkpointing = True  # the trainers' default
 
     if args.threads:
         torch.set_num_threads(args.threads)

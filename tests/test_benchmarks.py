@@ -29,3 +29,14 @@ def test_full_size_step_runs_reduced_on_cpu():
     assert report["model_flops_check"]["relative_difference"] < 0.02
     assert report["peak"]["transformer"]["source"].startswith("measured")
     assert "| dpo | 5 | eager |" in result.stdout
+
+
+def test_profile_step_runs_reduced_on_cpu():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/profile_step.py", "--layers", "2", "--heads", "2", "--head-dim", "32",
+         "--height", "32", "--width", "32", "--frames", "5", "--lora-rank", "4", "--steps", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for category in ("base matmuls", "LoRA matmuls", "attention", "norms / modulation / activations"):
+        assert f"| {category} |" in result.stdout
