@@ -12,6 +12,7 @@ from dpo.grpo_config import GRPOConfig
 from dpo.online import OnlineConfig
 from dpo.reward_gradient_config import RewardGradientConfig
 from rewards.config import RewardsConfig
+from rlhf.commands.compare import CompareConfig
 from rlhf.commands.generate import GenerateConfig
 from rlhf.commands.pairs import PairsStageConfig
 from rlhf.config import config_from_dict, help_problems, load_yaml
@@ -52,7 +53,7 @@ def test_shipped_config_loads(name):
 
 @pytest.mark.parametrize(
     "cls", [GenerateConfig, RolloutConfig, DPOConfig, RewardsConfig, PairsStageConfig, EvalConfig, OnlineConfig,
-            RewardGradientConfig, GRPOConfig]
+            RewardGradientConfig, GRPOConfig, CompareConfig]
 )
 def test_every_field_has_help(cls):
     assert help_problems(cls) == []
