@@ -4,7 +4,7 @@ import json
 
 from tests.conftest import call_cli
 
-SMALL = ("--device", "cpu", "--train-steps", "4", "--train-prompts", "4", "--samples-per-prompt", "2",
+SMALL = ("--device", "cpu", "--train-steps", "4", "--train-prompts", "8", "--samples-per-prompt", "2",
          "--eval-seeds", "1")
 
 
