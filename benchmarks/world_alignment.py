@@ -102,12 +102,9 @@ class WorldEvaluator:
         self.weights = {name: weighted.weight for name, weighted in self.scorers.items()}
 
     def use(self, adapter: str | None) -> None:
-        transformer = self.generator.transformer
-        if adapter is None:
-            transformer.disable_adapters()
-        else:
-            transformer.enable_adapters()
-            transformer.set_adapters([adapter])
+        from rlhf.lora import use_adapter
+
+        use_adapter(self.generator.transformer, adapter)
 
     def sample(self, prompts: list[str], seeds: list[int]) -> dict[str, np.ndarray]:
         """Per (prompt, seed): each reward, the trained reward, oracle hits per attribute, cleanliness."""

@@ -78,12 +78,9 @@ class Comparer:
         return [BASE, *self.adapters.values()]
 
     def _use(self, adapter: str | None) -> None:
-        transformer = self.generator.transformer
-        if adapter is None:
-            transformer.disable_adapters()
-        else:
-            transformer.enable_adapters()
-            transformer.set_adapters([adapter])
+        from rlhf.lora import use_adapter
+
+        use_adapter(self.generator.transformer, adapter)
 
     def compare(self, prompt: str, seed: int) -> list[CompareResult]:
         """Sample the base and every adapter from the noise of `seed`, score and write each video."""

@@ -158,3 +158,12 @@ def load_adapter(
         raise UserError(f"{adapter_dir}: adapter could not be loaded ({one_line(err)})") from None
     if scale != 1.0:
         transformer.set_adapters([adapter_name], weights=[scale])
+
+
+def use_adapter(transformer: torch.nn.Module, adapter_name: str | None) -> None:
+    """Run `transformer` with only the named loaded adapter, or as the base model (adapters disabled) for None."""
+    if adapter_name is None:
+        transformer.disable_adapters()
+    else:
+        transformer.enable_adapters()
+        transformer.set_adapters([adapter_name])
