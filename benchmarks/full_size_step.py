@@ -30,7 +30,6 @@ Text conditioning is random (333 tokens x 4096, pooled 2048), as the trainer rea
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -38,7 +37,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -54,28 +52,11 @@ from rlhf.flops import count_flops, peak_flops, utilisation  # noqa: E402
 from rlhf.lora import add_lora  # noqa: E402
 from rlhf.models.transformer import SD3Transformer3DModel  # noqa: E402
 from rlhf.sampling import FlowSchedule, PromptEmbeds, denoise, latent_shape  # noqa: E402
-from rlhf.training import step_generator  # noqa: E402
+from rlhf.training import BareRun, step_generator  # noqa: E402
 from rlhf.video import decode_latents  # noqa: E402
 
 TEXT_TOKENS = 77 + 256
 STEP_KINDS = ("dpo", "reward_gradient", "rollout_step", "vae_decode")
-
-
-class BenchRun:
-    """The parts of `rlhf.training.TrainingRun` the step functions use, around a model built here."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype):
-        self.policy = self.unwrapped = model
-        self.device = device
-        self.accelerator = SimpleNamespace(autocast=lambda: devices.autocast(device, dtype))
-
-    @contextlib.contextmanager
-    def reference_mode(self):
-        self.unwrapped.disable_adapters()
-        try:
-            yield self.unwrapped
-        finally:
-            self.unwrapped.enable_adapters()
 
 
 def build(args, device: torch.device, dtype: torch.dtype) -> SD3Transformer3DModel:
@@ -123,7 +104,7 @@ def make_dpo(model, vae, frames: int, args, device, dtype) -> tuple[Callable[[in
                       latents_l=torch.randn(1, *shape, generator=generator),
                       text=random_text(generator), weights=torch.ones(1), pair_ids=["w>l"])
     config = DPOConfig(pairs="-", output_dir="-", beta=500.0)
-    run = BenchRun(model, device, dtype)
+    run = BareRun(model, device, dtype)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step(index: int) -> None:
@@ -150,7 +131,7 @@ def make_reward_gradient(model, vae, frames: int, args, device, dtype) -> tuple[
     config = RewardGradientConfig(model="-", prompts="-", rewards="-", output_dir="-", frames=frames,
                                   height=args.height, width=args.width, steps=args.rg_steps, grad_steps=1,
                                   decode_frames="first", vae_gradient_checkpointing=False)
-    run = BenchRun(model, device, dtype)
+    run = BareRun(model, device, dtype)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step(index: int) -> None:

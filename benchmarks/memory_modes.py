@@ -58,22 +58,6 @@ TEXT_TOKENS, JOINT_DIM, POOLED_DIM = 77 + 256, 4096, 2048
 
 
 # ---- shared pieces -------------------------------------------------------------------------------------------
-class BenchRun:
-    """The parts of `rlhf.training.TrainingRun` that `dpo_step` uses, around a model built here."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device):
-        self.policy = self.unwrapped = model
-        self.device = device
-
-    @contextlib.contextmanager
-    def reference_mode(self):
-        self.unwrapped.disable_adapters()
-        try:
-            yield self.unwrapped
-        finally:
-            self.unwrapped.enable_adapters()
-
-
 def build_transformer(layers: int, heads: int, head_dim: int, device: str, dtype: torch.dtype, seed: int = 0):
     """ContentV's transformer class at the given size, built in `dtype` on `device` (random N(0, 0.02) weights)."""
     from rlhf.models.transformer import SD3Transformer3DModel
@@ -175,7 +159,7 @@ def activation_bytes(model: torch.nn.Module, latent: tuple[int, ...], text_token
     from dpo.config import DPOConfig
     from dpo.trainer import dpo_step
     from rlhf.sampling import FlowSchedule
-    from rlhf.training import step_generator
+    from rlhf.training import BareRun, step_generator
 
     device = torch.device("meta")
     block_inputs: dict[int, torch.Tensor] = {}
@@ -191,7 +175,7 @@ def activation_bytes(model: torch.nn.Module, latent: tuple[int, ...], text_token
     config = DPOConfig(pairs="-", output_dir="-", beta=500.0)
     batch = dpo_batch(latent, text_tokens)
     with outside.hooks():
-        dpo_step(BenchRun(model, device), batch, config, FlowSchedule(shift=3.0), step_generator(0, 0))
+        dpo_step(BareRun(model, device), batch, config, FlowSchedule(shift=3.0), step_generator(0, 0))
     for handle in handles:
         handle.remove()
     checkpointed = tensor_set_bytes(block_inputs) + tensor_set_bytes(
@@ -285,7 +269,7 @@ def measure_mode(task: str, mode: str, args, out: Path) -> dict:
     from rlhf.lora import add_lora
     from rlhf.lowmem import parameter_bytes, quantize_transformer
     from rlhf.sampling import FlowSchedule, PromptEmbeds, denoise, initial_noise, latent_shape
-    from rlhf.training import step_generator
+    from rlhf.training import BareRun, step_generator
 
     torch.set_num_threads(args.threads)
     model = build_transformer(args.mid_layers, args.mid_heads, 64, "cpu", torch.bfloat16)
@@ -327,7 +311,7 @@ def measure_mode(task: str, mode: str, args, out: Path) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5)
         config = DPOConfig(pairs="-", output_dir="-", beta=500.0)
-        run = BenchRun(model, torch.device("cpu"))
+        run = BareRun(model)
         batch = dpo_batch(shape, args.mid_text)
 
         def step(index: int, keep_grads: bool = False) -> None:

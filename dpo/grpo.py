@@ -275,10 +275,11 @@ def train_grpo(config: GRPOConfig) -> Path:
             start = time.perf_counter()
             round_index, update = divmod(step, config.updates_per_round)
             prompts = round_prompts(round_index, config, len(parts.prompts))
-            if update == 0:
-                round_ = sample_round(run, parts, config, round_index)
-                seen.update(prompts)
-            finite, totals = grpo_update(run, parts, config, round_, update)
+            with run.counting("sampling_and_update" if update == 0 else "update"):
+                if update == 0:
+                    round_ = sample_round(run, parts, config, round_index)
+                    seen.update(prompts)
+                finite, totals = grpo_update(run, parts, config, round_, update)
             average_gradients(run)
             totals.update(round_.metrics, prompts_seen=float(len(seen)))
             run.end_step(step, totals, finite, [prompt_id(i) for i in prompts], start, progress,

@@ -348,17 +348,18 @@ def train_reward_gradient(config: RewardGradientConfig) -> Path:
             start = time.perf_counter()
             totals: dict[str, float] = {}
             finite, prompt_ids = True, []
-            for micro in range(accumulation):
-                index = step * accumulation + micro
-                indices = prompt_indices(index, config.batch_size, rank, world, len(parts.prompts), config.seed)
-                prompt_ids += [prompt_id(i) for i in indices]
-                with run.accumulation(last=micro == accumulation - 1):
-                    loss, metrics = reward_gradient_step(run, parts, indices, config,
-                                                         step_generator(config.seed, index, rank))
-                    run.backward(loss)
-                finite &= bool(torch.isfinite(loss))
-                for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + float(value) / accumulation
+            with run.counting():
+                for micro in range(accumulation):
+                    index = step * accumulation + micro
+                    indices = prompt_indices(index, config.batch_size, rank, world, len(parts.prompts), config.seed)
+                    prompt_ids += [prompt_id(i) for i in indices]
+                    with run.accumulation(last=micro == accumulation - 1):
+                        loss, metrics = reward_gradient_step(run, parts, indices, config,
+                                                             step_generator(config.seed, index, rank))
+                        run.backward(loss)
+                    finite &= bool(torch.isfinite(loss))
+                    for key, value in metrics.items():
+                        totals[key] = totals.get(key, 0.0) + float(value) / accumulation
             if run.layout == "replicated":  # FSDP and DeepSpeed reduce the gradients in the backward pass
                 average_gradients(run)
             run.end_step(step, totals, finite, prompt_ids, start, progress, {"loss": "loss", "reward": "reward_total"})

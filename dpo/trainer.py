@@ -124,16 +124,17 @@ def train_dpo(config: DPOConfig) -> Path:
             start = time.perf_counter()
             totals: dict[str, float] = {}
             finite, pair_ids = True, []
-            for micro in range(config.gradient_accumulation_steps):
-                index = step * config.gradient_accumulation_steps + micro
-                batch = data.batch(data.indices(index, config.batch_size, rank, world, config.seed))
-                pair_ids += batch.pair_ids
-                last = micro == config.gradient_accumulation_steps - 1
-                with accelerator.autocast(), run.accumulation(last):
-                    loss, metrics = dpo_step(run, batch, config, schedule, step_generator(config.seed, index, rank))
-                    run.backward(loss)
-                finite &= bool(torch.isfinite(loss))
-                for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + float(value) / config.gradient_accumulation_steps
+            with run.counting():
+                for micro in range(config.gradient_accumulation_steps):
+                    index = step * config.gradient_accumulation_steps + micro
+                    batch = data.batch(data.indices(index, config.batch_size, rank, world, config.seed))
+                    pair_ids += batch.pair_ids
+                    last = micro == config.gradient_accumulation_steps - 1
+                    with accelerator.autocast(), run.accumulation(last):
+                        loss, metrics = dpo_step(run, batch, config, schedule, step_generator(config.seed, index, rank))
+                        run.backward(loss)
+                    finite &= bool(torch.isfinite(loss))
+                    for key, value in metrics.items():
+                        totals[key] = totals.get(key, 0.0) + float(value) / config.gradient_accumulation_steps
             run.end_step(step, totals, finite, pair_ids, start, progress, {"loss": "loss", "acc": "implicit_accuracy"})
     return run.finish({"method": "dpo", "pairs": str(pairs_dir), "store": str(store.root), "model": model_dir})

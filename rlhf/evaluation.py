@@ -89,7 +89,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     from rlhf.base_model import check_adapter_base
     from rlhf.generation import VideoGenerator
     from rlhf.io import write_json
-    from rlhf.lora import load_adapter
+    from rlhf.lora import load_adapter, use_adapter
     from rlhf.progress import Progress
     from rlhf.prompts import load_prompts
     from rlhf.stats import compare_paired
@@ -135,11 +135,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     with Progress(total=len(prompts.prompts) * len(models), desc="eval", unit="video batch") as progress:
         for p_index, prompt in enumerate(prompts.prompts):
             for model in models:
-                if model == BASE:
-                    generator.transformer.disable_adapters()
-                else:
-                    generator.transformer.enable_adapters()
-                    generator.transformer.set_adapters([model])
+                use_adapter(generator.transformer, None if model == BASE else model)
                 latents = generator.sample_latents(embeds.select(p_index), uncond, seeds, config, progress=False)
                 video = generator.decode(latents)  # (S, 3, T, H, W) in [-1, 1]
                 frames = ((video + 1) / 2).permute(0, 2, 1, 3, 4)  # (S, T, 3, H, W) in [0, 1]

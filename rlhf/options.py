@@ -235,6 +235,11 @@ class TrainingOptions:
     mixed_precision: Literal["no", "bf16", "fp16"] = option("bf16", "Autocast precision; LoRA weights stay fp32.")
     gradient_checkpointing: bool = option(True, "Recompute transformer blocks in the backward pass.")
     compile: bool = option(False, COMPILE_HELP)
+    log_utilisation: bool = option(
+        True, "Log each step's model and hardware TFLOP (counted by torch's FlopCounterMode on the first eager "
+        "step of each kind, gradient-checkpoint recompute apart) and its MFU / HFU against the device's peak "
+        "(the published dense figure, or on CPU a matmul measured at the start); not with compile (a compiled "
+        "region hides its operations from the counter).")
     seed: int = option(0, "Seed of data order, noise and sigmas.")
     save_every: int = option(50, "Write a checkpoint every N optimiser steps (0: only at the end).")
     keep_last: int = option(3, "Checkpoints kept (older ones are deleted).")

@@ -40,6 +40,7 @@ from rlhf.base_model import check_adapter_base, identity, write_record
 from rlhf.compiling import CompileTimer, compile_blocks
 from rlhf.config import save_config
 from rlhf.errors import UserError, one_line
+from rlhf.flops import StepFlops, count_flops, peak_flops, utilisation
 from rlhf.lora import add_lora, lora_state_dict, module_keys, peft_keys, save_adapter
 from rlhf.options import LoraOptions, TrainingOptions
 
@@ -158,6 +159,9 @@ class TrainingRun:
         self.model_dir: Path | None = None
         self.base_identity: dict[str, Any] | None = None  # written into every adapter (rlhf/base_model.py)
         self.compile_timer: CompileTimer | None = None  # started when options.compile
+        self.step_flops: dict[str, StepFlops] = {}  # per kind of step, counted on its first step
+        self.step_kind = "step"
+        self.peak_flops: float | None = None  # the device's peak FLOP/s, measured or published (prepare)
 
     # ---- directories -------------------------------------------------------------------------
     @property
@@ -271,6 +275,9 @@ class TrainingRun:
         self.params = [p for p in self.unwrapped.parameters() if p.requires_grad]
         if o.resume_from:
             self._resume(o.resume_from)
+        if o.log_utilisation and not o.compile:
+            self.peak_flops, how = self._peak_flops()
+            logger.info("utilisation: MFU / HFU against %.3g TFLOP/s (%s)", self.peak_flops / 1e12, how)
         # Only now, with every input checked, does the run directory get written to.
         if self.is_main:
             if o.overwrite:
@@ -285,6 +292,36 @@ class TrainingRun:
                 else {}
             self.accelerator.init_trackers("contentv-rlhf", init_kwargs=resumed)
         return self.policy
+
+    def _peak_flops(self) -> tuple[float, str]:
+        """Peak FLOP/s of the step's compute dtype: autocast's, else that of the frozen base weights."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.options.mixed_precision)
+        if dtype is None:
+            dtype = next((p.dtype for p in self.unwrapped.parameters() if p.is_floating_point()), torch.float32)
+        return peak_flops(self.device, dtype, (2048, 2048, 2048), seconds=0.5)
+
+    # ---- utilisation -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def counting(self, kind: str = "step") -> Iterator[None]:
+        """Around the work of one optimiser step (all its micro-batches) of a `kind` (steps of one kind do the
+        same FLOPs: DPO's are all alike; a GRPO round's first step also samples). The first step of each kind
+        runs under torch's FLOP counter; `end_step` then logs every step of that kind with its TFLOP and
+        utilisation. That first step's own time includes the counter's overhead."""
+        self.step_kind = kind
+        if self.peak_flops is None or kind in self.step_flops:
+            yield
+            return
+        with count_flops(self.unwrapped) as flops:
+            yield
+        self.step_flops[kind] = flops
+
+    def _utilisation_metrics(self, seconds: float) -> dict[str, float]:
+        flops = self.step_flops.get(self.step_kind)
+        if flops is None or self.peak_flops is None:
+            return {}
+        return {"model_tflop": flops.model / 1e12, "hardware_tflop": flops.hardware / 1e12,
+                "mfu": utilisation(flops.model, seconds, self.peak_flops),
+                "hfu": utilisation(flops.hardware, seconds, self.peak_flops)}
 
     def _set_aside_previous_run(self) -> None:
         """overwrite: move the old run's entries into one hidden directory (each move is a rename, so a kill
@@ -428,6 +465,7 @@ class TrainingRun:
         if grad_norm is not None:
             totals["grad_norm"] = grad_norm
         totals["step_seconds"] = time.perf_counter() - started
+        totals.update(self._utilisation_metrics(totals["step_seconds"]))
         if self.compile_timer is not None:  # the part of step_seconds spent compiling
             totals["compile_seconds"] = self.compile_timer.take()
         self.log(step, totals)
@@ -638,3 +676,27 @@ class TrainingRun:
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return adapter_dir
+
+
+class BareRun:
+    """The parts of `TrainingRun` that the step functions (`dpo_step`, `reward_gradient_step`) read, around a
+    model the caller built and wrapped with LoRA, without accelerate or a run directory: for the benchmarks and
+    tests that time or check one step."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+        self.policy = self.unwrapped = model
+        self.device = torch.device(device)
+        self.reference_adapter = False
+        self.accelerator = _Autocast(self.device, dtype)
+
+    reference_mode = TrainingRun.reference_mode
+
+
+class _Autocast:
+    """`accelerator.autocast()` of a `BareRun`: mixed precision in `dtype` on `device`."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype | None):
+        self.device, self.dtype = device, dtype
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return devices.autocast(self.device, self.dtype)

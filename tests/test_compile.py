@@ -1,6 +1,5 @@
 """Regional torch.compile (rlhf/compiling.py): a compiled Flow-DPO step gives the eager step's loss and gradients."""
 
-import contextlib
 import shutil
 
 import pytest
@@ -13,7 +12,7 @@ from rlhf.compiling import CompileTimer, compile_blocks
 from rlhf.lora import add_lora
 from rlhf.models.transformer import SD3Transformer3DModel
 from rlhf.sampling import FlowSchedule, PromptEmbeds
-from rlhf.training import step_generator
+from rlhf.training import BareRun, step_generator
 
 # Inductor turns each compiled graph into C++ on the CPU: without a compiler torch.compile cannot run here.
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -23,22 +22,6 @@ TINY = dict(in_channels=16, out_channels=16, patch_size=2, num_layers=2, num_att
             joint_attention_dim=32, pooled_projection_dim=24)
 LOSS_RTOL = 1e-4  # fp32: a fused kernel may reorder sums, nothing more
 GRAD_RTOL, GRAD_ATOL = 1e-3, 1e-6
-
-
-class Run:
-    """What `dpo_step` reads from a TrainingRun: the policy, its device, the reference (adapter off)."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.policy = self.unwrapped = model
-        self.device = torch.device("cpu")
-
-    @contextlib.contextmanager
-    def reference_mode(self):
-        self.unwrapped.disable_adapters()
-        try:
-            yield self.unwrapped
-        finally:
-            self.unwrapped.enable_adapters()
 
 
 def policy() -> torch.nn.Module:
@@ -64,7 +47,7 @@ def batch() -> PairBatch:
 
 def loss_and_grads(model: torch.nn.Module) -> tuple[float, dict[str, torch.Tensor]]:
     config = DPOConfig(pairs="-", output_dir="-", beta=500.0)
-    loss, _ = dpo_step(Run(model), batch(), config, FlowSchedule(shift=3.0), step_generator(0, 0))
+    loss, _ = dpo_step(BareRun(model), batch(), config, FlowSchedule(shift=3.0), step_generator(0, 0))
     loss.backward()
     grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
     model.zero_grad(set_to_none=True)

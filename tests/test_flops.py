@@ -110,3 +110,55 @@ def test_peak_and_utilisation():
     rate = measure_matmul_flops(cpu, torch.float32, (64, 64, 64), seconds=0.05)
     assert 1e6 < rate < 1e15
     assert utilisation(2e12, 4.0, 1e12) == pytest.approx(0.5)
+
+
+def test_every_training_step_logs_its_flops_and_utilisation(tiny_pairs, tmp_path, capsys):
+    """metrics.jsonl carries each step's TFLOP (the same for every DPO step, with checkpoint recompute only in
+    the hardware figure) and MFU / HFU = TFLOP / step_seconds / peak."""
+    from tests.conftest import call_cli
+    from tests.test_dpo_trainer import metrics, train_args
+
+    rows = {}
+    for checkpointing in ("--no-gradient-checkpointing", "--gradient-checkpointing"):
+        out = tmp_path / checkpointing
+        code, _, err = call_cli(capsys, *train_args(tiny_pairs, out, "--max-steps", "3", "--save-every", "0",
+                                                    checkpointing))
+        assert code == 0, err
+        rows[checkpointing] = metrics(out)
+    plain, checkpointed = rows["--no-gradient-checkpointing"], rows["--gradient-checkpointing"]
+    assert len({r["model_tflop"] for r in plain}) == 1  # counted once, the same work every step
+    assert all(r["hardware_tflop"] == r["model_tflop"] > 0 for r in plain)
+    # Checkpointing recomputes the forward of the policy's blocks: more hardware FLOPs, the same model FLOPs.
+    assert checkpointed[0]["model_tflop"] == pytest.approx(plain[0]["model_tflop"], rel=1e-9)
+    assert checkpointed[0]["hardware_tflop"] > 1.1 * checkpointed[0]["model_tflop"]
+    for row in plain + checkpointed:
+        peak = row["model_tflop"] * 1e12 / row["step_seconds"] / row["mfu"]
+        assert row["hfu"] == pytest.approx(row["hardware_tflop"] * 1e12 / row["step_seconds"] / peak, rel=1e-6)
+        assert 0 < row["mfu"] <= row["hfu"]
+
+
+def test_utilisation_is_not_counted_under_compile_or_when_off(tiny_pairs, tmp_path, capsys):
+    from tests.conftest import call_cli
+    from tests.test_dpo_trainer import metrics, train_args
+
+    out = tmp_path / "off"
+    code, _, err = call_cli(capsys, *train_args(tiny_pairs, out, "--max-steps", "2", "--save-every", "0",
+                                                "--no-log-utilisation"))
+    assert code == 0, err
+    assert not {"model_tflop", "mfu", "hfu"} & set(metrics(out)[-1])
+
+
+def test_a_quantised_base_counts_the_same_flops(tiny_pairs, tmp_path, capsys):
+    """Weight-only quantisation changes how weights are stored, not the matmuls a step runs."""
+    pytest.importorskip("torchao")
+    from tests.conftest import call_cli
+    from tests.test_dpo_trainer import metrics, train_args
+
+    flops = {}
+    for mode in ("none", "int8_weight_only"):
+        out = tmp_path / mode
+        code, _, err = call_cli(capsys, *train_args(tiny_pairs, out, "--max-steps", "1", "--save-every", "0",
+                                                    "--quantize", mode))
+        assert code == 0, err
+        flops[mode] = metrics(out)[0]["model_tflop"]
+    assert flops["int8_weight_only"] == pytest.approx(flops["none"], rel=1e-9)
