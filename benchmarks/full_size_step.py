@@ -47,6 +47,7 @@ from dpo.config import DPOConfig  # noqa: E402
 from dpo.data import PairBatch  # noqa: E402
 from dpo.trainer import dpo_step  # noqa: E402
 from rlhf import devices  # noqa: E402
+from rlhf.checkpointing import enable_checkpointing  # noqa: E402
 from rlhf.compiling import CompileTimer, compile_blocks  # noqa: E402
 from rlhf.flops import count_flops, peak_flops, utilisation  # noqa: E402
 from rlhf.lora import add_lora  # noqa: E402
@@ -78,7 +79,7 @@ def build(args, device: torch.device, dtype: torch.dtype) -> SD3Transformer3DMod
         if "lora_" in name:
             param.data = param.data.float()
     if args.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+        enable_checkpointing(model, args.checkpoint_policy)
     return model.train()
 
 
@@ -210,6 +211,8 @@ def main() -> None:
                         help="full-size Wan VAE (default) or a tiny one (--no-full-vae, for CPU tests)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                         help="checkpoint the transformer blocks in the training steps (the trainers' default)")
+    parser.add_argument("--checkpoint-policy", choices=("full", "selective"), default="full",
+                        help="with checkpointing: full (the trainers' default) or selective (rlhf/checkpointing.py)")
     parser.add_argument("--only", nargs="+", choices=STEP_KINDS, default=list(STEP_KINDS), help="step kinds to run")
     parser.add_argument("--compile", action="store_true",
                         help="also time every step with the transformer blocks compiled (regional torch.compile)")
@@ -227,6 +230,7 @@ def main() -> None:
     vae = build_vae(args, device)
     result = {"benchmark": "full_size_step", "device": devices.device_name(device), "dtype": args.dtype,
               "gradient_checkpointing": args.gradient_checkpointing,
+              "checkpoint_policy": args.checkpoint_policy if args.gradient_checkpointing else None,
               "threads": torch.get_num_threads() if device.type == "cpu" else None, "layers": args.layers,
               "heads": args.heads, "head_dim": args.head_dim, "lora_rank": args.lora_rank,
               "size": f"{args.height}x{args.width}", "steps": {}, "tried": [],
@@ -307,7 +311,7 @@ def render(result: dict, variants: list[str]) -> str:
     lines = [f"{result['device']} ({result['threads']} threads)" if result["threads"] else result["device"],
              f"model: {result['layers']} layers, {result['heads']} heads x {result['head_dim']}, LoRA r"
              f"{result['lora_rank']}, {result['dtype']}, {result['size']}, gradient checkpointing "
-             f"{'on' if result['gradient_checkpointing'] else 'off'}",
+             f"{result.get('checkpoint_policy') or 'off'}",
              *(f"peak ({name}): {p['tflops']:.4g} TFLOP/s, {p['source']}" for name, p in result["peak"].items()),
              f"1-minute load average: {result['load_average_before']:.2f} before, {result['load_average_after']:.2f} "
              "after (above the thread count: other work ran beside the timings)"]

@@ -73,29 +73,35 @@ class StepFlops:
 
 
 class _RecomputeCounter:
-    """Entered by torch.utils.checkpoint around each recompute: counts its FLOPs in a nested counter."""
+    """Entered by torch.utils.checkpoint around each recompute: counts its FLOPs in a nested counter. The
+    checkpoint's own recompute context (selective checkpointing's cache) is entered inside the counter, so the
+    operations it serves from saved outputs are not counted: they do not run."""
 
-    def __init__(self, flops: StepFlops):
-        self.flops = flops
+    def __init__(self, flops: StepFlops, inner: contextlib.AbstractContextManager):
+        self.flops, self.inner = flops, inner
         self.counter: FlopCounterMode | None = None
 
     def __enter__(self) -> None:
         self.counter = flop_counter()
         self.counter.__enter__()
+        self.inner.__enter__()
 
     def __exit__(self, *exc) -> None:
         assert self.counter is not None
+        self.inner.__exit__(*exc)
         self.counter.__exit__(*exc)
         self.flops.recompute += self.counter.get_total_flops()
         self.counter = None
 
 
-def _counting_checkpoint(flops: StepFlops, module: torch.nn.Module, *args):
-    # diffusers' default checkpoint function (non-reentrant), plus a recompute context that counts.
-    return torch.utils.checkpoint.checkpoint(
-        module.__call__, *args, use_reentrant=False,
-        context_fn=lambda: (contextlib.nullcontext(), _RecomputeCounter(flops)),
-    )
+def _counting_checkpoint(flops: StepFlops, context_fn, module: torch.nn.Module, *args):
+    # The checkpoint function it replaces (diffusers' default, non-reentrant, or a selective one with its
+    # `context_fn`), plus a recompute context that counts.
+    def contexts():
+        forward, recompute = context_fn() if context_fn else (contextlib.nullcontext(), contextlib.nullcontext())
+        return forward, _RecomputeCounter(flops, recompute)
+
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, context_fn=contexts)
 
 
 @contextlib.contextmanager
@@ -111,7 +117,8 @@ def count_flops(*models: torch.nn.Module) -> Iterator[StepFlops]:
                if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func")]
     saved = [module._gradient_checkpointing_func for module in patched]
     for module in patched:
-        module._gradient_checkpointing_func = functools.partial(_counting_checkpoint, flops)
+        module._gradient_checkpointing_func = functools.partial(
+            _counting_checkpoint, flops, getattr(module._gradient_checkpointing_func, "context_fn", None))
     counter = flop_counter()
     try:
         with counter:

@@ -37,6 +37,9 @@ def quantize_problem(mode: str) -> str | None:
 
 
 
+# Gradient checkpointing of the transformer blocks (rlhf/checkpointing.py).
+CheckpointPolicyName = Literal["full", "selective"]
+
 COMPILE_HELP = ("torch.compile each transformer block (regional: one block's compile time, not the whole "
                 "model's), paid during the first steps and logged apart (compile_seconds); see the README "
                 "for when it pays off.")
@@ -234,6 +237,10 @@ class TrainingOptions:
     use_8bit_adam: bool = option(False, "bitsandbytes AdamW8bit (requires bitsandbytes and a CUDA device).")
     mixed_precision: Literal["no", "bf16", "fp16"] = option("bf16", "Autocast precision; LoRA weights stay fp32.")
     gradient_checkpointing: bool = option(True, "Recompute transformer blocks in the backward pass.")
+    checkpoint_policy: CheckpointPolicyName = option(
+        "full", "With gradient_checkpointing: full recomputes each block's whole forward (least memory, about a "
+        "third more FLOPs per step); selective keeps the outputs of the matmuls and attention and recomputes only "
+        "the elementwise operations (almost no extra FLOPs, more memory). See rlhf/checkpointing.py.")
     compile: bool = option(False, COMPILE_HELP)
     log_utilisation: bool = option(
         True, "Log each step's model and hardware TFLOP (counted by torch's FlopCounterMode on the first eager "

@@ -37,6 +37,7 @@ import torch
 
 from rlhf import devices, io, sharding
 from rlhf.base_model import check_adapter_base, identity, write_record
+from rlhf.checkpointing import enable_checkpointing
 from rlhf.compiling import CompileTimer, compile_blocks
 from rlhf.config import save_config
 from rlhf.errors import UserError, one_line
@@ -216,7 +217,7 @@ class TrainingRun:
         mark_trainable(transformer)
         cast_training_params(transformer, dtype=torch.float32)
         if self.options.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+            enable_checkpointing(transformer, self.options.checkpoint_policy)
         transformer.train()
         if self.options.compile:  # after checkpointing: the checkpoint calls the compiled blocks
             compiled = compile_blocks(transformer)
