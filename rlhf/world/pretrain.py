@@ -304,9 +304,11 @@ def flow_matching_loss(transformer, x0: torch.Tensor, text: torch.Tensor, pooled
 
 
 def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_prompt: int, save_at: list[int],
-                      log: Log | None, stop_after: int | None = None) -> list[float]:
+                      log: Log | None, stop_after: int | None = None, phase: int = 1, lr: float = 5e-4) -> list[float]:
     """Flow matching on the world's latents; EMA weights saved at each of `save_at` (the last one as the model).
 
+    Phase 1 starts from a seeded init; a later phase continues from the saved model (its EMA weights) with its
+    own seed and schedule (the log keeps every phase), as the VAE's phases do.
     With `stop_after`, only that many steps run (of the `steps`-long schedule), nothing is saved, and the
     losses are returned: how a test checks that the recorded curve reproduces from the seed.
     """
@@ -315,17 +317,19 @@ def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_pr
     started = time.time()
     data = latent_dataset(out, seed, clips_per_prompt)
     encode_seconds = time.time() - started
-    torch.manual_seed(stage_seed(seed, "transformer"))
-    generator = torch.Generator().manual_seed(stage_seed(seed, "transformer"))
-    transformer = SD3Transformer3DModel(**TRANSFORMER_CONFIG)
+    phase_seed = stage_seed(seed, "transformer") + 1000 * (phase - 1)
+    torch.manual_seed(phase_seed)
+    generator = torch.Generator().manual_seed(phase_seed)
+    transformer = SD3Transformer3DModel(**TRANSFORMER_CONFIG) if phase == 1 else \
+        SD3Transformer3DModel.from_pretrained(out / "model" / "transformer")
     ema = {name: p.detach().clone() for name, p in transformer.named_parameters()}
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=5e-4, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
     count, phrasings = data["latents"].shape[0], data["prompt_index"].shape[1]
     empty = data["embeds"].shape[0] - 1
     losses: list[float] = []
     for step in range(steps if stop_after is None else stop_after):
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, 5e-4, warmup=50)
+            group["lr"] = cosine_lr(step, steps, lr, warmup=50)
         rows = torch.randint(count, (batch,), generator=generator)
         phrasing = torch.randint(phrasings, (batch,), generator=generator)
         prompt = data["prompt_index"][rows, phrasing]
@@ -337,7 +341,7 @@ def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_pr
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         optimizer.step()
         with torch.no_grad():
-            decay = min(0.999, (1 + step) / (10 + step))
+            decay = min(0.999, (1 + step) / (10 + step)) if phase == 1 else 0.999
             for name, param in transformer.named_parameters():
                 ema[name].lerp_(param.detach(), 1 - decay)
         losses.append(round(loss.item(), 6))
@@ -346,12 +350,14 @@ def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_pr
         if step + 1 in save_at and stop_after is None:
             snapshot = SD3Transformer3DModel(**TRANSFORMER_CONFIG)
             snapshot.load_state_dict(ema)
-            folder = out / "model" / "transformer" if step + 1 == max(save_at) else out / f"transformer-{step + 1}"
+            snapshot_name = f"transformer-{step + 1}" if phase == 1 else f"transformer-phase{phase}-{step + 1}"
+            folder = out / "model" / "transformer" if step + 1 == max(save_at) else out / snapshot_name
             snapshot.save_pretrained(folder, safe_serialization=True)
     if log is not None:
-        log.record("transformer", {"seed": seed, "threads": torch.get_num_threads(), "steps": steps, "batch": batch, "clips_per_prompt": clips_per_prompt,
-                                   "clips": count, "encode_seconds": round(encode_seconds, 1),
-                                   "seconds": round(time.time() - started, 1), "losses": losses, "saved_at": save_at})
+        log.record("transformer" if phase == 1 else f"transformer_phase{phase}", {
+            "seed": seed, "threads": torch.get_num_threads(), "steps": steps, "batch": batch, "lr": lr,
+            "clips_per_prompt": clips_per_prompt, "clips": count, "encode_seconds": round(encode_seconds, 1),
+            "seconds": round(time.time() - started, 1), "losses": losses, "saved_at": save_at})
     return losses
 
 
@@ -497,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="1 trains the VAE from its seeded init; 2, 3, ... continue the saved one.")
     parser.add_argument("--transformer-steps", type=int, default=3000, help="Transformer optimiser steps.")
     parser.add_argument("--transformer-batch", type=int, default=32, help="Latents per transformer step.")
+    parser.add_argument("--transformer-lr", type=float, default=5e-4, help="Peak transformer learning rate (cosine).")
+    parser.add_argument("--transformer-phase", type=int, default=1,
+                        help="1 trains the transformer from its seeded init; 2, 3, ... continue the saved one.")
     parser.add_argument("--clips-per-prompt", type=int, default=40,
                         help="Training clips per (colour, shape, direction) encoded for the transformer.")
     parser.add_argument("--save-at", default="", help="Extra transformer steps at which EMA snapshots are saved "
@@ -521,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
                                  args.vae_edge_weight, args.vae_first_frame_weight, log),
         "transformer": lambda: train_transformer(
             out, args.seed, args.transformer_steps, args.transformer_batch, args.clips_per_prompt,
-            sorted({int(v) for v in args.save_at.split(",") if v.strip()} | {args.transformer_steps}), log),
+            sorted({int(v) for v in args.save_at.split(",") if v.strip()} | {args.transformer_steps}), log,
+            phase=args.transformer_phase, lr=args.transformer_lr),
         "clip": lambda: train_clip(out, args.seed, args.clip_steps, args.clip_batch, log),
         "aesthetic": lambda: train_aesthetic(out, args.seed, args.aesthetic_steps, log),
     }
