@@ -221,6 +221,8 @@ def main() -> None:
                                                           "measured)")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
+    if args.compile and args.gradient_checkpointing and args.checkpoint_policy == "selective":
+        parser.error("--compile does not combine with --checkpoint-policy selective (see rlhf/checkpointing.py)")
 
     if args.threads:
         torch.set_num_threads(args.threads)

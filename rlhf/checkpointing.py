@@ -6,7 +6,8 @@
   inside each block and recomputes only the cheap operations around them (norms, activations, modulation,
   residual adds), so the backward pass repeats almost no FLOPs; memory lies between full checkpointing and
   none (the saved outputs of every projection and MLP matmul). Use it where full checkpointing leaves
-  memory to spare and the step is compute-bound.
+  memory to spare and the step is compute-bound. It does not combine with `compile` (torch finds the outputs
+  it saved from the compiled blocks mutated), so the trainers refuse that pair of settings.
 """
 
 from __future__ import annotations

@@ -262,6 +262,10 @@ class TrainingOptions:
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise ConfigError("output_dir", "is required: the run directory")
+        if self.compile and self.gradient_checkpointing and self.checkpoint_policy == "selective":
+            raise ConfigError("checkpoint_policy", "selective does not combine with compile (torch's selective "
+                              "checkpointing finds the compiled blocks' saved outputs mutated); use full, or "
+                              "compile: false")
         if problem := output_path_problem(self.output_dir, "dir"):
             raise ConfigError("output_dir", problem)
         for name in ("max_steps", "gradient_accumulation_steps", "log_every", "keep_last", "max_nonfinite_steps"):

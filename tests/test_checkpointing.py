@@ -47,3 +47,13 @@ def test_unknown_policy_is_refused():
     model = SD3Transformer3DModel(num_layers=1, **CONFIG)
     with pytest.raises(ValueError, match="selective"):
         enable_checkpointing(model, "partial")  # type: ignore[arg-type]
+
+
+def test_selective_checkpointing_with_compile_is_refused_before_any_work(tiny_pairs, tmp_path, capsys):
+    from tests.conftest import call_cli
+    from tests.test_dpo_trainer import train_args
+
+    code, _, err = call_cli(capsys, *train_args(tiny_pairs, tmp_path / "run", "--gradient-checkpointing",
+                                                "--checkpoint-policy", "selective", "--compile"))
+    assert code == 2 and "checkpoint_policy" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
