@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up step)")
     parser.add_argument("--top", type=int, default=12, help="ops listed below the category table")
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--checkpoint-policy", choices=("full", "selective"), default="full",
+                        help="gradient checkpointing of the blocks: full (the trainers' default) or selective")
     parser.add_argument("--record", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     args = parser.parse_args()
     args.full_vae = False  # the DPO step has no VAE

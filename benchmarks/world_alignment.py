@@ -9,7 +9,8 @@ seeds never used in training, compares per method:
 - `base`: the pretrained generator;
 - `best_of_K`: K base samples per prompt and seed (the base's own sample among them), the one the trained
   reward ranks first (K = the rollout's samples per prompt);
-- `dpo`, `reward_gradient`, `grpo`: the trained adapters (each trainer's shipped world config).
+- `dpo`, `reward_gradient`, `grpo`: the trained adapters (each trainer's shipped world config), each trained
+  within the same wall-time budget (`--budget-seconds`; Flow-DPO's data stages count against it).
 
 Per method and split: the trained reward (the rewards config's weighted sum) and each reward's mean; the
 oracle's accuracy on colour, shape, direction, colour+shape and all three, and its cleanliness; the win
@@ -57,23 +58,35 @@ def run_stage(argv: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def train_all(out: Path, device: str) -> dict[str, dict]:
-    """The pipeline with the shipped configs; returns each method's adapter and the seconds it cost."""
+def train_all(out: Path, device: str, budget: float) -> dict[str, dict]:
+    """The pipeline with the shipped configs, each method within `budget` seconds of wall time (Flow-DPO's
+    rollout, scoring and pairs count against its budget; a trainer stops at its config's max_steps or at the
+    first step that ends past its budget, `max_seconds`); returns each method's adapter, the seconds it cost
+    and the optimiser steps it ran."""
     common = ["--device", device]
     rollout_s = run_stage(["rollout", "--config", CONFIGS / "rollout.yaml", "--out", out / "rollout", *common])
     score_s = run_stage(["score", "--store", out / "rollout", "--config", CONFIGS / "rewards.yaml"])
     pairs_s = run_stage(["pairs", "--store", out / "rollout", "--out", out / "pairs", "--config", CONFIGS / "pairs.yaml"])
-    dpo_s = run_stage(["train", "--config", CONFIGS / "dpo.yaml", "--pairs", out / "pairs",
-                       "--output-dir", out / "dpo", "--overwrite", *common])
-    rg_s = run_stage(["train", "--config", CONFIGS / "reward_gradient.yaml", "--output-dir", out / "reward_gradient",
-                      "--overwrite", *common])
-    grpo_s = run_stage(["train", "--config", CONFIGS / "grpo.yaml", "--output-dir", out / "grpo", "--overwrite",
-                        *common])
     data_s = rollout_s + score_s + pairs_s
+    dpo_s = run_stage(["train", "--config", CONFIGS / "dpo.yaml", "--pairs", out / "pairs", "--output-dir", out / "dpo",
+                       "--overwrite", "--max-seconds", max(budget - data_s, 1.0), *common])
+    rg_s = run_stage(["train", "--config", CONFIGS / "reward_gradient.yaml", "--output-dir", out / "reward_gradient",
+                      "--overwrite", "--max-seconds", budget, *common])
+    grpo_s = run_stage(["train", "--config", CONFIGS / "grpo.yaml", "--output-dir", out / "grpo", "--overwrite",
+                        "--max-seconds", budget, *common])
+
+    def steps(run: str) -> dict:
+        summary = json.loads((out / run / "summary.json").read_text())
+        return {"steps_done": summary["steps_done"], "max_steps": summary["steps"],
+                "stopped_by_budget": summary["stopped_by_max_seconds"]}
+
     return {
-        "dpo": {"adapter": out / "dpo" / "adapter", "seconds": {"rollout_score_pairs": data_s, "train": dpo_s}},
-        "reward_gradient": {"adapter": out / "reward_gradient" / "adapter", "seconds": {"train": rg_s}},
-        "grpo": {"adapter": out / "grpo" / "adapter", "seconds": {"train_with_online_rollouts": grpo_s}},
+        "dpo": {"adapter": out / "dpo" / "adapter", "seconds": {"rollout_score_pairs": data_s, "train": dpo_s},
+                **steps("dpo")},
+        "reward_gradient": {"adapter": out / "reward_gradient" / "adapter", "seconds": {"train": rg_s},
+                            **steps("reward_gradient")},
+        "grpo": {"adapter": out / "grpo" / "adapter", "seconds": {"train_with_online_rollouts": grpo_s},
+                 **steps("grpo")},
     }
 
 
@@ -225,6 +238,9 @@ def main() -> None:
                              "colour+shape accuracy is about 8 points)")
     parser.add_argument("--training-seeds", type=int, default=4,
                         help="evaluation seeds per training-combination prompt (default: 4)")
+    parser.add_argument("--budget-seconds", type=float, default=180.0,
+                        help="wall-time budget of every trained method, its data stages included (default: 180 s, "
+                             "about what Flow-DPO's shipped config costs on 2 cores)")
     parser.add_argument("--record", action="store_true", help="append the rows to benchmarks/RESULTS.md")
     parser.add_argument("--figure", help="write a PNG of held-out prompts: base | Flow-DPO | GRPO frames, same seed")
     args = parser.parse_args()
@@ -234,7 +250,7 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
-        methods = train_all(out, args.device)
+        methods = train_all(out, args.device, args.budget_seconds)
         evaluator = WorldEvaluator({name: m["adapter"] for name, m in methods.items()}, args.device)
         splits = {"held_out": (scene.prompts_for(scene.HELD_OUT), args.seeds),
                   "training": (scene.prompts_for(scene.TRAINING)[::2], args.training_seeds)}
@@ -252,7 +268,9 @@ def main() -> None:
                                   {"sample_and_score": time.perf_counter() - start}))
             for name, method in methods.items():
                 evaluator.use(name)
-                rows.append(summarise(name, split, evaluator.sample(prompts, seeds), base, method["seconds"]))
+                rows.append({**summarise(name, split, evaluator.sample(prompts, seeds), base, method["seconds"]),
+                             "budget_seconds": args.budget_seconds,
+                             **{k: method[k] for k in ("steps_done", "max_steps", "stopped_by_budget")}})
         if args.figure:
             write_figure(evaluator, splits["held_out"][0][::4], EVAL_SEED_OFFSET, [None, "dpo", "grpo"], Path(args.figure))
     for row in rows:

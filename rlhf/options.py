@@ -228,6 +228,11 @@ class TrainingOptions:
     lr_scheduler: Literal["constant", "linear", "cosine"] = option("constant", "Schedule after warmup.")
     warmup_steps: int = option(0, "Linear warmup steps.")
     max_steps: int = option(100, "Optimiser steps to train.")
+    max_seconds: float | None = option(
+        None, "Also stop after the first optimiser step that ends with this many seconds of training wall time "
+        "spent in this process (counted from the first step, checkpoints included; a resumed run counts afresh): "
+        "that step is checkpointed and the adapter written as at max_steps. For comparing trainers at one "
+        "wall-time budget; none = only max_steps stops.")
     gradient_accumulation_steps: int = option(1, "Micro-batches accumulated per optimiser step.")
     max_grad_norm: float = option(1.0, "Gradient-norm clipping (0 disables).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
@@ -271,6 +276,8 @@ class TrainingOptions:
         for name in ("max_steps", "gradient_accumulation_steps", "log_every", "keep_last", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
+            raise ConfigError("max_seconds", f"must be a finite number of seconds > 0, got {self.max_seconds}")
         for name in ("warmup_steps", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")

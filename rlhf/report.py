@@ -494,8 +494,8 @@ def training_section(trains: Mapping[str, Path]) -> str:
         runs[label] = records
         summary = read_json_object(train_dir / "summary.json") or {}
         facts = [f"{len(records)} logged steps (last: {records[-1]['step']})"]
-        facts += [f"{key}: {summary[key]}" for key in ("method", "steps", "skipped_steps", "pairs", "prompts")
-                  if key in summary]
+        facts += [f"{key}: {summary[key]}" for key in ("method", "steps", "steps_done", "stopped_by_max_seconds",
+                                                       "skipped_steps", "pairs", "prompts") if key in summary]
         prefix = f"{label}: " if len(trains) > 1 else ""
         parts.append(f'<p class="hint">{esc(prefix + "; ".join(facts))}</p>')
         if bad:

@@ -163,6 +163,9 @@ class TrainingRun:
         self.step_flops: dict[str, StepFlops] = {}  # per kind of step, counted on its first step
         self.step_kind = "step"
         self.peak_flops: float | None = None  # the device's peak FLOP/s, measured or published (prepare)
+        self.clock_started = 0.0  # when the first step of this process began (max_seconds)
+        self.steps_done = 0
+        self.out_of_time = False  # max_seconds spent: the step just ended is the last
 
     # ---- directories -------------------------------------------------------------------------
     @property
@@ -390,10 +393,16 @@ class TrainingRun:
         return self.accelerator.unwrap_model(self.policy)
 
     def steps(self) -> Iterator[int]:
-        """Optimiser step indices still to run (after a resume, from the checkpoint's step)."""
+        """Optimiser step indices still to run (after a resume, from the checkpoint's step), until max_steps or,
+        with max_seconds, the step that ends past the time budget."""
+        self.clock_started, self.steps_done = time.perf_counter(), self.step
         for step in range(self.step, self.options.max_steps):
             self.step = step
             yield step
+            if self.out_of_time:
+                logger.info("max_seconds: %.0f s spent after %d steps; training stops here",
+                            time.perf_counter() - self.clock_started, step + 1)
+                break
 
     @contextlib.contextmanager
     def accumulation(self, last: bool) -> Iterator[None]:
@@ -472,6 +481,8 @@ class TrainingRun:
         self.log(step, totals)
         progress.update(1)
         progress.set_postfix(**{label: totals[key] for label, key in shown.items()})
+        self.steps_done = step + 1
+        self.out_of_time = self._budget_spent()
         self.maybe_checkpoint(step)
 
     # ---- logging -----------------------------------------------------------------------------
@@ -494,11 +505,18 @@ class TrainingRun:
             self.accelerator.log(record, step=step)
 
     # ---- checkpoints -------------------------------------------------------------------------
+    def _budget_spent(self) -> bool:
+        """Whether max_seconds have passed; every process stops at the same step (the slowest decides)."""
+        if self.options.max_seconds is None:
+            return False
+        spent = float(time.perf_counter() - self.clock_started >= self.options.max_seconds)
+        return self.accelerator.reduce(torch.tensor(spent, device=self.device), reduction="sum").item() > 0
+
     def maybe_checkpoint(self, step: int) -> None:
         """After optimiser step `step` (0-based) completed: checkpoint every `save_every` steps and after the
         last step (a run killed while writing its adapter resumes with nothing left to train)."""
         done, every = step + 1, self.options.save_every
-        if done == self.options.max_steps or (every and done % every == 0):
+        if done == self.options.max_steps or self.out_of_time or (every and done % every == 0):
             self.save_checkpoint(done)
 
     def local_parameter_bytes(self) -> int:
@@ -664,7 +682,8 @@ class TrainingRun:
             keys = sorted({k for record in last for k in record} - {"step"})
             averaged = {k: sum(v) / len(v) for k in keys if (v := [r[k] for r in last if k in r])}
             io.write_json(self.output_dir / "summary.json", {
-                **summary, "steps": self.options.max_steps, "skipped_steps": self.skipped_steps,
+                **summary, "steps": self.options.max_steps, "steps_done": self.steps_done,
+                "stopped_by_max_seconds": self.out_of_time, "skipped_steps": self.skipped_steps,
                 "last_10_steps_mean": averaged, "adapter": str(adapter_dir),
                 "layout": self.layout, "num_processes": self.accelerator.num_processes,
                 "rank0_parameter_bytes": self.local_parameter_bytes(),

@@ -331,3 +331,27 @@ def test_adapters_record_their_base_model_and_are_refused_on_another(tiny_model_
     code, _, err = call_cli(capsys, "merge", "--model", other, "--adapter", legacy, "--out", tmp_path / "merged2")
     assert code == 0, err
     assert f"{legacy}: the adapter has no {RECORD}" in caplog.text
+
+
+def test_max_seconds_stops_at_a_step_checkpoints_it_and_writes_the_adapter(tiny_pairs, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = call_cli(capsys, *train_args(tiny_pairs, out, "--max-steps", "1000", "--save-every", "0",
+                                                "--max-seconds", "1e-9"))
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    # Every step ends past a 1 ns budget: the first one is the last, and it is checkpointed.
+    assert summary["steps_done"] == 1 and summary["stopped_by_max_seconds"] is True
+    assert checkpoint_names(out) == ["step-0000001"] and (out / "adapter").is_dir()
+    assert [row["step"] for row in metrics(out)] == [0]
+    # The run continues from there when resumed (a resumed run counts its budget afresh).
+    code, _, err = call_cli(capsys, *train_args(tiny_pairs, out, "--max-steps", "3", "--save-every", "0",
+                                                "--resume-from", "latest"))
+    assert code == 0, err
+    assert [row["step"] for row in metrics(out)] == [0, 1, 2]
+    assert json.loads((out / "summary.json").read_text())["stopped_by_max_seconds"] is False
+
+
+def test_max_seconds_must_be_a_positive_finite_number(tiny_pairs, tmp_path, capsys):
+    for value in ("0", "-5", "nan", "inf"):
+        code, _, err = call_cli(capsys, *train_args(tiny_pairs, tmp_path / value, "--max-seconds", value))
+        assert code == 2 and "max_seconds" in err and len(err.strip().splitlines()) == 1, (value, err)
