@@ -23,7 +23,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    _FlopCounterMode,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
 from rlhf import devices
 
@@ -55,9 +60,39 @@ EXTRA_FLOP_FORMULAS = {
 }
 
 
+class _RunAsIs(_FlopCounterMode):
+    """Torch's counting dispatch mode without its one side effect: it decomposes every operator that has a
+    composite implementation (`silu_backward` among them) before running it, which changes the last bits of the
+    gradients. Here each operator runs as it would uncounted; the FLOP-bearing ones (matmuls, convolutions,
+    attention) have no such decomposition, so the count is the same."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        kwargs = kwargs or {}
+        return self.counter._count_flops(func._overloadpacket, func(*args, **kwargs), args, kwargs)
+
+
+class StepFlopCounter(FlopCounterMode):
+    """A silent `FlopCounterMode` that also counts the CPU attention kernels and leaves the numbers untouched: a
+    counted step gives bit-identical gradients to an uncounted one, so a resumed run (which counts a different
+    step than the straight run) ends with the same weights."""
+
+    def __init__(self) -> None:
+        super().__init__(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
+
+    def __enter__(self) -> StepFlopCounter:
+        # `FlopCounterMode.__enter__` with `_RunAsIs` in place of torch's dispatch mode.
+        self.flop_counts.clear()
+        self.mod_tracker.__enter__()
+        self.mode = _RunAsIs(self)
+        self.mode.__enter__()
+        return self
+
+
 def flop_counter() -> FlopCounterMode:
-    """A silent `FlopCounterMode` that also counts the CPU attention kernels."""
-    return FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
+    """A counter for one block of work; see `StepFlopCounter`."""
+    return StepFlopCounter()
 
 
 @dataclass

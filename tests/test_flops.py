@@ -1,11 +1,21 @@
 """FLOP accounting (rlhf/flops.py): torch's counter against the MM-DiT's FLOPs written out by hand, the
 gradient-checkpoint recompute counted apart, the CPU attention kernels counted, the measured peak."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from rlhf.flops import count_flops, flop_counter, measure_matmul_flops, published_peak_flops, utilisation
+from rlhf.flops import (
+    EXTRA_FLOP_FORMULAS,
+    count_flops,
+    flop_counter,
+    measure_matmul_flops,
+    published_peak_flops,
+    utilisation,
+)
 from rlhf.lora import add_lora
 from rlhf.models.transformer import SD3Transformer3DModel
 
@@ -74,6 +84,30 @@ def test_cpu_attention_kernels_are_counted():
         out.sum().backward()
     # torch's flash-attention backward formula: QK^T again (the kernel recomputes the scores), dV, dP, dQ, dK.
     assert counter.get_total_flops() == 5 * forward // 2
+
+
+def test_counting_leaves_every_number_as_it_is():
+    """A counted step must equal an uncounted one bit for bit (a resumed run counts a different step than the
+    straight run, and both must end with the same weights), and count what torch's own counter counts."""
+    torch.manual_seed(0)
+    model = SD3Transformer3DModel(num_layers=2, **CONFIG)
+    model.requires_grad_(False)
+    add_lora(model, rank=4, alpha=4)
+    conv = torch.nn.Conv3d(C, 3, 3, padding=1)  # a VAE-like tail: SiLU then a 3-D convolution
+
+    def step(counter=None) -> tuple[dict[str, torch.Tensor], int]:
+        model.zero_grad(set_to_none=True)
+        with counter or contextlib.nullcontext():
+            out = model(**inputs()).sample
+            F.silu(conv(F.silu(out.contiguous(memory_format=torch.channels_last_3d)))).square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return grads, counter.get_total_flops() if counter else 0
+
+    plain, _ = step()
+    counted, flops = step(flop_counter())
+    assert all(torch.equal(plain[n], counted[n]) for n in plain)
+    _, torch_flops = step(FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS))
+    assert flops == torch_flops > 0
 
 
 def test_checkpoint_recompute_is_counted_apart():
