@@ -44,6 +44,7 @@ CONFIGS = ROOT / "configs" / "world"
 ATTRIBUTES = ("colour", "shape", "direction", "colour_shape", "all")
 EVAL_SEED_OFFSET = 500_000  # rollout seeds are derived from (seed, prompt, index) far below this
 VIDEOS_PER_BATCH = 16
+ASKED, READ = "shape_asked:", "shape_read:"  # per-video indicator arrays behind the shape confusion
 
 
 def run_stage(argv: list[str]) -> float:
@@ -126,7 +127,6 @@ class WorldEvaluator:
         from rewards.build import score_videos
         from rlhf.video import to_uint8_frames
         from rlhf.world.oracle import read_clip
-        from rlhf.world.scene import parse_prompt
 
         embeds = self.generator.encode_prompts([*prompts, self.sampling.negative_prompt])
         uncond = embeds.select(len(prompts))
@@ -143,13 +143,65 @@ class WorldEvaluator:
                 scores = {name: values.numpy().reshape(len(chunk), len(seeds))
                           for name, values in score_videos(self.scorers, frames, chunk_prompts).items()}
             readings = [read_clip(to_uint8_frames(v)) for v in video]
-            hits = [r.matches(*parse_prompt(p)) for r, p in zip(readings, chunk_prompts, strict=True)]
             per_prompt = {**scores, "trained": sum(self.weights[n] * scores[n] for n in scores),
-                          **{a: np.array([h[a] for h in hits], float).reshape(len(chunk), -1) for a in ATTRIBUTES},
-                          "cleanliness": np.array([r.cleanliness for r in readings]).reshape(len(chunk), -1)}
+                          **oracle_arrays(readings, chunk_prompts, len(chunk))}
             for name, values in per_prompt.items():
                 rows.setdefault(name, []).extend(values)
         return {name: np.stack(values) for name, values in rows.items()}  # each (prompts, seeds)
+
+    def vae_ceiling(self, prompts: list[str], seeds: list[int]) -> dict[str, np.ndarray]:
+        """The oracle on rendered clips of each (prompt, seed) passed through the VAE (encode, decode): what a
+        perfect transformer would score, the ceiling every method is under."""
+        import random
+
+        import torch
+
+        from rlhf.video import to_uint8_frames
+        from rlhf.world import scene
+        from rlhf.world.oracle import read_clip
+
+        rows: dict[str, list] = {}
+        for index, text in enumerate(prompts):
+            colour, shape, direction = scene.parse_prompt(text)
+            clips = [scene.to_model_range(scene.render(scene.SceneSpec.sample(
+                colour, shape, direction, random.Random(seed * 1000 + index)))) for seed in seeds]
+            with torch.no_grad():
+                vae = self.generator.vae
+                latents = vae.encode(torch.stack(clips).to(vae.device, vae.dtype)).latent_dist.mean
+                video = vae.decode(latents, return_dict=False)[0].clamp(-1, 1).float().cpu()
+            readings = [read_clip(to_uint8_frames(v)) for v in video]
+            for name, values in oracle_arrays(readings, [text] * len(seeds), 1).items():
+                rows.setdefault(name, []).extend(values)
+        return {name: np.stack(values) for name, values in rows.items()}
+
+
+def oracle_arrays(readings: list, prompts: list[str], groups: int) -> dict[str, np.ndarray]:
+    """Oracle hits per attribute, cleanliness, and which shape was asked for and which was read (for the shape
+    confusion), each reshaped to (groups, -1)."""
+    from rlhf.world.scene import SHAPES, parse_prompt
+
+    asked = [parse_prompt(p) for p in prompts]
+    hits = [r.matches(*attributes) for r, attributes in zip(readings, asked, strict=True)]
+    arrays = {a: [h[a] for h in hits] for a in ATTRIBUTES}
+    arrays["cleanliness"] = [r.cleanliness for r in readings]
+    for shape in SHAPES:
+        arrays[f"{ASKED}{shape}"] = [attributes[1] == shape for attributes in asked]
+    for shape in (*SHAPES, None):
+        arrays[f"{READ}{shape or 'none'}"] = [r.shape == shape for r in readings]
+    return {name: np.array(values, float).reshape(groups, -1) for name, values in arrays.items()}
+
+
+def shape_confusion(scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """For each shape asked for, the share of videos the oracle reads as each shape (or none)."""
+    from rlhf.world.scene import SHAPES
+
+    confusion = {}
+    for shape in SHAPES:
+        asked = scores[f"{ASKED}{shape}"]
+        if asked.sum():
+            confusion[shape] = {read.removeprefix(READ): float((asked * scores[read]).sum() / asked.sum())
+                                for read in scores if read.startswith(READ)}
+    return confusion
 
 
 def best_of_k(evaluator: WorldEvaluator, prompts: list[str], seeds: list[int], k: int) -> dict[str, np.ndarray]:
@@ -210,8 +262,9 @@ def summarise(method: str, split: str, scores: dict[str, np.ndarray], base: dict
         "n": int(scores["trained"].size),
         "trained_reward": float(scores["trained"].mean()),
         "rewards": {name: float(scores[name].mean()) for name in scores
-                    if name not in (*ATTRIBUTES, "cleanliness", "trained")},
+                    if name not in (*ATTRIBUTES, "cleanliness", "trained") and not name.startswith((ASKED, READ))},
         "oracle": {attribute: float(scores[attribute].mean()) for attribute in ATTRIBUTES},
+        "shape_confusion": shape_confusion(scores),
         "cleanliness": float(scores["cleanliness"].mean()),
         "win_rate_vs_base": float((diff > 0).mean()),
         "tie_rate_vs_base": float((diff == 0).mean()),
@@ -262,6 +315,14 @@ def main() -> None:
             base = evaluator.sample(prompts, seeds)
             base_s = time.perf_counter() - start
             rows.append(summarise("base", split, base, base, {"sample": base_s}))
+            start = time.perf_counter()
+            ceiling = evaluator.vae_ceiling(prompts, seeds)
+            rows.append({"benchmark": "world_alignment", "method": "vae_reconstruction", "split": split,
+                         "n": int(ceiling["colour_shape"].size),
+                         "oracle": {attribute: float(ceiling[attribute].mean()) for attribute in ATTRIBUTES},
+                         "shape_confusion": shape_confusion(ceiling),
+                         "cleanliness": float(ceiling["cleanliness"].mean()),
+                         "seconds": {"render_encode_decode": round(time.perf_counter() - start, 1)}})
             start = time.perf_counter()
             picked = best_of_k(evaluator, prompts, seeds, evaluator.samples_per_prompt)
             rows.append(summarise(f"best_of_{evaluator.samples_per_prompt}", split, picked, base,
