@@ -217,3 +217,22 @@ def test_world_prompt_files_match_the_world_definition():
     folder = Path(__file__).resolve().parents[1] / "configs" / "world"
     assert (folder / "train_prompts.txt").read_text().split("\n")[:-1] == scene.prompts_for(scene.TRAINING)
     assert (folder / "heldout_prompts.txt").read_text().split("\n")[:-1] == scene.prompts_for(scene.HELD_OUT)
+
+
+def test_flow_matching_noise_levels_follow_the_logit_mean():
+    """The pretraining loss draws sigma = sigmoid(logit_mean + N(0, 1)) (shift 1): the timesteps the transformer
+    sees, written out here from the same generator draws."""
+    from rlhf.world.pretrain import flow_matching_loss
+
+    seen = []
+
+    def transformer(hidden_states, timestep, **_):
+        seen.append(timestep)
+        return (torch.zeros_like(hidden_states),)
+
+    x0 = torch.zeros(512, 1, 1, 1, 1)
+    for logit_mean in (0.0, -1.0):
+        flow_matching_loss(transformer, x0, None, None, torch.Generator().manual_seed(0), logit_mean)
+        expected = torch.sigmoid(logit_mean + torch.randn(512, generator=torch.Generator().manual_seed(0))) * 1000
+        assert torch.allclose(seen[-1], expected)
+    assert seen[1].mean() < 0.35 * 1000 < 0.45 * 1000 < seen[0].mean()  # mean sigma ~0.5 vs ~0.3

@@ -289,12 +289,13 @@ def latent_dataset(out: Path, seed: int, clips_per_prompt: int) -> dict[str, Any
 
 
 def flow_matching_loss(transformer, x0: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
-                       generator: torch.Generator) -> torch.Tensor:
-    """Rectified-flow loss: `x_t = (1 - s) x0 + s eps`, target `eps - x0`, s logit-normal(0, 1), shifted."""
+                       generator: torch.Generator, logit_mean: float = 0.0) -> torch.Tensor:
+    """Rectified-flow loss: `x_t = (1 - s) x0 + s eps`, target `eps - x0`, s logit-normal(logit_mean, 1),
+    shifted. A negative `logit_mean` weighs the low-noise steps, where the fine detail (corners) is drawn."""
     from rlhf.sampling import shift_sigmas
 
     batch = x0.shape[0]
-    sigma = shift_sigmas(torch.sigmoid(torch.randn(batch, generator=generator)), SCHEDULER_SHIFT)
+    sigma = shift_sigmas(torch.sigmoid(logit_mean + torch.randn(batch, generator=generator)), SCHEDULER_SHIFT)
     eps = torch.randn(x0.shape, generator=generator)
     s = sigma.view(batch, 1, 1, 1, 1)
     noisy = (1 - s) * x0 + s * eps
@@ -304,7 +305,8 @@ def flow_matching_loss(transformer, x0: torch.Tensor, text: torch.Tensor, pooled
 
 
 def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_prompt: int, save_at: list[int],
-                      log: Log | None, stop_after: int | None = None, phase: int = 1, lr: float = 5e-4) -> list[float]:
+                      log: Log | None, stop_after: int | None = None, phase: int = 1, lr: float = 5e-4,
+                      logit_mean: float = 0.0) -> list[float]:
     """Flow matching on the world's latents; EMA weights saved at each of `save_at` (the last one as the model).
 
     Phase 1 starts from a seeded init; a later phase continues from the saved model (its EMA weights) with its
@@ -335,7 +337,7 @@ def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_pr
         prompt = data["prompt_index"][rows, phrasing]
         prompt = torch.where(torch.rand(batch, generator=generator) < 0.1, empty, prompt)  # 10% unconditional
         loss = flow_matching_loss(transformer, data["latents"][rows], data["embeds"][prompt], data["pooled"][prompt],
-                                  generator)
+                                  generator, logit_mean)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
@@ -356,6 +358,7 @@ def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_pr
     if log is not None:
         log.record("transformer" if phase == 1 else f"transformer_phase{phase}", {
             "seed": seed, "threads": torch.get_num_threads(), "steps": steps, "batch": batch, "lr": lr,
+            "logit_mean": logit_mean,
             "clips_per_prompt": clips_per_prompt, "clips": count, "encode_seconds": round(encode_seconds, 1),
             "seconds": round(time.time() - started, 1), "losses": losses, "saved_at": save_at})
     return losses
@@ -504,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transformer-steps", type=int, default=3000, help="Transformer optimiser steps.")
     parser.add_argument("--transformer-batch", type=int, default=32, help="Latents per transformer step.")
     parser.add_argument("--transformer-lr", type=float, default=5e-4, help="Peak transformer learning rate (cosine).")
+    parser.add_argument("--transformer-logit-mean", type=float, default=0.0,
+                        help="Mean of the logit-normal noise levels the transformer trains on (negative: low noise, "
+                             "where fine detail is drawn).")
     parser.add_argument("--transformer-phase", type=int, default=1,
                         help="1 trains the transformer from its seeded init; 2, 3, ... continue the saved one.")
     parser.add_argument("--clips-per-prompt", type=int, default=40,
@@ -531,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         "transformer": lambda: train_transformer(
             out, args.seed, args.transformer_steps, args.transformer_batch, args.clips_per_prompt,
             sorted({int(v) for v in args.save_at.split(",") if v.strip()} | {args.transformer_steps}), log,
-            phase=args.transformer_phase, lr=args.transformer_lr),
+            phase=args.transformer_phase, lr=args.transformer_lr, logit_mean=args.transformer_logit_mean),
         "clip": lambda: train_clip(out, args.seed, args.clip_steps, args.clip_batch, log),
         "aesthetic": lambda: train_aesthetic(out, args.seed, args.aesthetic_steps, log),
     }
