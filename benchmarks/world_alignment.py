@@ -191,6 +191,13 @@ def oracle_arrays(readings: list, prompts: list[str], groups: int) -> dict[str, 
     return {name: np.array(values, float).reshape(groups, -1) for name, values in arrays.items()}
 
 
+def oracle_summary(scores: dict[str, np.ndarray]) -> dict:
+    """The oracle's part of a row: accuracy per attribute, the shape confusion and cleanliness."""
+    return {"oracle": {attribute: float(scores[attribute].mean()) for attribute in ATTRIBUTES},
+            "shape_confusion": shape_confusion(scores),
+            "cleanliness": float(scores["cleanliness"].mean())}
+
+
 def shape_confusion(scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     """For each shape asked for, the share of videos the oracle reads as each shape (or none)."""
     from rlhf.world.scene import SHAPES
@@ -263,9 +270,7 @@ def summarise(method: str, split: str, scores: dict[str, np.ndarray], base: dict
         "trained_reward": float(scores["trained"].mean()),
         "rewards": {name: float(scores[name].mean()) for name in scores
                     if name not in (*ATTRIBUTES, "cleanliness", "trained") and not name.startswith((ASKED, READ))},
-        "oracle": {attribute: float(scores[attribute].mean()) for attribute in ATTRIBUTES},
-        "shape_confusion": shape_confusion(scores),
-        "cleanliness": float(scores["cleanliness"].mean()),
+        **oracle_summary(scores),
         "win_rate_vs_base": float((diff > 0).mean()),
         "tie_rate_vs_base": float((diff == 0).mean()),
         "trained_reward_gain": reward_gain,
@@ -318,10 +323,7 @@ def main() -> None:
             start = time.perf_counter()
             ceiling = evaluator.vae_ceiling(prompts, seeds)
             rows.append({"benchmark": "world_alignment", "method": "vae_reconstruction", "split": split,
-                         "n": int(ceiling["colour_shape"].size),
-                         "oracle": {attribute: float(ceiling[attribute].mean()) for attribute in ATTRIBUTES},
-                         "shape_confusion": shape_confusion(ceiling),
-                         "cleanliness": float(ceiling["cleanliness"].mean()),
+                         "n": int(ceiling["colour_shape"].size), **oracle_summary(ceiling),
                          "seconds": {"render_encode_decode": round(time.perf_counter() - start, 1)}})
             start = time.perf_counter()
             picked = best_of_k(evaluator, prompts, seeds, evaluator.samples_per_prompt)
