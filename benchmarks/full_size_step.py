@@ -8,8 +8,11 @@ Steps (random weights; ContentV-8B's shape by default: 38 layers, 38 heads x 64,
 - `rollout_step`: one denoising step of a rollout, CFG batched (conditional + unconditional in one forward);
 - `vae_decode`: one Wan VAE decode of the video's latents (the full Wan 2.1 architecture; --no-full-vae: a tiny one).
 
-Gradient checkpointing is on for the transformer (as the trainers' default); the reward step's VAE decode runs
-without it (one frame), so every recompute is the transformer's and is counted apart.
+Gradient checkpointing of the transformer is the trainers' default, `auto` (rlhf/checkpointing.py): the first
+training step runs with full checkpointing while its activations are measured, and the fastest policy that fits in
+the device's free memory (none, selective, full) is kept for every step after it (printed as `auto -> ...`; every
+step is counted again after it). The reward step's VAE decode runs without it (one frame), so every recompute is
+the transformer's and is counted apart.
 
 FLOPs (rlhf/flops.py): `torch.utils.flop_counter.FlopCounterMode` over one eager step of each kind (CPU attention
 kernels included). Model FLOPs exclude the gradient-checkpoint recompute, hardware FLOPs include it. As a check,
@@ -30,6 +33,7 @@ Text conditioning is random (333 tokens x 4096, pooled 2048), as the trainer rea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -47,7 +51,7 @@ from dpo.config import DPOConfig  # noqa: E402
 from dpo.data import PairBatch  # noqa: E402
 from dpo.trainer import dpo_step  # noqa: E402
 from rlhf import devices  # noqa: E402
-from rlhf.checkpointing import enable_checkpointing  # noqa: E402
+from rlhf.checkpointing import ActivationProbe, choose_policy, enable_checkpointing  # noqa: E402
 from rlhf.compiling import CompileTimer, compile_blocks  # noqa: E402
 from rlhf.flops import count_flops, peak_flops, utilisation  # noqa: E402
 from rlhf.lora import add_lora  # noqa: E402
@@ -78,8 +82,8 @@ def build(args, device: torch.device, dtype: torch.dtype) -> SD3Transformer3DMod
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()
-    if args.gradient_checkpointing:
-        enable_checkpointing(model, args.checkpoint_policy)
+    if args.gradient_checkpointing:  # auto: full until the first training step is measured (main)
+        enable_checkpointing(model, "full" if args.checkpoint_policy == "auto" else args.checkpoint_policy)
     return model.train()
 
 
@@ -211,8 +215,9 @@ def main() -> None:
                         help="full-size Wan VAE (default) or a tiny one (--no-full-vae, for CPU tests)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                         help="checkpoint the transformer blocks in the training steps (the trainers' default)")
-    parser.add_argument("--checkpoint-policy", choices=("full", "selective"), default="full",
-                        help="with checkpointing: full (the trainers' default) or selective (rlhf/checkpointing.py)")
+    parser.add_argument("--checkpoint-policy", choices=("auto", "full", "selective"), default="auto",
+                        help="with checkpointing: auto (the trainers' default), full or selective "
+                             "(rlhf/checkpointing.py)")
     parser.add_argument("--only", nargs="+", choices=STEP_KINDS, default=list(STEP_KINDS), help="step kinds to run")
     parser.add_argument("--compile", action="store_true",
                         help="also time every step with the transformer blocks compiled (regional torch.compile)")
@@ -221,8 +226,9 @@ def main() -> None:
                                                           "measured)")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
-    if args.compile and args.gradient_checkpointing and args.checkpoint_policy == "selective":
-        parser.error("--compile does not combine with --checkpoint-policy selective (see rlhf/checkpointing.py)")
+    if args.compile and args.gradient_checkpointing and args.checkpoint_policy != "full":
+        parser.error("--compile times the eager steps' policy compiled too: give --checkpoint-policy full (selective "
+                     "does not combine with compile; auto is full under compile in the trainers)")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -239,13 +245,27 @@ def main() -> None:
               "load_average_before": os.getloadavg()[0]}  # other work on the machine skews the timings
 
     # 1. Build each kind of step at the largest frame count that fits, and count its FLOPs on one eager step.
+    #    With auto checkpointing, the first training step's activations decide the policy of every step after it.
     made = {}
+    probe = ActivationProbe(model) if args.gradient_checkpointing and args.checkpoint_policy == "auto" else None
     for kind in args.only:
         for frames in sorted(args.frames, reverse=True):
             try:
                 step, info = MAKERS[kind](model, vae, frames, args, device, dtype)
-                with count_flops(model, vae) as flops:
+                probing = probe is not None and kind in ("dpo", "reward_gradient")
+                with count_flops(model, vae) as flops, probe.measuring() if probing else contextlib.nullcontext():
                     step(-1)
+                if probing:
+                    with devices.autocast(device, dtype):
+                        estimate = probe.measure()
+                    choice = choose_policy(estimate, devices.available_memory_bytes(device))
+                    result["checkpoint_policy"] = f"auto -> {choice}"
+                    result["activation_estimate_gb"] = {policy: estimate.step_bytes(policy) / 1e9
+                                                        for policy in ("none", "selective")}
+                    probe = None
+                    enable_checkpointing(model, choice)
+                    with count_flops(model, vae) as flops:  # counted again under the policy it keeps
+                        step(-1)
                 made[kind] = step
                 result["steps"][kind] = {"frames": frames, **info, "model_tflop": flops.model / 1e12,
                                          "hardware_tflop": flops.hardware / 1e12}
@@ -253,7 +273,7 @@ def main() -> None:
             except torch.OutOfMemoryError:
                 result["tried"].append({"step": kind, "frames": frames, "fits": False})
                 devices.empty_cache(device)
-    if "dpo" in made and args.gradient_checkpointing:  # the recompute split checked: the step without checkpointing, counted whole
+    if "dpo" in made and model.gradient_checkpointing:  # the recompute split checked: the step without checkpointing, counted whole
         model.gradient_checkpointing = False
         with count_flops(model) as plain:
             made["dpo"](-2)

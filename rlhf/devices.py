@@ -123,6 +123,21 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     return None if backend is None else int(backend.max_memory_allocated(device))
 
 
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory of an accelerator (its driver's figure), or on CPU the kernel's MemAvailable; None if unknown."""
+    backend = _backend(device)
+    if backend is not None:
+        return int(backend.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def device_name(device: torch.device) -> str:
     """The accelerator's product name (e.g. "NVIDIA H100 80GB HBM3"); "cpu" on the CPU."""
     backend = _backend(device)

@@ -38,7 +38,7 @@ def quantize_problem(mode: str) -> str | None:
 
 
 # Gradient checkpointing of the transformer blocks (rlhf/checkpointing.py).
-CheckpointPolicyName = Literal["full", "selective"]
+CheckpointPolicyName = Literal["auto", "full", "selective"]
 
 COMPILE_HELP = ("torch.compile each transformer block (regional: one block's compile time, not the whole "
                 "model's), paid during the first steps and logged apart (compile_seconds); see the README "
@@ -243,9 +243,11 @@ class TrainingOptions:
     mixed_precision: Literal["no", "bf16", "fp16"] = option("bf16", "Autocast precision; LoRA weights stay fp32.")
     gradient_checkpointing: bool = option(True, "Recompute transformer blocks in the backward pass.")
     checkpoint_policy: CheckpointPolicyName = option(
-        "full", "With gradient_checkpointing: full recomputes each block's whole forward (least memory, about a "
+        "auto", "With gradient_checkpointing: full recomputes each block's whole forward (least memory, about a "
         "third more FLOPs per step); selective keeps the outputs of the matmuls and attention and recomputes only "
-        "the elementwise operations (almost no extra FLOPs, more memory). See rlhf/checkpointing.py.")
+        "the elementwise operations (almost no extra FLOPs, more memory); auto runs the first step with full, "
+        "measures one block's activations, then keeps the fastest of none, selective and full whose activations "
+        "fit in 75% of the device's free memory (logged; with compile: full). See rlhf/checkpointing.py.")
     compile: bool = option(False, COMPILE_HELP)
     log_utilisation: bool = option(
         True, "Log each step's model and hardware TFLOP (counted by torch's FlopCounterMode on the first eager "

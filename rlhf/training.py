@@ -37,7 +37,7 @@ import torch
 
 from rlhf import devices, io, sharding
 from rlhf.base_model import check_adapter_base, identity, write_record
-from rlhf.checkpointing import enable_checkpointing
+from rlhf.checkpointing import RESOLVED_POLICIES, ActivationProbe, choose_policy, enable_checkpointing
 from rlhf.compiling import CompileTimer, compile_blocks
 from rlhf.config import save_config
 from rlhf.errors import UserError, one_line
@@ -166,6 +166,9 @@ class TrainingRun:
         self.clock_started = 0.0  # when the first step of this process began (max_seconds)
         self.steps_done = 0
         self.out_of_time = False  # max_seconds spent: the step just ended is the last
+        # checkpoint_policy auto: measured during the first step, resolved after it (_resolve_checkpointing).
+        self.activation_probe: ActivationProbe | None = None
+        self.checkpoint_policy: str = "none"  # what the blocks run with now
 
     # ---- directories -------------------------------------------------------------------------
     @property
@@ -220,7 +223,12 @@ class TrainingRun:
         mark_trainable(transformer)
         cast_training_params(transformer, dtype=torch.float32)
         if self.options.gradient_checkpointing:
-            enable_checkpointing(transformer, self.options.checkpoint_policy)
+            self.checkpoint_policy = self.options.checkpoint_policy
+            if self.checkpoint_policy == "auto":  # full until the first step has measured the activations
+                self.checkpoint_policy = "full"
+                if not self.options.compile:  # the probe's hooks would run inside the compiled blocks
+                    self.activation_probe = ActivationProbe(transformer)
+            enable_checkpointing(transformer, self.checkpoint_policy)
         transformer.train()
         if self.options.compile:  # after checkpointing: the checkpoint calls the compiled blocks
             compiled = compile_blocks(transformer)
@@ -312,12 +320,34 @@ class TrainingRun:
         runs under torch's FLOP counter; `end_step` then logs every step of that kind with its TFLOP and
         utilisation. That first step's own time includes the counter's overhead."""
         self.step_kind = kind
-        if self.peak_flops is None or kind in self.step_flops:
+        with contextlib.ExitStack() as stack:
+            if self.activation_probe is not None and not self.activation_probe.measured:
+                stack.enter_context(self.activation_probe.measuring())
+            if self.peak_flops is not None and kind not in self.step_flops:
+                self.step_flops[kind] = stack.enter_context(count_flops(self.unwrapped))
             yield
+
+    def _resolve_checkpointing(self) -> None:
+        """checkpoint_policy auto, after the step that measured the activations: keep the fastest policy whose
+        activations fit in the device's free memory now (rlhf/checkpointing.py), the same on every process."""
+        probe = self.activation_probe
+        if probe is None or not probe.measured:
             return
-        with count_flops(self.unwrapped) as flops:
-            yield
-        self.step_flops[kind] = flops
+        self.activation_probe = None
+        with self.accelerator.autocast():
+            estimate = probe.measure()
+        available = devices.available_memory_bytes(self.device)
+        choice = choose_policy(estimate, available)
+        # Every process runs the most frugal choice of any (their free memory may differ).
+        level = torch.tensor([RESOLVED_POLICIES.index(choice)], device=self.device)
+        choice = RESOLVED_POLICIES[int(self.accelerator.gather(level).max())]
+        logger.info("checkpoint_policy auto: %s (one step's block activations: none %.3g GB, selective %.3g GB; "
+                    "free memory %s)", choice, estimate.step_bytes("none") / 1e9, estimate.step_bytes("selective") / 1e9,
+                    "unknown" if available is None else f"{available / 1e9:.3g} GB")
+        if choice != self.checkpoint_policy:
+            enable_checkpointing(self.unwrapped, choice)
+            self.checkpoint_policy = choice
+            self.step_flops.clear()  # the next step is counted again: its recompute changed
 
     def _utilisation_metrics(self, seconds: float) -> dict[str, float]:
         flops = self.step_flops.get(self.step_kind)
@@ -479,6 +509,7 @@ class TrainingRun:
         if self.compile_timer is not None:  # the part of step_seconds spent compiling
             totals["compile_seconds"] = self.compile_timer.take()
         self.log(step, totals)
+        self._resolve_checkpointing()
         progress.update(1)
         progress.set_postfix(**{label: totals[key] for label, key in shown.items()})
         self.steps_done = step + 1
@@ -688,6 +719,7 @@ class TrainingRun:
                 "layout": self.layout, "num_processes": self.accelerator.num_processes,
                 "rank0_parameter_bytes": self.local_parameter_bytes(),
                 "rank0_optimizer_bytes": sharding.local_optimizer_bytes(self.optimizer),
+                "checkpoint_policy": self.checkpoint_policy,
                 **({"compile_seconds": self.compile_timer.seconds} if self.compile_timer else {}),
             })
         if self.compile_timer is not None:

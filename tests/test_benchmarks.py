@@ -11,12 +11,13 @@ def test_full_size_step_runs_reduced_on_cpu():
     result = subprocess.run(
         [sys.executable, "benchmarks/full_size_step.py", "--device", "cpu", "--layers", "2", "--heads", "2",
          "--head-dim", "32", "--height", "32", "--width", "32", "--frames", "5", "--lora-rank", "4",
-         "--dtype", "fp32", "--steps", "1", "--no-full-vae", "--rg-steps", "2"],
+         "--dtype", "fp32", "--steps", "1", "--no-full-vae", "--rg-steps", "2", "--checkpoint-policy", "full"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report, _ = json.JSONDecoder().raw_decode(result.stdout)  # the JSON, then the table
     steps = report["steps"]
+    assert report["checkpoint_policy"] == "full"
     assert list(steps) == ["dpo", "reward_gradient", "rollout_step", "vae_decode"]
     dpo = steps["dpo"]
     assert dpo["frames"] == 5 and dpo["latent_shape"] == [16, 2, 4, 4]
@@ -28,6 +29,22 @@ def test_full_size_step_runs_reduced_on_cpu():
     assert steps["rollout_step"]["hardware_tflop"] == steps["rollout_step"]["model_tflop"]
     assert report["model_flops_check"]["relative_difference"] < 0.02
     assert report["peak"]["transformer"]["source"].startswith("measured")
+
+
+def test_full_size_step_auto_checkpointing_drops_the_recompute_where_memory_allows():
+    """The trainers' default: the tiny model's activations fit in this machine's memory many times over."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/full_size_step.py", "--device", "cpu", "--layers", "2", "--heads", "2",
+         "--head-dim", "32", "--height", "32", "--width", "32", "--frames", "5", "--lora-rank", "4",
+         "--dtype", "fp32", "--steps", "1", "--no-full-vae", "--only", "dpo"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report, _ = json.JSONDecoder().raw_decode(result.stdout)
+    assert report["checkpoint_policy"] == "auto -> none"
+    assert 0 < report["activation_estimate_gb"]["none"] < 1
+    dpo = report["steps"]["dpo"]
+    assert dpo["hardware_tflop"] == dpo["model_tflop"] > 0 and "model_flops_check" not in report
     assert "| dpo | 5 | eager |" in result.stdout
 
 

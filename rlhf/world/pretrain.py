@@ -306,11 +306,12 @@ def flow_matching_loss(transformer, x0: torch.Tensor, text: torch.Tensor, pooled
 
 def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_prompt: int, save_at: list[int],
                       log: Log | None, stop_after: int | None = None, phase: int = 1, lr: float = 5e-4,
-                      logit_mean: float = 0.0) -> list[float]:
+                      logit_mean: float = 0.0, architecture: dict[str, int] | None = None) -> list[float]:
     """Flow matching on the world's latents; EMA weights saved at each of `save_at` (the last one as the model).
 
     Phase 1 starts from a seeded init; a later phase continues from the saved model (its EMA weights) with its
-    own seed and schedule (the log keeps every phase), as the VAE's phases do.
+    own seed and schedule (the log keeps every phase), as the VAE's phases do. `architecture` overrides entries
+    of `TRANSFORMER_CONFIG` (`num_layers`, `num_attention_heads`) in phase 1; a later phase keeps the saved one.
     With `stop_after`, only that many steps run (of the `steps`-long schedule), nothing is saved, and the
     losses are returned: how a test checks that the recorded curve reproduces from the seed.
     """
@@ -322,7 +323,7 @@ def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_pr
     phase_seed = stage_seed(seed, "transformer") + 1000 * (phase - 1)
     torch.manual_seed(phase_seed)
     generator = torch.Generator().manual_seed(phase_seed)
-    transformer = SD3Transformer3DModel(**TRANSFORMER_CONFIG) if phase == 1 else \
+    transformer = SD3Transformer3DModel(**{**TRANSFORMER_CONFIG, **(architecture or {})}) if phase == 1 else \
         SD3Transformer3DModel.from_pretrained(out / "model" / "transformer")
     ema = {name: p.detach().clone() for name, p in transformer.named_parameters()}
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
@@ -350,7 +351,7 @@ def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_pr
         if step % 50 == 0 or step == steps - 1:
             print(f"transformer step {step}/{steps} loss {loss.item():.4f} ({time.time() - started:.0f} s)", flush=True)
         if step + 1 in save_at and stop_after is None:
-            snapshot = SD3Transformer3DModel(**TRANSFORMER_CONFIG)
+            snapshot = SD3Transformer3DModel.from_config(transformer.config)
             snapshot.load_state_dict(ema)
             snapshot_name = f"transformer-{step + 1}" if phase == 1 else f"transformer-phase{phase}-{step + 1}"
             folder = out / "model" / "transformer" if step + 1 == max(save_at) else out / snapshot_name
@@ -358,7 +359,8 @@ def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_pr
     if log is not None:
         log.record("transformer" if phase == 1 else f"transformer_phase{phase}", {
             "seed": seed, "threads": torch.get_num_threads(), "steps": steps, "batch": batch, "lr": lr,
-            "logit_mean": logit_mean,
+            "logit_mean": logit_mean, "num_layers": transformer.config.num_layers,
+            "num_attention_heads": transformer.config.num_attention_heads,
             "clips_per_prompt": clips_per_prompt, "clips": count, "encode_seconds": round(encode_seconds, 1),
             "seconds": round(time.time() - started, 1), "losses": losses, "saved_at": save_at})
     return losses
@@ -510,6 +512,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transformer-logit-mean", type=float, default=0.0,
                         help="Mean of the logit-normal noise levels the transformer trains on (negative: low noise, "
                              "where fine detail is drawn).")
+    parser.add_argument("--transformer-layers", type=int, default=TRANSFORMER_CONFIG["num_layers"],
+                        help="Transformer blocks (phase 1; a later phase keeps the saved model's).")
+    parser.add_argument("--transformer-heads", type=int, default=TRANSFORMER_CONFIG["num_attention_heads"],
+                        help="Attention heads of 32 channels each: the width (phase 1; a later phase keeps the saved "
+                             "model's).")
     parser.add_argument("--transformer-phase", type=int, default=1,
                         help="1 trains the transformer from its seeded init; 2, 3, ... continue the saved one.")
     parser.add_argument("--clips-per-prompt", type=int, default=40,
@@ -537,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         "transformer": lambda: train_transformer(
             out, args.seed, args.transformer_steps, args.transformer_batch, args.clips_per_prompt,
             sorted({int(v) for v in args.save_at.split(",") if v.strip()} | {args.transformer_steps}), log,
-            phase=args.transformer_phase, lr=args.transformer_lr, logit_mean=args.transformer_logit_mean),
+            phase=args.transformer_phase, lr=args.transformer_lr, logit_mean=args.transformer_logit_mean,
+            architecture={"num_layers": args.transformer_layers, "num_attention_heads": args.transformer_heads}),
         "clip": lambda: train_clip(out, args.seed, args.clip_steps, args.clip_batch, log),
         "aesthetic": lambda: train_aesthetic(out, args.seed, args.aesthetic_steps, log),
     }
