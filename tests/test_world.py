@@ -236,3 +236,50 @@ def test_flow_matching_noise_levels_follow_the_logit_mean():
         expected = torch.sigmoid(logit_mean + torch.randn(512, generator=torch.Generator().manual_seed(0))) * 1000
         assert torch.allclose(seen[-1], expected)
     assert seen[1].mean() < 0.35 * 1000 < 0.45 * 1000 < seen[0].mean()  # mean sigma ~0.5 vs ~0.3
+
+
+def test_reward_frames_draw_from_the_reconstruction_pool():
+    """A `pool_share` of the reward stages' frames are frames of the VAE reconstructions, with their captions."""
+    from rlhf.world.pretrain import frame_batch
+
+    rng = random.Random(0)
+    pool = []
+    for index in range(3):
+        spec, frames, text = scene.sample_clip(rng)
+        pool.append((spec, np.full_like(frames, 10 + index), text))  # marked: each pool clip is one grey level
+    images, captions, combos, quality = frame_batch(random.Random(1), 64, degraded_share=0.0, pool=pool,
+                                                    pool_share=1.0)
+    for image, caption, combo, level in zip(images, captions, combos, (images[:, 0, 0, 0] * 255).round().int(),
+                                            strict=True):
+        spec, _, text = pool[int(level) - 10]
+        assert torch.all((image * 255).round() == level) and caption == text
+        assert combo == (spec.colour, spec.shape, "clean")
+    assert len({caption for caption in captions}) > 1 and torch.all(quality == 8.0)
+    rendered, *_ = frame_batch(random.Random(1), 8, degraded_share=0.0, pool=pool, pool_share=0.0)
+    assert rendered.amax() == 1.0  # renders: full-value colours, none from the pool
+
+
+def test_transformer_early_stop_saves_the_model_there_and_logs_it(tmp_path):
+    """`stop_at` ends the run inside its schedule: the model is the EMA there, snapshots before it kept."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from rlhf.world import MODEL_DIR
+    from rlhf.world.pretrain import Log, train_transformer
+
+    shutil.copytree(MODEL_DIR, tmp_path / "model")
+    log = Log(tmp_path / "pretrain_log.json", "test")
+    losses = train_transformer(tmp_path, seed=0, steps=20, batch=2, clips_per_prompt=1, save_at=[2, 5, 20], log=log,
+                               phase=2, lr=1e-4, stop_at=3)
+    assert len(losses) == 3
+    entry = json.loads((tmp_path / "pretrain_log.json").read_text())["transformer_phase2"]
+    assert entry["stop_at"] == 3 and entry["steps"] == 20 and entry["losses"] == losses
+    assert (tmp_path / "transformer-phase2-2").is_dir() and not (tmp_path / "transformer-phase2-5").exists()
+    shipped = json.loads((MODEL_DIR / "transformer" / "config.json").read_text())
+    saved = json.loads((tmp_path / "model" / "transformer" / "config.json").read_text())
+    assert saved["num_layers"] == shipped["num_layers"]  # a later phase keeps the saved architecture
+    assert not all(torch.equal(a, b) for a, b in zip(
+        load_file(str(MODEL_DIR / "transformer" / "diffusion_pytorch_model.safetensors")).values(),
+        load_file(str(tmp_path / "model" / "transformer" / "diffusion_pytorch_model.safetensors")).values(),
+        strict=True))

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -306,14 +307,16 @@ def flow_matching_loss(transformer, x0: torch.Tensor, text: torch.Tensor, pooled
 
 def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_prompt: int, save_at: list[int],
                       log: Log | None, stop_after: int | None = None, phase: int = 1, lr: float = 5e-4,
-                      logit_mean: float = 0.0, architecture: dict[str, int] | None = None) -> list[float]:
+                      logit_mean: float = 0.0, architecture: dict[str, int] | None = None,
+                      stop_at: int | None = None) -> list[float]:
     """Flow matching on the world's latents; EMA weights saved at each of `save_at` (the last one as the model).
 
     Phase 1 starts from a seeded init; a later phase continues from the saved model (its EMA weights) with its
     own seed and schedule (the log keeps every phase), as the VAE's phases do. `architecture` overrides entries
     of `TRANSFORMER_CONFIG` (`num_layers`, `num_attention_heads`) in phase 1; a later phase keeps the saved one.
     With `stop_after`, only that many steps run (of the `steps`-long schedule), nothing is saved, and the
-    losses are returned: how a test checks that the recorded curve reproduces from the seed.
+    losses are returned: how a test checks that the recorded curve reproduces from the seed. `stop_at` is the
+    early stop: the run ends after that many steps of the schedule, and its EMA weights there are the model.
     """
     from rlhf.models.transformer import SD3Transformer3DModel
 
@@ -330,7 +333,11 @@ def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_pr
     count, phrasings = data["latents"].shape[0], data["prompt_index"].shape[1]
     empty = data["embeds"].shape[0] - 1
     losses: list[float] = []
+    if stop_at is not None:
+        save_at = sorted({*(v for v in save_at if v <= stop_at), stop_at})
     for step in range(steps if stop_after is None else stop_after):
+        if stop_at is not None and step >= stop_at:
+            break
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup=50)
         rows = torch.randint(count, (batch,), generator=generator)
@@ -359,7 +366,7 @@ def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_pr
     if log is not None:
         log.record("transformer" if phase == 1 else f"transformer_phase{phase}", {
             "seed": seed, "threads": torch.get_num_threads(), "steps": steps, "batch": batch, "lr": lr,
-            "logit_mean": logit_mean, "num_layers": transformer.config.num_layers,
+            "logit_mean": logit_mean, "stop_at": stop_at, "num_layers": transformer.config.num_layers,
             "num_attention_heads": transformer.config.num_attention_heads,
             "clips_per_prompt": clips_per_prompt, "clips": count, "encode_seconds": round(encode_seconds, 1),
             "seconds": round(time.time() - started, 1), "losses": losses, "saved_at": save_at})
@@ -387,16 +394,44 @@ def world_clip_backbone(model=None):
     return ClipBackbone(model, tokenizer, CLIP_PREPROCESS, source="world clip")
 
 
-def frame_batch(rng: random.Random, batch: int, degraded_share: float
+@torch.no_grad()
+def reconstruction_pool(out: Path, seed: int, clips: int) -> list[tuple[scene.SceneSpec, np.ndarray, str]]:
+    """Clips of training combinations passed through the world VAE (encode, decode): the best a generator can
+    show the rewards, blur and colour bleed included. The rewards learn from frames of these beside the renders,
+    so that a shape is read through the VAE's blur as it is on a clean render (not a clean-looking blob over a
+    blurred square)."""
+    from rlhf.models.loader import load_contentv
+    from rlhf.video import to_uint8_frames
+
+    if clips <= 0:
+        return []
+    vae = load_contentv(out / "model", dtype="fp32", load_transformer=False, load_text_encoders=False).vae
+    rng = random.Random(seed * 100 + 99)  # a stream of its own, the same pool for both reward stages
+    pool = []
+    for start in range(0, clips, 16):
+        items = [scene.sample_clip(rng) for _ in range(min(16, clips - start))]
+        video = torch.stack([scene.to_model_range(frames) for _, frames, _ in items])
+        decoded = vae.decode(vae.encode(video).latent_dist.mean).sample
+        pool.extend((spec, to_uint8_frames(clip), text) for (spec, _, text), clip in zip(items, decoded, strict=True))
+    return pool
+
+
+def frame_batch(rng: random.Random, batch: int, degraded_share: float,
+                pool: list[tuple[scene.SceneSpec, np.ndarray, str]] | None = None, pool_share: float = 0.0,
                 ) -> tuple[torch.Tensor, list[str], list[tuple[str, str, str]], torch.Tensor]:
     """Single frames `(B, 3, H, W)` in [0, 1] of training combinations, their captions, (colour, shape, spoilt
-    how or "clean") and quality targets (8 clean, down to 2 at full severity). A `degraded_share` of them is
+    how or "clean") and quality targets (8 clean, down to 2 at full severity). A `pool_share` of them come from
+    `pool` (VAE reconstructions, quality 8 as drawn), the rest are rendered; a `degraded_share` of either is
     spoilt, and its caption says how ("a blurry red circle moving left")."""
     from rlhf.world.degrade import KINDS, degrade
 
     images, captions, combos, quality = [], [], [], []
     for _ in range(batch):
-        spec, clip, text = scene.sample_clip(rng, frames=(rng.randrange(scene.FRAMES),))  # CLIP sees one frame
+        if pool and rng.random() < pool_share:
+            spec, frames, text = rng.choice(pool)
+            clip = frames[[rng.randrange(scene.FRAMES)]]
+        else:
+            spec, clip, text = scene.sample_clip(rng, frames=(rng.randrange(scene.FRAMES),))  # CLIP sees one frame
         target, how = 8.0, "clean"
         if rng.random() < degraded_share:
             kind, severity = rng.choice(KINDS), rng.uniform(0.2, 1.0)
@@ -411,9 +446,13 @@ def frame_batch(rng: random.Random, batch: int, degraded_share: float
     return torch.stack(images), captions, combos, torch.tensor(quality)
 
 
-def train_clip(out: Path, seed: int, steps: int, batch: int, log: Log) -> None:
+def train_clip(out: Path, seed: int, steps: int, batch: int, log: Log, reconstructions: int = 0,
+               positives: str = "colour-shape-spoiling") -> None:
     """Contrastive training; every caption of the same colour, shape and spoiling counts as a positive (one
-    frame cannot show the direction), so the embedding keeps what the object is and how well it is drawn.
+    frame cannot show the direction), so the embedding keeps what the object is and how well it is drawn. With
+    `positives="colour-shape"` a spoilt frame is a positive of its clean caption too, so that how well a shape
+    is drawn does not decide which shape it reads as (quality stays readable through the probe below).
+    `reconstructions` VAE-reconstructed clips (`reconstruction_pool`) give a quarter of the frames.
 
     A linear probe on the image embedding regresses the render-quality target alongside (an auxiliary loss,
     discarded afterwards): the LAION head layout the `aesthetic` stage fits is linear, so quality has to be
@@ -421,6 +460,7 @@ def train_clip(out: Path, seed: int, steps: int, batch: int, log: Log) -> None:
     from safetensors.torch import save_file
 
     started = time.time()
+    pool = reconstruction_pool(out, seed, reconstructions)
     torch.manual_seed(stage_seed(seed, "clip"))
     rng = random.Random(stage_seed(seed, "clip"))
     backbone = world_clip_backbone()
@@ -431,7 +471,9 @@ def train_clip(out: Path, seed: int, steps: int, batch: int, log: Log) -> None:
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, 1e-3)
-        images, captions, combos, quality = frame_batch(rng, batch, degraded_share=0.4)
+        images, captions, combos, quality = frame_batch(rng, batch, degraded_share=0.4, pool=pool, pool_share=0.25)
+        if positives == "colour-shape":
+            combos = [(colour, shape, "") for colour, shape, _ in combos]
         image_features = model.encode_image(backbone.preprocess(images), normalize=True)
         text_features = model.encode_text(backbone.tokenizer(captions), normalize=True)
         logits = model.logit_scale.exp() * image_features @ text_features.T  # (B, B)
@@ -452,15 +494,18 @@ def train_clip(out: Path, seed: int, steps: int, batch: int, log: Log) -> None:
     (folder / "open_clip_config.json").write_text(json.dumps(
         {"model_cfg": WORLD_CLIP_CONFIG, "preprocess_cfg": CLIP_PREPROCESS}, indent=1) + "\n")
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
-    log.record("clip", {"steps": steps, "batch": batch, "seconds": round(time.time() - started, 1), "losses": losses})
+    log.record("clip", {"steps": steps, "batch": batch, "reconstructions": reconstructions, "positives": positives,
+                        "seconds": round(time.time() - started, 1), "losses": losses})
 
 
-def train_aesthetic(out: Path, seed: int, steps: int, log: Log) -> None:
+def train_aesthetic(out: Path, seed: int, steps: int, log: Log, reconstructions: int = 0) -> None:
     """The `improved-mlp` head (its layer layout, smaller widths) regressed on the quality targets of clean
-    and spoilt frames, from the world CLIP's normalised image embeddings."""
+    and spoilt frames, from the world CLIP's normalised image embeddings; with `reconstructions`, a quarter of
+    the frames are VAE reconstructions (quality 8: what the VAE draws is what a perfect generator would)."""
     from rewards.clip_backbone import load_clip
 
     started = time.time()
+    pool = reconstruction_pool(out, seed, reconstructions)
     torch.manual_seed(stage_seed(seed, "aesthetic"))
     rng = random.Random(stage_seed(seed, "aesthetic"))
     backbone = load_clip(CLIP_ARCH, f"local-dir:{out / 'rewards' / 'clip'}")
@@ -473,7 +518,7 @@ def train_aesthetic(out: Path, seed: int, steps: int, log: Log) -> None:
     optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
     losses = []
     for step in range(steps):
-        images, _, _, quality = frame_batch(rng, 128, degraded_share=0.6)
+        images, _, _, quality = frame_batch(rng, 128, degraded_share=0.6, pool=pool, pool_share=0.25)
         with torch.no_grad():
             embeddings = backbone.encode_images(images)
         loss = F.mse_loss(head(embeddings).squeeze(1), quality)
@@ -485,7 +530,8 @@ def train_aesthetic(out: Path, seed: int, steps: int, log: Log) -> None:
             print(f"aesthetic step {step}/{steps} loss {loss.item():.4f} ({time.time() - started:.0f} s)", flush=True)
     state = {f"layers.{k}": v.detach().clone() for k, v in head.state_dict().items()}
     torch.save(state, out / "rewards" / "aesthetic_head.pth")
-    log.record("aesthetic", {"steps": steps, "seconds": round(time.time() - started, 1), "losses": losses})
+    log.record("aesthetic", {"steps": steps, "reconstructions": reconstructions,
+                             "seconds": round(time.time() - started, 1), "losses": losses})
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -517,6 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transformer-heads", type=int, default=TRANSFORMER_CONFIG["num_attention_heads"],
                         help="Attention heads of 32 channels each: the width (phase 1; a later phase keeps the saved "
                              "model's).")
+    parser.add_argument("--transformer-stop-at", type=int, default=None,
+                        help="End the transformer run after this many steps of its --transformer-steps schedule (an "
+                             "early stop): the EMA weights there are the model.")
     parser.add_argument("--transformer-phase", type=int, default=1,
                         help="1 trains the transformer from its seeded init; 2, 3, ... continue the saved one.")
     parser.add_argument("--clips-per-prompt", type=int, default=40,
@@ -526,6 +575,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-steps", type=int, default=800, help="CLIP optimiser steps.")
     parser.add_argument("--clip-batch", type=int, default=128, help="Frames per CLIP step.")
     parser.add_argument("--aesthetic-steps", type=int, default=300, help="Aesthetic-head optimiser steps.")
+    parser.add_argument("--reward-reconstructions", type=int, default=0,
+                        help="VAE-reconstructed clips (of training combinations) the CLIP and aesthetic stages draw "
+                             "a quarter of their frames from (0: renders only).")
+    parser.add_argument("--clip-positives", choices=("colour-shape-spoiling", "colour-shape"),
+                        default="colour-shape-spoiling",
+                        help="Which captions count as the same for the contrastive loss: also by how the frame is "
+                             "spoilt, or by colour and shape only.")
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
@@ -545,9 +601,11 @@ def main(argv: list[str] | None = None) -> int:
             out, args.seed, args.transformer_steps, args.transformer_batch, args.clips_per_prompt,
             sorted({int(v) for v in args.save_at.split(",") if v.strip()} | {args.transformer_steps}), log,
             phase=args.transformer_phase, lr=args.transformer_lr, logit_mean=args.transformer_logit_mean,
-            architecture={"num_layers": args.transformer_layers, "num_attention_heads": args.transformer_heads}),
-        "clip": lambda: train_clip(out, args.seed, args.clip_steps, args.clip_batch, log),
-        "aesthetic": lambda: train_aesthetic(out, args.seed, args.aesthetic_steps, log),
+            architecture={"num_layers": args.transformer_layers, "num_attention_heads": args.transformer_heads},
+            stop_at=args.transformer_stop_at),
+        "clip": lambda: train_clip(out, args.seed, args.clip_steps, args.clip_batch, log,
+                                   args.reward_reconstructions, args.clip_positives),
+        "aesthetic": lambda: train_aesthetic(out, args.seed, args.aesthetic_steps, log, args.reward_reconstructions),
     }
     for stage in stages:
         if stage in runners:
