@@ -109,6 +109,15 @@ def choose_policy(estimate: ActivationEstimate, available_bytes: int | None,
     return "full"
 
 
+def _storage(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(address, bytes) of a tensor's storage; None for tensor subclasses without one (quantised weights)."""
+    try:
+        storage = tensor.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 class _SavedOpBytes(TorchDispatchMode):
     """Sums the bytes output by the operations selective checkpointing keeps (matmuls, attention)."""
 
@@ -119,7 +128,8 @@ class _SavedOpBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func.overloadpacket in SAVED_OPS:
-            self.bytes += sum(t.untyped_storage().nbytes() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            self.bytes += sum(key[1] for t in tree_leaves(out)
+                              if isinstance(t, torch.Tensor) and (key := _storage(t)) is not None)
         return out
 
 
@@ -175,13 +185,13 @@ class ActivationProbe:
         """Run the block on the kept inputs (call it under the step's autocast) and fill in its bytes."""
         assert self.inputs is not None, "measure() after a step inside measuring()"
         args, kwargs = self.inputs
-        parameters = {p.untyped_storage().data_ptr() for p in self.block.parameters()}
+        parameters = {key[0] for p in self.block.parameters() if (key := _storage(p)) is not None}
         saved: dict[int, int] = {}
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in parameters:
-                saved[storage.data_ptr()] = storage.nbytes()
+            key = _storage(tensor)
+            if key is not None and key[0] not in parameters:
+                saved[key[0]] = key[1]
             return tensor
 
         saved_ops = _SavedOpBytes()
