@@ -153,8 +153,9 @@ class ActivationProbe:
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         self.transformer = transformer
-        self.block = transformer_blocks(transformer)[0]
-        self.estimate = ActivationEstimate(blocks=len(transformer_blocks(transformer)))
+        blocks = transformer_blocks(transformer)
+        self.block = blocks[0]
+        self.estimate = ActivationEstimate(blocks=len(blocks))
         self.inputs: tuple[tuple, dict] | None = None
 
     @property

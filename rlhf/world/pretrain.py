@@ -26,6 +26,7 @@ losses, wall time and the command go to `DIR/pretrain_log.json`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -394,6 +395,7 @@ def world_clip_backbone(model=None):
     return ClipBackbone(model, tokenizer, CLIP_PREPROCESS, source="world clip")
 
 
+@functools.lru_cache(maxsize=1)  # the clip and aesthetic stages of one run share it
 @torch.no_grad()
 def reconstruction_pool(out: Path, seed: int, clips: int) -> list[tuple[scene.SceneSpec, np.ndarray, str]]:
     """Clips of training combinations passed through the world VAE (encode, decode): the best a generator can
