@@ -35,3 +35,20 @@ def test_vae_ceiling_reads_renders_through_the_world_vae():
     assert ceiling["colour"].mean() == 1.0 and ceiling["direction"].mean() == 1.0
     again = evaluator.vae_ceiling(prompts, [0, 1])  # renders are seeded by (seed, prompt): the same clips
     assert all(np.array_equal(ceiling[name], again[name]) for name in ceiling)
+
+
+def test_pair_contrast_counts_pairs_by_what_the_oracle_read_of_winner_and_loser(tmp_path):
+    import json
+
+    from datasets import Dataset
+
+    from benchmarks.world_preference_ceiling import pair_contrast
+
+    (tmp_path / "store" / "scores").mkdir(parents=True)
+    hits = {"a": 1.0, "b": 0.0, "c": 1.0, "d": 0.0}  # the oracle's colour+shape hit per sample
+    (tmp_path / "store" / "scores" / "oracle_colour_shape.json").write_text(json.dumps({"scores": hits}))
+    Dataset.from_dict({"chosen_id": ["a", "b", "a", "d", "c"],
+                       "rejected_id": ["b", "c", "c", "b", "d"]}).save_to_disk(str(tmp_path / "pairs"))
+    # Written out: a>b right, b>c wrong, a>c same, d>b same, c>d right.
+    assert pair_contrast(tmp_path / "pairs", tmp_path / "store") == {"pairs": 5, "teach_right": 2,
+                                                                     "teach_wrong": 1, "same": 2}
