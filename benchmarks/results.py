@@ -18,3 +18,12 @@ def record(name: str, result: Any, text: str | None = None) -> None:
     fence = "```" if text is not None else "```json"
     with open(RESULTS, "a") as fh:
         fh.write(f"\n### {name} ({datetime.date.today()})\n\n`{command}`\n\n{fence}\n{body}\n```\n")
+
+
+def emit_rows(name: str, rows: list[dict[str, Any]], seconds: float, to_results: bool) -> None:
+    """Print one JSON line per row and the benchmark's total time; with `to_results`, also `record` the rows."""
+    for row in rows:
+        print(json.dumps(row))
+    print(f"{name}: {seconds:.0f} s in all", flush=True)
+    if to_results:
+        record(name, rows)

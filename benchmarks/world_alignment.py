@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import record  # noqa: E402
+from benchmarks.results import emit_rows  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "world"
 ATTRIBUTES = ("colour", "shape", "direction", "colour_shape", "all")
@@ -336,11 +336,7 @@ def main() -> None:
                              **{k: method[k] for k in ("steps_done", "max_steps", "stopped_by_budget")}})
         if args.figure:
             write_figure(evaluator, splits["held_out"][0][::4], EVAL_SEED_OFFSET, [None, "dpo", "grpo"], Path(args.figure))
-    for row in rows:
-        print(json.dumps(row))
-    print(f"world_alignment: {time.perf_counter() - started:.0f} s in all", flush=True)
-    if args.record:
-        record("world_alignment", rows)
+    emit_rows("world_alignment", rows, time.perf_counter() - started, args.record)
 
 
 if __name__ == "__main__":

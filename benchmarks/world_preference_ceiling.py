@@ -34,7 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import record  # noqa: E402
+from benchmarks.results import emit_rows  # noqa: E402
 from benchmarks.world_alignment import CONFIGS, EVAL_SEED_OFFSET, WorldEvaluator, run_stage, summarise  # noqa: E402
 
 ORACLE_WEIGHTS = {"oracle_colour_shape": 1.0, "oracle_cleanliness": 0.5}
@@ -106,11 +106,7 @@ def main() -> None:
                 evaluator.use(name)
                 row = summarise(name, split, evaluator.sample(prompts, seeds), base, pair_set["seconds"])
                 rows.append({**row, "benchmark": "world_preference_ceiling", "pair_contrast": pair_set["contrast"]})
-    for row in rows:
-        print(json.dumps(row))
-    print(f"world_preference_ceiling: {time.perf_counter() - started:.0f} s in all", flush=True)
-    if args.record:
-        record("world_preference_ceiling", rows)
+    emit_rows("world_preference_ceiling", rows, time.perf_counter() - started, args.record)
 
 
 if __name__ == "__main__":
