@@ -192,7 +192,9 @@ def test_cli_writes_release_checkpoint_that_generates_like_the_adapter(
     # Frames as generate hands them to the encoder, and as decoded from the mp4. H.264 turns a one-level
     # difference of one input pixel into differences of 10-25 levels over a block (and on into the frames
     # predicted from it), so the exact comparison is made before encoding; the decoded videos are only
-    # checked to be much closer to each other than to the base model's.
+    # checked to be much closer to each other than to the base model's. libx264 (through PyAV) is not
+    # byte-reproducible under CPU load: identical frames came out as another stream in 5 of 40 encodes, which
+    # decodes up to ~0.9 levels (mean) apart, while base and adapter decode 5-7 levels apart; hence half.
     frames: dict[str, np.ndarray] = {}
 
     def recording_write_mp4(path, video_frames, **kwargs):
@@ -212,7 +214,7 @@ def test_cli_writes_release_checkpoint_that_generates_like_the_adapter(
     assert frames["merged"].shape == (5, 32, 32, 3)
     assert np.abs(frames["merged"] - frames["adapter"]).max() <= 2
     assert np.abs(frames["base"] - frames["adapter"]).max() > 10  # the adapter visibly changes the video
-    assert np.abs(decoded["merged"] - decoded["adapter"]).mean() < 0.25 * np.abs(decoded["base"] - decoded["adapter"]).mean()
+    assert np.abs(decoded["merged"] - decoded["adapter"]).mean() < 0.5 * np.abs(decoded["base"] - decoded["adapter"]).mean()
 
 
 def test_sharded_transformer_keeps_its_layout(tiny_model_dir, sharded_model_dir, adapters, tmp_path):
