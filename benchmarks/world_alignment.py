@@ -175,6 +175,18 @@ class WorldEvaluator:
         return {name: np.stack(values) for name, values in rows.items()}
 
 
+def evaluation_splits(held_out_seeds: int, training_seeds: int) -> dict[str, tuple[list[str], list[int]]]:
+    """The evaluation prompts and seeds per split: every held-out prompt, every other training prompt, each with
+    seeds from `EVAL_SEED_OFFSET` on (never used in training)."""
+    from rlhf.world import scene
+
+    def seeds(count: int) -> list[int]:
+        return [EVAL_SEED_OFFSET + i for i in range(count)]
+
+    return {"held_out": (scene.prompts_for(scene.HELD_OUT), seeds(held_out_seeds)),
+            "training": (scene.prompts_for(scene.TRAINING)[::2], seeds(training_seeds))}
+
+
 def oracle_arrays(readings: list, prompts: list[str], groups: int) -> dict[str, np.ndarray]:
     """Oracle hits per attribute, cleanliness, and which shape was asked for and which was read (for the shape
     confusion), each reshaped to (groups, -1)."""
@@ -303,18 +315,15 @@ def main() -> None:
     parser.add_argument("--figure", help="write a PNG of held-out prompts: base | Flow-DPO | GRPO frames, same seed")
     args = parser.parse_args()
 
-    from rlhf.world import scene
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         methods = train_all(out, args.device, args.budget_seconds)
         evaluator = WorldEvaluator({name: m["adapter"] for name, m in methods.items()}, args.device)
-        splits = {"held_out": (scene.prompts_for(scene.HELD_OUT), args.seeds),
-                  "training": (scene.prompts_for(scene.TRAINING)[::2], args.training_seeds)}
+        splits = evaluation_splits(args.seeds, args.training_seeds)
         rows = []
-        for split, (prompts, count) in splits.items():
-            seeds = [EVAL_SEED_OFFSET + i for i in range(count)]
+        for split, (prompts, seeds) in splits.items():
             start = time.perf_counter()
             evaluator.use(None)
             base = evaluator.sample(prompts, seeds)

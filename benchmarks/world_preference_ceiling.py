@@ -23,7 +23,6 @@ generator and this much data) is the limit, not the reward.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -35,7 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import emit_rows  # noqa: E402
-from benchmarks.world_alignment import CONFIGS, EVAL_SEED_OFFSET, WorldEvaluator, run_stage, summarise  # noqa: E402
+from benchmarks.world_alignment import (  # noqa: E402
+    CONFIGS,
+    WorldEvaluator,
+    evaluation_splits,
+    run_stage,
+    summarise,
+)
 
 ORACLE_WEIGHTS = {"oracle_colour_shape": 1.0, "oracle_cleanliness": 0.5}
 
@@ -45,7 +50,9 @@ def pair_contrast(pairs_dir: Path, store_dir: Path) -> dict:
     reverse (`teach_wrong`), or both the same (`same`), by the oracle's reading of the rollout."""
     from datasets import load_from_disk
 
-    hits = json.loads((store_dir / "scores" / "oracle_colour_shape.json").read_text())["scores"]
+    from rollouts.store import RolloutStore
+
+    hits = RolloutStore(store_dir).read_scores("oracle_colour_shape")["scores"]
     rows = load_from_disk(str(pairs_dir))
     counts = {"pairs": len(rows), "teach_right": 0, "teach_wrong": 0, "same": 0}
     for chosen, rejected in zip(rows["chosen_id"], rows["rejected_id"], strict=True):
@@ -83,8 +90,6 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="append the rows to benchmarks/RESULTS.md")
     args = parser.parse_args()
 
-    from rlhf.world import scene
-
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
@@ -94,11 +99,8 @@ def main() -> None:
                                  "--output-dir", out / name, "--overwrite", "--device", args.device])
             pair_set["seconds"]["train"] = train_s
         evaluator = WorldEvaluator({name: out / name / "adapter" for name in sets}, args.device)
-        splits = {"held_out": (scene.prompts_for(scene.HELD_OUT), args.seeds),
-                  "training": (scene.prompts_for(scene.TRAINING)[::2], args.training_seeds)}
         rows = []
-        for split, (prompts, count) in splits.items():
-            seeds = [EVAL_SEED_OFFSET + i for i in range(count)]
+        for split, (prompts, seeds) in evaluation_splits(args.seeds, args.training_seeds).items():
             evaluator.use(None)
             base = evaluator.sample(prompts, seeds)
             rows.append({**summarise("base", split, base, base, {}), "benchmark": "world_preference_ceiling"})
