@@ -63,7 +63,6 @@ preferences").
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
 import shutil
@@ -75,8 +74,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from rlhf import io
 from rlhf.config import ConfigError, config_to_dict, option
-from rlhf.errors import UserError
+from rlhf.errors import UserError, quote
 
 if TYPE_CHECKING:
     import datasets
@@ -135,7 +135,7 @@ class PairsConfig:
             if not isinstance(name, str) or not name:
                 raise ConfigError("weights", f"keys must be non-empty dimension names, got {name!r}")
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise ConfigError("weights", f"weight of {name!r} must be a finite number, got {weight!r}")
+                raise ConfigError("weights", f"weight of {name!r} must be a finite number, got {quote(weight)}")
         if self.weights and not any(self.weights.values()):
             raise ConfigError("weights", "are all 0: at least one dimension needs a non-zero weight")
         if self.normalize not in NORMALIZE_CHOICES:
@@ -167,7 +167,7 @@ class ScoreRow:
     def from_mapping(cls, row: Mapping[str, Any], where: str = "score table") -> ScoreRow:
         """A row from a mapping with keys `sample_id`, `prompt_id`, `scores` (others are ignored)."""
         if not isinstance(row, Mapping):
-            raise UserError(f"{where}: expected a mapping with sample_id, prompt_id, scores; got {row!r}")
+            raise UserError(f"{where}: expected a mapping with sample_id, prompt_id, scores; got {quote(row)}")
         missing = [key for key in ("sample_id", "prompt_id", "scores") if key not in row]
         if missing:
             raise UserError(f"{where}: missing {', '.join(missing)} (have: {', '.join(map(str, row))})")
@@ -325,7 +325,7 @@ def save_pairs(pairs: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], o
     for i, record in enumerate(pairs):
         if set(record) != set(columns):
             raise ValueError(f"pair {i}: columns {sorted(record)} differ from the expected {columns}")
-    text = json.dumps({"metadata": dict(metadata), **summary}, indent=2, default=str, allow_nan=False) + "\n"
+    text = io.dumps({"metadata": dict(metadata), **summary}, indent=2) + "\n"
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -365,7 +365,7 @@ def _raw_matrix(rows: list[ScoreRow], dims: list[str]) -> tuple[np.ndarray, list
                 excluded.append(_bad(row, dim, "missing"))
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise UserError(f"score table: sample {row.sample_id!r}: score {dim!r} is not a number: {value!r}")
+                raise UserError(f"score table: sample {row.sample_id!r}: score {dim!r} is not a number: {quote(value)}")
             raw[i, k] = float(value)
             if not math.isfinite(raw[i, k]):
                 excluded.append(_bad(row, dim, str(raw[i, k])))
@@ -380,7 +380,7 @@ def _dimensions(rows: list[ScoreRow]) -> list[str]:
     dims: set[str] = set()
     for row in rows:
         if not isinstance(row.scores, Mapping):
-            raise UserError(f"score table: sample {row.sample_id!r}: scores must be a mapping, got {row.scores!r}")
+            raise UserError(f"score table: sample {row.sample_id!r}: scores must be a mapping, got {quote(row.scores)}")
         for dim in row.scores:
             if not isinstance(dim, str) or not dim:
                 raise UserError(f"score table: sample {row.sample_id!r}: dimension names must be "

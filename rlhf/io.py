@@ -3,12 +3,16 @@
 A reader (or a rerun after `kill -9`) therefore sees either the old file or the complete new one, never
 a truncated one. Temporary names start with `.` and contain `.tmp-`, so `remove_stale_temporaries` can
 clean what a killed process left behind. `output_path_problem` checks an output path before any work.
+
+Every JSON file is strict JSON (RFC 8259 has no NaN or Infinity, and strict readers reject them): a non-finite
+number is written as null, which every format in docs/formats.md reads as "no value".
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -41,8 +45,24 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def finite_json(data: Any) -> Any:
+    """`data` with every non-finite float (NaN, +-inf) replaced by None, in nested dicts, lists and tuples."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, Mapping):
+        return {key: finite_json(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [finite_json(value) for value in data]
+    return data
+
+
+def dumps(data: Any, **kwargs: Any) -> str:
+    """`json.dumps` of strict JSON: non-finite numbers become null (`finite_json`), never `NaN`."""
+    return json.dumps(finite_json(data), allow_nan=False, default=str, **kwargs)
+
+
 def write_json(path: str | Path, data: Any) -> Path:
-    return write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    return write_text(path, dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def save_tensors(path: str | Path, tensors: Mapping, metadata: Mapping[str, str] | None = None) -> Path:
