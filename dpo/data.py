@@ -8,6 +8,7 @@ Batches are drawn by a stateless rule: micro-batch m of epoch e takes positions 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,27 @@ class PairData:
         if absent:
             raise UserError(f"{self.pairs_dir}: {len(absent)} pair sample(s) are not in the rollout store "
                             f"{store.root} (e.g. {absent[0]}); were the pairs built from another store?")
-        margins = torch.tensor([float(r["margin"]) for r in self.rows])
-        self.weights = margins / margins.mean() if weighting == "margin" else torch.ones(len(self.rows))
+        margins = torch.tensor([float(r["margin"]) for r in self.rows], dtype=torch.float64)
+        if weighting == "margin":
+            self._check_margins(margins)
+            self.weights = (margins / margins.mean()).float()
+        else:
+            self.weights = torch.ones(len(self.rows))
+
+    def _check_margins(self, margins: torch.Tensor) -> None:
+        """Margin weighting needs every margin finite and > 0: a NaN spreads to every weight through the mean, a
+        zero drops its pair, and a negative one turns its pair's preference around."""
+        bad = (~torch.isfinite(margins) | (margins <= 0)).nonzero().flatten().tolist()
+        if bad:
+            row = self.rows[bad[0]]
+            raise UserError(f"{self.pairs_dir}: pair_weighting margin needs every margin finite and > 0, but "
+                            f"{len(bad)} of {len(self.rows)} pair(s) have another (e.g. {row['chosen_id']}>"
+                            f"{row['rejected_id']}: margin {row['margin']}); use pair_weighting none or rebuild "
+                            "the pairs with min_margin > 0")
+
+    def digest(self) -> str:
+        """sha256 of the pairs (ids and margins, in order): the data a run trains on, recorded in checkpoints."""
+        return hashlib.sha256(json.dumps(self.rows, sort_keys=True).encode()).hexdigest()
 
     def __len__(self) -> int:
         return len(self.rows)

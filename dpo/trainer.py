@@ -96,6 +96,8 @@ def check_pair_files(data: PairData) -> None:
 def train_dpo(config: DPOConfig) -> Path:
     """Train a LoRA adapter with Flow-DPO; returns the final adapter directory."""
     pairs_dir = Path(config.pairs)
+    if not pairs_dir.is_dir():
+        raise UserError(f"{pairs_dir}: pairs dataset not found (a directory written by `contentv-rlhf pairs`)")
     store_path = config.store or pairs_store_path(pairs_dir)
     if not store_path:
         raise UserError(f"{pairs_dir}: records no rollout store; pass --store")
@@ -107,6 +109,7 @@ def train_dpo(config: DPOConfig) -> Path:
     schedule = FlowSchedule.from_file(Path(model_dir) / "scheduler" / "scheduler_config.json")
 
     run = TrainingRun(config, config, config.device, config)
+    run.inputs = {"pairs_sha256": data.digest()}  # pairs rebuilt in place are other data: a resume must see it
     data.batches_per_epoch(config.batch_size, run.accelerator.num_processes)  # at least one full batch
     run.prepare(run.load_policy(model_dir, config.dtype, config.init_adapter, config.reference == "init",
                                 quantize=config.quantize))

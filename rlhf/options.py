@@ -265,6 +265,13 @@ class TrainingOptions:
     report_to: Literal["tensorboard", "wandb", "none"] = option("tensorboard", "Experiment tracker (metrics.jsonl "
                                                                 "is always written).")
     max_nonfinite_steps: int = option(5, "Stop after this many consecutive steps with a non-finite loss.")
+    max_skipped_fraction: float = option(
+        0.5, "A run that ends with more than this fraction of its steps skipped as non-finite (loss or gradient), "
+        "or with every step skipped, exits with status 2 and writes no adapter (0..1).")
+    allow_changed_settings: bool = option(
+        False, "With resume_from: continue a checkpoint under settings that change the training trajectory "
+        "(learning rate, beta, data, seed, ...; refused without this flag), recording the change in the "
+        "checkpoints, summary.json (changed_settings) and the first resumed step's metrics record.")
 
     def __post_init__(self) -> None:
         if not self.output_dir:
@@ -292,5 +299,6 @@ class TrainingOptions:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
+        in_range("max_skipped_fraction", self.max_skipped_fraction, 0, 1)
         if self.overwrite and self.resume_from:
             raise ConfigError("overwrite", "cannot be combined with resume_from (resume the run, or replace it)")

@@ -21,6 +21,9 @@ going through `accumulation(last)`, `backward(loss)` and `optimizer_step(...)`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -60,6 +63,16 @@ REPLACED_PREFIX = ".replaced-run-"  # an overwritten run's entries, moved aside 
 # LoRA settings that fix the shapes and meaning of the checkpointed weights: the checkpoint's adapter_config.json
 # key for each.
 SHAPE_SETTINGS = {"lora_rank": "r", "lora_alpha": "lora_alpha", "lora_targets": "target_modules"}
+# Config fields that do not change what any step computes (where to write, how often to log or checkpoint, when
+# to stop, how to save memory or time): a resume may change them. Every other field is a trajectory setting,
+# recorded in each checkpoint and compared on resume (`_check_trajectory`). max_steps is one too under a
+# linear or cosine schedule, whose decay it sets.
+UNRECORDED_SETTINGS = frozenset({
+    "output_dir", "resume_from", "overwrite", "allow_changed_settings", "max_steps", "max_seconds", "save_every",
+    "keep_last", "log_every", "report_to", "max_nonfinite_steps", "max_skipped_fraction", "log_utilisation",
+    "device", "compile", "gradient_checkpointing", "checkpoint_policy",
+})
+LOCK_FILE = ".run.lock"  # holds the PID of the process training into the run directory (flock'd while it runs)
 
 
 class TrainingDiverged(UserError):
@@ -78,6 +91,88 @@ def holds_run(output_dir: str | Path) -> bool:
 def _setting_text(value: Any) -> str:
     """A LoRA setting as compared and shown: module lists in sorted order, numbers as written (8 == 8.0)."""
     return ",".join(sorted(value)) if isinstance(value, list | tuple | set) else f"{float(value):g}"
+
+
+def _recorded_value(value: Any) -> Any:
+    """A setting as recorded and compared: a path to an existing file or folder resolved (the same pairs named two
+    ways are one setting), a file's content digested too (a prompt list edited in place is another setting)."""
+    if not isinstance(value, str) or not value or not os.path.exists(value):
+        return value
+    resolved = os.path.realpath(value)
+    if os.path.isfile(resolved) and os.path.getsize(resolved) <= 2**26:
+        with open(resolved, "rb") as file:
+            return f"{resolved} (sha256 {hashlib.sha256(file.read()).hexdigest()[:16]})"
+    return resolved
+
+
+def trajectory_settings(config: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The settings a checkpoint records and a resume must keep: every config field but UNRECORDED_SETTINGS
+    (max_steps under a decaying schedule), plus `inputs`, digests of what the trainer reads (e.g. its pairs)."""
+    fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
+    settings = {k: _recorded_value(v) for k, v in fields.items() if k not in UNRECORDED_SETTINGS}
+    if fields.get("lr_scheduler", "constant") != "constant":
+        settings["max_steps"] = fields["max_steps"]
+    # Through JSON, so that the settings compare equal to those read back from a checkpoint (tuples, 8 vs 8.0).
+    return json.loads(io.dumps({**settings, **inputs}))
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_held_locks: dict[Path, int] = {}  # lock file -> open descriptor holding its flock, in this process
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        pid = ""
+    return f"PID {pid}" if pid.isdigit() else "a process whose PID is not recorded yet"
+
+
+def lock_run_dir(output_dir: Path) -> None:
+    """Hold an exclusive flock on `output_dir/LOCK_FILE` until `release_run_locks`, with this PID written in it.
+
+    The OS drops a killed process's flock, so a file left by `kill -9` never blocks a rerun. A process that
+    re-locks a directory it holds (an earlier run in it failed without `finish`) replaces its own lock.
+
+    Raises:
+        UserError: another live process holds the lock (named by its PID).
+    """
+    path = output_dir / LOCK_FILE
+    if path in _held_locks:
+        os.close(_held_locks.pop(path))
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise UserError(f"{output_dir}: another train process ({_lock_holder(path)}) is training into this "
+                            "run directory; wait for it to end or choose another output_dir") from None
+        try:
+            current = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)  # the holder removed the file as it released it: lock the file that is there now
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held_locks[path] = fd
+
+
+def release_run_locks() -> None:
+    """Release (and remove) every run-directory lock this process holds; the file goes before the flock, so no
+    process can lock a file that is about to vanish."""
+    for path, fd in list(_held_locks.items()):
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        del _held_locks[path]
 
 
 def step_generator(seed: int, *keys: int) -> torch.Generator:
@@ -156,6 +251,11 @@ class TrainingRun:
         self.nonfinite_in_row = 0
         self.skipped_steps = 0
         self.history: list[dict[str, float]] = []
+        # Digests of the data a trainer reads, recorded with the settings (set by the trainer before `prepare`).
+        self.inputs: dict[str, Any] = {}
+        # Trajectory settings changed by resumes with allow_changed_settings, carried from checkpoint to checkpoint.
+        self.changed_settings: list[dict[str, Any]] = []
+        self.unlogged_change: dict[str, Any] | None = None  # this resume's change, logged with its first step
         self.reference_adapter = False
         self.model_dir: Path | None = None
         self.base_identity: dict[str, Any] | None = None  # written into every adapter (rlhf/base_model.py)
@@ -290,7 +390,9 @@ class TrainingRun:
         if o.log_utilisation and not o.compile:
             self.peak_flops, how = self._peak_flops()
             logger.info("utilisation: MFU / HFU against %.3g TFLOP/s (%s)", self.peak_flops / 1e12, how)
-        # Only now, with every input checked, does the run directory get written to.
+        # Only now, with every input checked, does the run directory get written to: locked first, so that a second
+        # process training into it stops here instead of mixing two runs' checkpoints and metrics.
+        self._lock()
         if self.is_main:
             if o.overwrite:
                 self._set_aside_previous_run()
@@ -304,6 +406,25 @@ class TrainingRun:
                 else {}
             self.accelerator.init_trackers("contentv-rlhf", init_kwargs=resumed)
         return self.policy
+
+    def _lock(self) -> None:
+        """Lock the run directory (main process), then check again that it may be trained into: a run may have
+        finished there since `__init__` looked. Every process raises if the main one could not."""
+        problem = None
+        if self.is_main:
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                lock_run_dir(self.output_dir)
+                found = run_entries(self.output_dir)
+                if found and not self.options.resume_from and not self.options.overwrite:
+                    problem = (f"{self.output_dir}: a run was written here while this one started ({', '.join(found)}); "
+                               "pass --resume-from latest to continue it or --overwrite to replace it")
+            except UserError as err:
+                problem = str(err)
+        failed = self.accelerator.reduce(torch.tensor(float(problem is not None), device=self.device),
+                                         reduction="sum").item()
+        if failed:
+            raise UserError(problem or f"{self.output_dir}: the main process could not lock the run directory")
 
     def _peak_flops(self) -> tuple[float, str]:
         """Peak FLOP/s of the step's compute dtype: autocast's, else that of the frozen base weights."""
@@ -404,7 +525,7 @@ class TrainingRun:
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] < step:
                 kept.append(record)
-        io.write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+        io.write_text(path, "".join(io.dumps(record) + "\n" for record in kept))
         self.history = kept
 
     def _configure_deepspeed(self) -> None:
@@ -528,10 +649,11 @@ class TrainingRun:
         if memory is not None:
             record["peak_memory_gb"] = memory / 2**30
         self.history.append(record)
-        if not self.is_main or step % self.options.log_every:
+        change, self.unlogged_change = self.unlogged_change, None
+        if not self.is_main or (step % self.options.log_every and change is None):
             return
         with open(self.logs_dir / METRICS_FILE, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(io.dumps({**record, **({"changed_settings": change} if change else {})}) + "\n")
         if self.options.report_to != "none":
             self.accelerator.log(record, step=step)
 
@@ -587,6 +709,7 @@ class TrainingRun:
                 "step": done, "nonfinite_in_row": self.nonfinite_in_row, "skipped_steps": self.skipped_steps,
                 "num_processes": accelerator.num_processes, "layout": self.layout,
                 "method": getattr(self.config, "method", None),
+                "settings": trajectory_settings(self.config, self.inputs), "changed_settings": self.changed_settings,
             })
         accelerator.wait_for_everyone()
         if self.is_main:
@@ -635,6 +758,7 @@ class TrainingRun:
         try:
             state = json.loads((path / "trainer_state.json").read_text())
             self._check_same_settings(path, state)
+            self._check_trajectory(path, state)
             if self.layout == "deepspeed" and state.get("num_processes") != processes:
                 raise UserError(f"{path}: a DeepSpeed checkpoint of {state.get('num_processes')} processes "
                                 f"cannot resume with {processes} (its optimiser state is partitioned)")
@@ -651,7 +775,9 @@ class TrainingRun:
                 optimizer_state = torch.load(path / OPTIMIZER_FILE, weights_only=True)
                 sharding.load_trainable(self.unwrapped, weights, self.optimizer.optimizer, optimizer_state)
             self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-            rng = torch.load(path / f"rng_rank{rank}.pt", weights_only=False)
+            # weights_only: a checkpoint from elsewhere must not run code while it loads (tensors and plain
+            # containers only; DeepSpeed's own loader above reads its folder).
+            rng = torch.load(path / f"rng_rank{rank}.pt", weights_only=True)
         except UserError:
             raise
         except Exception as err:  # torch/safetensors/json raise many types for a damaged file
@@ -684,6 +810,32 @@ class TrainingRun:
                                 f"this run has {setting} {_setting_text(getattr(self.lora, setting))}; resume with "
                                 "the checkpoint's settings or start a new run")
 
+    def _check_trajectory(self, path: Path, state: dict[str, Any]) -> None:
+        """A resume continues the checkpoint's trajectory: refuse another learning rate, beta, pairs dataset, ...
+        (every recorded setting), naming each that differs, unless allow_changed_settings; then the change is
+        recorded in the checkpoints, summary.json and the first resumed step's metrics record."""
+        self.changed_settings = list(state.get("changed_settings") or [])
+        saved = state.get("settings")
+        if not isinstance(saved, dict):
+            logger.warning("%s: the checkpoint records no settings (written by an older version), so a change of "
+                           "learning rate, data or loss settings cannot be detected", path)
+            return
+        current = trajectory_settings(self.config, self.inputs)
+        differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+        if not differing:
+            return
+        change = {k: {"checkpoint": saved.get(k), "now": current.get(k)} for k in differing}
+        if not getattr(self.options, "allow_changed_settings", False):
+            shown = "; ".join(f"{k} (checkpoint: {_shown(saved.get(k))}, now: {_shown(current.get(k))})"
+                              for k in differing[:4])
+            more = f" and {len(differing) - 4} more" if len(differing) > 4 else ""
+            raise UserError(f"{path}: the checkpoint was trained with other settings: {shown}{more}; resume with the "
+                            "checkpoint's settings, pass --allow-changed-settings to continue with these (recorded "
+                            "in summary.json), or start a new run")
+        logger.warning("resuming %s with changed settings: %s", path, ", ".join(differing))
+        self.unlogged_change = change
+        self.changed_settings.append({"step": int(state.get("step", 0)), "settings": change})
+
     def _write_adapter(self, adapter_dir: Path, weights: dict[str, torch.Tensor],
                        summary: dict[str, Any] | None = None) -> Path:
         """The adapter (peft + diffusers formats) with the base model's record and, for the final adapter, the
@@ -705,13 +857,16 @@ class TrainingRun:
     def finish(self, summary: dict[str, Any]) -> Path:
         """Save the final adapter (peft + diffusers formats), the config and summary.json."""
         self.accelerator.wait_for_everyone()
+        self._check_skipped()
         adapter_dir = self.output_dir / ADAPTER_DIR
         weights = self.adapter_weights()
         if self.is_main:
             self._write_adapter(adapter_dir, weights, summary)
             last = self.history[-10:]
             keys = sorted({k for record in last for k in record} - {"step"})
-            averaged = {k: sum(v) / len(v) for k in keys if (v := [r[k] for r in last if k in r])}
+            # Over the finite values only: a skipped step's NaN loss would make the whole mean NaN.
+            averaged = {k: sum(v) / len(v) for k in keys
+                        if (v := [r[k] for r in last if k in r and math.isfinite(r[k])])}
             io.write_json(self.output_dir / "summary.json", {
                 **summary, "steps": self.options.max_steps, "steps_done": self.steps_done,
                 "stopped_by_max_seconds": self.out_of_time, "skipped_steps": self.skipped_steps,
@@ -719,15 +874,26 @@ class TrainingRun:
                 "layout": self.layout, "num_processes": self.accelerator.num_processes,
                 "rank0_parameter_bytes": self.local_parameter_bytes(),
                 "rank0_optimizer_bytes": sharding.local_optimizer_bytes(self.optimizer),
-                "checkpoint_policy": self.checkpoint_policy,
+                "checkpoint_policy": self.checkpoint_policy, "changed_settings": self.changed_settings,
                 **({"compile_seconds": self.compile_timer.seconds} if self.compile_timer else {}),
             })
         if self.compile_timer is not None:
             self.compile_timer.stop()
+        release_run_locks()
         # No rank tears the process group down while another still works in it (gloo aborts on that).
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return adapter_dir
+
+    def _check_skipped(self) -> None:
+        """A run whose steps were mostly skipped as non-finite trained nothing worth an adapter: it ends with exit 2
+        and no adapter instead of an untrained one (every process decides alike: the skips are agreed on)."""
+        done, skipped, limit = self.steps_done, self.skipped_steps, self.options.max_skipped_fraction
+        if done and (skipped == done or skipped > limit * done):
+            raise TrainingDiverged(
+                f"training ended with {skipped} of {done} steps skipped as non-finite (more than "
+                f"max_skipped_fraction {limit:g} of them); no adapter written: lower learning_rate, beta or "
+                "lora_alpha, or check the inputs")
 
 
 class BareRun:

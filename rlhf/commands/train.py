@@ -13,7 +13,8 @@ import argparse
 import dataclasses
 import functools
 import typing
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from rlhf.config import add_config_arguments, config_from_args, load_yaml, option
 from rlhf.distributed import launched_rank
@@ -106,18 +107,27 @@ def read_method(args: argparse.Namespace) -> tuple[str, type]:
 def run(args: argparse.Namespace) -> int:
     method, cls = read_method(args)
     config = config_from_args(cls, args)
-    if method == "reward_gradient":
-        from dpo.reward_gradient import train_reward_gradient
+    from rlhf.training import release_run_locks
 
-        adapter = train_reward_gradient(config)
-    elif method == "grpo":
-        from dpo.grpo import train_grpo
-
-        adapter = train_grpo(config)
-    else:
-        from dpo.trainer import train_dpo
-
-        adapter = train_dpo(config)
+    try:
+        adapter = train(method, config)
+    finally:  # a run that fails releases its run directory too (a finished one has already)
+        release_run_locks()
     if launched_rank() == 0:
         print(f"adapter written to {adapter}")
     return 0
+
+
+def train(method: str, config: Any) -> Path:
+    """Run the trainer of `method` on its `config`; returns the final adapter directory."""
+    if method == "reward_gradient":
+        from dpo.reward_gradient import train_reward_gradient
+
+        return train_reward_gradient(config)
+    if method == "grpo":
+        from dpo.grpo import train_grpo
+
+        return train_grpo(config)
+    from dpo.trainer import train_dpo
+
+    return train_dpo(config)
