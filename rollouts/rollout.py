@@ -46,12 +46,35 @@ def frame_indices(total: int, count: int, stride: int = 0) -> list[int]:
     return sorted(kept)
 
 
+FINGERPRINT_CHUNKS = 16  # per weight file: chunks read at evenly spaced offsets, the last one ending the file
+FINGERPRINT_CHUNK_BYTES = 1 << 16  # 64 KiB each: at most 1 MiB per file, whatever the model's size
+
+
+def _file_digest(path: Path, digest: Any) -> None:
+    """Feed `digest` with what identifies one file: a JSON file's whole content; a weight file's size, its
+    safetensors header (every tensor's name, dtype, shape and offsets) and FINGERPRINT_CHUNKS strided chunks of
+    its bytes, so that weights rewritten in place at the same size change the fingerprint too."""
+    if path.suffix == ".json":
+        digest.update(path.read_bytes())
+        return
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with open(path, "rb") as file:
+        if path.suffix == ".safetensors" and size >= 8:
+            length = int.from_bytes(file.read(8), "little")
+            digest.update(file.read(min(length, size - 8)))
+        last = max(0, size - FINGERPRINT_CHUNK_BYTES)
+        for i in range(FINGERPRINT_CHUNKS):
+            file.seek(last * i // (FINGERPRINT_CHUNKS - 1))
+            digest.update(file.read(FINGERPRINT_CHUNK_BYTES))
+
+
 def _fingerprint(folder: Path) -> str:
-    """Identifies a model or adapter folder by its config files' content and its weight files' sizes."""
+    """Identifies a model or adapter folder by its files' names and contents (`_file_digest`)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode())
-        digest.update(path.read_bytes() if path.suffix == ".json" else str(path.stat().st_size).encode())
+        _file_digest(path, digest)
     return digest.hexdigest()[:16]
 
 
@@ -153,6 +176,12 @@ def run_rollout(config: RolloutConfig) -> Path:
         from rlhf.base_model import check_adapter_base
 
         check_adapter_base(config.adapter, config.model)
+    # The model is checked before the store is touched: a store.json written for a model that then fails to load
+    # would refuse the corrected command (other settings) until --overwrite.
+    from rlhf.models.loader import check_model_dir, read_transformer_config
+
+    check_model_dir(config.model, vae=config.save_videos or config.save_frames > 0, text_encoders=not store.exists())
+    read_transformer_config(config.model)
     # 1. Check or create the store (every rank checks, so all fail alike; rank 0 writes).
     resuming = _check_existing(store, settings, prompts, config.overwrite)
     if processes.is_main:
