@@ -18,6 +18,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from rlhf.errors import UserError, write_failure
+
 TMP_MARKER = ".tmp-"
 
 
@@ -27,14 +29,29 @@ def temporary_path(path: Path) -> Path:
 
 
 @contextlib.contextmanager
+def writing(path: str | os.PathLike, what: str = "the file") -> Iterator[None]:
+    """Turn a failed write inside the block (an OSError or SafetensorError: a full disk, a file size limit, no
+    permission, a read-only file system) into a one-line UserError naming `path` and the cause. Bad input, not a
+    bug: the caller's cleanup runs as for any error, and the rerun once the cause is fixed completes the work."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"{path}: writing {what} failed ({write_failure(err)})") from None
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it replaces `path`, on error it is removed."""
+    """Yield a temporary path to write; on success it replaces `path`, on error it is removed (a failed write
+    raises UserError, see `writing`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -71,6 +88,20 @@ def save_tensors(path: str | Path, tensors: Mapping, metadata: Mapping[str, str]
 
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
+    return Path(path)
+
+
+def save_torch(path: str | Path, obj: Any) -> Path:
+    """`torch.save`, atomically. Serialised in memory first: torch's file writer reports a full disk as a bare
+    "unexpected pos" RuntimeError, a plain write as the OSError it is."""
+    import io as _io
+
+    import torch
+
+    buffer = _io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
     return Path(path)
 
 

@@ -508,6 +508,8 @@ class TrainingRun:
                 os.replace(later, self.checkpoints_dir / f".{later.name}{REMOVED_SUFFIX}")
         for removed in self.checkpoints_dir.glob(f".{CHECKPOINT_PREFIX}*{REMOVED_SUFFIX}"):
             shutil.rmtree(removed, ignore_errors=True)
+        for unfinished in self.checkpoints_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp"):  # a killed run's checkpoint
+            shutil.rmtree(unfinished, ignore_errors=True)
 
     def _truncate_metrics(self, step: int) -> None:
         """Keep the metrics of steps before `step` (where this run starts), so that a run resumed after a kill
@@ -652,7 +654,7 @@ class TrainingRun:
         change, self.unlogged_change = self.unlogged_change, None
         if not self.is_main or (step % self.options.log_every and change is None):
             return
-        with open(self.logs_dir / METRICS_FILE, "a") as fh:
+        with io.writing(self.logs_dir / METRICS_FILE, "the metrics"), open(self.logs_dir / METRICS_FILE, "a") as fh:
             fh.write(io.dumps({**record, **({"changed_settings": change} if change else {})}) + "\n")
         if self.options.report_to != "none":
             self.accelerator.log(record, step=step)
@@ -683,16 +685,28 @@ class TrainingRun:
         return peft_keys(sharding.gather_trainable(self.unwrapped, self.layout))
 
     def save_checkpoint(self, done: int) -> Path:
-        """Adapter, optimiser, scheduler, per-rank RNG and counters, written atomically (tmp dir + rename)."""
+        """Adapter, optimiser, scheduler, per-rank RNG and counters, written atomically (tmp dir + rename). A failed
+        write (full disk, permissions) removes the tmp dir and raises UserError naming the checkpoint and the cause;
+        the run resumes from the previous checkpoint once the cause is fixed."""
         final = self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{done:07d}"
         tmp = self.checkpoints_dir / f".{final.name}.tmp"
+        try:
+            with io.writing(final, "the checkpoint"):
+                self._write_checkpoint(done, tmp, final)
+        except BaseException:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def _write_checkpoint(self, done: int, tmp: Path, final: Path) -> None:
         accelerator = self.accelerator
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        torch.save({"cpu": torch.get_rng_state(), "accelerator": devices.rng_state(self.device)},
-                   tmp / f"rng_rank{accelerator.process_index}.pt")
+        io.save_torch(tmp / f"rng_rank{accelerator.process_index}.pt",
+                      {"cpu": torch.get_rng_state(), "accelerator": devices.rng_state(self.device)})
         weights = self.adapter_weights()
         if self.layout == "deepspeed":
             # Each rank writes its optimiser partition; the frozen base is not saved.
@@ -703,8 +717,8 @@ class TrainingRun:
         if self.is_main:
             self._write_adapter(tmp / ADAPTER_DIR, weights)
             if optimizer_state is not None:
-                torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                io.save_torch(tmp / OPTIMIZER_FILE, optimizer_state)
+            io.save_torch(tmp / "scheduler.pt", self.scheduler.state_dict())
             io.write_json(tmp / "trainer_state.json", {
                 "step": done, "nonfinite_in_row": self.nonfinite_in_row, "skipped_steps": self.skipped_steps,
                 "num_processes": accelerator.num_processes, "layout": self.layout,
@@ -721,7 +735,7 @@ class TrainingRun:
                 shutil.rmtree(hidden)
             logger.info("checkpoint: %s", final)
         accelerator.wait_for_everyone()
-        return final
+
 
     def _find_checkpoint(self, spec: str) -> Path | None:
         """The checkpoint to resume; None for 'latest' in a run killed before its first checkpoint."""
@@ -842,15 +856,19 @@ class TrainingRun:
         training config and summary: assembled in a hidden sibling and renamed into place whole."""
         staging = adapter_dir.with_name(f".{adapter_dir.name}.staging")
         shutil.rmtree(staging, ignore_errors=True)
-        save_adapter(self.unwrapped, staging, state=weights)
-        if self.base_identity is not None:
-            write_record(staging, self.base_identity)
-        if summary is not None:
-            save_config(self.config, staging / "training_config.yaml")
-            io.write_json(staging / "summary.json", summary)
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        staging.rename(adapter_dir)
+        try:
+            with io.writing(adapter_dir, "the adapter"):
+                save_adapter(self.unwrapped, staging, state=weights)
+                if self.base_identity is not None:
+                    write_record(staging, self.base_identity)
+                if summary is not None:
+                    save_config(self.config, staging / "training_config.yaml")
+                    io.write_json(staging / "summary.json", summary)
+                if adapter_dir.exists():
+                    shutil.rmtree(adapter_dir)
+                staging.rename(adapter_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; what a failed write left otherwise
         return adapter_dir
 
     # ---- the end -----------------------------------------------------------------------------
