@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,14 +184,66 @@ def build_app(comparer: Comparer) -> gradio.Blocks:
     return app
 
 
+LOCAL_NAMES = ("127.0.0.1", "localhost")  # names of the page's address; the server binds 127.0.0.1 only
+
+
+def foreign_request(headers: Mapping[str, str], port: int) -> str | None:
+    """Why a request is not from a page of this server (None when it is).
+
+    Binding to 127.0.0.1 keeps other machines out, not other web pages in the user's browser: a site whose name
+    the attacker re-points at 127.0.0.1 (DNS rebinding) sends its own name as Host, and a cross-origin form or
+    fetch sends its own Origin. Both would start the model and read its videos; only our own names pass.
+    """
+    hosts = {f"{name}:{port}" for name in LOCAL_NAMES} | (set(LOCAL_NAMES) if port == 80 else set())
+    host = headers.get("host", "")
+    if host.lower() not in hosts:
+        return f"Host {host[:100]!r} is not this server's (http://127.0.0.1:{port})"
+    origin = headers.get("origin")
+    if origin is not None and origin.lower() not in {f"http://{h}" for h in hosts}:
+        return f"Origin {origin[:100]!r} is not this page's"
+    return None
+
+
+class LocalOnly:
+    """ASGI middleware: answer 403 to every request `foreign_request` refuses (HTTP and websockets)."""
+
+    def __init__(self, app: Any, port: int):
+        self.app, self.port = app, port
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            if problem := foreign_request(headers, self.port):
+                logger.warning("compare: refused %s %s: %s", scope.get("method", "websocket"), scope.get("path"),
+                               problem)
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                body = f"refused: {problem}\n".encode()
+                await send({"type": "http.response.start", "status": 403,
+                            "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def launch(app: gradio.Blocks, port: int, allowed_paths: Sequence[str]) -> None:
+    """Start serving `app` on http://127.0.0.1:`port` (returns; `app.block_thread()` waits)."""
+    from starlette.middleware import Middleware
+
+    # The page never leaves this machine: no share link, no server-side rendering (a Node server), no MCP, and
+    # requests from other sites or names are refused (LocalOnly).
+    app.launch(server_name="127.0.0.1", server_port=port, share=False, inbrowser=False, show_error=True,
+               quiet=True, prevent_thread_lock=True, ssr_mode=False, mcp_server=False, pwa=False,
+               allowed_paths=list(allowed_paths), app_kwargs={"middleware": [Middleware(LocalOnly, port=port)]})
+
+
 def serve(comparer: Comparer, port: int) -> None:
     """Serve the page on http://127.0.0.1:`port` until interrupted (Ctrl-C)."""
     app = build_app(comparer)
     app.queue(default_concurrency_limit=1)  # one model: requests take turns
-    # The page never leaves this machine: no share link, no server-side rendering (a Node server), no MCP.
-    app.launch(server_name="127.0.0.1", server_port=port, share=False, inbrowser=False, show_error=True,
-               quiet=True, prevent_thread_lock=True, ssr_mode=False, mcp_server=False, pwa=False,
-               allowed_paths=[str(comparer.out_dir)])
+    launch(app, port, [str(comparer.out_dir)])
     print(f"compare: serving http://127.0.0.1:{port}/ (Ctrl-C to stop)", flush=True)
     try:
         app.block_thread()

@@ -231,3 +231,45 @@ def test_page_in_headless_chromium_generates_plays_and_scores(world_adapters, tm
     elsewhere = [url for url in requests if not url.startswith((local, f"ws://127.0.0.1:{port}/", "data:", "blob:"))]
     assert elsewhere == [], elsewhere
     assert "REMOTE-CONNECTION" not in stderr.read_text(), stderr.read_text()
+
+
+def test_requests_from_other_names_or_sites_are_refused(tmp_path):
+    """DNS rebinding (a foreign Host) and cross-site requests (a foreign Origin) get 403 before reaching the app;
+    the page's own requests pass. A one-button page behind the same `launch` as the compare page."""
+    import http.client
+
+    gr = pytest.importorskip("gradio", reason="gradio not installed: pip install -e '.[test]'")
+    from rlhf.compare import disable_telemetry, launch
+
+    disable_telemetry()
+    with gr.Blocks() as app:
+        text = gr.Textbox(elem_id="text")
+        gr.Button("go").click(lambda value: value, text, text, api_name="go")
+    port = free_port()
+    launch(app, port, [str(tmp_path)])
+
+    def status(method: str, path: str, headers: dict[str, str], body: str | None = None) -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.putrequest(method, path, skip_host=True)
+        sent = {"Content-Type": "application/json", "Content-Length": str(len(body))} if body else {}
+        for name, value in {**headers, **sent}.items():
+            connection.putheader(name, value)
+        connection.endheaders(body.encode() if body else None)
+        code = connection.getresponse().status
+        connection.close()
+        return code
+
+    own = f"127.0.0.1:{port}"
+    call = ("POST", "/gradio_api/call/go", '{"data": ["x"]}')
+    try:
+        assert status("GET", "/", {"Host": own}) == 200
+        assert status("GET", "/", {"Host": f"localhost:{port}"}) == 200
+        assert status(*call[:2], {"Host": own, "Origin": f"http://{own}"}, call[2]) == 200
+        for headers in ({"Host": f"attacker.example:{port}"},  # a name re-pointed at 127.0.0.1
+                        {"Host": f"attacker.example:{port}", "Origin": f"http://attacker.example:{port}"},
+                        {"Host": own, "Origin": "http://attacker.example"},  # a cross-site form or fetch
+                        {"Host": own, "Origin": "null"}):
+            assert status("GET", "/", headers) == 403, headers
+            assert status(*call[:2], headers, call[2]) == 403, headers
+    finally:
+        app.close()
