@@ -116,6 +116,19 @@ def trajectory_settings(config: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     return json.loads(io.dumps({**settings, **inputs}))
 
 
+def check_deepspeed_files(folder: Path) -> None:
+    """Read every torch file of a DeepSpeed checkpoint with torch's weights_only unpickler (tensors, containers and
+    the few DeepSpeed classes its ZeRO checkpoints hold) before DeepSpeed, which unpickles with any object allowed,
+    loads them: a file that would run code fails here instead (raises, quoted as a corrupt checkpoint)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    for file in sorted(folder.rglob("*.pt")):
+        with torch.serialization.safe_globals([ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]):
+            torch.load(file, map_location="cpu", weights_only=True)
+
+
 def _shown(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -781,6 +794,7 @@ class TrainingRun:
             if set(weights) != trainable:
                 raise ValueError("adapter weights do not match this run's LoRA configuration")
             if self.layout == "deepspeed":
+                check_deepspeed_files(path / DEEPSPEED_DIR)
                 loaded, _ = self.policy.load_checkpoint(str(path / DEEPSPEED_DIR), tag="state",
                                                         load_module_strict=False, load_lr_scheduler_states=False)
                 if loaded is None:
@@ -790,7 +804,7 @@ class TrainingRun:
                 sharding.load_trainable(self.unwrapped, weights, self.optimizer.optimizer, optimizer_state)
             self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
             # weights_only: a checkpoint from elsewhere must not run code while it loads (tensors and plain
-            # containers only; DeepSpeed's own loader above reads its folder).
+            # containers only).
             rng = torch.load(path / f"rng_rank{rank}.pt", weights_only=True)
         except UserError:
             raise
