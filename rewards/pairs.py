@@ -4,7 +4,8 @@ Input is a *score table*: one `ScoreRow(sample_id, prompt_id, scores)` per sampl
 `scores` maps a reward dimension (`clip`, `aesthetic`, `motion`, ...) to its raw score. Plain mappings
 with the same three keys are accepted too (e.g. rows read from JSON, where a failed score is `null`).
 `build_pairs(table, config)` returns `(pairs, summary)`; `save_pairs` writes them as a Hugging Face
-dataset plus `summary.json`.
+dataset plus `summary.json`. Steps 1-2 below (`combine_scores`, configured by `ScoreCombination`) are shared
+with `train --method sft`, which fine-tunes on each prompt's best samples by the same combined score.
 
 Formulas (raw score r_ik of sample i, dimension k; p(i) is the prompt of sample i):
 
@@ -95,13 +96,14 @@ SUMMARY_FILE = "summary.json"
 
 
 @dataclass
-class PairsConfig:
-    """`pairs`: how raw reward scores become preference pairs (normalise, combine, pair, filter)."""
+class ScoreCombination:
+    """How raw reward scores become one combined score per sample (steps 1-2: normalise, weight); shared by
+    `pairs` and `train --method sft`."""
 
     weights: dict[str, float] = option(
         {}, "Weight of each reward dimension in the combined score (dimension: weight). Empty = every "
         "dimension of the score table with weight 1; a dimension left out of a non-empty mapping gets 0 "
-        "(kept in the dataset, not ranked); a negative weight makes a penalty (higher = worse)."
+        "(its scores are kept, not ranked); a negative weight makes a penalty (higher = worse)."
     )
     normalize: NormalizeMode = option(
         "prompt", "How raw scores are normalised before weighting: prompt = robust z-score "
@@ -113,6 +115,27 @@ class PairsConfig:
         "over the whole store (still centred on their own median); 0 = never pool."
     )
     eps: float = option(1e-6, "Added to the normalisation scale to avoid dividing by zero.")
+
+    def __post_init__(self) -> None:
+        for name, weight in self.weights.items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError("weights", f"keys must be non-empty dimension names, got {name!r}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ConfigError("weights", f"weight of {name!r} must be a finite number, got {quote(weight)}")
+        if self.weights and not any(self.weights.values()):
+            raise ConfigError("weights", "are all 0: at least one dimension needs a non-zero weight")
+        if self.normalize not in NORMALIZE_CHOICES:
+            raise ConfigError("normalize", f"must be one of {', '.join(NORMALIZE_CHOICES)}, got {self.normalize!r}")
+        if self.pool_scale_below < 0:
+            raise ConfigError("pool_scale_below", f"must be >= 0, got {self.pool_scale_below}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ConfigError("eps", f"must be a finite number > 0, got {self.eps}")
+
+
+@dataclass
+class PairsConfig(ScoreCombination):
+    """`pairs`: how raw reward scores become preference pairs (normalise, combine, pair, filter)."""
+
     policy: PairPolicy = option(
         "best_vs_worst", "Which pairs to form per prompt: best_vs_worst = top vs bottom combined score; "
         "all_above_margin = every pair whose combined margin passes min_margin; pareto = pairs whose "
@@ -131,21 +154,9 @@ class PairsConfig:
     )
 
     def __post_init__(self) -> None:
-        for name, weight in self.weights.items():
-            if not isinstance(name, str) or not name:
-                raise ConfigError("weights", f"keys must be non-empty dimension names, got {name!r}")
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise ConfigError("weights", f"weight of {name!r} must be a finite number, got {quote(weight)}")
-        if self.weights and not any(self.weights.values()):
-            raise ConfigError("weights", "are all 0: at least one dimension needs a non-zero weight")
-        if self.normalize not in NORMALIZE_CHOICES:
-            raise ConfigError("normalize", f"must be one of {', '.join(NORMALIZE_CHOICES)}, got {self.normalize!r}")
+        ScoreCombination.__post_init__(self)
         if self.policy not in POLICY_CHOICES:
             raise ConfigError("policy", f"must be one of {', '.join(POLICY_CHOICES)}, got {self.policy!r}")
-        if self.pool_scale_below < 0:
-            raise ConfigError("pool_scale_below", f"must be >= 0, got {self.pool_scale_below}")
-        if not (self.eps > 0 and math.isfinite(self.eps)):
-            raise ConfigError("eps", f"must be a finite number > 0, got {self.eps}")
         if not (self.min_margin >= 0 and math.isfinite(self.min_margin)):
             raise ConfigError("min_margin", f"must be a finite number >= 0, got {self.min_margin}")
         regression = self.max_dimension_regression
@@ -204,6 +215,53 @@ def normalize_scores(raw: np.ndarray, groups: Sequence[Any] | np.ndarray, mode: 
     return z
 
 
+@dataclass(frozen=True)
+class CombinedScores:
+    """A score table's samples with their normalised and combined scores (`combine_scores`), in table order."""
+
+    rows: list[ScoreRow]
+    dimensions: list[str]  # sorted by name
+    weights: dict[str, float]  # the effective weight of every dimension
+    raw: np.ndarray  # (N, D) raw scores, NaN where missing
+    z: np.ndarray  # (N, D) normalised scores; NaN for excluded samples
+    combined: np.ndarray  # (N,) S_i = sum_k w_k z_ik; NaN for excluded samples
+    valid: np.ndarray  # (N,) bool: every dimension scored and finite
+    codes: np.ndarray  # (N,) index of each sample's prompt in `prompt_ids`
+    prompt_ids: list[str]  # in table order
+    excluded: list[dict[str, Any]]  # one entry per non-finite or missing score (see build_pairs' summary)
+    normalization: dict[str, Any]  # _normalize's counters: mode, eps, pooled_scale, pooled_scale_prompts, ...
+
+
+def combine_scores(table: Iterable[ScoreRow | Mapping[str, Any]], combination: ScoreCombination) -> CombinedScores:
+    """Steps 1-2 of the module docstring: each valid sample's normalised scores z and combined score S.
+
+    Raises `UserError` for an empty table, a table without scores, a weight for a dimension the table lacks,
+    duplicate sample ids or non-numeric scores.
+    """
+    rows = [row if isinstance(row, ScoreRow) else ScoreRow.from_mapping(row, f"score table row {i}")
+            for i, row in enumerate(table)]
+    if not rows:
+        raise UserError("no scores: the score table is empty (score the rollout store first)")
+    dims = _dimensions(rows)
+    if not dims:
+        raise UserError(f"no scores: none of the {len(rows)} samples of the score table has a score")
+    raw, excluded = _raw_matrix(rows, dims)
+    weights = _effective_weights(combination.weights, dims)
+
+    valid = np.isfinite(raw).all(axis=1)  # (N,)
+    prompt_ids = list(dict.fromkeys(row.prompt_id for row in rows))  # table order
+    code_of = {pid: c for c, pid in enumerate(prompt_ids)}
+    codes = np.array([code_of[row.prompt_id] for row in rows], dtype=np.int64)  # (N,)
+
+    z = np.full_like(raw, np.nan)  # (N, D); excluded samples stay NaN and are never ranked
+    z[valid], norm_info = _normalize(raw[valid], codes[valid], combination.normalize, combination.pool_scale_below,
+                                     combination.eps)
+    w = np.array([weights[d] for d in dims])  # (D,)
+    active = w != 0
+    combined = z[:, active] @ w[active]  # (N,)
+    return CombinedScores(rows, dims, weights, raw, z, combined, valid, codes, prompt_ids, excluded, norm_info)
+
+
 def build_pairs(table: Iterable[ScoreRow | Mapping[str, Any]],
                 config: PairsConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Preference pairs from a score table, and a summary of what was kept, dropped and excluded.
@@ -233,28 +291,13 @@ def build_pairs(table: Iterable[ScoreRow | Mapping[str, Any]],
     Raises `UserError` for an empty table, a table without scores, a weight for a dimension the
     table lacks, duplicate sample ids, non-numeric scores or a dimension name that clashes with a column.
     """
-    rows = [row if isinstance(row, ScoreRow) else ScoreRow.from_mapping(row, f"score table row {i}")
-            for i, row in enumerate(table)]
-    if not rows:
-        raise UserError("no scores: the score table is empty (score the rollout store first)")
-    dims = _dimensions(rows)
-    if not dims:
-        raise UserError(f"no scores: none of the {len(rows)} samples of the score table has a score")
-    raw, excluded = _raw_matrix(rows, dims)
-    weights = _effective_weights(config.weights, dims)
+    scores = combine_scores(table, config)
+    rows, dims, weights, raw, z = scores.rows, scores.dimensions, scores.weights, scores.raw, scores.z
+    combined, valid, codes, prompt_ids = scores.combined, scores.valid, scores.codes, scores.prompt_ids
+    excluded, norm_info = scores.excluded, scores.normalization
     _check_column_names(dims)
-
-    valid = np.isfinite(raw).all(axis=1)  # (N,)
-    prompt_ids = list(dict.fromkeys(row.prompt_id for row in rows))  # table order
-    code_of = {pid: c for c, pid in enumerate(prompt_ids)}
-    codes = np.array([code_of[row.prompt_id] for row in rows], dtype=np.int64)  # (N,)
-
-    z = np.full_like(raw, np.nan)  # (N, D); excluded samples stay NaN and are never paired
-    z[valid], norm_info = _normalize(raw[valid], codes[valid], config.normalize, config.pool_scale_below,
-                                     config.eps)
     w = np.array([weights[d] for d in dims])  # (D,)
     active = w != 0
-    combined = z[:, active] @ w[active]  # (N,)
     sign = np.sign(w)
 
     valid_members = _groups(codes[valid], np.flatnonzero(valid))  # per prompt code: valid table indices
