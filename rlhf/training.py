@@ -129,6 +129,10 @@ def check_deepspeed_files(folder: Path) -> None:
             torch.load(file, map_location="cpu", weights_only=True)
 
 
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _shown(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -896,9 +900,9 @@ class TrainingRun:
             self._write_adapter(adapter_dir, weights, summary)
             last = self.history[-10:]
             keys = sorted({k for record in last for k in record} - {"step"})
-            # Over the finite values only: a skipped step's NaN loss would make the whole mean NaN.
-            averaged = {k: sum(v) / len(v) for k in keys
-                        if (v := [r[k] for r in last if k in r and math.isfinite(r[k])])}
+            # Over the finite numbers only: a skipped step's NaN loss (null once read back from metrics.jsonl) would
+            # make the whole mean NaN; a resume's changed_settings record is no metric.
+            averaged = {k: sum(v) / len(v) for k in keys if (v := [r[k] for r in last if _finite_number(r.get(k))])}
             io.write_json(self.output_dir / "summary.json", {
                 **summary, "steps": self.options.max_steps, "steps_done": self.steps_done,
                 "stopped_by_max_seconds": self.out_of_time, "skipped_steps": self.skipped_steps,
