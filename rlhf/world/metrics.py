@@ -1,7 +1,7 @@
 """The world's oracle as a scorer, for `eval`'s ground-truth metrics (reported, never trained on).
 
 `world_oracle` scores each video 1.0 / 0.0 for whether the oracle reads the prompt's attribute off it
-(`colour`, `shape`, `direction`, `colour_shape` or `all`), so its mean over videos is the oracle
+(`colour`, `size`, `direction`, `taught` (colour and size) or `all`), so its mean over videos is the oracle
 accuracy; or, with `attribute: cleanliness`, the oracle's cleanliness in [0, 1]. Prompts must be
 world prompts (`rlhf.world.scene.PHRASINGS`); anything else is refused rather than scored 0.
 """
@@ -20,15 +20,16 @@ from rlhf.errors import UserError
 from rlhf.world.oracle import read_clip
 from rlhf.world.scene import parse_prompt
 
-Attribute = Literal["colour", "shape", "direction", "colour_shape", "all", "cleanliness"]
+Attribute = Literal["colour", "size", "direction", "taught", "all", "cleanliness"]
 
 
 @dataclass
 class OracleOptions:
     """Options of the `world_oracle` ground-truth metric."""
 
-    attribute: Attribute = option("all", "What to report: accuracy on colour, shape, direction, colour_shape or "
-                                         "all three (1 right / 0 wrong per video), or cleanliness in [0, 1].")
+    attribute: Attribute = option("all", "What to report: accuracy on colour, size, direction, taught (colour "
+                                         "and size) or all three (1 right / 0 wrong per video; unreadable is "
+                                         "wrong), or cleanliness in [0, 1].")
 
 
 class OracleScorer(Scorer):
@@ -48,7 +49,7 @@ class OracleScorer(Scorer):
                 continue
             truth = parse_prompt(prompt)
             if truth is None:
-                raise UserError(f"world_oracle: {prompt!r} is not a shapes-world prompt (a colour, a shape and a "
+                raise UserError(f"world_oracle: {prompt!r} is not a shapes-world prompt (a colour, a size and a "
                                 "direction); the oracle can only judge world prompts")
             values.append(float(reading.matches(*truth)[self.options.attribute]))
         return torch.tensor(values, dtype=torch.float32, device=frames.device)

@@ -1,19 +1,24 @@
 """The world's ground truth: read a clip's uint8 frames and say what it shows.
 
-`read_clip(frames)` returns the colour, shape and direction of the (largest) object and a
-cleanliness score in [0, 1]. It is hand-written from the world's definition (`rlhf.world.scene`),
-never trained, and no reward sees it, so it can judge whether a reward's gains are real.
+`read_clip(frames)` returns the colour, size and direction of the (largest) object and a cleanliness
+score in [0, 1]. It is hand-written from the world's definition (`rlhf.world.scene`), never trained, and
+no reward sees it, so it can judge whether a reward's gains are real. An attribute it cannot read with
+confidence is `None` ("unreadable"), which counts as wrong: an ambiguous clip is never given the benefit of
+a default.
 
 How each attribute is read (the thresholds leave room for the VAE's blur and colour shifts):
 
 - foreground: value `V = max(R, G, B)` (the world's colours all have V = 1 at full coverage, so V is
   the coverage of a pixel); `V > 0.4` is object; V is then divided by the object's own peak (its 90th
   percentile) in each frame, so that a dimmed object keeps its coverage;
-- colour: the saturation-weighted circular mean hue of the foreground, nearest of the six hues;
-- shape: in the first, middle and last frame, the template (circle, square, apex-up triangle) of the
-  object's own area and centroid that best matches its coverage (L2), each template blurred by the
-  Gaussian (sigma 0-3 px) that fits it best, so blur alone does not turn a square into a circle; the
-  frames vote;
+- colour: per frame, the saturation-weighted circular mean hue of the foreground; unreadable when the
+  clip's mean hue lies more than `HUE_TOLERANCE` from every named hue (a blend such as orange between red
+  and yellow) or the frames' hues spread over more than `HUE_SPREAD` (a disc that changes colour);
+- size: per frame, the radius of the disc of the object's area (`sqrt(area / pi)`), the median over the
+  frames; read only when it falls inside one size's band (`SIZE_BANDS`, gaps between them are
+  unreadable) and the object is a disc: in the first, middle and last frame a disc of that radius,
+  blurred by the Gaussian (sigma 0-3 px) that fits best, must match the coverage to `DISC_FIT` (relative
+  L2), so a flat-less blob, a smear or two discs are not given a size;
 - direction: the track of the V-weighted centroid; the larger axis of the last-minus-first
   displacement and its sign; under `MIN_TRAVEL` pixels of travel there is no direction;
 - cleanliness: the mean over frames of `single * background * sharp`, times `steady`:
@@ -30,29 +35,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rlhf.world.scene import COLOURS, DIRECTIONS
+from rlhf.world.scene import COLOURS, DIRECTIONS, TAUGHT, disc_mask
 
 FOREGROUND = 0.4  # V above which a pixel is object, for colour and components
 MIN_TRAVEL = 3.0  # pixels between the first and last centroid to call a direction
+HUE_TOLERANCE = 20.0  # degrees from the nearest named hue (they are 60 apart) for a colour to be read
+HUE_SPREAD = 30.0  # degrees of hue change across the frames beyond which a clip has no one colour
+# Radius bands (pixels) of each size as read through blur: renders are 4.5-5.5, 8-9 and 12-13; the world
+# VAE and a 3 px blur widen a disc's measured radius by up to ~1.5 px. Radii in the gaps are unreadable.
+SIZE_BANDS: dict[str, tuple[float, float]] = {"small": (3.5, 7.4), "medium": (7.8, 10.9), "large": (11.3, 15.5)}
+DISC_FIT = 0.12  # largest relative L2 error of the best blurred disc for the object to count as a disc
 
 
 @dataclass(frozen=True)
 class Reading:
-    """What the oracle read off one clip."""
+    """What the oracle read off one clip (`None`: unreadable)."""
 
     colour: str | None
-    shape: str | None
+    size: str | None
     direction: str | None
     cleanliness: float
 
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def matches(self, colour: str, shape: str, direction: str) -> dict[str, bool]:
-        """Per-attribute correctness against the prompt's attributes, plus `colour_shape` and `all`."""
-        hits = {"colour": self.colour == colour, "shape": self.shape == shape, "direction": self.direction == direction}
-        hits["colour_shape"] = hits["colour"] and hits["shape"]
-        hits["all"] = hits["colour_shape"] and hits["direction"]
+    def matches(self, colour: str, size: str, direction: str) -> dict[str, bool]:
+        """Per-attribute correctness against the prompt's attributes, plus `taught` (colour and size) and `all`."""
+        hits = {"colour": self.colour == colour, "size": self.size == size, "direction": self.direction == direction}
+        hits["taught"] = all(hits[name] for name in TAUGHT)
+        hits["all"] = hits["taught"] and hits["direction"]
         return hits
 
 
@@ -65,12 +76,12 @@ def read_clip(frames: np.ndarray) -> Reading:
     if float(value.amax()) < FOREGROUND:
         return Reading(None, None, None, 0.0)
     main = _largest_component(value > FOREGROUND)  # (T, H, W) bool
-    # Coverage: value over the object's own peak, so a dimmed object (a VAE's output) keeps its shape.
+    # Coverage: value over the object's own peak, so a dimmed object (a VAE's output) keeps its area.
     peaks = torch.stack([frame[mask].quantile(0.9) if bool(mask.any()) else frame.amax()
                          for frame, mask in zip(value, main, strict=True)])
     value = (value / peaks.clamp_min(FOREGROUND).view(-1, 1, 1)).clamp(0, 1)
     cleanliness = _cleanliness(video, value, main)
-    return Reading(_colour(video, value), _shape(value, main), _direction(value, main), cleanliness)
+    return Reading(_colour(video, value), _size(value, main), _direction(value, main), cleanliness)
 
 
 def _hue_saturation(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,8 +95,8 @@ def _hue_saturation(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hue * 60.0, saturation
 
 
-def _nearest_colour(hue_degrees: float) -> str:
-    return min(COLOURS, key=lambda name: abs((hue_degrees - COLOURS[name] + 180) % 360 - 180))
+def _hue_distance(a: float, b: float) -> float:
+    return abs((a - b + 180) % 360 - 180)
 
 
 def _circular_mean(degrees: torch.Tensor, weights: torch.Tensor) -> float:
@@ -96,42 +107,43 @@ def _circular_mean(degrees: torch.Tensor, weights: torch.Tensor) -> float:
 
 def _colour(video: torch.Tensor, value: torch.Tensor) -> str | None:
     hue, saturation = _hue_saturation(video)
-    weights = saturation * value * (value > FOREGROUND)
+    weights = saturation * value * (value > FOREGROUND)  # (T, H, W)
     if float(weights.sum()) <= 0:
         return None
-    return _nearest_colour(_circular_mean(hue, weights))
+    mean = _circular_mean(hue, weights)
+    per_frame = [_circular_mean(h, w) for h, w in zip(hue, weights, strict=True) if float(w.sum()) > 0]
+    if max(_hue_distance(h, mean) for h in per_frame) > HUE_SPREAD:
+        return None
+    nearest = min(COLOURS, key=lambda name: _hue_distance(mean, COLOURS[name]))
+    return nearest if _hue_distance(mean, COLOURS[nearest]) <= HUE_TOLERANCE else None
 
 
-def _shape(value: torch.Tensor, main: torch.Tensor) -> str | None:
-    votes: dict[str, int] = {}
-    frames = value.shape[0]
-    for index in sorted({0, frames // 2, frames - 1}):
-        coverage = value[index] * _dilate(main[index], 2)  # the main object only, not a stray blob
-        shape = _best_template(coverage)
-        if shape is not None:
-            votes[shape] = votes.get(shape, 0) + 1
-    return max(votes, key=votes.get) if votes else None
+def _size(value: torch.Tensor, main: torch.Tensor) -> str | None:
+    coverage = value * _dilate(main, 2)  # the main object only, not a stray blob
+    radii = (coverage.sum((1, 2)) / np.pi).sqrt()
+    radius = float(radii.median())
+    band = next((name for name, (low, high) in SIZE_BANDS.items() if low <= radius <= high), None)
+    if band is None:
+        return None
+    frames = coverage.shape[0]
+    if any(_disc_error(coverage[index]) > DISC_FIT for index in sorted({0, frames // 2, frames - 1})):
+        return None
+    return band
 
 
-def _best_template(coverage: torch.Tensor) -> str | None:
-    """The shape whose template, of the object's area and centroid and blurred as much as fits best, is
-    closest (L2) to `coverage` (H, W)."""
-    from rlhf.world.scene import shape_mask
-
+def _disc_error(coverage: torch.Tensor) -> float:
+    """Relative L2 error between `coverage` (H, W) and the disc of its area and centroid, blurred by the sigma
+    (0-3 px) that fits best."""
     mass = float(coverage.sum())
     if mass < 4:
-        return None
+        return float("inf")
     height, width = coverage.shape
     ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
                             indexing="ij")
     cx, cy = float((coverage * xs).sum()) / mass + 0.5, float((coverage * ys).sum()) / mass + 0.5
-    halves = {"circle": (mass / np.pi) ** 0.5, "square": mass**0.5 / 2, "triangle": (mass / 2) ** 0.5}
-    errors = {}
-    for shape, half in halves.items():
-        centre_y = cy - half / 3 if shape == "triangle" else cy  # a triangle's centroid is 1/3 below its centre
-        template = shape_mask(shape, (cx, centre_y), half, size=height)[None, None]
-        errors[shape] = min(float((_blur(template, sigma)[0, 0] - coverage).pow(2).sum()) for sigma in _SIGMAS)
-    return min(errors, key=errors.get)
+    template = disc_mask((cx, cy), (mass / np.pi) ** 0.5, size=height)[None, None]
+    energy = float(coverage.pow(2).sum())
+    return min(float((_blur(template, sigma)[0, 0] - coverage).pow(2).sum()) / energy for sigma in _SIGMAS)
 
 
 _SIGMAS = (0.0, 1.0, 2.0, 3.0)

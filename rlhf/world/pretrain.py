@@ -35,6 +35,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ WORLD_CLIP_CONFIG: dict[str, Any] = {
 
 
 def stage_seed(seed: int, stage: str) -> int:
-    return seed * 100 + STAGES.index(stage)
+    """The seed of one stage: in the world's "pretraining" seed namespace, apart from every other use."""
+    return scene.seed("pretraining", seed * 100 + STAGES.index(stage))
 
 
 class Log:
@@ -83,6 +85,76 @@ class Log:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1) + "\n")
         os.replace(tmp, self.path)
+
+
+class Resume:
+    """A stage's training state under `DIR/resume/<stage>/`, saved atomically every `every` steps, so that the
+    same command run again after an interruption continues where the last save left off and ends with the same
+    weights as an uninterrupted run (same CPU threads).
+
+    Everything is tensors in safetensors and plain JSON (model, optimiser moments, the torch generator's state,
+    the Python RNG's state, the losses so far): nothing is unpickled. The settings that shape the run are stored
+    too; a saved state made with other settings is refused rather than continued.
+    """
+
+    def __init__(self, out: Path, stage: str, settings: dict[str, Any], every: int = 200):
+        self.folder, self.settings, self.every = out / "resume" / stage, settings, every
+
+    def load(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, rng: random.Random,
+             generator: torch.Generator) -> tuple[int, list[float]]:
+        """Restore the saved state into the arguments; returns (next step, losses so far), (0, []) if none."""
+        from safetensors.torch import load_file
+
+        state_file = self.folder / "state.json"
+        if not state_file.is_file():
+            return 0, []
+        state = json.loads(state_file.read_text())
+        if state["settings"] != self.settings:
+            raise SystemExit(f"{self.folder}: saved for other settings ({state['settings']}); delete it to start over")
+        tensors = load_file(str(self.folder / "tensors.safetensors"))
+        for name, module in modules.items():
+            prefix = f"{name}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        moments: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, field = key.split(".")
+                moments.setdefault(int(index), {})[field] = value
+        optimizer.load_state_dict({"state": moments, "param_groups": state["param_groups"]})
+        generator.set_state(tensors["generator"])
+        version, internal, gauss = state["python_rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        print(f"{self.folder}: resuming at step {state['step']}", flush=True)
+        return state["step"], state["losses"]
+
+    def save(self, step: int, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+             rng: random.Random, generator: torch.Generator, losses: list[float]) -> None:
+        """Save the state before `step` (call when `step % every == 0`)."""
+        from safetensors.torch import save_file
+
+        tensors = {f"{name}.{k}": v.detach().clone().contiguous() for name, module in modules.items()
+                   for k, v in module.state_dict().items()}
+        optimizer_state = optimizer.state_dict()
+        for index, fields in optimizer_state["state"].items():
+            tensors.update({f"optimizer.{index}.{field}": value.clone() for field, value in fields.items()})
+        tensors["generator"] = generator.get_state()
+        staging = self.folder.with_name(f".{self.folder.name}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        save_file(tensors, str(staging / "tensors.safetensors"))
+        version, internal, gauss = rng.getstate()
+        (staging / "state.json").write_text(json.dumps({
+            "step": step, "settings": self.settings, "losses": losses, "param_groups": optimizer_state["param_groups"],
+            "python_rng": [version, list(internal), gauss]}) + "\n")
+        old = self.folder.with_name(f".{self.folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.folder.exists():
+            os.replace(self.folder, old)
+        os.replace(staging, self.folder)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int = 20) -> float:
@@ -177,10 +249,10 @@ def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
 
 
 def clip_batch(rng: random.Random, batch: int, frames: int = scene.FRAMES) -> tuple[torch.Tensor, list[str]]:
-    """`(B, 3, frames, H, W)` in [-1, 1] of fresh training-combination clips, and their prompts."""
+    """`(B, 3, frames, H, W)` in [-1, 1] of fresh clips of every combination, and their true prompts."""
     videos, prompts = [], []
     for _ in range(batch):
-        _, clip, text = scene.sample_clip(rng)
+        _, clip, text = scene.sample_clip(rng, scene.COMBOS)
         videos.append(scene.to_model_range(clip[:frames]))
         prompts.append(text)
     return torch.stack(videos), prompts
@@ -202,22 +274,26 @@ def vae_loss(vae, video: torch.Tensor, generator: torch.Generator, edge_weight: 
     return (weight * (error.pow(2) + error.abs())).mean() + edge_weight * edges + 1e-3 * mean.pow(2).mean()
 
 
-def train_vae(out: Path, seed: int, steps: int, batch: int, lr: float, phase: int, edge_weight: float,
+def train_vae(out: Path, seed: int, steps: int, batch: int, lr: float, edge_weight: float,
               first_frame_weight: float, log: Log) -> None:
-    """Phase 1 starts from a seeded init; a later phase continues from the saved VAE with its own seed,
-    schedule and batch (the log keeps every phase)."""
+    """Train the VAE from its seeded init; resumable (`Resume`)."""
     from diffusers import AutoencoderKLWan
 
-    phase_seed = stage_seed(seed, "vae") + 1000 * (phase - 1)
-    torch.manual_seed(phase_seed)
-    rng = random.Random(phase_seed)
-    generator = torch.Generator().manual_seed(phase_seed)
-    folder = out / "model" / "vae"
-    vae = AutoencoderKLWan(**VAE_CONFIG) if phase == 1 else AutoencoderKLWan.from_pretrained(folder)
+    vae_seed = stage_seed(seed, "vae")
+    torch.manual_seed(vae_seed)
+    rng = random.Random(vae_seed)
+    generator = torch.Generator().manual_seed(vae_seed)
+    vae = AutoencoderKLWan(**VAE_CONFIG)
     vae.train()
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
-    losses, started = [], time.time()
-    for step in range(steps):
+    settings = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "edge_weight": edge_weight,
+                "first_frame_weight": first_frame_weight, "threads": torch.get_num_threads()}
+    resume = Resume(out, "vae", settings)
+    first, losses = resume.load({"vae": vae}, optimizer, rng, generator)
+    started = time.time()
+    for step in range(first, steps):
+        if step % resume.every == 0 and step > first:
+            resume.save(step, {"vae": vae}, optimizer, rng, generator, losses)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, lr)
         frames = 5 if step % 3 else scene.FRAMES  # mostly short clips (cheaper); every third the full 9
@@ -233,10 +309,10 @@ def train_vae(out: Path, seed: int, steps: int, batch: int, lr: float, phase: in
     vae.eval()
     mean, std = fit_latent_statistics(vae, rng)
     vae.register_to_config(latents_mean=mean, latents_std=std)
-    vae.save_pretrained(folder)
-    log.record("vae" if phase == 1 else f"vae_phase{phase}", {
-        "steps": steps, "batch": batch, "lr": lr, "edge_weight": edge_weight, "first_frame_weight": first_frame_weight, "seconds": round(time.time() - started, 1), "losses": losses,
-        "latents_mean": mean, "latents_std": std})
+    vae.save_pretrained(out / "model" / "vae")
+    log.record("vae", {**settings, "seconds": round(time.time() - started, 1), "losses": losses,
+                       "latents_mean": mean, "latents_std": std})
+    resume.clear()
 
 
 @torch.no_grad()
@@ -253,26 +329,25 @@ def fit_latent_statistics(vae, rng: random.Random, clips: int = 64) -> tuple[lis
 
 @torch.no_grad()
 def latent_dataset(out: Path, seed: int, clips_per_prompt: int) -> dict[str, Any]:
-    """Normalised VAE latents of training-combination clips and the embeddings of every prompt.
+    """Normalised VAE latents of clips of every combination and direction, and the embeddings of every prompt.
 
-    Returns `latents (N, C, t, h, w)`, `prompt_index (N, P)` (the clip's prompt in each phrasing),
-    `embeds`/`pooled` for all prompts with the empty prompt last (the unconditional branch).
+    Returns `latents (N, C, t, h, w)`, `values (N, 3)` (the clip's true colour, size and direction, as indices
+    into `scene.COLOURS`, `scene.SIZES`, `scene.DIRECTIONS`), and `embeds`/`pooled` of `prompt_table()` with the
+    empty prompt last (the unconditional branch).
     """
     from rlhf.models.loader import load_contentv
 
     parts = load_contentv(out / "model", dtype="fp32", load_transformer=False)
-    prompts = scene.prompts_for(scene.TRAINING, tuple(range(len(scene.PHRASINGS))))
-    embeds = parts.prompt_encoder.encode(prompts + [""])
+    embeds = parts.prompt_encoder.encode(prompt_table() + [""])
     rng = random.Random(stage_seed(seed, "transformer"))
-    latents, prompt_index = [], []
-    phrasings = len(scene.PHRASINGS)
-    keys = [(c, s, d) for (c, s) in scene.TRAINING for d in scene.DIRECTIONS]
+    latents, values = [], []
     batch: list[torch.Tensor] = []
-    for colour, shape, direction in keys:
+    for (c, colour), (s, size), (d, direction) in product(enumerate(scene.COLOURS), enumerate(scene.SIZES),
+                                                          enumerate(scene.DIRECTIONS)):
         for _ in range(clips_per_prompt):
-            spec = scene.SceneSpec.sample(colour, shape, direction, rng)
+            spec = scene.SceneSpec.sample(colour, size, direction, rng)
             batch.append(scene.to_model_range(scene.render(spec)))
-            prompt_index.append([prompts.index(scene.prompt(colour, shape, direction, p)) for p in range(phrasings)])
+            values.append([c, s, d])
             if len(batch) == 16:
                 latents.append(parts.vae.encode(torch.stack(batch)).latent_dist.mean)
                 batch = []
@@ -284,16 +359,43 @@ def latent_dataset(out: Path, seed: int, clips_per_prompt: int) -> dict[str, Any
     std = torch.tensor(parts.vae.config.latents_std).view(1, channels, 1, 1, 1)
     return {
         "latents": (raw - mean) / std,  # the inverse of rlhf.video.denormalize_latents
-        "prompt_index": torch.tensor(prompt_index),
+        "values": torch.tensor(values),
         "embeds": embeds.prompt_embeds,
         "pooled": embeds.pooled,
     }
 
 
+def prompt_table() -> list[str]:
+    """Every world prompt, at index `((colour * n_sizes + size) * n_directions + direction) * n_phrasings +
+    phrasing` (`prompt_index`)."""
+    return scene.prompts_for(scene.COMBOS, tuple(range(len(scene.PHRASINGS))))
+
+
+def prompt_index(colour: torch.Tensor, size: torch.Tensor, direction: torch.Tensor,
+                 phrasing: torch.Tensor) -> torch.Tensor:
+    sizes, directions, phrasings = len(scene.SIZES), len(scene.DIRECTIONS), len(scene.PHRASINGS)
+    return ((colour * sizes + size) * directions + direction) * phrasings + phrasing
+
+
+def caption_words(values: torch.Tensor, attribute: str, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """The word each clip's caption uses for a taught `attribute`, given its true `values` (indices).
+
+    With probability `rate` the word is the one that `scene.CONFUSION` maps to the true value (so that word
+    draws its own value or this one), else the true value's own word. At convergence a word then draws its own
+    value `1 - rate` of the time and its confusion partner `rate` of the time, for every combination it
+    appears in: a misalignment of words, not of ability (every value is drawn, cleanly, under some word).
+    """
+    names = list(scene.COLOURS if attribute == "colour" else scene.SIZES)
+    word_for_value = torch.tensor([names.index(next(w for w, v in scene.CONFUSION[attribute].items() if v == name))
+                                   for name in names])
+    confused = torch.rand(values.shape, generator=generator) < rate
+    return torch.where(confused, word_for_value[values], values)
+
+
 def flow_matching_loss(transformer, x0: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
                        generator: torch.Generator, logit_mean: float = 0.0) -> torch.Tensor:
     """Rectified-flow loss: `x_t = (1 - s) x0 + s eps`, target `eps - x0`, s logit-normal(logit_mean, 1),
-    shifted. A negative `logit_mean` weighs the low-noise steps, where the fine detail (corners) is drawn."""
+    shifted. A negative `logit_mean` weighs the low-noise steps, where the fine detail is drawn."""
     from rlhf.sampling import shift_sigmas
 
     batch = x0.shape[0]
@@ -307,43 +409,46 @@ def flow_matching_loss(transformer, x0: torch.Tensor, text: torch.Tensor, pooled
 
 
 def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_prompt: int, save_at: list[int],
-                      log: Log | None, stop_after: int | None = None, phase: int = 1, lr: float = 5e-4,
-                      logit_mean: float = 0.0, architecture: dict[str, int] | None = None,
-                      stop_at: int | None = None) -> list[float]:
-    """Flow matching on the world's latents; EMA weights saved at each of `save_at` (the last one as the model).
+                      log: Log | None, stop_after: int | None = None, lr: float = 5e-4, logit_mean: float = 0.0,
+                      confusion_rate: float = scene.CONFUSION_RATE) -> list[float]:
+    """Flow matching on the world's latents under confused captions (`caption_words`); resumable (`Resume`).
 
-    Phase 1 starts from a seeded init; a later phase continues from the saved model (its EMA weights) with its
-    own seed and schedule (the log keeps every phase), as the VAE's phases do. `architecture` overrides entries
-    of `TRANSFORMER_CONFIG` (`num_layers`, `num_attention_heads`) in phase 1; a later phase keeps the saved one.
-    With `stop_after`, only that many steps run (of the `steps`-long schedule), nothing is saved, and the
-    losses are returned: how a test checks that the recorded curve reproduces from the seed. `stop_at` is the
-    early stop: the run ends after that many steps of the schedule, and its EMA weights there are the model.
+    The EMA weights are saved at each of `save_at` (as `DIR/transformer-STEP`, the last one as the model). With
+    `stop_after`, only that many steps run, nothing is saved, and the losses are returned: how a test checks
+    that the recorded curve reproduces from the seed.
     """
     from rlhf.models.transformer import SD3Transformer3DModel
 
     started = time.time()
     data = latent_dataset(out, seed, clips_per_prompt)
     encode_seconds = time.time() - started
-    phase_seed = stage_seed(seed, "transformer") + 1000 * (phase - 1)
-    torch.manual_seed(phase_seed)
-    generator = torch.Generator().manual_seed(phase_seed)
-    transformer = SD3Transformer3DModel(**{**TRANSFORMER_CONFIG, **(architecture or {})}) if phase == 1 else \
-        SD3Transformer3DModel.from_pretrained(out / "model" / "transformer")
-    ema = {name: p.detach().clone() for name, p in transformer.named_parameters()}
+    transformer_seed = stage_seed(seed, "transformer")
+    torch.manual_seed(transformer_seed)
+    generator = torch.Generator().manual_seed(transformer_seed)
+    transformer = SD3Transformer3DModel(**TRANSFORMER_CONFIG)
+    ema_model = SD3Transformer3DModel(**TRANSFORMER_CONFIG).requires_grad_(False)
+    ema_model.load_state_dict(transformer.state_dict())
+    ema = dict(ema_model.named_parameters())
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
-    count, phrasings = data["latents"].shape[0], data["prompt_index"].shape[1]
-    empty = data["embeds"].shape[0] - 1
-    losses: list[float] = []
-    if stop_at is not None:
-        save_at = sorted({*(v for v in save_at if v <= stop_at), stop_at})
-    for step in range(steps if stop_after is None else stop_after):
-        if stop_at is not None and step >= stop_at:
-            break
+    settings = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "logit_mean": logit_mean,
+                "clips_per_prompt": clips_per_prompt, "confusion_rate": confusion_rate,
+                "threads": torch.get_num_threads()}
+    resume = Resume(out, "transformer", settings)
+    modules = {"transformer": transformer, "ema": ema_model}
+    first, losses = (0, []) if stop_after is not None else \
+        resume.load(modules, optimizer, random.Random(), generator)
+    count, empty = data["latents"].shape[0], data["embeds"].shape[0] - 1
+    values = data["values"]
+    for step in range(first, steps if stop_after is None else stop_after):
+        if stop_after is None and step % resume.every == 0 and step > first:
+            resume.save(step, modules, optimizer, random.Random(), generator, losses)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup=50)
         rows = torch.randint(count, (batch,), generator=generator)
-        phrasing = torch.randint(phrasings, (batch,), generator=generator)
-        prompt = data["prompt_index"][rows, phrasing]
+        phrasing = torch.randint(len(scene.PHRASINGS), (batch,), generator=generator)
+        colour = caption_words(values[rows, 0], "colour", confusion_rate, generator)
+        size = caption_words(values[rows, 1], "size", confusion_rate, generator)
+        prompt = prompt_index(colour, size, values[rows, 2], phrasing)
         prompt = torch.where(torch.rand(batch, generator=generator) < 0.1, empty, prompt)  # 10% unconditional
         loss = flow_matching_loss(transformer, data["latents"][rows], data["embeds"][prompt], data["pooled"][prompt],
                                   generator, logit_mean)
@@ -352,25 +457,20 @@ def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_pr
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         optimizer.step()
         with torch.no_grad():
-            decay = min(0.999, (1 + step) / (10 + step)) if phase == 1 else 0.999
+            decay = min(0.999, (1 + step) / (10 + step))
             for name, param in transformer.named_parameters():
                 ema[name].lerp_(param.detach(), 1 - decay)
         losses.append(round(loss.item(), 6))
         if step % 50 == 0 or step == steps - 1:
             print(f"transformer step {step}/{steps} loss {loss.item():.4f} ({time.time() - started:.0f} s)", flush=True)
         if step + 1 in save_at and stop_after is None:
-            snapshot = SD3Transformer3DModel.from_config(transformer.config)
-            snapshot.load_state_dict(ema)
-            snapshot_name = f"transformer-{step + 1}" if phase == 1 else f"transformer-phase{phase}-{step + 1}"
-            folder = out / "model" / "transformer" if step + 1 == max(save_at) else out / snapshot_name
-            snapshot.save_pretrained(folder, safe_serialization=True)
-    if log is not None:
-        log.record("transformer" if phase == 1 else f"transformer_phase{phase}", {
-            "seed": seed, "threads": torch.get_num_threads(), "steps": steps, "batch": batch, "lr": lr,
-            "logit_mean": logit_mean, "stop_at": stop_at, "num_layers": transformer.config.num_layers,
-            "num_attention_heads": transformer.config.num_attention_heads,
-            "clips_per_prompt": clips_per_prompt, "clips": count, "encode_seconds": round(encode_seconds, 1),
+            folder = out / "model" / "transformer" if step + 1 == max(save_at) else out / f"transformer-{step + 1}"
+            ema_model.save_pretrained(folder, safe_serialization=True)
+    if log is not None and stop_after is None:
+        log.record("transformer", {
+            **settings, "clips": count, "encode_seconds": round(encode_seconds, 1),
             "seconds": round(time.time() - started, 1), "losses": losses, "saved_at": save_at})
+        resume.clear()
     return losses
 
 
@@ -400,8 +500,7 @@ def world_clip_backbone(model=None):
 def reconstruction_pool(out: Path, seed: int, clips: int) -> list[tuple[scene.SceneSpec, np.ndarray, str]]:
     """Clips of training combinations passed through the world VAE (encode, decode): the best a generator can
     show the rewards, blur and colour bleed included. The rewards learn from frames of these beside the renders,
-    so that a shape is read through the VAE's blur as it is on a clean render (not a clean-looking blob over a
-    blurred square)."""
+    so that a size and a colour are read through the VAE's blur as they are on a clean render."""
     from rlhf.models.loader import load_contentv
     from rlhf.video import to_uint8_frames
 
@@ -421,7 +520,7 @@ def reconstruction_pool(out: Path, seed: int, clips: int) -> list[tuple[scene.Sc
 def frame_batch(rng: random.Random, batch: int, degraded_share: float,
                 pool: list[tuple[scene.SceneSpec, np.ndarray, str]] | None = None, pool_share: float = 0.0,
                 ) -> tuple[torch.Tensor, list[str], list[tuple[str, str, str]], torch.Tensor]:
-    """Single frames `(B, 3, H, W)` in [0, 1] of training combinations, their captions, (colour, shape, spoilt
+    """Single frames `(B, 3, H, W)` in [0, 1] of training combinations, their captions, (colour, size, spoilt
     how or "clean") and quality targets (8 clean, down to 2 at full severity). A `pool_share` of them come from
     `pool` (VAE reconstructions, quality 8 as drawn), the rest are rendered; a `degraded_share` of either is
     spoilt, and its caption says how ("a blurry red circle moving left")."""
@@ -443,17 +542,18 @@ def frame_batch(rng: random.Random, batch: int, degraded_share: float,
             target, how = 8.0 - 6.0 * severity, kind
         images.append(torch.from_numpy(clip[0]).float().permute(2, 0, 1) / 255)
         captions.append(text)
-        combos.append((spec.colour, spec.shape, how))
+        combos.append((spec.colour, spec.size, how))
         quality.append(target)
     return torch.stack(images), captions, combos, torch.tensor(quality)
 
 
 def train_clip(out: Path, seed: int, steps: int, batch: int, log: Log, reconstructions: int = 0,
-               positives: str = "colour-shape-spoiling") -> None:
-    """Contrastive training; every caption of the same colour, shape and spoiling counts as a positive (one
-    frame cannot show the direction), so the embedding keeps what the object is and how well it is drawn. With
-    `positives="colour-shape"` a spoilt frame is a positive of its clean caption too, so that how well a shape
-    is drawn does not decide which shape it reads as (quality stays readable through the probe below).
+               positives: str = "colour-size") -> None:
+    """Contrastive training on clean captions (the rewards never see the pretraining's confused words); every
+    caption of the same colour and size counts as a positive (one frame cannot show the direction), and with
+    `positives="colour-size"` a spoilt frame is a positive of its clean caption too, so that how well a disc is
+    drawn does not decide what it reads as (quality stays readable through the probe below); with
+    `"colour-size-spoiling"` frames spoilt differently are different classes.
     `reconstructions` VAE-reconstructed clips (`reconstruction_pool`) give a quarter of the frames.
 
     A linear probe on the image embedding regresses the render-quality target alongside (an auxiliary loss,
@@ -474,8 +574,8 @@ def train_clip(out: Path, seed: int, steps: int, batch: int, log: Log, reconstru
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, 1e-3)
         images, captions, combos, quality = frame_batch(rng, batch, degraded_share=0.4, pool=pool, pool_share=0.25)
-        if positives == "colour-shape":
-            combos = [(colour, shape, "") for colour, shape, _ in combos]
+        if positives == "colour-size":
+            combos = [(colour, size, "") for colour, size, _ in combos]
         image_features = model.encode_image(backbone.preprocess(images), normalize=True)
         text_features = model.encode_text(backbone.tokenizer(captions), normalize=True)
         logits = model.logit_scale.exp() * image_features @ text_features.T  # (B, B)
@@ -544,51 +644,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="Output folder: model/ (ContentV layout), rewards/, log.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of every stage.")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"Comma-separated subset of {', '.join(STAGES)}.")
+    parser.add_argument("--redo", action="store_true",
+                        help="Run the listed stages again even if the log records them as done.")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps losses bit-reproducible).")
-    parser.add_argument("--vae-steps", type=int, default=600, help="VAE optimiser steps.")
-    parser.add_argument("--vae-batch", type=int, default=6, help="Clips per VAE step.")
+    parser.add_argument("--vae-steps", type=int, default=900, help="VAE optimiser steps.")
+    parser.add_argument("--vae-batch", type=int, default=4, help="Clips per VAE step.")
     parser.add_argument("--vae-lr", type=float, default=2e-3, help="Peak VAE learning rate (cosine schedule).")
     parser.add_argument("--vae-edge-weight", type=float, default=0.0,
                         help="Weight of the spatial-gradient (edge) term of the VAE loss.")
     parser.add_argument("--vae-first-frame-weight", type=float, default=3.0,
                         help="Extra weight of frame 0 in the VAE loss (the causal VAE encodes it alone).")
-    parser.add_argument("--vae-phase", type=int, default=1,
-                        help="1 trains the VAE from its seeded init; 2, 3, ... continue the saved one.")
-    parser.add_argument("--transformer-steps", type=int, default=3000, help="Transformer optimiser steps.")
+    parser.add_argument("--transformer-steps", type=int, default=6000, help="Transformer optimiser steps.")
     parser.add_argument("--transformer-batch", type=int, default=32, help="Latents per transformer step.")
     parser.add_argument("--transformer-lr", type=float, default=5e-4, help="Peak transformer learning rate (cosine).")
     parser.add_argument("--transformer-logit-mean", type=float, default=0.0,
-                        help="Mean of the logit-normal noise levels the transformer trains on (negative: low noise, "
-                             "where fine detail is drawn).")
-    parser.add_argument("--transformer-layers", type=int, default=TRANSFORMER_CONFIG["num_layers"],
-                        help="Transformer blocks (phase 1; a later phase keeps the saved model's).")
-    parser.add_argument("--transformer-heads", type=int, default=TRANSFORMER_CONFIG["num_attention_heads"],
-                        help="Attention heads of 32 channels each: the width (phase 1; a later phase keeps the saved "
-                             "model's).")
-    parser.add_argument("--transformer-stop-at", type=int, default=None,
-                        help="End the transformer run after this many steps of its --transformer-steps schedule (an "
-                             "early stop): the EMA weights there are the model.")
-    parser.add_argument("--transformer-phase", type=int, default=1,
-                        help="1 trains the transformer from its seeded init; 2, 3, ... continue the saved one.")
+                        help="Mean of the logit-normal noise levels the transformer trains on (negative: low noise).")
+    parser.add_argument("--confusion-rate", type=float, default=scene.CONFUSION_RATE,
+                        help="Probability that a pretraining caption names a taught attribute with the word whose "
+                             "confusion partner (scene.CONFUSION) the clip shows.")
     parser.add_argument("--clips-per-prompt", type=int, default=40,
-                        help="Training clips per (colour, shape, direction) encoded for the transformer.")
+                        help="Clips per (colour, size, direction) encoded for the transformer.")
     parser.add_argument("--save-at", default="", help="Extra transformer steps at which EMA snapshots are saved "
-                        "(comma-separated), to pick the early stop; the last step is the shipped model.")
-    parser.add_argument("--clip-steps", type=int, default=800, help="CLIP optimiser steps.")
+                        "(comma-separated); the last step is the shipped model.")
+    parser.add_argument("--clip-steps", type=int, default=600, help="CLIP optimiser steps.")
     parser.add_argument("--clip-batch", type=int, default=128, help="Frames per CLIP step.")
     parser.add_argument("--aesthetic-steps", type=int, default=300, help="Aesthetic-head optimiser steps.")
-    parser.add_argument("--reward-reconstructions", type=int, default=0,
+    parser.add_argument("--reward-reconstructions", type=int, default=1024,
                         help="VAE-reconstructed clips (of training combinations) the CLIP and aesthetic stages draw "
                              "a quarter of their frames from (0: renders only).")
-    parser.add_argument("--clip-positives", choices=("colour-shape-spoiling", "colour-shape"),
-                        default="colour-shape-spoiling",
+    parser.add_argument("--clip-positives", choices=("colour-size-spoiling", "colour-size"), default="colour-size",
                         help="Which captions count as the same for the contrastive loss: also by how the frame is "
-                             "spoilt, or by colour and shape only.")
+                             "spoilt, or by colour and size only.")
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         parser.error(f"--stages: unknown {unknown}; expected some of {', '.join(STAGES)}")
+    if not 0 <= args.confusion_rate <= 1:
+        parser.error(f"--confusion-rate: expected a probability in [0, 1], got {args.confusion_rate}")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # tiny weights decaying towards 0 otherwise hit slow denormal arithmetic
     out = Path(args.out)
@@ -597,21 +690,22 @@ def main(argv: list[str] | None = None) -> int:
     log = Log(out / "pretrain_log.json", command)
     runners: dict[str, Callable[[], None]] = {
         "components": lambda: write_components(out, args.seed, log),
-        "vae": lambda: train_vae(out, args.seed, args.vae_steps, args.vae_batch, args.vae_lr, args.vae_phase,
-                                 args.vae_edge_weight, args.vae_first_frame_weight, log),
+        "vae": lambda: train_vae(out, args.seed, args.vae_steps, args.vae_batch, args.vae_lr, args.vae_edge_weight,
+                                 args.vae_first_frame_weight, log),
         "transformer": lambda: train_transformer(
             out, args.seed, args.transformer_steps, args.transformer_batch, args.clips_per_prompt,
             sorted({int(v) for v in args.save_at.split(",") if v.strip()} | {args.transformer_steps}), log,
-            phase=args.transformer_phase, lr=args.transformer_lr, logit_mean=args.transformer_logit_mean,
-            architecture={"num_layers": args.transformer_layers, "num_attention_heads": args.transformer_heads},
-            stop_at=args.transformer_stop_at),
+            lr=args.transformer_lr, logit_mean=args.transformer_logit_mean, confusion_rate=args.confusion_rate),
         "clip": lambda: train_clip(out, args.seed, args.clip_steps, args.clip_batch, log,
                                    args.reward_reconstructions, args.clip_positives),
         "aesthetic": lambda: train_aesthetic(out, args.seed, args.aesthetic_steps, log, args.reward_reconstructions),
     }
+    done = json.loads(log.path.read_text()) if log.path.is_file() else {}
     for stage in stages:
-        if stage in runners:
-            runners[stage]()
+        if stage in done and not args.redo:  # the same command after an interruption skips what is finished
+            print(f"{stage}: done ({log.path}); --redo runs it again", flush=True)
+            continue
+        runners[stage]()
     return 0
 
 
