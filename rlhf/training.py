@@ -66,11 +66,12 @@ SHAPE_SETTINGS = {"lora_rank": "r", "lora_alpha": "lora_alpha", "lora_targets": 
 # Config fields that do not change what any step computes (where to write, how often to log or checkpoint, when
 # to stop, how to save memory or time): a resume may change them. Every other field is a trajectory setting,
 # recorded in each checkpoint and compared on resume (`_check_trajectory`). max_steps is one too under a
-# linear or cosine schedule, whose decay it sets.
+# linear or cosine schedule, whose decay it sets. The base `model` is compared by content instead
+# (`check_adapter_base` on the checkpoint's base_model.json), so a base moved to another folder still resumes.
 UNRECORDED_SETTINGS = frozenset({
     "output_dir", "resume_from", "overwrite", "allow_changed_settings", "max_steps", "max_seconds", "save_every",
     "keep_last", "log_every", "report_to", "max_nonfinite_steps", "max_skipped_fraction", "log_utilisation",
-    "device", "compile", "gradient_checkpointing", "checkpoint_policy",
+    "device", "compile", "gradient_checkpointing", "checkpoint_policy", "model",
 })
 LOCK_FILE = ".run.lock"  # holds the PID of the process training into the run directory (flock'd while it runs)
 
