@@ -21,7 +21,22 @@ from rlhf.options import (
 
 
 @dataclass
-class DPOConfig(TrainingOptions, LoraOptions):
+class SigmaOptions:
+    """The training sigmas of the flow-matching error (algorithms.md, "Flow matching"): shared by the trainers
+    that noise cached latents (dpo, sft)."""
+
+    sigma_sampler: Literal["logit_normal", "uniform"] = option("logit_normal", "Training sigma distribution.")
+    logit_mean: float = option(0.0, "Mean of the logit-normal sigma sampler.")
+    logit_std: float = option(1.0, "Std of the logit-normal sigma sampler.")
+    apply_shift: bool = option(True, "Apply the checkpoint scheduler's shift to the sampled sigmas.")
+
+    def __post_init__(self) -> None:
+        if self.logit_std <= 0:
+            raise ConfigError("logit_std", f"must be > 0, got {self.logit_std}")
+
+
+@dataclass
+class DPOConfig(TrainingOptions, LoraOptions, SigmaOptions):
     """`train` with `method: dpo`: Flow-DPO on a pairs dataset, reading cached latents and embeddings only."""
 
     method: Literal["dpo"] = option("dpo", "Trainer: dpo (this config); reward_gradient has its own config.")
@@ -38,10 +53,6 @@ class DPOConfig(TrainingOptions, LoraOptions):
     pair_weighting: Literal["none", "margin"] = option(
         "none", "Weight pairs by their combined score margin (normalised to mean 1) or not."
     )
-    sigma_sampler: Literal["logit_normal", "uniform"] = option("logit_normal", "Training sigma distribution.")
-    logit_mean: float = option(0.0, "Mean of the logit-normal sigma sampler.")
-    logit_std: float = option(1.0, "Std of the logit-normal sigma sampler.")
-    apply_shift: bool = option(True, "Apply the checkpoint scheduler's shift to the sampled sigmas.")
     batch_size: int = option(1, "Pairs per micro-batch per process (winner and loser run in one forward).")
     init_adapter: str | None = option(None, "Start the LoRA from this adapter (e.g. the previous online round's).")
     reference: Literal["base", "init"] = option(
@@ -51,6 +62,7 @@ class DPOConfig(TrainingOptions, LoraOptions):
     def __post_init__(self) -> None:
         TrainingOptions.__post_init__(self)
         LoraOptions.__post_init__(self)
+        SigmaOptions.__post_init__(self)
         if not self.pairs:
             raise ConfigError("pairs", "is required: a pairs dataset directory")
         if self.beta <= 0:
@@ -60,5 +72,3 @@ class DPOConfig(TrainingOptions, LoraOptions):
         in_range("batch_size", self.batch_size, 1, MAX_MICRO_BATCH)
         if self.reference == "init" and not self.init_adapter:
             raise ConfigError("reference", "'init' needs init_adapter (the adapter the reference keeps)")
-        if self.logit_std <= 0:
-            raise ConfigError("logit_std", f"must be > 0, got {self.logit_std}")

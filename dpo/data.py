@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from rlhf.errors import UserError
+from rlhf.errors import UserError, one_line
 from rlhf.sampling import PromptEmbeds
 from rlhf.training import step_generator
 from rollouts.store import RolloutStore
@@ -37,6 +39,54 @@ def pairs_store_path(pairs_dir: Path) -> str | None:
     except (OSError, ValueError):
         return None
     return (summary.get("metadata") or {}).get("store")
+
+
+def check_store_files(store: RolloutStore, sample_ids: Iterable[str], prompt_ids: Iterable[str], user: str) -> None:
+    """Every sample and prompt-embedding file a trainer will read must be present and complete (its header read
+    back, which safetensors checks against the file's size): a bad one fails now, not at step N. `user` names
+    what reads them in the message ("the pairs DIR")."""
+    samples = {store.sample_path(sample) for sample in sample_ids}
+    embeds = {store.embeds_path(prompt) for prompt in prompt_ids}
+    for path, tensor in [*((p, "latents") for p in sorted(samples)), *((p, "prompt_embeds") for p in sorted(embeds))]:
+        if not path.is_file():
+            raise UserError(f"{path}: missing from the rollout store ({user} use it); rerun the rollout into "
+                            f"{store.root} with its config to regenerate it")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                present = tensor in handle.keys()
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{path}: truncated or corrupt ({one_line(err)}); delete it and rerun the rollout into "
+                            f"{store.root} to regenerate it") from None
+        if not present:
+            raise UserError(f"{path}: has no {tensor!r} tensor; delete it and rerun the rollout into {store.root}")
+
+
+def check_store_fits(store: RolloutStore, prompt_id: str, model_dir: str | Path) -> None:
+    """The store's latents and embeddings (those of `prompt_id`) must match the input sizes of the transformer in
+    `model_dir`."""
+    from rlhf.models.loader import read_transformer_config
+
+    config = read_transformer_config(model_dir)
+    text = store.load_embeds(prompt_id)
+    expected = {
+        "latent channels": (store.latent_shape[0], config["in_channels"]),
+        "text feature size": (text.prompt_embeds.shape[-1], config["joint_attention_dim"]),
+        "pooled text size": (text.pooled.shape[-1], config["pooled_projection_dim"]),
+    }
+    for what, (found, wanted) in expected.items():
+        if found != wanted:
+            raise UserError(f"{store.meta_path}: the store's {what} is {found} but the transformer in "
+                            f"{model_dir} expects {wanted}; the store was made with another model")
+
+
+def epoch_batch(size: int, micro_batch: int, batch_size: int, rank: int, world_size: int, seed: int) -> list[int]:
+    """Indices into `size` items of global micro-batch `micro_batch` for process `rank`: micro-batch m of epoch e
+    takes positions of a permutation seeded by (seed, e). The caller checks that one global batch fits."""
+    per_epoch = size // (batch_size * world_size)
+    epoch, position = divmod(micro_batch, per_epoch)
+    order = torch.randperm(size, generator=step_generator(seed, epoch, -1)).tolist()
+    start = (position * world_size + rank) * batch_size
+    return order[start : start + batch_size]
 
 
 class PairData:
@@ -85,21 +135,14 @@ class PairData:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def check_files(self) -> None:
+        """Every sample and prompt-embedding file the pairs reference is present and complete."""
+        check_store_files(self.store, (row[side] for row in self.rows for side in ("chosen_id", "rejected_id")),
+                          (row["prompt_id"] for row in self.rows), f"the pairs {self.pairs_dir}")
+
     def check_fits(self, model_dir: str | Path) -> None:
         """The store's latents and embeddings must match the input sizes of the transformer in `model_dir`."""
-        from rlhf.models.loader import read_transformer_config
-
-        config = read_transformer_config(model_dir)
-        text = self.store.load_embeds(self.rows[0]["prompt_id"])
-        expected = {
-            "latent channels": (self.store.latent_shape[0], config["in_channels"]),
-            "text feature size": (text.prompt_embeds.shape[-1], config["joint_attention_dim"]),
-            "pooled text size": (text.pooled.shape[-1], config["pooled_projection_dim"]),
-        }
-        for what, (found, wanted) in expected.items():
-            if found != wanted:
-                raise UserError(f"{self.store.meta_path}: the store's {what} is {found} but the transformer in "
-                                f"{model_dir} expects {wanted}; the store was made with another model")
+        check_store_fits(self.store, self.rows[0]["prompt_id"], model_dir)
 
     def batches_per_epoch(self, batch_size: int, world_size: int) -> int:
         count = len(self) // (batch_size * world_size)
@@ -110,11 +153,8 @@ class PairData:
 
     def indices(self, micro_batch: int, batch_size: int, rank: int, world_size: int, seed: int) -> list[int]:
         """Pair indices of global micro-batch `micro_batch` for process `rank`."""
-        per_epoch = self.batches_per_epoch(batch_size, world_size)
-        epoch, position = divmod(micro_batch, per_epoch)
-        order = torch.randperm(len(self), generator=step_generator(seed, epoch, -1)).tolist()
-        start = (position * world_size + rank) * batch_size
-        return order[start : start + batch_size]
+        self.batches_per_epoch(batch_size, world_size)  # raises unless one global batch fits
+        return epoch_batch(len(self), micro_batch, batch_size, rank, world_size, seed)
 
     def batch(self, indices: list[int]) -> PairBatch:
         rows = [self.rows[i] for i in indices]

@@ -92,6 +92,23 @@ def flow_dpo_loss(
     return loss, metrics
 
 
+# ---- SFT on the best samples (rejection-sampling fine-tuning: RAFT, Dong et al. 2023) ---------------------------
+def flow_matching_loss(velocity: torch.Tensor, noise: torch.Tensor, latents: torch.Tensor
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The plain flow-matching (rectified-flow) loss of the policy on a micro-batch of chosen samples x0 (B, ...).
+
+    With per sample one noise eps ~ N(0, I) and one sigma s, x_s = (1 - s) x0 + s eps, and the policy's velocity
+    v = v_theta(x_s, 1000 s, text) (`velocity`, the caller's forward):
+
+        err_i = mean_{C,T,H,W} (v_i - (eps_i - x0_i))^2         (`flow_matching_error`, as in Flow-DPO)
+        loss  = (1/B) sum_i err_i
+
+    the SD3 / ContentV pretraining objective, here on the samples the rewards ranked best. Metrics: loss.
+    """
+    loss = flow_matching_error(velocity, noise, latents).mean()
+    return loss, {"loss": loss.detach()}
+
+
 def sample_sigmas(
     batch: int,
     generator: torch.Generator,

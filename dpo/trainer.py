@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from dpo.config import DPOConfig
 from dpo.data import PairBatch, PairData, pairs_store_path
 from dpo.losses import flow_dpo_loss, flow_matching_error, sample_sigmas
-from rlhf.errors import UserError, one_line
+from rlhf.errors import UserError
 from rlhf.progress import Progress
 from rlhf.sampling import FlowSchedule, PromptEmbeds
 from rlhf.training import TrainingRun, step_generator
@@ -73,26 +72,6 @@ def dpo_step(run: TrainingRun, batch: PairBatch, config: DPOConfig, schedule: Fl
     )
 
 
-def check_pair_files(data: PairData) -> None:
-    """Every sample and prompt-embedding file the pairs reference must be present and complete (its header
-    read back, which safetensors checks against the file's size): a bad one fails now, not at step N."""
-    store = data.store
-    samples = {store.sample_path(row[side]) for row in data.rows for side in ("chosen_id", "rejected_id")}
-    embeds = {store.embeds_path(row["prompt_id"]) for row in data.rows}
-    for path, tensor in [*((p, "latents") for p in sorted(samples)), *((p, "prompt_embeds") for p in sorted(embeds))]:
-        if not path.is_file():
-            raise UserError(f"{path}: missing from the rollout store (the pairs {data.pairs_dir} use it); rerun the "
-                            f"rollout into {store.root} with its config to regenerate it")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                present = tensor in handle.keys()
-        except (SafetensorError, OSError) as err:
-            raise UserError(f"{path}: truncated or corrupt ({one_line(err)}); delete it and rerun the rollout into "
-                            f"{store.root} to regenerate it") from None
-        if not present:
-            raise UserError(f"{path}: has no {tensor!r} tensor; delete it and rerun the rollout into {store.root}")
-
-
 def train_dpo(config: DPOConfig) -> Path:
     """Train a LoRA adapter with Flow-DPO; returns the final adapter directory."""
     pairs_dir = Path(config.pairs)
@@ -103,7 +82,7 @@ def train_dpo(config: DPOConfig) -> Path:
         raise UserError(f"{pairs_dir}: records no rollout store; pass --store")
     store = RolloutStore(store_path)
     data = PairData(pairs_dir, store, config.pair_weighting)
-    check_pair_files(data)
+    data.check_files()
     model_dir = config.model or store.settings["model"]
     data.check_fits(model_dir)
     schedule = FlowSchedule.from_file(Path(model_dir) / "scheduler" / "scheduler_config.json")

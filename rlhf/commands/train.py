@@ -1,10 +1,10 @@
 """`contentv-rlhf train`: train a LoRA adapter with Flow-DPO (`method: dpo`), reward gradients
-(`method: reward_gradient`) or online GRPO (`method: grpo`).
+(`method: reward_gradient`), online GRPO (`method: grpo`) or SFT on the best-scored samples (`method: sft`).
 
 Each method has its own strict config (`dpo.config.DPOConfig`, `dpo.reward_gradient_config.RewardGradientConfig`,
-`dpo.grpo_config.GRPOConfig`). The command line accepts the flags of all; the method is read first (`--method`, else
-the `--config` YAML's `method`, else dpo), then only that method's config is built, and a flag of another method is
-an error.
+`dpo.grpo_config.GRPOConfig`, `dpo.sft_config.SFTConfig`). The command line accepts the flags of all; the method is
+read first (`--method`, else the `--config` YAML's `method`, else dpo), then only that method's config is built, and
+a flag of another method is an error.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from rlhf.distributed import launched_rank
 from rlhf.errors import UserError
 
 HELP = ("Train a LoRA adapter on the transformer: method dpo (Flow-DPO from a pairs dataset), reward_gradient "
-        "(DRaFT-K: back-propagate differentiable rewards through the last sampling steps) or grpo (online Flow-GRPO "
-        "with an SDE window).")
+        "(DRaFT-K: back-propagate differentiable rewards through the last sampling steps), grpo (online Flow-GRPO "
+        "with an SDE window) or sft (rejection-sampling fine-tuning: the flow-matching loss on each prompt's "
+        "best-scored samples of a rollout store).")
 EXAMPLES = """\
   contentv-rlhf train --config configs/dpo.yaml
   contentv-rlhf train --config configs/dpo.yaml --learning-rate 5e-5 --max-steps 500 --output-dir runs/dpo2
@@ -31,9 +32,11 @@ EXAMPLES = """\
   contentv-rlhf train --config configs/reward_gradient.yaml --grad-steps 2 --decode-frames k_evenly_spaced \\
       --num-decode-frames 3
   contentv-rlhf train --config configs/grpo.yaml                               # method: grpo
+  contentv-rlhf train --method sft --store runs/rollout-r0 --weights '{clip: 1.0, aesthetic: 0.5}' --top-k 2 \\
+      --output-dir runs/sft-r0                                                 # best 2 samples per prompt
   accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m rlhf.cli train --config configs/dpo.yaml
   torchrun --nproc_per_node 2 -m rlhf.cli train --config configs/dpo.yaml --device cpu    # 2 CPU processes
-Flags marked [dpo], [reward_gradient] or [grpo] belong to those methods only; unmarked flags apply to all.
+Flags marked [dpo], [reward_gradient], [grpo] or [sft] belong to those methods only; unmarked flags apply to all.
 """
 DEFAULT_METHOD = "dpo"
 
@@ -43,8 +46,9 @@ def method_configs() -> dict[str, type]:
     from dpo.config import DPOConfig
     from dpo.grpo_config import GRPOConfig
     from dpo.reward_gradient_config import RewardGradientConfig
+    from dpo.sft_config import SFTConfig
 
-    return {"dpo": DPOConfig, "reward_gradient": RewardGradientConfig, "grpo": GRPOConfig}
+    return {"dpo": DPOConfig, "reward_gradient": RewardGradientConfig, "grpo": GRPOConfig, "sft": SFTConfig}
 
 
 @functools.cache
@@ -128,6 +132,10 @@ def train(method: str, config: Any) -> Path:
         from dpo.grpo import train_grpo
 
         return train_grpo(config)
+    if method == "sft":
+        from dpo.sft import train_sft
+
+        return train_sft(config)
     from dpo.trainer import train_dpo
 
     return train_dpo(config)
