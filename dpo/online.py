@@ -123,10 +123,12 @@ def format_rounds(rows: list[dict[str, Any]]) -> str:
 def run_online(config: OnlineConfig) -> list[dict[str, Any]]:
     from rlhf.cli import main as cli
     from rlhf.io import write_json
+    from rlhf.outputs import ONLINE_RUN, check_output
     from rlhf.training import holds_run
 
     _validate_sections(config)
-    out = Path(config.out)
+    out = check_output(config.out, field="field 'out'", kind=ONLINE_RUN, overwrite=False, resumable=True,
+                       inputs={"model": config.model, "prompts": config.prompts, "rewards": config.rewards})
     rows: list[dict[str, Any]] = []
     previous: Path | None = None
     for index in range(config.rounds):

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 from rewards.registry import SCORERS, scorer_class
 from rlhf.config import ConfigError, config_from_dict, load_yaml, option
-from rlhf.errors import UserError
+from rlhf.errors import UserError, quote
 from rlhf.options import MAX_MICRO_BATCH, DeviceName, device_name_problem, in_range
 
 SOURCE = "rewards.scorers"
@@ -90,7 +90,7 @@ def _weight(value: Any, source: str) -> float:
     except (TypeError, ValueError):
         weight = math.nan
     if not math.isfinite(weight):
-        raise UserError(f"{source}: weight expects a finite number, got {value!r}")
+        raise UserError(f"{source}: weight expects a finite number, got {quote(value)}")
     return weight
 
 

@@ -66,8 +66,6 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,16 +351,15 @@ def save_pairs(pairs: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], o
     partial result. Returns the absolute `out_dir`.
 
     Raises:
-        UserError: `out_dir` is a non-empty directory and `overwrite` is False, or is not a directory.
+        UserError: `out_dir` is not a directory, or holds something other than a pairs dataset, or one without
+            `overwrite` (rlhf/outputs.py); a write failed (full disk, permissions).
         ValueError: a record's keys are not the expected columns (a programming error).
     """
     import datasets
 
-    out = Path(os.path.abspath(out_dir))
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out_dir}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out_dir}: already exists and is not empty; pass --overwrite to replace it")
+    from rlhf.outputs import PAIRS_DATASET, check_output, staged_dir
+
+    out = check_output(out_dir, field="out", kind=PAIRS_DATASET, inputs={}, overwrite=overwrite)
     dims = list(summary["dimensions"])
     columns = pair_columns(dims)
     for i, record in enumerate(pairs):
@@ -370,19 +367,12 @@ def save_pairs(pairs: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], o
             raise ValueError(f"pair {i}: columns {sorted(record)} differ from the expected {columns}")
     text = io.dumps({"metadata": dict(metadata), **summary}, indent=2) + "\n"
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        os.chmod(staging, 0o755)  # mkdtemp makes it owner-only
+    with staged_dir(out, "the pairs dataset") as staging:
         dataset = datasets.Dataset.from_dict({c: [r[c] for r in pairs] for c in columns},
                                              features=pair_features(dims))
         # datasets writes 0 shards for an empty dataset, which load_from_disk then cannot read.
         dataset.save_to_disk(str(staging), num_shards=1 if not pairs else None)
         (staging / SUMMARY_FILE).write_text(text, encoding="utf-8")
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
@@ -631,24 +621,3 @@ def _summary(config: PairsConfig, rows: list[ScoreRow], dims: list[str], weights
                    if margins else None),
         "warnings": warnings,
     }
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    if not any(out.iterdir()):
-        os.rmdir(out)
-        os.replace(staging, out)
-        return
-    # rename() cannot replace a non-empty directory: move the old one aside first, then delete it, so
-    # `out` is only ever missing for the instant between the two renames.
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, old / "pairs")
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(old / "pairs", out)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)

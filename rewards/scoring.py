@@ -45,13 +45,19 @@ def score_store(config: ScoreConfig) -> dict[str, dict[str, Any]]:
     import torch
 
     from rewards.build import build_scorers
+    from rlhf.io import output_path_problem
+    from rlhf.outputs import remove_stale_temporaries_of
     from rlhf.progress import Progress
     from rollouts.store import RolloutStore
 
     store = RolloutStore(config.store)
     rows = store.manifest()
+    if problem := output_path_problem(store.scores_dir, "dir"):  # where the scores go, before any scorer loads
+        raise UserError(f"store {config.store}: the scores folder {problem}")
     prompts = {r["sample_id"]: r["prompt"] for r in rows}
     scorers = build_scorers(config)
+    for name in scorers:  # what a killed score left
+        remove_stale_temporaries_of(store.score_path(name))
 
     existing, pending = {}, {}
     for name, (scorer, _) in scorers.items():

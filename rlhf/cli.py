@@ -8,13 +8,14 @@ Bad input (`UserError`) is printed as one line and exits with status 2; no trace
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
 import sys
 
 from rlhf import __version__
-from rlhf.errors import UserError
+from rlhf.errors import UserError, one_line, write_failure
 
 # Command name -> module, in the order of the pipeline.
 COMMANDS = {
@@ -31,6 +32,27 @@ COMMANDS = {
     "compare": "rlhf.commands.compare",
     "report": "rlhf.commands.report",
 }
+
+
+# OS errors that say the machine's state stopped a write (space, quotas, permissions, a read-only mount), not that
+# the program is wrong: reported like bad input. Writers remove their staging in their own finally blocks.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+MAX_ERROR_LINE = 2000  # characters of an error line: values inside it are quoted shorter (rlhf.errors.quote)
+
+
+def environment_problem(err: OSError) -> str | None:
+    """One line for an OSError caused by the machine (see ENVIRONMENT_ERRNOS, or no usable temporary directory),
+    None for any other (a bug: it keeps its traceback)."""
+    if err.errno in ENVIRONMENT_ERRNOS:
+        where = err.filename if err.filename is not None else "writing"
+        return f"{where}: {write_failure(err)}"
+    if isinstance(err, FileNotFoundError) and "No usable temporary directory" in str(err):
+        return f"no usable temporary directory; set TMPDIR to a writable folder ({one_line(err, 200)})"
+    return None
+
+
+def shortened(message: str) -> str:
+    return message if len(message) <= MAX_ERROR_LINE else message[: MAX_ERROR_LINE - 3] + "..."
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -97,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except UserError as err:
-        print(f"contentv-rlhf {args.command}: error: {err}", file=sys.stderr)
+        print(f"contentv-rlhf {args.command}: error: {shortened(str(err))}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if (problem := environment_problem(err)) is None:
+            raise
+        print(f"contentv-rlhf {args.command}: error: {shortened(problem)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"contentv-rlhf {args.command}: interrupted", file=sys.stderr)

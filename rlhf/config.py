@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from rlhf.errors import UserError
+from rlhf.errors import UserError, quote
 
 T = TypeVar("T")
 _TRUE, _FALSE, _NONE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}, {"none", "null", "~"}
@@ -70,7 +70,7 @@ class ConfigError(ValueError):
 def config_from_dict(cls: type[T], data: Mapping[str, Any], source: str = "config") -> T:
     """Build `cls` from `data`, rejecting unknown keys and ill-typed values; `source` prefixes errors."""
     if not isinstance(data, Mapping):
-        raise UserError(f"{source}: expected a mapping of {cls.__name__} fields, got {data!r}")
+        raise UserError(f"{source}: expected a mapping of {cls.__name__} fields, got {quote(data)}")
     return _build(cls, data, lambda key: source)
 
 
@@ -275,7 +275,7 @@ def _build(cls: type[T], data: Mapping, where: Callable[[str], str], prefix: str
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if choices is not None and item is not None and item not in choices:
                 raise UserError(f"{where(key)}: field {key!r} expects one of "
-                                f"{', '.join(map(repr, choices))}, got {item!r}")
+                                f"{', '.join(map(repr, choices))}, got {quote(item)}")
     try:
         return cls(**kwargs)
     except ConfigError as err:
@@ -286,7 +286,7 @@ def _build(cls: type[T], data: Mapping, where: Callable[[str], str], prefix: str
 def _coerce(value: Any, tp: Any, key: str, where: Callable[[str], str]) -> Any:
     """`value` converted to annotation `tp`, or a UserError naming `key` and what was expected."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    bad = UserError(f"{where(key)}: field {key!r} expects {_describe(tp)}, got {value!r}")
+    bad = UserError(f"{where(key)}: field {key!r} expects {_describe(tp)}, got {quote(value)}")
     text = value.strip() if isinstance(value, str) else None
     if tp is Any:
         return value
@@ -328,10 +328,10 @@ def _coerce(value: Any, tp: Any, key: str, where: Callable[[str], str]) -> Any:
         # NaN passes every `x > 0` check and inf or a huge int ends in a traceback where torch or numpy
         # takes it (a size, a seed, a step): no field takes them, so they stop here for every config.
         if tp is float and not math.isfinite(number):
-            raise _OutOfRange(f"{where(key)}: field {key!r} expects a finite number, got {value!r}")
+            raise _OutOfRange(f"{where(key)}: field {key!r} expects a finite number, got {quote(value)}")
         if tp is int and not INT_MIN <= number <= INT_MAX:
             raise _OutOfRange(f"{where(key)}: field {key!r} expects an integer in [-2**63, 2**63 - 1] "
-                              f"(torch's int64), got {value!r}")
+                              f"(torch's int64), got {quote(value)}")
         return number
     if tp is str and isinstance(value, str):
         return value

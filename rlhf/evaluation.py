@@ -23,6 +23,7 @@ from rlhf.config import INT_MAX, ConfigError, option
 from rlhf.errors import UserError
 from rlhf.io import output_path_problem
 from rlhf.options import ModelOptions, VideoOptions, in_range, uses_guidance
+from rlhf.outputs import EVAL_RESULTS, check_output, staged_dir
 
 logger = logging.getLogger("contentv-rlhf")
 COMBINED = "combined"
@@ -49,7 +50,9 @@ class EvalConfig(ModelOptions, VideoOptions):
         None, "Rewards YAML of ground-truth metrics, reported and never trained on (weights are ignored), e.g. "
         "configs/world/ground_truth.yaml: the shapes world's oracle accuracy and cleanliness."
     )
-    out: str | None = option(None, "Output directory for eval.json and sample videos.")
+    out: str | None = option(None, "Output directory for eval.json and sample videos (built in a hidden sibling and "
+                                   "renamed into place when complete).")
+    overwrite: bool = option(False, "Replace an existing eval in `out` (never a folder of another kind).")
     save_videos: int = option(2, "Prompts whose videos (all seeds, every model) are saved for the report.")
     tie_tolerance: float = option(0.0, "Score differences within this tolerance count as ties (>= 0).")
     bootstrap_resamples: int = option(
@@ -95,6 +98,9 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     from rlhf.stats import compare_paired
     from rlhf.video import to_uint8_frames, write_mp4
 
+    out = check_output(config.out, field="field 'out'", kind=EVAL_RESULTS, overwrite=config.overwrite, inputs={
+        "model": config.model, "adapter": config.adapters, "prompts": config.prompts, "rewards": config.rewards,
+        "held-out rewards": config.held_out_rewards, "ground truth": config.ground_truth})
     prompts = load_prompts(config.prompts)
     if prompts.report():
         logger.warning(prompts.report())
@@ -126,67 +132,67 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         generator.free_text_encoders()
     uncond = embeds.select(len(prompts.prompts)) if guided else None
     seeds = [config.seed_offset + i for i in range(config.seeds)]
-    out = Path(config.out)
 
-    models = [BASE, *candidates]
-    # scores[model][reward] -> (prompts, seeds)
-    scores = {m: {r: np.zeros((len(prompts.prompts), len(seeds))) for r in scorers} for m in models}
-    videos: dict[str, dict[str, list[str]]] = {m: {} for m in models}
-    with Progress(total=len(prompts.prompts) * len(models), desc="eval", unit="video batch") as progress:
-        for p_index, prompt in enumerate(prompts.prompts):
-            for model in models:
-                use_adapter(generator.transformer, None if model == BASE else model)
-                latents = generator.sample_latents(embeds.select(p_index), uncond, seeds, config, progress=False)
-                video = generator.decode(latents)  # (S, 3, T, H, W) in [-1, 1]
-                frames = ((video + 1) / 2).permute(0, 2, 1, 3, 4)  # (S, T, 3, H, W) in [0, 1]
-                with torch.no_grad():
-                    for reward, (scorer, _) in scorers.items():
-                        device = scorer.device or frames.device
-                        scores[model][reward][p_index] = scorer(frames.to(device), [prompt] * len(seeds)).cpu()
-                if p_index < config.save_videos:
-                    paths = []
-                    for s_index, seed in enumerate(seeds):
-                        path = out / "videos" / f"{model}_p{p_index:03d}_seed{seed}.mp4"
-                        write_mp4(path, to_uint8_frames(video[s_index]), fps=config.fps)
-                        paths.append(str(path.relative_to(out)))
-                    videos[model][str(p_index)] = paths
-                progress.update(1)
+    with staged_dir(out, "the eval") as staging:  # a killed eval leaves no half-written folder
+        models = [BASE, *candidates]
+        # scores[model][reward] -> (prompts, seeds)
+        scores = {m: {r: np.zeros((len(prompts.prompts), len(seeds))) for r in scorers} for m in models}
+        videos: dict[str, dict[str, list[str]]] = {m: {} for m in models}
+        with Progress(total=len(prompts.prompts) * len(models), desc="eval", unit="video batch") as progress:
+            for p_index, prompt in enumerate(prompts.prompts):
+                for model in models:
+                    use_adapter(generator.transformer, None if model == BASE else model)
+                    latents = generator.sample_latents(embeds.select(p_index), uncond, seeds, config, progress=False)
+                    video = generator.decode(latents)  # (S, 3, T, H, W) in [-1, 1]
+                    frames = ((video + 1) / 2).permute(0, 2, 1, 3, 4)  # (S, T, 3, H, W) in [0, 1]
+                    with torch.no_grad():
+                        for reward, (scorer, _) in scorers.items():
+                            device = scorer.device or frames.device
+                            scores[model][reward][p_index] = scorer(frames.to(device), [prompt] * len(seeds)).cpu()
+                    if p_index < config.save_videos:
+                        paths = []
+                        for s_index, seed in enumerate(seeds):
+                            path = staging / "videos" / f"{model}_p{p_index:03d}_seed{seed}.mp4"
+                            write_mp4(path, to_uint8_frames(video[s_index]), fps=config.fps)
+                            paths.append(str(path.relative_to(staging)))
+                        videos[model][str(p_index)] = paths
+                    progress.update(1)
 
-    def combined(model: str) -> np.ndarray:
-        return sum(weight * scores[model][name] for name, (_, weight) in trained.items())
+        def combined(model: str) -> np.ndarray:
+            return sum(weight * scores[model][name] for name, (_, weight) in trained.items())
 
-    comparisons, warnings = {}, []
-    # A weight-0 entry of the trained rewards is only logged: it did not shape the pairs or gradients.
-    rewards_of = {**{r: "trained" if w else "logged" for r, (_, w) in trained.items()},
-                  **{r: "held_out" for r in held_out}, **{r: "truth" for r in truth}, COMBINED: "trained"}
-    for model in candidates:
-        rows = {}
-        for reward in [COMBINED, *scorers]:
-            base = combined(BASE) if reward == COMBINED else scores[BASE][reward]
-            cand = combined(model) if reward == COMBINED else scores[model][reward]
-            rows[reward] = compare_paired(base.ravel(), cand.ravel(), config.tie_tolerance,
-                                          config.bootstrap_resamples).to_dict()
-        rising = [r for r in trained if rewards_of[r] == "trained" and rows[r]["ci_low"] > 0]
-        falling = [r for r in [*held_out, *truth] if rows[r]["ci_high"] < 0]
-        if rising and falling:
-            warnings.append(f"{model} ({candidates[model]}): trained reward(s) {', '.join(rising)} rose while "
-                            f"held-out reward(s) or ground truth {', '.join(falling)} fell: possible reward hacking")
-        comparisons[model] = rows
+        comparisons, warnings = {}, []
+        # A weight-0 entry of the trained rewards is only logged: it did not shape the pairs or gradients.
+        rewards_of = {**{r: "trained" if w else "logged" for r, (_, w) in trained.items()},
+                      **{r: "held_out" for r in held_out}, **{r: "truth" for r in truth}, COMBINED: "trained"}
+        for model in candidates:
+            rows = {}
+            for reward in [COMBINED, *scorers]:
+                base = combined(BASE) if reward == COMBINED else scores[BASE][reward]
+                cand = combined(model) if reward == COMBINED else scores[model][reward]
+                rows[reward] = compare_paired(base.ravel(), cand.ravel(), config.tie_tolerance,
+                                              config.bootstrap_resamples).to_dict()
+            rising = [r for r in trained if rewards_of[r] == "trained" and rows[r]["ci_low"] > 0]
+            falling = [r for r in [*held_out, *truth] if rows[r]["ci_high"] < 0]
+            if rising and falling:
+                warnings.append(f"{model} ({candidates[model]}): trained reward(s) {', '.join(rising)} rose while "
+                                f"held-out reward(s) or ground truth {', '.join(falling)} fell: possible reward hacking")
+            comparisons[model] = rows
 
-    result = {
-        "model": str(config.model),
-        "candidates": candidates,
-        "prompts": prompts.prompts,
-        "seeds": seeds,
-        "rewards": rewards_of,
-        "weights": {name: weight for name, (_, weight) in trained.items()},
-        "scores": {m: {r: v.tolist() for r, v in per.items()} for m, per in scores.items()},
-        "comparisons": comparisons,
-        "warnings": warnings,
-        "videos": videos,
-        "sampling": {k: getattr(config, k) for k in ("frames", "height", "width", "steps", "guidance", "fps")},
-    }
-    write_json(out / "eval.json", result)
+        result = {
+            "model": str(config.model),
+            "candidates": candidates,
+            "prompts": prompts.prompts,
+            "seeds": seeds,
+            "rewards": rewards_of,
+            "weights": {name: weight for name, (_, weight) in trained.items()},
+            "scores": {m: {r: v.tolist() for r, v in per.items()} for m, per in scores.items()},
+            "comparisons": comparisons,
+            "warnings": warnings,
+            "videos": videos,
+            "sampling": {k: getattr(config, k) for k in ("frames", "height", "width", "steps", "guidance", "fps")},
+        }
+        write_json(staging / "eval.json", result)
     return result
 
 

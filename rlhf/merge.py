@@ -37,17 +37,13 @@ about one shard's worth of memory, not the model's size:
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import json
 import logging
 import math
 import os
 import re
 import shutil
-import socket
 import struct
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,12 +57,11 @@ from rlhf.base_model import check_adapter_base, identity
 from rlhf.errors import UserError, one_line
 from rlhf.lora import DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
 from rlhf.models.loader import check_model_dir
+from rlhf.outputs import MODEL, check_output, staged_dir
 from rlhf.progress import Progress
 
 logger = logging.getLogger("contentv-rlhf")
 TRANSFORMER = "transformer"
-STAGING_SUFFIXES = (".partial", ".old")  # our temporary siblings of the output: being built, set aside
-OWNER_SUFFIX = ".owner"  # beside each of them: {"pid", "host"} of the merge that made it
 PEFT_MODEL_PREFIX = "base_model.model."  # keys of an adapter saved from a PeftModel wrapper
 DIFFUSERS_PREFIX = "transformer."  # keys and metadata of `pytorch_lora_weights.safetensors`
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
@@ -431,98 +426,6 @@ def _write_checkpoint(
             progress.update()
 
 
-def _check_out_dir(out: Path, model_dir: Path, adapter_dirs: Sequence[Path], overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
-    target, model = out.resolve(), model_dir.resolve()
-    if target == model or model in target.parents or target in model.parents:
-        raise UserError(f"{out}: the output directory must not be, contain or lie inside the model directory "
-                        f"{model_dir}")
-    for adapter_dir in adapter_dirs:
-        adapter = adapter_dir.resolve()
-        if adapter == target or target in adapter.parents:
-            raise UserError(f"{out}: the output directory must not be or contain the adapter directory "
-                            f"{adapter_dir}")
-
-
-def _make_owned_dir(out: Path, suffix: str) -> Path:
-    """A new hidden sibling of `out` (`.<out>.<random><suffix>`) with its owner file beside it."""
-    made = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent))
-    owner = made.with_name(made.name + OWNER_SUFFIX)
-    owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    return made
-
-
-def _remove_owned_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    path.with_name(path.name + OWNER_SUFFIX).unlink(missing_ok=True)
-
-
-def _process_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def remove_stale_staging(out: Path) -> list[Path]:
-    """Delete the staging and set-aside directories of `out` that a killed merge left; returns them.
-
-    Only directories named as ours (`.<out>.<random>.partial` / `.old`) are considered, and of those only the
-    ones with an owner file naming a process that is not running on this host (a merge in progress is left
-    alone), or empty ones (a kill between creating the directory and its owner file). Orphaned owner files
-    go too."""
-    removed: list[Path] = []
-    if not out.parent.is_dir():
-        return removed
-    # tempfile.mkdtemp's names: the prefix, 8 random characters, the suffix.
-    ours = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}({'|'.join(map(re.escape, STAGING_SUFFIXES))})"
-                      rf"({re.escape(OWNER_SUFFIX)})?")
-    for path in sorted(p for p in out.parent.glob(f".{glob.escape(out.name)}.*") if ours.fullmatch(p.name)):
-        if path.suffix == OWNER_SUFFIX:
-            if not path.with_suffix("").exists():
-                path.unlink(missing_ok=True)
-            continue
-        if path.suffix not in STAGING_SUFFIXES or path.is_symlink() or not path.is_dir():
-            continue
-        owner_file = path.with_name(path.name + OWNER_SUFFIX)
-        if not owner_file.is_file():
-            with contextlib.suppress(OSError):
-                path.rmdir()  # only if empty: an unmarked directory with content may not be ours
-                removed.append(path)
-            continue
-        try:
-            owner = json.loads(owner_file.read_text())
-        except (OSError, ValueError):
-            owner = {}
-        if isinstance(owner, dict) and owner.get("host") == socket.gethostname() and _process_alive(owner.get("pid")):
-            continue
-        _remove_owned_dir(path)
-        removed.append(path)
-    for path in removed:
-        logger.info("removed %s, left by an interrupted merge into %s", path, out)
-    return removed
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    if out.is_dir() and any(out.iterdir()):
-        # rename() cannot replace a non-empty directory: move the old one aside, rename, then delete it.
-        old = _make_owned_dir(out, ".old")
-        os.replace(out, old / out.name)
-        os.replace(staging, out)
-        _remove_owned_dir(old)
-    else:
-        os.replace(staging, out)  # replaces an empty directory
-    staging.with_name(staging.name + OWNER_SUFFIX).unlink(missing_ok=True)
-
-
 def _check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
     if weights is None or len(weights) == 0:
         return [1.0] * count
@@ -554,7 +457,8 @@ def merge_adapters(
 
     Raises:
         UserError: a missing or malformed model or adapter, an adapter that does not fit the
-            transformer, a wrong number of weights, or an existing non-empty `out_dir` without `overwrite`.
+            transformer, a wrong number of weights, an `out_dir` that is an input or holds anything but a model
+            checkpoint, or one without `overwrite` (rlhf/outputs.py); a failed write (full disk, permissions).
     """
     start = time.perf_counter()
     adapter_dirs = [Path(a) for a in adapters]
@@ -562,8 +466,8 @@ def merge_adapters(
         raise UserError("--adapter: at least one adapter directory is required")
     adapter_weights = _check_weights(weights, len(adapter_dirs))
     model_dir = check_model_dir(model_dir, vae=False, text_encoders=False)
-    out = Path(os.path.abspath(out_dir))
-    _check_out_dir(out, model_dir, adapter_dirs, overwrite)
+    out = check_output(out_dir, field="--out", kind=MODEL, inputs={"model": model_dir, "adapter": adapter_dirs},
+                       overwrite=overwrite)
     loaded = [read_adapter(d) for d in adapter_dirs]
     base = identity(model_dir)
     for adapter_dir in adapter_dirs:
@@ -574,18 +478,7 @@ def merge_adapters(
     summary = MergeSummary(out_dir=out, adapters=len(loaded), merged_weights=len(updates), shards_rewritten=0,
                            shards_total=len(shards))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out)
-    staging = _make_owned_dir(out, ".partial")
-    try:
-        os.chmod(staging, 0o755)  # mkdtemp makes it owner-only; the model dir should read like any other
-        try:
-            _write_checkpoint(model_dir, staging, shards, index, updates, summary)
-            _move_into_place(staging, out)
-        except OSError as err:  # disk full, permissions: the user's environment, not a bug
-            raise UserError(f"{out}: writing the merged checkpoint failed ({one_line(err)})") from None
-    except BaseException:
-        _remove_owned_dir(staging)
-        raise
+    with staged_dir(out, "the merged checkpoint") as staging:
+        _write_checkpoint(model_dir, staging, shards, index, updates, summary)
     summary.seconds = time.perf_counter() - start
     return summary

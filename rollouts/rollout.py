@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from rlhf.errors import UserError
+from rlhf.errors import UserError, quote
 from rollouts.config import RolloutConfig
 
 logger = logging.getLogger("contentv-rlhf")
@@ -112,24 +112,30 @@ def store_settings(config: RolloutConfig, frames: int, device_type: str) -> dict
 
 
 def _check_existing(store, settings: dict[str, Any], prompts: dict[str, str], overwrite: bool) -> bool:
-    """True if `store` already holds a compatible (possibly partial) rollout; raises on a mismatch."""
-    if not store.root.exists() or not any(store.root.iterdir()):
-        return False
+    """True if `store` already holds a compatible (possibly partial) rollout; raises on a mismatch. A folder that
+    is not a rollout store was refused by `check_output` (rlhf/outputs.py)."""
     if not store.exists():
-        if overwrite:
-            return False
-        raise UserError(f"{store.root}: exists and is not a rollout store; choose another --out or pass --overwrite")
+        return False
     meta = store.read_meta()
     differing = sorted(k for k in settings.keys() | meta["settings"].keys()
                        if settings.get(k) != meta["settings"].get(k))
     if not differing and store.read_prompts() != prompts:
         differing = ["prompts"]
     if differing and not overwrite:
-        shown = ", ".join(f"{k} (store: {meta['settings'].get(k)!r}, now: {settings.get(k)!r})" if k != "prompts"
+        shown = ", ".join(f"{k} (store: {quote(meta['settings'].get(k))}, now: {quote(settings.get(k))})" if k != "prompts"
                           else "the prompt list" for k in differing[:3])
         raise UserError(f"{store.meta_path}: store was made with other settings: {shown}; "
                         "use another --out or pass --overwrite")
     return not differing
+
+
+def rollout_output(config: RolloutConfig) -> Path:
+    """The store folder, resolved, once it is known not to destroy an input or a folder of another kind."""
+    from rlhf.outputs import ROLLOUT_STORE, check_output
+
+    inputs = {"model": config.model, "adapter": config.adapter, "prompts": config.prompts}
+    return check_output(config.out, field="field 'out'", kind=ROLLOUT_STORE, inputs=inputs,
+                        overwrite=config.overwrite, resumable=True)
 
 
 @dataclass
@@ -158,6 +164,7 @@ def run_rollout(config: RolloutConfig) -> Path:
     from rlhf.prompts import load_prompts
     from rollouts.store import RolloutStore, sample_id
 
+    root = rollout_output(config)
     prompt_list = load_prompts(config.prompts)
     device = devices.resolve_device(config.device)
     processes = Processes.init(cpu=device.type == "cpu")
@@ -170,7 +177,7 @@ def run_rollout(config: RolloutConfig) -> Path:
     frames = config.frames  # already 4k + 1 (SamplingOptions rounds it)
     shape = latent_shape(frames, config.height, config.width)
     settings = store_settings(config, frames, device.type)
-    store = RolloutStore(config.out)
+    store = RolloutStore(root)
 
     if config.adapter:  # an adapter trained on another base is refused before the store is touched
         from rlhf.base_model import check_adapter_base

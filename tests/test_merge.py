@@ -379,7 +379,7 @@ BAD_INPUTS = {
     "dora": "use_dora is set (DoRA",
     "bin weights": ".bin transformer weights are not supported",
     "weight count": "--weight: got 2 value(s) for 1 adapter(s)",
-    "out exists": "already exists and is not empty; pass --overwrite",
+    "out exists": "exists and is not a model checkpoint (no model_index.json)",
 }
 
 

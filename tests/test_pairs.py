@@ -428,17 +428,21 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
     out = tmp_path / "pairs"
     out.mkdir()
     (out / "old.txt").write_text("keep me")
-    with pytest.raises(UserError, match="not empty.*overwrite"):
+    for overwrite in (False, True):  # a folder that is not a pairs dataset is never replaced
+        with pytest.raises(UserError, match="is not a pairs dataset"):
+            save_pairs(pairs, summary, out, {}, overwrite=overwrite)
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    (out / "old.txt").unlink()
+    save_pairs(pairs, summary, out, {})
+    with pytest.raises(UserError, match="already holds a pairs dataset; pass --overwrite"):
         save_pairs(pairs, summary, out, {})
-    assert (out / "old.txt").read_text() == "keep me"
     save_pairs(pairs, summary, out, {}, overwrite=True)
-    assert not (out / "old.txt").exists()
     assert datasets.load_from_disk(str(out))["chosen_id"] == ["a"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]  # the old copy was removed
     (tmp_path / "empty").mkdir()
     save_pairs(pairs, summary, tmp_path / "empty", {})  # an empty directory is fine
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UserError, match="not a directory"):
+    with pytest.raises(UserError, match="must be a directory"):
         save_pairs(pairs, summary, tmp_path / "file", {})
 
 

@@ -209,16 +209,20 @@ def test_vae_decodes_latents_to_a_varied_video(model_dir: Path) -> None:
     assert video[:, :, 0].std() > 1e-2 and video[:, :, -1].std() > 1e-2  # no blank frames
 
 
-def test_refuses_a_non_empty_directory_unless_overwrite(tmp_path: Path) -> None:
+def test_replaces_only_a_model_and_only_with_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "model"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(UserError, match="already exists and is not empty; pass --overwrite"):
-        build_tiny_model(out)
-    assert (out / "precious.txt").read_text() == "keep me"
+    for overwrite in (False, True):  # a folder that is not a model is never replaced
+        with pytest.raises(UserError, match="exists and is not a model checkpoint"):
+            build_tiny_model(out, overwrite=overwrite)
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
 
-    assert build_tiny_model(out, overwrite=True) == out
-    assert not (out / "precious.txt").exists()
+    (out / "precious.txt").unlink()
+    assert build_tiny_model(out) == out
+    with pytest.raises(UserError, match="already holds a model checkpoint; pass --overwrite"):
+        build_tiny_model(out, seed=1)
+    assert build_tiny_model(out, seed=1, overwrite=True) == out
     assert (out / "model_index.json").is_file()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]  # staging and old copy removed
 
@@ -229,7 +233,7 @@ def test_refuses_a_non_empty_directory_unless_overwrite(tmp_path: Path) -> None:
 
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
-    with pytest.raises(UserError, match="not a directory"):
+    with pytest.raises(UserError, match="must be a directory"):
         build_tiny_model(not_a_dir, overwrite=True)
 
 
@@ -244,8 +248,8 @@ def test_a_failed_build_leaves_no_partial_model(tmp_path: Path, monkeypatch: pyt
 
     existing = tmp_path / "existing"
     existing.mkdir()
-    (existing / "precious.txt").write_text("keep me")
+    (existing / "model_index.json").write_text("{}")  # a model: --overwrite would replace it
     with pytest.raises(RuntimeError, match="simulated crash"):
         build_tiny_model(existing, overwrite=True)
     assert [path.name for path in tmp_path.iterdir()] == ["existing"]
-    assert (existing / "precious.txt").read_text() == "keep me"
+    assert (existing / "model_index.json").read_text() == "{}"

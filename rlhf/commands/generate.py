@@ -11,6 +11,7 @@ from pathlib import Path
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
 from rlhf.io import output_path_problem
 from rlhf.options import ModelOptions, VideoOptions, uses_guidance
+from rlhf.outputs import VIDEO, check_output, remove_stale_temporaries_of
 
 logger = logging.getLogger("contentv-rlhf")
 HELP = "Generate one video from a prompt and write it as an mp4."
@@ -29,6 +30,7 @@ class GenerateConfig(ModelOptions, VideoOptions):
     prompt: str | None = option(None, "Text prompt to generate.")
     out: str = option("video.mp4", "Output mp4 path (written atomically).")
     seed: int = option(0, "Seed of the initial noise (same seed -> same video on the same device).")
+    overwrite: bool = option(False, "Replace an existing mp4 at `out` (never a file of another kind).")
 
     def __post_init__(self) -> None:
         ModelOptions.__post_init__(self)
@@ -47,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(GenerateConfig, args)
+    out = check_output(config.out, field="field 'out'", kind=VIDEO, overwrite=config.overwrite,
+                       inputs={"model": config.model, "adapter": config.adapter})
+    remove_stale_temporaries_of(out)  # what a killed generate into the same file left
 
     from rlhf.generation import VideoGenerator
     from rlhf.video import to_uint8_frames, write_mp4
@@ -64,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
     latents = generator.sample_latents(cond, uncond, [config.seed], config)
     logger.info("generate: decoding %d frames", config.frames)
     video = generator.decode(latents)  # (1, 3, T, H, W)
-    out = write_mp4(config.out, to_uint8_frames(video[0]), fps=config.fps)
+    write_mp4(out, to_uint8_frames(video[0]), fps=config.fps)
     frames, height, width = video.shape[2:]
-    print(f"wrote {out} ({frames} frames, {width}x{height}, {config.fps:g} fps, seed {config.seed}) "
+    print(f"wrote {config.out} ({frames} frames, {width}x{height}, {config.fps:g} fps, seed {config.seed}) "
           f"in {time.perf_counter() - start:.1f}s")
     return 0

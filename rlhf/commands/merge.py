@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Output checkpoint directory. Other components are hard-linked to the model's files when on "
         "the same filesystem (else copied); built in a temporary sibling and renamed into place.",
     )
-    parser.add_argument("--overwrite", action="store_true", help="Replace --out if it exists and is not empty.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace the model checkpoint in --out (never a folder of another kind).")
 
 
 def check_arguments(args: argparse.Namespace) -> None:

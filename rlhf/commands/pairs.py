@@ -24,7 +24,7 @@ class PairsStageConfig(PairsConfig):
 
     store: str | None = option(None, "Scored rollout store (see `contentv-rlhf score`).")
     out: str | None = option(None, "Output directory of the pairs dataset (datasets.save_to_disk).")
-    overwrite: bool = option(False, "Replace an existing output directory.")
+    overwrite: bool = option(False, "Replace an existing pairs dataset in `out` (never a folder of another kind).")
 
     def __post_init__(self) -> None:
         PairsConfig.__post_init__(self)
@@ -45,9 +45,12 @@ def run(args: argparse.Namespace) -> int:
 
     from rewards.pairs import build_pairs, save_pairs
     from rewards.scoring import score_table, score_weights
+    from rlhf.outputs import PAIRS_DATASET, check_output
     from rollouts.store import RolloutStore
 
     config = config_from_args(PairsStageConfig, args)
+    check_output(config.out, field="field 'out'", kind=PAIRS_DATASET, inputs={"store": config.store},
+                 overwrite=config.overwrite)
     store = RolloutStore(config.store)
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(PairsConfig)}
     # Without explicit weights, each dimension keeps the weight it had in the rewards config that scored it.

@@ -4,7 +4,7 @@ rollout -> score -> pairs -> train (Flow-DPO) -> merge -> eval -> report, on the
 (`rlhf/world/weights`: a pretrained text-to-video generator in ContentV's classes and layout) with its
 learned rewards (a world CLIP, an aesthetic head on it, the weight-free motion reward). Every stage is the
 real command a user runs on ContentV-8B, called through the CLI entry point with the flags printed, and
-reads the shipped `configs/world/` files; the eval scores held-out colour-shape combinations with the
+reads the shipped `configs/world/` files; the eval scores the test colour-size combinations with the
 trained rewards, weight-free held-out rewards and the world's oracle (ground truth no reward sees). The
 stage configs are written to OUT/configs/ so the run can be repeated stage by stage. Finished stages are
 skipped when the quickstart is rerun.
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Use only the first N training prompts (default: all of configs/world/train_prompts.txt).")
     parser.add_argument("--samples-per-prompt", type=int, default=None,
                         help="K videos per training prompt (default: configs/world/rollout.yaml's).")
-    parser.add_argument("--eval-seeds", type=int, default=None, help="Seeds per held-out prompt in the eval "
+    parser.add_argument("--eval-seeds", type=int, default=None, help="Seeds per test prompt in the eval "
                         "(default: configs/world/eval.yaml's).")
 
 
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
          ["merge", "--model", MODEL_DIR, "--adapter", paths["train"] / "adapter", "--out", paths["merged"]]),
         ("eval", paths["eval"] / "eval.json",
          ["eval", "--config", shipped / "eval.yaml", "--model", MODEL_DIR, "--adapters", paths["train"] / "adapter",
-          "--prompts", shipped / "heldout_prompts.txt", "--rewards", configs / "rewards.yaml",
+          "--prompts", shipped / "test_prompts.txt", "--rewards", configs / "rewards.yaml",
           "--held-out-rewards", configs / "held_out_rewards.yaml", "--ground-truth", configs / "ground_truth.yaml",
           "--out", paths["eval"], *device, *optional("--seeds", args.eval_seeds)]),
     ]
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     from rlhf.report import write_run_manifest
 
     write_run_manifest(out, store=paths["rollout"], pairs=paths["pairs"], train=paths["train"], eval=paths["eval"])
-    report = ["report", "--run", str(out)]
+    report = ["report", "--run", str(out), "--overwrite"]  # the quickstart's own page, from its last run
     print(f"[{len(stages) + 1}/{len(stages) + 1}] report: contentv-rlhf {shlex.join(report)}", flush=True)
     status = cli(report)
     if status == 0:

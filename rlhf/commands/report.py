@@ -22,19 +22,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Where to write the page (default: DIR/report.html).")
     parser.add_argument("--examples", type=int, default=2, metavar="N",
                         help="Preference pairs shown at each end of the margin range (default: 2).")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace an existing report at the output path (never a file of another kind).")
 
 
 def run(args: argparse.Namespace) -> int:
     from rlhf.errors import UserError
-    from rlhf.io import output_path_problem
-    from rlhf.report import write_report
+    from rlhf.outputs import REPORT, check_output, remove_stale_temporaries_of
+    from rlhf.report import REPORT_FILE, write_report
 
     if args.examples < 0:
         raise UserError(f"--examples must be >= 0, got {args.examples}")
-    out = args.out or Path(args.run_dir) / "report.html"  # write_report's default
-    if problem := output_path_problem(out, "file"):
-        raise UserError(f"--out {problem}")
-    path = write_report(args.run_dir, args.out, examples=args.examples)
+    # The page may lie inside the run it shows (the default does); recognising it as a report keeps it from
+    # replacing any file of the run.
+    out = check_output(args.out or Path(args.run_dir) / REPORT_FILE, field="--out", kind=REPORT, inputs={},
+                       overwrite=args.overwrite)
+    remove_stale_temporaries_of(out)  # what a killed report into the same file left
+    path = write_report(args.run_dir, out, examples=args.examples)
     page = path.read_text(encoding="utf-8")
     videos, plots = page.count("<video "), page.count('<svg class="plot"')
     print(f"report written to {path} ({len(page) / 2**20:.1f} MiB, {videos} videos, {plots} plots)")

@@ -16,9 +16,9 @@ EXAMPLES = """\
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="Directory to create (must not exist or be empty).")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="Directory to create (must not exist, be empty, or with --overwrite hold a model).")
     parser.add_argument("--seed", type=int, default=0, help=f"Seed of the random weights, 0..{MAX_SEED} (default: 0).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace OUT_DIR if it is not empty.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace the model checkpoint in OUT_DIR (never a folder of another kind).")
 
 
 def check_arguments(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,7 @@ from typing import Any, Literal
 from rlhf.config import add_config_arguments, config_from_args, load_yaml, option
 from rlhf.distributed import launched_rank
 from rlhf.errors import UserError
+from rlhf.outputs import TRAINING_RUN, check_output
 
 HELP = ("Train a LoRA adapter on the transformer: method dpo (Flow-DPO from a pairs dataset), reward_gradient "
         "(DRaFT-K: back-propagate differentiable rewards through the last sampling steps), grpo (online Flow-GRPO "
@@ -111,6 +113,8 @@ def read_method(args: argparse.Namespace) -> tuple[str, type]:
 def run(args: argparse.Namespace) -> int:
     method, cls = read_method(args)
     config = config_from_args(cls, args)
+    check_output(config.output_dir, field="field 'output_dir'", kind=TRAINING_RUN, inputs=training_inputs(config),
+                 overwrite=config.overwrite, resumable=True)
     from rlhf.training import release_run_locks
 
     try:
@@ -120,6 +124,31 @@ def run(args: argparse.Namespace) -> int:
     if launched_rank() == 0:
         print(f"adapter written to {adapter}")
     return 0
+
+
+def _recorded(path: Path, *keys: str) -> str | None:
+    """A path another stage recorded in its JSON file (`keys` deep), or None where it is unreadable: the trainer
+    reports a damaged file itself."""
+    try:
+        value = json.loads(path.read_text())
+        for key in keys:
+            value = value[key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def training_inputs(config: Any) -> dict[str, Any]:
+    """What a run reads, by name: the pairs and the store and model they were made from (given or recorded), the
+    prompts, rewards and initial adapter. Its output_dir must be none of them (rlhf/outputs.py)."""
+    inputs = {name: getattr(config, name, None) for name in ("pairs", "store", "model", "prompts", "rewards",
+                                                             "init_adapter")}
+    if inputs["pairs"] and not inputs["store"]:
+        inputs["store"] = _recorded(Path(inputs["pairs"]) / "summary.json", "metadata", "store")
+    if inputs["store"] and not inputs["model"]:
+        inputs["model"] = _recorded(Path(inputs["store"]) / "store.json", "settings", "model")
+    inputs["init adapter"] = inputs.pop("init_adapter")
+    return inputs
 
 
 def train(method: str, config: Any) -> Path:

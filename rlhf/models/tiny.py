@@ -17,9 +17,7 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import string
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,6 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
-from rlhf.errors import UserError
 from rlhf.models.transformer import SD3Transformer3DModel
 
 # `joint_attention_dim` = T5 d_model; `pooled_projection_dim` = CLIP-L + CLIP-G projection dims (8 + 16).
@@ -98,25 +95,16 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool 
     interrupted build never leaves a half-written model at `out_dir`. Returns the absolute path of `out_dir`.
 
     Raises:
-        UserError: `out_dir` is a non-empty directory and `overwrite` is False, or is not a directory.
+        UserError: `out_dir` is not a directory, holds anything but a model checkpoint, or one without `overwrite`
+            (rlhf/outputs.py); a failed write (full disk, permissions).
     """
-    out = Path(os.path.abspath(out_dir))  # normalised: "." or "a/.." must have a real name and parent
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out_dir}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out_dir}: already exists and is not empty; pass --overwrite to replace it")
+    from rlhf.outputs import MODEL, check_output, staged_dir
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        os.chmod(staging, 0o755)  # mkdtemp makes it owner-only; the model dir should read like any other
-        # fork_rng: seeding must not change the random stream of the caller (e.g. a test's own sampling).
-        with torch.random.fork_rng(devices=[]), _no_transformers_progress_bars():
-            _write_checkpoint(staging, seed)
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    out = check_output(out_dir, field="OUT_DIR", kind=MODEL, inputs={}, overwrite=overwrite)
+    # fork_rng: seeding must not change the random stream of the caller (e.g. a test's own sampling).
+    with staged_dir(out, "the tiny model") as staging, torch.random.fork_rng(devices=[]), \
+            _no_transformers_progress_bars():
+        _write_checkpoint(staging, seed)
     return out
 
 
@@ -163,18 +151,6 @@ def _no_transformers_progress_bars() -> Iterator[None]:
 
 def _component_seed(seed: int, index: int) -> int:
     return seed * 1000 + index
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    # rename() cannot replace a non-empty directory: move the old one aside first, then delete it, so
-    # `out` is only ever missing for the instant between the two renames.
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, old / "model")
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_clip_tokenizer(folder: Path, merges: Sequence[tuple[str, str]] = tuple(_CLIP_MERGES),
