@@ -7,9 +7,10 @@ then weighted); per prompt the `top_k` highest are kept (ties in store order), o
 written to `RUN/logs/selected_samples.jsonl` and summarised in `summary.json` ("selection"), and its digest is
 recorded in every checkpoint: a resume after the store was rescored is refused.
 
-Supports: everything the Flow-DPO trainer's machinery gives (accelerate single process / DDP / FSDP2 / DeepSpeed
-ZeRO-2, bf16 autocast, gradient checkpointing and accumulation, clipping, schedules, 8-bit AdamW, quantised base,
-non-finite step skipping, atomic checkpoints with exact resume, `max_seconds`, metrics.jsonl + trackers).
+Supports: the Flow-DPO trainer's machinery (rlhf/training.py: accelerate single process and DDP, tested here on 2
+CPU processes; FSDP2 and DeepSpeed ZeRO-2 through the same calls, tested for dpo and reward_gradient only; bf16
+autocast, gradient checkpointing and accumulation, clipping, schedules, 8-bit AdamW, quantised base, non-finite
+step skipping, atomic checkpoints with exact resume, `max_seconds`, metrics.jsonl + trackers).
 
 Assumptions: the store's latents and prompt embeddings were made by the base model being tuned; the text encoders
 and the VAE are never loaded. There is no reference model: the loss does not look at the base.

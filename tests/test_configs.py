@@ -11,6 +11,7 @@ from dpo.config import DPOConfig
 from dpo.grpo_config import GRPOConfig
 from dpo.online import OnlineConfig
 from dpo.reward_gradient_config import RewardGradientConfig
+from dpo.sft_config import SFTConfig
 from rewards.config import RewardsConfig
 from rlhf.commands.compare import CompareConfig
 from rlhf.commands.generate import GenerateConfig
@@ -53,7 +54,7 @@ def test_shipped_config_loads(name):
 
 @pytest.mark.parametrize(
     "cls", [GenerateConfig, RolloutConfig, DPOConfig, RewardsConfig, PairsStageConfig, EvalConfig, OnlineConfig,
-            RewardGradientConfig, GRPOConfig, CompareConfig]
+            RewardGradientConfig, GRPOConfig, CompareConfig, SFTConfig]
 )
 def test_every_field_has_help(cls):
     assert help_problems(cls) == []

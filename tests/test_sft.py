@@ -4,6 +4,8 @@ computations, learning, exact resume, bad input."""
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from rewards.pairs import ScoreCombination
 from rlhf.sampling import FlowSchedule, shift_sigmas
 from rlhf.training import TrainingRun, step_generator
 from rollouts.store import RolloutStore
-from tests.conftest import call_cli
+from tests.conftest import REPO, call_cli
 
 FAST = ["--dtype", "fp32", "--mixed-precision", "no", "--lora-rank", "4", "--lora-alpha", "8", "--report-to", "none",
         "--no-gradient-checkpointing"]
@@ -219,6 +221,26 @@ def test_resume_gives_identical_weights(scored_store, tmp_path, capsys):
     code, _, err = call_cli(capsys, *train_args(scored_store.root, resumed, *common, "--top-k", "1",
                                                 "--resume-from", "latest"))
     assert code == 2 and "top_k" in err, err
+
+
+def test_two_cpu_processes(scored_store, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(scored_store.root, out, "--max-steps", "2", "--device", "cpu", "--top-k", "2")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rlhf.cli",
+         *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 process(es)" in result.stderr
+    state = json.loads((out / "checkpoints" / "step-0000002" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2
+    assert json.loads((out / "summary.json").read_text())["num_processes"] == 2
+    # Each process draws its own slice of one permutation: a global batch never repeats a sample.
+    data = SampleData(scored_store, selection_of(SFTConfig(store=str(scored_store.root), output_dir=str(out), top_k=2),
+                                                 scored_store)[0])
+    for micro in range(2):
+        ranks = [data.indices(micro, 1, rank, 2, 0) for rank in range(2)]
+        assert len(set(ranks[0] + ranks[1])) == 2
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------
