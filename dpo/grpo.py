@@ -254,10 +254,8 @@ def train_grpo(config: GRPOConfig) -> Path:
         raise UserError(f"method grpo runs single-process or under DDP, not under {run.layout} launches")
     # Order matters: the text encoders are freed before the transformer is loaded (peak memory).
     parts = load_parts(config, run.device)
+    run.round_steps = ("updates_per_round", config.updates_per_round)  # a resume starts a round (checked in prepare)
     run.prepare(run.load_policy(config.model, config.dtype, config.init_adapter, quantize=config.quantize))
-    if run.step % config.updates_per_round:
-        raise UserError(f"resume_from: the checkpoint is at step {run.step}, inside a round of "
-                        f"updates_per_round {config.updates_per_round}; resume with the run's own settings")
     world = run.accelerator.num_processes
     if run.is_main:
         logger.info("grpo: %d prompts, rewards %s, %d rounds x %d prompts x G=%d, SDE window %d of %d steps (%s), "

@@ -274,6 +274,8 @@ class TrainingRun:
         # Trajectory settings changed by resumes with allow_changed_settings, carried from checkpoint to checkpoint.
         self.changed_settings: list[dict[str, Any]] = []
         self.unlogged_change: dict[str, Any] | None = None  # this resume's change, logged with its first step
+        # (setting, steps): a trainer whose steps come in rounds (GRPO) resumes only at a round's start.
+        self.round_steps: tuple[str, int] = ("", 1)
         self.reference_adapter = False
         self.model_dir: Path | None = None
         self.base_identity: dict[str, Any] | None = None  # written into every adapter (rlhf/base_model.py)
@@ -823,6 +825,10 @@ class TrainingRun:
         torch.set_rng_state(rng["cpu"])
         devices.set_rng_state(self.device, rng["accelerator"])
         self.step = int(state["step"])
+        setting, steps = self.round_steps
+        if self.step % steps:  # refused here, before prepare writes to the run directory
+            raise UserError(f"resume_from: the checkpoint is at step {self.step}, inside a round of {setting} {steps}; "
+                            "resume with the run's own settings")
         self.nonfinite_in_row = int(state["nonfinite_in_row"])
         self.skipped_steps = int(state["skipped_steps"])
         if self.is_main:

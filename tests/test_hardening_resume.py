@@ -253,3 +253,21 @@ def test_one_run_directory_trains_one_process_at_a_time(tiny_pairs, tmp_path, ca
 def test_pairs_folder_that_does_not_exist_is_not_found(tmp_path, capsys):
     missing = tmp_path / "no-such-pairs"
     fails_with(capsys, train_args(missing, tmp_path / "run"), f"{missing}: pairs dataset not found")
+
+
+def test_grpo_resume_inside_a_round_is_refused_before_the_run_is_touched(tiny_model_dir, tmp_path, capsys):
+    from tests.test_grpo import TINY, flags
+
+    prompts, rewards = tmp_path / "prompts.txt", tmp_path / "rewards.yaml"
+    prompts.write_text("a red ball\na blue lake\n")
+    rewards.write_text("scorers:\n  brightness: {weight: 1.0}\ndevice: cpu\n")
+    out = tmp_path / "run"
+    common = flags(**{**TINY, "model": tiny_model_dir, "prompts": prompts, "rewards": rewards, "output_dir": out,
+                      "max_steps": 4, "save_every": 2})
+    assert call_cli(capsys, "train", "--method", "grpo", *common)[0] == 0
+    before = files_and_bytes(out)
+    # Step 2 is inside a round of 4 updates: refused, and the later step-4 checkpoint is still there.
+    fails_with(capsys, ["train", "--method", "grpo", *common, "--updates-per-round", "4", "--save-every", "4",
+                        "--allow-changed-settings", "--resume-from", out / "checkpoints" / "step-0000002"],
+               "resume_from: the checkpoint is at step 2, inside a round of updates_per_round 4")
+    assert files_and_bytes(out) == before
