@@ -99,9 +99,10 @@ class ScoreCombination:
     `pairs` and `train --method sft`."""
 
     weights: dict[str, float] = option(
-        {}, "Weight of each reward dimension in the combined score (dimension: weight). Empty = every "
-        "dimension of the score table with weight 1; a dimension left out of a non-empty mapping gets 0 "
-        "(its scores are kept, not ranked); a negative weight makes a penalty (higher = worse)."
+        {}, "Weight of each reward dimension in the combined score (dimension: weight). Empty = every scored "
+        "dimension with the weight its rewards config gave it (recorded by `score`); a dimension left out of a "
+        "non-empty mapping gets 0 (its scores are kept, not ranked); a negative weight makes a penalty "
+        "(higher = worse)."
     )
     normalize: NormalizeMode = option(
         "prompt", "How raw scores are normalised before weighting: prompt = robust z-score "
