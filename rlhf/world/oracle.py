@@ -18,7 +18,9 @@ How each attribute is read (the thresholds leave room for the VAE's blur and col
   frames; read only when it falls inside one size's band (`SIZE_BANDS`, gaps between them are
   unreadable) and the object is a disc: in the first, middle and last frame a disc of that radius,
   blurred by the Gaussian (sigma 0-3 px) that fits best, must match the coverage to `DISC_FIT` (relative
-  L2), so a flat-less blob, a smear or two discs are not given a size;
+  L2), and it must hold `SINGLE` of the frame's light (the mean over frames), so an ellipse, a smear or two
+  discs are not given a size. (A Gaussian blob is a disc under blur: it reads as the size whose disc, blurred
+  by up to 3 px, it matches, as a blurred render must);
 - direction: the track of the V-weighted centroid; the larger axis of the last-minus-first
   displacement and its sign; under `MIN_TRAVEL` pixels of travel there is no direction;
 - cleanliness: the mean over frames of `single * background * sharp`, times `steady`:
@@ -45,6 +47,7 @@ HUE_SPREAD = 30.0  # degrees of hue change across the frames beyond which a clip
 # VAE and a 3 px blur widen a disc's measured radius by up to ~1.5 px. Radii in the gaps are unreadable.
 SIZE_BANDS: dict[str, tuple[float, float]] = {"small": (3.5, 7.4), "medium": (7.8, 10.9), "large": (11.3, 15.5)}
 DISC_FIT = 0.12  # largest relative L2 error of the best blurred disc for the object to count as a disc
+SINGLE = 0.8  # share of the frame's light the object must hold for its size to be read (one object, not two)
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,8 @@ def _colour(video: torch.Tensor, value: torch.Tensor) -> str | None:
 
 def _size(value: torch.Tensor, main: torch.Tensor) -> str | None:
     coverage = value * _dilate(main, 2)  # the main object only, not a stray blob
+    if float((coverage.sum((1, 2)) / value.sum((1, 2)).clamp_min(1e-6)).mean()) < SINGLE:
+        return None
     radii = (coverage.sum((1, 2)) / np.pi).sqrt()
     radius = float(radii.median())
     band = next((name for name, (low, high) in SIZE_BANDS.items() if low <= radius <= high), None)

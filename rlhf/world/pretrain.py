@@ -410,12 +410,12 @@ def flow_matching_loss(transformer, x0: torch.Tensor, text: torch.Tensor, pooled
 
 def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_prompt: int, save_at: list[int],
                       log: Log | None, stop_after: int | None = None, lr: float = 5e-4, logit_mean: float = 0.0,
-                      confusion_rate: float = scene.CONFUSION_RATE) -> list[float]:
+                      confusion_rate: float = scene.CONFUSION_RATE, save_every: int = 200) -> list[float]:
     """Flow matching on the world's latents under confused captions (`caption_words`); resumable (`Resume`).
 
     The EMA weights are saved at each of `save_at` (as `DIR/transformer-STEP`, the last one as the model). With
     `stop_after`, only that many steps run, nothing is saved, and the losses are returned: how a test checks
-    that the recorded curve reproduces from the seed.
+    that the recorded curve reproduces from the seed. The training state is saved every `save_every` steps.
     """
     from rlhf.models.transformer import SD3Transformer3DModel
 
@@ -433,7 +433,7 @@ def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_pr
     settings = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "logit_mean": logit_mean,
                 "clips_per_prompt": clips_per_prompt, "confusion_rate": confusion_rate,
                 "threads": torch.get_num_threads()}
-    resume = Resume(out, "transformer", settings)
+    resume = Resume(out, "transformer", settings, every=save_every)
     modules = {"transformer": transformer, "ema": ema_model}
     first, losses = (0, []) if stop_after is not None else \
         resume.load(modules, optimizer, random.Random(), generator)
