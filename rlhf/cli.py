@@ -108,6 +108,9 @@ def configure_logging(verbose: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rlhf.clock import mark_command_start
+
+    mark_command_start()  # the origin of max_seconds: loading, calibration and data all count
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)

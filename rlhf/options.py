@@ -229,10 +229,10 @@ class TrainingOptions:
     warmup_steps: int = option(0, "Linear warmup steps.")
     max_steps: int = option(100, "Optimiser steps to train.")
     max_seconds: float | None = option(
-        None, "Also stop after the first optimiser step that ends with this many seconds of training wall time "
-        "spent in this process (counted from the first step, checkpoints included; a resumed run counts afresh): "
-        "that step is checkpointed and the adapter written as at max_steps. For comparing trainers at one "
-        "wall-time budget; none = only max_steps stops.")
+        None, "Also stop after the first optimiser step that ends with this many seconds of wall time spent "
+        "since the command started (model loading, reward calibration and checkpoints included; a resumed run "
+        "counts afresh): that step is checkpointed and the adapter written as at max_steps. For comparing trainers "
+        "at one wall-time budget; none = only max_steps stops.")
     gradient_accumulation_steps: int = option(1, "Micro-batches accumulated per optimiser step.")
     max_grad_norm: float = option(1.0, "Gradient-norm clipping (0 disables).")
     weight_decay: float = option(0.0, "AdamW weight decay.")

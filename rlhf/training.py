@@ -41,6 +41,7 @@ import torch
 from rlhf import devices, io, sharding
 from rlhf.base_model import check_adapter_base, identity, write_record
 from rlhf.checkpointing import RESOLVED_POLICIES, ActivationProbe, choose_policy, enable_checkpointing
+from rlhf.clock import seconds_since_command_start
 from rlhf.compiling import CompileTimer, compile_blocks
 from rlhf.config import save_config
 from rlhf.errors import UserError, one_line
@@ -283,7 +284,6 @@ class TrainingRun:
         self.step_flops: dict[str, StepFlops] = {}  # per kind of step, counted on its first step
         self.step_kind = "step"
         self.peak_flops: float | None = None  # the device's peak FLOP/s, measured or published (prepare)
-        self.clock_started = 0.0  # when the first step of this process began (max_seconds)
         self.steps_done = 0
         self.out_of_time = False  # max_seconds spent: the step just ended is the last
         # checkpoint_policy auto: measured during the first step, resolved after it (_resolve_checkpointing).
@@ -568,13 +568,13 @@ class TrainingRun:
     def steps(self) -> Iterator[int]:
         """Optimiser step indices still to run (after a resume, from the checkpoint's step), until max_steps or,
         with max_seconds, the step that ends past the time budget."""
-        self.clock_started, self.steps_done = time.perf_counter(), self.step
+        self.steps_done = self.step
         for step in range(self.step, self.options.max_steps):
             self.step = step
             yield step
             if self.out_of_time:
                 logger.info("max_seconds: %.0f s spent after %d steps; training stops here",
-                            time.perf_counter() - self.clock_started, step + 1)
+                            seconds_since_command_start(), step + 1)
                 break
 
     @contextlib.contextmanager
@@ -684,7 +684,7 @@ class TrainingRun:
         """Whether max_seconds have passed; every process stops at the same step (the slowest decides)."""
         if self.options.max_seconds is None:
             return False
-        spent = float(time.perf_counter() - self.clock_started >= self.options.max_seconds)
+        spent = float(seconds_since_command_start() >= self.options.max_seconds)
         return self.accelerator.reduce(torch.tensor(spent, device=self.device), reduction="sum").item() > 0
 
     def maybe_checkpoint(self, step: int) -> None:

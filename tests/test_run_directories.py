@@ -351,6 +351,22 @@ def test_max_seconds_stops_at_a_step_checkpoints_it_and_writes_the_adapter(tiny_
     assert json.loads((out / "summary.json").read_text())["stopped_by_max_seconds"] is False
 
 
+def test_max_seconds_counts_from_the_command_start(tiny_pairs, tmp_path, capsys, monkeypatch):
+    """The budget pays for what the command does before its first step (loading, calibration): a command that
+    started 100 s ago has spent a 50 s budget by its first step, which is then its last."""
+    import time
+
+    from rlhf import clock
+
+    monkeypatch.setattr(clock, "mark_command_start", lambda: setattr(clock, "_started", time.perf_counter() - 100))
+    out = tmp_path / "run"
+    code, _, err = call_cli(capsys, *train_args(tiny_pairs, out, "--max-steps", "5", "--save-every", "0",
+                                                "--max-seconds", "50"))
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_done"] == 1 and summary["stopped_by_max_seconds"] is True
+
+
 def test_max_seconds_must_be_a_positive_finite_number(tiny_pairs, tmp_path, capsys):
     for value in ("0", "-5", "nan", "inf"):
         code, _, err = call_cli(capsys, *train_args(tiny_pairs, tmp_path / value, "--max-seconds", value))
