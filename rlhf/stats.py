@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -45,3 +46,38 @@ def compare_paired(base: np.ndarray, candidate: np.ndarray, tie_tolerance: float
         tie_rate=float((~wins & ~losses).mean()),
         loss_rate=float(losses.mean()),
     )
+
+
+def t_quantile(probability: float, df: int) -> float:
+    """The `probability` quantile of Student's t with `df` degrees of freedom (e.g. 0.975 -> the half-width
+    factor of a 95% interval), by bisection on the CDF integrated from the density with Simpson's rule:
+    `pdf(x) = Gamma((df+1)/2) / (sqrt(df pi) Gamma(df/2)) (1 + x^2/df)^(-(df+1)/2)`."""
+    if not 0.5 <= probability < 1 or df < 1:
+        raise ValueError(f"expected 0.5 <= probability < 1 and df >= 1, got {probability}, {df}")
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float) -> float:
+        grid = np.linspace(0.0, x, 4001)
+        density = np.exp(log_norm - (df + 1) / 2 * np.log1p(grid**2 / df))
+        step = grid[1] - grid[0]
+        integral = step / 3 * (density[0] + density[-1] + 4 * density[1:-1:2].sum() + 2 * density[2:-1:2].sum())
+        return 0.5 + integral
+
+    low, high = 0.0, 1.0
+    while cdf(high) < probability:
+        high *= 2
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) < probability else (low, middle)
+    return (low + high) / 2
+
+
+def mean_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and t-based `confidence` interval (sample std with ddof=1) of independent replicate values, e.g. one
+    gain per training seed: the interval then includes the run-to-run variance. (mean, nan, nan) for one value."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean())
+    if values.size < 2:
+        return mean, float("nan"), float("nan")
+    half = t_quantile(1 - (1 - confidence) / 2, values.size - 1) * float(values.std(ddof=1)) / math.sqrt(values.size)
+    return mean, mean - half, mean + half
