@@ -30,7 +30,8 @@ MAX_PROMPTS = 1_000
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="quickstart-out", help="Output directory (default: quickstart-out).")
     parser.add_argument("--device", default="auto", help="auto, cuda, npu or cpu (default: auto).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the rollout and of training.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed index of the rollout and of training (the world's "
+                        "\"rollout\" and \"training\" seed namespaces: rlhf.world.scene.seed).")
     parser.add_argument("--train-steps", type=int, default=None,
                         help="Flow-DPO optimiser steps (default: configs/world/dpo.yaml's).")
     parser.add_argument("--train-prompts", type=int, default=None,
@@ -43,7 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Every flag is checked before the first file is written (the stages check their own configs later)."""
-    from rlhf.commands.tiny_model import MAX_SEED
     from rlhf.errors import UserError
     from rlhf.io import output_path_problem
     from rlhf.options import device_name_problem
@@ -52,8 +52,11 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--out {problem}")
     if problem := device_name_problem(args.device):
         raise UserError(f"--device {problem}")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise UserError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
+    from rlhf.world.scene import SEED_BLOCK
+
+    if not 0 <= args.seed < SEED_BLOCK:
+        raise UserError(f"--seed must be in 0..{SEED_BLOCK - 1} (an index into the world's seed namespaces), "
+                        f"got {args.seed}")
     limits = {"train_steps": MAX_TRAIN_STEPS, "train_prompts": MAX_PROMPTS, "samples_per_prompt": 1024,
               "eval_seeds": 1024}
     for name, high in limits.items():
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rlhf.cli import main as cli
     from rlhf.training import holds_run
-    from rlhf.world import MODEL_DIR
+    from rlhf.world import MODEL_DIR, scene
 
     check_arguments(args)
     shipped = world_configs()
@@ -118,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     stages = [
         ("rollout", paths["rollout"] / "manifest.parquet",
          ["rollout", "--config", shipped / "rollout.yaml", "--model", MODEL_DIR, "--prompts",
-          configs / "train_prompts.txt", "--out", paths["rollout"], "--seed", args.seed, *device,
+          configs / "train_prompts.txt", "--out", paths["rollout"], "--seed", scene.seed("rollout", args.seed),
+          *device,
           *optional("--samples-per-prompt", args.samples_per_prompt),
           # a batch holds one prompt's samples at most
           *optional("--batch-size", args.samples_per_prompt and min(args.samples_per_prompt, world_batch))]),
@@ -127,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
          ["pairs", "--store", paths["rollout"], "--out", paths["pairs"], "--config", shipped / "pairs.yaml"]),
         ("train (Flow-DPO)", paths["train"] / "adapter" / "adapter_model.safetensors",
          ["train", "--config", shipped / "dpo.yaml", "--pairs", paths["pairs"], "--output-dir", paths["train"],
-          "--seed", args.seed, *device, *optional("--max-steps", args.train_steps),
+          "--seed", scene.seed("training", args.seed), *device, *optional("--max-steps", args.train_steps),
           *(["--resume-from", "latest"] if holds_run(paths["train"]) else [])]),  # continue an interrupted one
         ("merge", paths["merged"] / "model_index.json",
          ["merge", "--model", MODEL_DIR, "--adapter", paths["train"] / "adapter", "--out", paths["merged"]]),
