@@ -1,0 +1,102 @@
+"""The world's base model as built: capable (draws every value cleanly) and misaligned (follows each taught word
+about half the time), measured at the sampling settings rollout and evaluation use.
+
+Per split (train, validation, test; every direction) and per attribute, from base samples with seeds of the
+world's "validation" namespace (choosing nothing on the test split's seeds):
+
+- `following`: the share of videos whose attribute the oracle reads as the prompt's word;
+- `partner`: the share read as the word's confusion partner (`scene.CONFUSION`): the systematic mistake the
+  construction plants; `other`: any other value; `unreadable`: none;
+- `drawable`: the share of videos whose every attribute reads as some value (whatever it is);
+- cleanliness of the videos whose taught attributes are right vs wrong (a wrong output should be as clean a
+  single value as a right one, not a blend);
+- `vae_ceiling`: the same prompts and seeds rendered and passed through the world VAE.
+
+    python benchmarks/world_base.py [--seeds 8] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results import emit_rows  # noqa: E402
+from benchmarks.world_alignment import WorldEvaluator  # noqa: E402
+
+SEED_INDEX = 500_000  # within the validation namespace, apart from the seeds config choices are made on
+
+
+def read_outs(evaluator: WorldEvaluator, prompts: list[str], seeds: list[int]) -> list[tuple]:
+    """(prompt's (colour, size, direction), the oracle's Reading) per video."""
+    from rlhf.video import to_uint8_frames
+    from rlhf.world import scene
+    from rlhf.world.oracle import read_clip
+
+    embeds = evaluator.generator.encode_prompts([*prompts, evaluator.sampling.negative_prompt])
+    uncond = embeds.select(len(prompts))
+    out = []
+    per_chunk = max(1, 16 // len(seeds))
+    for first in range(0, len(prompts), per_chunk):
+        chunk = range(first, min(first + per_chunk, len(prompts)))
+        latents = evaluator.generator.sample_latents(embeds.select([i for i in chunk for _ in seeds]), uncond,
+                                                     [*seeds] * len(chunk), evaluator.sampling, progress=False)
+        for index, video in zip([i for i in chunk for _ in seeds], evaluator.generator.decode(latents), strict=True):
+            out.append((scene.parse_prompt(prompts[index]), read_clip(to_uint8_frames(video))))
+    return out
+
+
+def summarise(split: str, readings: list[tuple]) -> dict:
+    from rlhf.world import scene
+
+    row: dict = {"benchmark": "world_base", "split": split, "n": len(readings)}
+    for position, attribute in enumerate(scene.ATTRIBUTES):
+        asked = [a[position] for a, _ in readings]
+        read = [getattr(r, attribute) for _, r in readings]
+        partner = [scene.CONFUSION[attribute][w] if attribute in scene.CONFUSION else None for w in asked]
+        row[attribute] = {
+            "following": float(np.mean([r == w for r, w in zip(read, asked, strict=True)])),
+            "partner": float(np.mean([r is not None and r == p for r, p in zip(read, partner, strict=True)])),
+            "other": float(np.mean([r is not None and r not in (w, p)
+                                    for r, w, p in zip(read, asked, partner, strict=True)])),
+            "unreadable": float(np.mean([r is None for r in read])),
+        }
+    hits = [r.matches(*a) for a, r in readings]
+    row["taught"] = float(np.mean([h["taught"] for h in hits]))
+    row["all"] = float(np.mean([h["all"] for h in hits]))
+    row["drawable"] = float(np.mean([all(getattr(r, a) is not None for a in scene.ATTRIBUTES) for _, r in readings]))
+    clean = {"right": [r.cleanliness for h, (_, r) in zip(hits, readings, strict=True) if h["taught"]],
+             "wrong": [r.cleanliness for h, (_, r) in zip(hits, readings, strict=True) if not h["taught"]]}
+    row["cleanliness"] = {k: float(np.mean(v)) if v else None for k, v in clean.items()}
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="device (default: cpu)")
+    parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt (default: 8)")
+    parser.add_argument("--record", action="store_true", help="append the rows to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    from rlhf.world import scene
+
+    started = time.perf_counter()
+    evaluator = WorldEvaluator({}, args.device)
+    seeds = [scene.seed("validation", SEED_INDEX + i) for i in range(args.seeds)]
+    rows = []
+    for split in ("train", "validation", "test"):
+        prompts = scene.prompts_for(scene.SPLITS[split])
+        rows.append(summarise(split, read_outs(evaluator, prompts, seeds)))
+        ceiling = evaluator.vae_ceiling(prompts, seeds)
+        rows[-1]["vae_ceiling"] = {name: float(ceiling[name].mean()) for name in ("colour", "size", "direction",
+                                                                                   "taught", "all")}
+    emit_rows("world_base", rows, time.perf_counter() - started, args.record)
+
+
+if __name__ == "__main__":
+    main()
