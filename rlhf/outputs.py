@@ -50,13 +50,18 @@ def _is_report(path: Path) -> bool:
         return b"<title>contentv-rlhf report" in file.read(4096)
 
 
+def _is_training_run(path: Path) -> bool:
+    # rlhf/training.py's names (not imported: it pulls in torch): checkpoints/step-NNNNNNN/trainer_state.json.
+    return (path / "logs").exists() or any((path / "checkpoints").glob("step-*/trainer_state.json"))
+
+
 @dataclass(frozen=True)
 class OutputKind:
     """What a command writes, and how an existing output of that kind is recognised.
 
-    A folder kind is recognised by its manifest files (all present); a file kind by `recognise(path)`, which
-    `manifest` then describes. `entries` (shared-folder kinds only): the names the command writes into a folder
-    that may hold other files.
+    A kind is recognised by `recognise(path)` where given, which `manifest` then describes; otherwise (folders
+    only) by its manifest files, all present. `entries` (shared-folder kinds only): the names the command writes
+    into a folder that may hold other files.
     """
 
     noun: str
@@ -66,10 +71,10 @@ class OutputKind:
     recognise: Callable[[Path], bool] | None = None
 
     def held_by(self, path: Path) -> bool:
-        if self.folder:
-            return all((path / name).exists() for name in self.manifest)
+        if self.recognise is None:
+            return self.folder and all((path / name).exists() for name in self.manifest)
         try:
-            return self.recognise is not None and self.recognise(path)
+            return self.recognise(path)
         except OSError:
             return False
 
@@ -83,8 +88,10 @@ ROLLOUT_STORE = OutputKind("a rollout store", ("store.json",))
 PAIRS_DATASET = OutputKind("a pairs dataset", ("summary.json", "dataset_info.json"))
 MODEL = OutputKind("a model checkpoint", ("model_index.json",))
 EVAL_RESULTS = OutputKind("an eval", ("eval.json",))
-# A run writes logs/ before its first step; its lock file and set-aside runs are hidden, and its own.
-TRAINING_RUN = OutputKind("a training run", ("logs",), entries=("adapter", "checkpoints", "logs", "summary.json"))
+# A run writes logs/ before its first step; its lock file and set-aside runs are hidden, and its own. A folder
+# holding only checkpoints our trainer wrote (one copied out of a run, to continue it there) is a run too.
+TRAINING_RUN = OutputKind("a training run", ("logs or a checkpoint's trainer_state.json",),
+                          entries=("adapter", "checkpoints", "logs", "summary.json"), recognise=_is_training_run)
 ONLINE_RUN = OutputKind("an online run", ("rounds.json",), entries=("rounds.json",))
 VIDEO = OutputKind("an mp4 video", ("an mp4 header",), folder=False, recognise=_is_mp4)
 REPORT = OutputKind("a contentv-rlhf report", ("a report title",), folder=False, recognise=_is_report)

@@ -46,6 +46,10 @@ def test_overwrite_never_deletes_what_the_command_did_not_make(tiny_model_dir, t
     mine = tmp_path / "my-folder"
     (mine / "notes").mkdir(parents=True)
     (mine / "notes" / "thesis.txt").write_text("years of work\n")
+    # A checkpoints/ folder that our trainer did not write (no step-*/trainer_state.json).
+    not_ours = tmp_path / "not-a-run"
+    (not_ours / "checkpoints" / "step-0000001").mkdir(parents=True)
+    (not_ours / "checkpoints" / "step-0000001" / "weights.bin").write_bytes(b"someone else's")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
     (tmp_path / "link-to-store").symlink_to(store)
@@ -78,6 +82,9 @@ def test_overwrite_never_deletes_what_the_command_did_not_make(tiny_model_dir, t
     refused(capsys, "tiny-model", store, "--overwrite", names=("is not a model checkpoint",))
     refused(capsys, *train_args(other_pairs, store / "..", "--overwrite"), names=("contain",))
     refused(capsys, *train_args(pairs, other_pairs, "--overwrite"), names=("summary.json", "not a training run"))
+    for flag in ("--overwrite", "--resume-from"):
+        args = train_args(pairs, not_ours, flag, *(["latest"] if flag == "--resume-from" else []))
+        refused(capsys, *args, names=("checkpoints", "not a training run", "trainer_state.json"))
     assert tree(tmp_path) == before
 
 
