@@ -188,7 +188,9 @@ def test_generate_writes_the_same_frames_for_each_documented_loader(tiny_model_d
         with monkeypatch.context() as patch:
             if loader:
                 patch.setattr(rlhf.generation, "load_contentv", load_then_attach)
-            code, _, err = call_cli(capsys, *GENERATE, "--model", tiny_model_dir, "--out", tmp_path / "v.mp4", *extra)
+            # Each video replaces the last (generate, like every command, replaces its output only when told).
+            code, _, err = call_cli(capsys, *GENERATE, "--model", tiny_model_dir, "--out", tmp_path / "v.mp4",
+                                    "--overwrite", *extra)
         assert code == 0, err
         return written[-1]
 
