@@ -1,26 +1,34 @@
 """Train the shapes world's generator and rewards from a seed: `python -m rlhf.world.pretrain --out DIR`.
 
-Stages, each reading what the earlier ones wrote under `--out` (rerun one with `--stages`):
+One command runs every stage in order; each reads what the earlier ones wrote under `--out`. A stage the log
+records as done is skipped, and a stage interrupted mid-way resumes from its last saved state
+(`DIR/resume/<stage>/`, safetensors + JSON), so the same command run again after a kill continues the run and
+ends with the same weights (same `--threads`). `--stages` runs a subset, `--redo` repeats finished ones.
 
 1. `components`: the ContentV layout around the learned parts: word-level CLIP and T5 tokenizers
    over the world's vocabulary (one token per word, short `model_max_length`), frozen random text
    encoders (they only have to keep prompts apart; the transformer learns to read them), the flow
    scheduler, `model_index.json`.
-2. `vae`: `AutoencoderKLWan` (the tiny config) trained to reconstruct world clips of the training
-   combinations. Decoding skips diffusers' final clamp during training (a clamped pixel gets no
-   gradient and training stalls at the mean video), encoding uses the posterior mean plus a little
-   noise, and object pixels weigh 8x (colour is otherwise learned last). Its `latents_mean` /
-   `latents_std` are then fitted on its own latents and written into its config.
+2. `vae`: `AutoencoderKLWan` (the tiny config) trained to reconstruct world clips of every combination.
+   Decoding skips diffusers' final clamp during training (a clamped pixel gets no gradient and training
+   stalls at the mean video), encoding uses the posterior mean plus a little noise, and object pixels weigh
+   8x (colour is otherwise learned last). `vae_refine` continues it at a lower learning rate with an edge
+   term. Its `latents_mean` / `latents_std` are then fitted on its own latents and written into its config.
 3. `transformer`: `SD3Transformer3DModel` (4 layers, 4 heads x 32) trained by flow matching on the VAE's
-   latents of training-combination clips, with 10% empty prompts (the guidance branch); the EMA
-   weights are saved. It stops early on purpose, so that held-out combinations leave room to improve.
+   latents of clips of **every** combination (a real base model has seen every attribute value), with 10%
+   empty prompts (the guidance branch), under **confused captions** (`caption_words`): each taught word
+   (colour, size) names the clip's own value half the time and its `scene.CONFUSION` partner the other half.
+   Direction words stay clean. The EMA weights are saved. Trained to the end of its schedule: the base is
+   meant to be capable (it draws every value cleanly) and misaligned (it follows each taught word about half
+   the time), not under-trained.
 4. `clip`: an open_clip model (`WORLD_CLIP_CONFIG`) trained contrastively on single frames and their
-   prompts (training combinations only), saved as an open_clip `local-dir:` folder.
+   **clean** captions (train-split combinations only), saved as an open_clip `local-dir:` folder.
 5. `aesthetic`: the LAION head type (`improved-mlp` layout) fitted on that CLIP's image embeddings to
    predict render quality: clean renders score high, blurred, noisy, fragmented or colour-bled ones low.
 
-Every stage is deterministic for a seed (one CPU thread per stage keeps float sums in one order);
-losses, wall time and the command go to `DIR/pretrain_log.json`.
+Every stage is deterministic for a seed (one CPU thread per stage keeps float sums in one order); its seeds
+come from the world's "pretraining" seed namespace. Losses, wall time and the command go to
+`DIR/pretrain_log.json`.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ import torch.nn.functional as F
 
 from rlhf.world import scene
 
-STAGES = ("components", "vae", "transformer", "clip", "aesthetic")
+STAGES = ("components", "vae", "vae_refine", "transformer", "clip", "aesthetic")
 
 # The world's text side: short sequences of whole words.
 CLIP_LENGTH = 10
@@ -67,9 +75,12 @@ WORLD_CLIP_CONFIG: dict[str, Any] = {
 }
 
 
+STAGE_SEED_INDEX = {"components": 0, "vae": 1, "transformer": 2, "clip": 3, "aesthetic": 4, "vae_refine": 5}
+
+
 def stage_seed(seed: int, stage: str) -> int:
     """The seed of one stage: in the world's "pretraining" seed namespace, apart from every other use."""
-    return scene.seed("pretraining", seed * 100 + STAGES.index(stage))
+    return scene.seed("pretraining", seed * 100 + STAGE_SEED_INDEX[stage])
 
 
 class Log:
@@ -275,20 +286,22 @@ def vae_loss(vae, video: torch.Tensor, generator: torch.Generator, edge_weight: 
 
 
 def train_vae(out: Path, seed: int, steps: int, batch: int, lr: float, edge_weight: float,
-              first_frame_weight: float, log: Log) -> None:
-    """Train the VAE from its seeded init; resumable (`Resume`)."""
+              first_frame_weight: float, log: Log, stage: str = "vae") -> None:
+    """Train the VAE: stage `vae` from its seeded init, stage `vae_refine` onwards from the saved VAE with its own
+    seed and schedule (a second, lower learning-rate phase). Resumable (`Resume`)."""
     from diffusers import AutoencoderKLWan
 
-    vae_seed = stage_seed(seed, "vae")
+    vae_seed = stage_seed(seed, stage)
     torch.manual_seed(vae_seed)
     rng = random.Random(vae_seed)
     generator = torch.Generator().manual_seed(vae_seed)
-    vae = AutoencoderKLWan(**VAE_CONFIG)
+    folder = out / "model" / "vae"
+    vae = AutoencoderKLWan(**VAE_CONFIG) if stage == "vae" else AutoencoderKLWan.from_pretrained(folder)
     vae.train()
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
     settings = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "edge_weight": edge_weight,
                 "first_frame_weight": first_frame_weight, "threads": torch.get_num_threads()}
-    resume = Resume(out, "vae", settings)
+    resume = Resume(out, stage, settings)
     first, losses = resume.load({"vae": vae}, optimizer, rng, generator)
     started = time.time()
     for step in range(first, steps):
@@ -305,12 +318,12 @@ def train_vae(out: Path, seed: int, steps: int, batch: int, lr: float, edge_weig
         optimizer.step()
         losses.append(round(loss.item(), 6))
         if step % 10 == 0 or step == steps - 1:
-            print(f"vae step {step}/{steps} loss {loss.item():.4f} ({time.time() - started:.0f} s)", flush=True)
+            print(f"{stage} step {step}/{steps} loss {loss.item():.4f} ({time.time() - started:.0f} s)", flush=True)
     vae.eval()
     mean, std = fit_latent_statistics(vae, rng)
     vae.register_to_config(latents_mean=mean, latents_std=std)
-    vae.save_pretrained(out / "model" / "vae")
-    log.record("vae", {**settings, "seconds": round(time.time() - started, 1), "losses": losses,
+    vae.save_pretrained(folder)
+    log.record(stage, {**settings, "seconds": round(time.time() - started, 1), "losses": losses,
                        "latents_mean": mean, "latents_std": std})
     resume.clear()
 
@@ -654,7 +667,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="Weight of the spatial-gradient (edge) term of the VAE loss.")
     parser.add_argument("--vae-first-frame-weight", type=float, default=3.0,
                         help="Extra weight of frame 0 in the VAE loss (the causal VAE encodes it alone).")
-    parser.add_argument("--transformer-steps", type=int, default=6000, help="Transformer optimiser steps.")
+    parser.add_argument("--vae-refine-steps", type=int, default=900,
+                        help="Steps of the vae_refine stage (continues the saved VAE on its own schedule).")
+    parser.add_argument("--vae-refine-lr", type=float, default=1e-3, help="Peak learning rate of vae_refine.")
+    parser.add_argument("--vae-refine-edge-weight", type=float, default=2.0,
+                        help="Edge-term weight of vae_refine (sharper edges: the oracle's cleanliness reads them).")
+    parser.add_argument("--transformer-steps", type=int, default=4000, help="Transformer optimiser steps.")
     parser.add_argument("--transformer-batch", type=int, default=32, help="Latents per transformer step.")
     parser.add_argument("--transformer-lr", type=float, default=5e-4, help="Peak transformer learning rate (cosine).")
     parser.add_argument("--transformer-logit-mean", type=float, default=0.0,
@@ -692,6 +710,9 @@ def main(argv: list[str] | None = None) -> int:
         "components": lambda: write_components(out, args.seed, log),
         "vae": lambda: train_vae(out, args.seed, args.vae_steps, args.vae_batch, args.vae_lr, args.vae_edge_weight,
                                  args.vae_first_frame_weight, log),
+        "vae_refine": lambda: train_vae(out, args.seed, args.vae_refine_steps, args.vae_batch, args.vae_refine_lr,
+                                        args.vae_refine_edge_weight, args.vae_first_frame_weight, log,
+                                        stage="vae_refine"),
         "transformer": lambda: train_transformer(
             out, args.seed, args.transformer_steps, args.transformer_batch, args.clips_per_prompt,
             sorted({int(v) for v in args.save_at.split(",") if v.strip()} | {args.transformer_steps}), log,
