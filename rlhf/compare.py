@@ -167,7 +167,7 @@ def build_app(comparer: Comparer) -> gradio.Blocks:
     with gr.Blocks(title="contentv-rlhf compare", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(intro)
         with gr.Row(equal_height=True):
-            prompt = gr.Textbox(label="Prompt", placeholder="a red circle moving left", scale=4, elem_id="prompt")
+            prompt = gr.Textbox(label="Prompt", placeholder="a small red circle moving left", scale=4, elem_id="prompt")
             seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_UI_SEED, elem_id="seed")
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         videos, tables = [], []

@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import REPO, call_cli, random_adapter
 
-PROMPT = "a yellow square moving up"
+PROMPT = "a large yellow circle moving up"
 STEPS = ["--steps", "4"]  # the world model's config samples 20 steps; 4 keep these tests quick
 WORLD = ["--config", "configs/world/compare.yaml", "--device", "cpu", *STEPS]
 # The same sampling as configs/world/compare.yaml, as `generate` flags.

@@ -25,7 +25,7 @@ from tests.conftest import call_cli, tiny_forward
 
 # The world model's own sampling settings (configs/world/rollout.yaml), fewer steps.
 WORLD = {"frames": 9, "height": 64, "width": 64, "steps": 8, "guidance": 4.0, "negative_prompt": ""}
-PROMPT = "a yellow square moving up"
+PROMPT = "a large yellow circle moving up"
 QUANTIZED = ("int8_weight_only", "float8_weight_only", "nf4")
 # Lowest PSNR (dB) of a quantised world video against the unquantised one (seed 0, 8 steps, fp32 compute).
 # Measured on this machine: int8 47.9 dB, float8 36.0 dB, nf4 27.0 dB (benchmarks/RESULTS.md, memory_modes); a

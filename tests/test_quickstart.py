@@ -20,10 +20,10 @@ def test_quickstart_end_to_end_and_rerun(tmp_path, capsys):
     kinds = result["rewards"]
     assert {kinds[r] for r in ("clip", "aesthetic", "motion")} == {"trained"}
     assert {kinds[r] for r in ("colorfulness", "contrast", "frame_diff_motion")} == {"held_out"}
-    assert {kinds[r] for r in ("oracle_colour", "oracle_shape", "oracle_direction", "oracle_all",
+    assert {kinds[r] for r in ("oracle_colour", "oracle_size", "oracle_direction", "oracle_taught", "oracle_all",
                                "oracle_cleanliness")} == {"truth"}
     assert "oracle_taught" in stdout  # the oracle's accuracy is in the printed table
-    assert len(result["prompts"]) == 16  # the held-out combinations, all four directions
+    assert len(result["prompts"]) == 16  # the test combinations, all four directions
     assert len(json.loads((out / "train" / "summary.json").read_text())) > 0
     assert "oracle_all" in (out / "report.html").read_text()
 

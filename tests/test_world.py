@@ -127,17 +127,17 @@ def _disc_clip(radius: float, rgb=(255, 0, 0), aspect: float = 1.0, second: bool
 
 def test_oracle_answers_unreadable_instead_of_a_default():
     """Blends, changing hues, in-between radii, ellipses and two objects get no value (and count as wrong)."""
-    assert read_clip(_disc_clip(8.5)).as_dict()["size"] == "medium"  # the control: a clean medium red disc
+    assert read_clip(_disc_clip(9.5)).as_dict()["size"] == "medium"  # the control: a clean medium red disc
     assert read_clip(_disc_clip(8.5, rgb=(255, 128, 0))).colour is None  # orange: halfway between red and yellow
     changing = _disc_clip(8.5)
     changing[5:] = _disc_clip(8.5, rgb=(0, 255, 0))[5:]  # red, then green
     assert read_clip(changing).colour is None
-    for radius in (7.6, 11.1, 2.5, 20.0):  # between the bands, or outside every size
+    for radius in (8.4, 11.8, 2.5, 20.0):  # between the bands, or outside every size
         assert read_clip(_disc_clip(radius)).size is None, radius
     for aspect in (1.5, 2.0):  # ellipses are no disc
-        assert read_clip(_disc_clip(8.5, aspect=aspect)).size is None, aspect
+        assert read_clip(_disc_clip(9.5, aspect=aspect)).size is None, aspect
     assert read_clip(_disc_clip(6.0, second=True)).size is None  # two discs: no one size
-    reading = read_clip(_disc_clip(7.6))
+    reading = read_clip(_disc_clip(8.4))
     assert reading.matches("red", "small", "right")["taught"] is False  # unreadable counts as wrong
 
 

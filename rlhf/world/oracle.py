@@ -43,9 +43,9 @@ FOREGROUND = 0.4  # V above which a pixel is object, for colour and components
 MIN_TRAVEL = 3.0  # pixels between the first and last centroid to call a direction
 HUE_TOLERANCE = 20.0  # degrees from the nearest named hue (they are 60 apart) for a colour to be read
 HUE_SPREAD = 30.0  # degrees of hue change across the frames beyond which a clip has no one colour
-# Radius bands (pixels) of each size as read through blur: renders are 4.5-5.5, 8-9 and 12-13; the world
-# VAE and a 3 px blur widen a disc's measured radius by up to ~1.5 px. Radii in the gaps are unreadable.
-SIZE_BANDS: dict[str, tuple[float, float]] = {"small": (3.5, 7.4), "medium": (7.8, 10.9), "large": (11.3, 15.5)}
+# Radius bands (pixels) of each size as read through blur: renders are 6-7, 9-10 and 12.5-13.5; the world
+# VAE and a 3 px blur widen a disc's measured radius by up to ~1.2 px. Radii in the gaps are unreadable.
+SIZE_BANDS: dict[str, tuple[float, float]] = {"small": (4.5, 8.2), "medium": (8.6, 11.6), "large": (12.0, 16.0)}
 DISC_FIT = 0.12  # largest relative L2 error of the best blurred disc for the object to count as a disc
 SINGLE = 0.8  # share of the frame's light the object must hold for its size to be read (one object, not two)
 

@@ -79,7 +79,11 @@ STAGE_SEED_INDEX = {"components": 0, "vae": 1, "transformer": 2, "clip": 3, "aes
 
 
 def stage_seed(seed: int, stage: str) -> int:
-    """The seed of one stage: in the world's "pretraining" seed namespace, apart from every other use."""
+    """The seed of one stage (`vae_refine2`, ... are later rounds of `vae_refine`): in the world's "pretraining"
+    seed namespace, apart from every other use."""
+    round_ = stage.removeprefix("vae_refine")
+    if stage.startswith("vae_refine") and round_:
+        return scene.seed("pretraining", seed * 100 + 10 + int(round_))
     return scene.seed("pretraining", seed * 100 + STAGE_SEED_INDEX[stage])
 
 
@@ -652,6 +656,24 @@ def train_aesthetic(out: Path, seed: int, steps: int, log: Log, reconstructions:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def copy_vae(source: Path, out: Path, log: Log) -> None:
+    """The `vae` stage with `--vae-from`: a trained VAE copied in (weights, config and its latent statistics)."""
+    import hashlib
+
+    if not (source / "config.json").is_file():
+        raise SystemExit(f"--vae-from {source}: not an AutoencoderKLWan folder (no config.json)")
+    folder = out / "model" / "vae"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(source, folder)
+    digests = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.is_file()}
+    log.record("vae", {"copied_from": str(source), "sha256": digests})
+
+
+def refine_rounds(rounds: int) -> list[str]:
+    """The log names of the vae_refine rounds: vae_refine, vae_refine2, ..."""
+    return ["vae_refine" if r == 1 else f"vae_refine{r}" for r in range(1, rounds + 1)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlhf.world.pretrain", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="Output folder: model/ (ContentV layout), rewards/, log.")
@@ -660,6 +682,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redo", action="store_true",
                         help="Run the listed stages again even if the log records them as done.")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps losses bit-reproducible).")
+    parser.add_argument("--vae-from", default=None,
+                        help="Use this trained AutoencoderKLWan folder as the world VAE instead of training one (the "
+                             "vae and vae_refine stages then copy it and record its digest).")
     parser.add_argument("--vae-steps", type=int, default=900, help="VAE optimiser steps.")
     parser.add_argument("--vae-batch", type=int, default=4, help="Clips per VAE step.")
     parser.add_argument("--vae-lr", type=float, default=2e-3, help="Peak VAE learning rate (cosine schedule).")
@@ -668,11 +693,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-first-frame-weight", type=float, default=3.0,
                         help="Extra weight of frame 0 in the VAE loss (the causal VAE encodes it alone).")
     parser.add_argument("--vae-refine-steps", type=int, default=900,
-                        help="Steps of the vae_refine stage (continues the saved VAE on its own schedule).")
+                        help="Steps of each round of the vae_refine stage (continues the saved VAE on its own schedule).")
+    parser.add_argument("--vae-refine-rounds", type=int, default=2,
+                        help="Rounds of vae_refine, each a fresh schedule (logged as vae_refine, vae_refine2, ...).")
     parser.add_argument("--vae-refine-lr", type=float, default=1e-3, help="Peak learning rate of vae_refine.")
     parser.add_argument("--vae-refine-edge-weight", type=float, default=2.0,
                         help="Edge-term weight of vae_refine (sharper edges: the oracle's cleanliness reads them).")
-    parser.add_argument("--transformer-steps", type=int, default=4000, help="Transformer optimiser steps.")
+    parser.add_argument("--transformer-steps", type=int, default=3000, help="Transformer optimiser steps.")
     parser.add_argument("--transformer-batch", type=int, default=32, help="Latents per transformer step.")
     parser.add_argument("--transformer-lr", type=float, default=5e-4, help="Peak transformer learning rate (cosine).")
     parser.add_argument("--transformer-logit-mean", type=float, default=0.0,
@@ -710,9 +737,10 @@ def main(argv: list[str] | None = None) -> int:
         "components": lambda: write_components(out, args.seed, log),
         "vae": lambda: train_vae(out, args.seed, args.vae_steps, args.vae_batch, args.vae_lr, args.vae_edge_weight,
                                  args.vae_first_frame_weight, log),
-        "vae_refine": lambda: train_vae(out, args.seed, args.vae_refine_steps, args.vae_batch, args.vae_refine_lr,
-                                        args.vae_refine_edge_weight, args.vae_first_frame_weight, log,
-                                        stage="vae_refine"),
+        "vae_refine": lambda: [train_vae(out, args.seed, args.vae_refine_steps, args.vae_batch, args.vae_refine_lr,
+                                         args.vae_refine_edge_weight, args.vae_first_frame_weight, log, stage=name)
+                               for name in refine_rounds(args.vae_refine_rounds)
+                               if args.redo or name not in json.loads(log.path.read_text())],
         "transformer": lambda: train_transformer(
             out, args.seed, args.transformer_steps, args.transformer_batch, args.clips_per_prompt,
             sorted({int(v) for v in args.save_at.split(",") if v.strip()} | {args.transformer_steps}), log,
@@ -721,9 +749,18 @@ def main(argv: list[str] | None = None) -> int:
                                    args.reward_reconstructions, args.clip_positives),
         "aesthetic": lambda: train_aesthetic(out, args.seed, args.aesthetic_steps, log, args.reward_reconstructions),
     }
+    if args.vae_from:
+        runners["vae"] = lambda: copy_vae(Path(args.vae_from), out, log)
+        runners["vae_refine"] = lambda: None
     done = json.loads(log.path.read_text()) if log.path.is_file() else {}
+
+    def finished(stage: str) -> bool:
+        if stage == "vae_refine":
+            return bool(args.vae_from) or all(name in done for name in refine_rounds(args.vae_refine_rounds))
+        return stage in done
+
     for stage in stages:
-        if stage in done and not args.redo:  # the same command after an interruption skips what is finished
+        if finished(stage) and not args.redo:  # the same command after an interruption skips what is finished
             print(f"{stage}: done ({log.path}); --redo runs it again", flush=True)
             continue
         runners[stage]()

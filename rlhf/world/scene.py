@@ -40,7 +40,7 @@ COLOURS: dict[str, float] = {  # name -> hue in degrees
     "red": 0.0, "yellow": 60.0, "green": 120.0, "cyan": 180.0, "blue": 240.0, "magenta": 300.0,
 }
 SIZES: dict[str, tuple[float, float]] = {  # name -> radius range in pixels
-    "small": (4.5, 5.5), "medium": (8.0, 9.0), "large": (12.0, 13.0),
+    "small": (6.0, 7.0), "medium": (9.0, 10.0), "large": (12.5, 13.5),
 }
 DIRECTIONS: dict[str, tuple[int, int]] = {  # name -> unit (dx, dy) in image coordinates (y grows down)
     "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1),
