@@ -1,27 +1,36 @@
-"""World alignment: does a trainer make the shapes-world generator follow prompts better, by the oracle?
+"""World alignment: does a trainer make the shapes-world generator follow its prompts, by the oracle?
 
-On the shipped world model (`rlhf/world/weights`), with the shipped world configs (`configs/world/`, no
-per-run tuning), runs the real pipeline through the CLI: rollout (K samples per training prompt) -> score
-(learned CLIP + aesthetic + motion) -> pairs -> train Flow-DPO; and train the reward-gradient and the online
-GRPO trainers on the same prompts and rewards. Then, on held-out colour-shape combinations and on training combinations, with
-seeds never used in training, compares per method:
+The world (README "The shapes world") is capable but misaligned by construction: its base draws every colour
+and size cleanly but follows each taught word (colour, size) about half the time. On the shipped world model and
+the shipped `configs/world/` files (no per-run tuning), for each training seed (`--training-seeds`, >= 2), this
+runs the real pipeline through the CLI on the **train** split's prompts and compares, on the **test** split
+(combinations never used for training or for any choice) and on the train split, with evaluation seeds of the
+world's "test" seed namespace:
 
 - `base`: the pretrained generator;
-- `best_of_K`: K base samples per prompt and seed (the base's own sample among them), the one the trained
-  reward ranks first (K = the rollout's samples per prompt);
-- `dpo`, `reward_gradient`, `grpo`: the trained adapters (each trainer's shipped world config), each trained
-  within the same wall-time budget (`--budget-seconds`; Flow-DPO's data stages count against it).
+- `vae_reconstruction`: renders of the same prompts and seeds through the world VAE: the ceiling a perfect
+  transformer would reach;
+- `best_of_8_reward`: 8 base samples per prompt and seed, the one the trained reward ranks first (8x inference);
+- `best_of_8_oracle`: the same 8, the first the oracle reads right: how often the right answer is among the
+  base's samples (the headroom);
+- `sft`: rejection-sampling fine-tuning on each prompt's best samples by the learned reward (`configs/world/sft.yaml`);
+- `dpo`: Flow-DPO on pairs ranked by the learned rewards (`configs/world/{pairs,dpo}.yaml`);
+- `dpo_oracle`: Flow-DPO on pairs of the same rollout ranked by the oracle (taught hit + 0.5 x cleanliness): the
+  best preferences any reward could give, the trainer's ceiling;
+- `reward_gradient`, `grpo`: the online trainers (`configs/world/{reward_gradient,grpo}.yaml`).
 
-Per method and split: the trained reward (the rewards config's weighted sum) and each reward's mean; the
-oracle's accuracy on colour, shape, direction, colour+shape and all three, and its cleanliness; the win
-rate against the base on the trained reward (same prompt and seed); the reward-hacking gap (trained-reward
-gain minus colour+shape-accuracy gain, each in units of the base's standard deviation: positive when the
-reward rose more than the ground truth did); and the wall time the method cost. Seed-to-seed noise of the
-base (the std over seed indices of the per-seed mean) is reported for direction accuracy, cleanliness and
-colour+shape accuracy, and each method's colour+shape gain comes with its paired standard error.
+Every trained method gets the same wall-time budget (`--budget-seconds`), counted from its command's start
+(model loading and calibration included, `max_seconds`); the offline methods' data (rollout, scoring, pairs or
+selection) is charged to each of them at the time it took. Per method and split: the oracle's accuracy per
+attribute, on the taught attributes together (`taught`) and on all three, its share of readable videos,
+cleanliness, the trained reward, the win rate against the base on it (same prompt and seed), the hacking gap
+(trained-reward gain minus taught-accuracy gain, each in units of the base's spread; positive: the reward rose
+more than the truth), and cost. Trained methods: the gain per training seed, the mean and a t-based 95% interval
+over the seeds (ddof 1: it includes the run-to-run variance); best-of-8 rows: the interval over evaluation
+seeds. `amortisation` is a method's taught gain over best-of-8-by-reward's (1x inference vs 8x).
 Prints one JSON row per method and split; `--record` appends them, with the command, to RESULTS.md.
 
-    python benchmarks/world_alignment.py [--out DIR] [--record]
+    python benchmarks/world_alignment.py [--out DIR] [--record] [--split validation]
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,14 +51,18 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.results import emit_rows  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "world"
-ATTRIBUTES = ("colour", "shape", "direction", "colour_shape", "all")
-EVAL_SEED_OFFSET = 500_000  # rollout seeds are derived from (seed, prompt, index) far below this
+ATTRIBUTES = ("colour", "size", "direction", "taught", "all")
+READABLE = "readable:"  # per-video indicator arrays: the oracle read a value for that attribute
 VIDEOS_PER_BATCH = 16
-ASKED, READ = "shape_asked:", "shape_read:"  # per-video indicator arrays behind the shape confusion
+BEST_OF = 8
+ORACLE_WEIGHTS = {"oracle_taught": 1.0, "oracle_cleanliness": 0.5}
+OFFLINE = ("sft", "dpo", "dpo_oracle")
+ONLINE = ("reward_gradient", "grpo")
+TRAIN_SPLIT_SEED_INDEX = 100_000  # train-split evaluation seeds: the "test" namespace from here on
 
 
-def run_stage(argv: list[str]) -> float:
-    """Run one CLI stage; return its wall time. Stops the benchmark if the stage fails."""
+def run_stage(argv: list) -> float:
+    """Run one CLI stage in this process; return its wall time. Stops the benchmark if the stage fails."""
     from rlhf.cli import main as cli
 
     start = time.perf_counter()
@@ -59,44 +73,72 @@ def run_stage(argv: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def train_all(out: Path, device: str, budget: float) -> dict[str, dict]:
-    """The pipeline with the shipped configs, each method within `budget` seconds of wall time (Flow-DPO's
-    rollout, scoring and pairs count against its budget; a trainer stops at its config's max_steps or at the
-    first step that ends past its budget, `max_seconds`); returns each method's adapter, the seconds it cost
-    and the optimiser steps it ran."""
+def pair_contrast(pairs_dir: Path, store_dir: Path) -> dict:
+    """How many pairs have a winner the oracle reads right on the taught attributes and a loser it reads wrong
+    (`teach_right`), the reverse (`teach_wrong`), or both the same (`same`)."""
+    from datasets import load_from_disk
+
+    from rollouts.store import RolloutStore
+
+    hits = RolloutStore(store_dir).read_scores("oracle_taught")["scores"]
+    rows = load_from_disk(str(pairs_dir))
+    counts = {"pairs": len(rows), "teach_right": 0, "teach_wrong": 0, "same": 0}
+    for chosen, rejected in zip(rows["chosen_id"], rows["rejected_id"], strict=True):
+        difference = hits[chosen] - hits[rejected]
+        counts["teach_right" if difference > 0 else "teach_wrong" if difference < 0 else "same"] += 1
+    return counts
+
+
+def train_methods(out: Path, index: int, device: str, budget: float) -> dict[str, dict]:
+    """Every trained method for training seed `index` within `budget` seconds each; returns per method its
+    adapter, the seconds it cost (data charged at the time it took) and the optimiser steps it ran."""
+    from rlhf.world import scene
+
     common = ["--device", device]
-    rollout_s = run_stage(["rollout", "--config", CONFIGS / "rollout.yaml", "--out", out / "rollout", *common])
-    score_s = run_stage(["score", "--store", out / "rollout", "--config", CONFIGS / "rewards.yaml"])
-    pairs_s = run_stage(["pairs", "--store", out / "rollout", "--out", out / "pairs", "--config", CONFIGS / "pairs.yaml"])
-    data_s = rollout_s + score_s + pairs_s
-    dpo_s = run_stage(["train", "--config", CONFIGS / "dpo.yaml", "--pairs", out / "pairs", "--output-dir", out / "dpo",
-                       "--overwrite", "--max-seconds", max(budget - data_s, 1.0), *common])
-    rg_s = run_stage(["train", "--config", CONFIGS / "reward_gradient.yaml", "--output-dir", out / "reward_gradient",
-                      "--overwrite", "--max-seconds", budget, *common])
-    grpo_s = run_stage(["train", "--config", CONFIGS / "grpo.yaml", "--output-dir", out / "grpo", "--overwrite",
-                        "--max-seconds", budget, *common])
-
-    def steps(run: str) -> dict:
-        summary = json.loads((out / run / "summary.json").read_text())
-        return {"steps_done": summary["steps_done"], "max_steps": summary["steps"],
-                "stopped_by_budget": summary["stopped_by_max_seconds"]}
-
-    return {
-        "dpo": {"adapter": out / "dpo" / "adapter", "seconds": {"rollout_score_pairs": data_s, "train": dpo_s},
-                **steps("dpo")},
-        "reward_gradient": {"adapter": out / "reward_gradient" / "adapter", "seconds": {"train": rg_s},
-                            **steps("reward_gradient")},
-        "grpo": {"adapter": out / "grpo" / "adapter", "seconds": {"train_with_online_rollouts": grpo_s},
-                 **steps("grpo")},
+    train_seed = ["--seed", scene.seed("training", index)]
+    store = out / "rollout"
+    data = {"rollout": run_stage(["rollout", "--config", CONFIGS / "rollout.yaml", "--out", store, *common,
+                                  "--seed", scene.seed("rollout", index)]),
+            "score": run_stage(["score", "--store", store, "--config", CONFIGS / "rewards.yaml"])}
+    oracle_score = run_stage(["score", "--store", store, "--config", CONFIGS / "ground_truth.yaml"])
+    oracle_pairs_config = out / "pairs_oracle.yaml"
+    oracle_pairs_config.write_text(yaml.safe_dump({**yaml.safe_load((CONFIGS / "pairs.yaml").read_text()),
+                                                   "weights": ORACLE_WEIGHTS}))
+    pairs = {"dpo": run_stage(["pairs", "--store", store, "--out", out / "pairs", "--config", CONFIGS / "pairs.yaml"]),
+             "dpo_oracle": run_stage(["pairs", "--store", store, "--out", out / "pairs_oracle", "--config",
+                                      oracle_pairs_config])}
+    spent = {
+        "sft": {**data},
+        "dpo": {**data, "pairs": pairs["dpo"]},
+        "dpo_oracle": {**data, "score_oracle": oracle_score, "pairs": pairs["dpo_oracle"]},
     }
+    commands = {
+        "sft": ["train", "--config", CONFIGS / "sft.yaml", "--store", store],
+        "dpo": ["train", "--config", CONFIGS / "dpo.yaml", "--pairs", out / "pairs"],
+        "dpo_oracle": ["train", "--config", CONFIGS / "dpo.yaml", "--pairs", out / "pairs_oracle"],
+        "reward_gradient": ["train", "--config", CONFIGS / "reward_gradient.yaml"],
+        "grpo": ["train", "--config", CONFIGS / "grpo.yaml"],
+    }
+    runs = {}
+    for method, argv in commands.items():
+        charged = sum(spent.get(method, {}).values())
+        seconds = run_stage([*argv, "--output-dir", out / method, "--overwrite", *common, *train_seed,
+                             "--max-seconds", max(budget - charged, 1.0)])
+        summary = json.loads((out / method / "summary.json").read_text())
+        runs[method] = {"adapter": out / method / "adapter",
+                        "seconds": {**{k: round(v, 1) for k, v in spent.get(method, {}).items()},
+                                    "train": round(seconds, 1)},
+                        "steps_done": summary["steps_done"], "max_steps": summary["steps"],
+                        "stopped_by_budget": summary["stopped_by_max_seconds"]}
+    for method, pairs_dir in (("dpo", out / "pairs"), ("dpo_oracle", out / "pairs_oracle")):
+        runs[method]["pair_contrast"] = pair_contrast(pairs_dir, store)
+    return runs
 
 
 class WorldEvaluator:
     """Samples world videos from the base model or an adapter and reads them with the rewards and the oracle."""
 
     def __init__(self, adapters: dict[str, Path], device: str):
-        import yaml
-
         from rewards.build import build_scorers
         from rlhf.generation import VideoGenerator
         from rlhf.lora import load_adapter
@@ -106,7 +148,6 @@ class WorldEvaluator:
         rollout = yaml.safe_load((CONFIGS / "rollout.yaml").read_text())
         self.sampling = SamplingOptions(**{k: rollout[k] for k in ("frames", "height", "width", "steps", "guidance",
                                                                       "negative_prompt")})
-        self.samples_per_prompt = int(rollout["samples_per_prompt"])
         self.generator = VideoGenerator(ModelOptions(model=str(MODEL_DIR), device=device, dtype=rollout["dtype"]))
         for name, path in adapters.items():
             load_adapter(self.generator.transformer, str(path), adapter_name=name)
@@ -121,7 +162,7 @@ class WorldEvaluator:
         use_adapter(self.generator.transformer, adapter)
 
     def sample(self, prompts: list[str], seeds: list[int]) -> dict[str, np.ndarray]:
-        """Per (prompt, seed): each reward, the trained reward, oracle hits per attribute, cleanliness."""
+        """Per (prompt, seed): each reward, the trained reward, oracle hits and readability, cleanliness."""
         import torch
 
         from rewards.build import score_videos
@@ -162,9 +203,9 @@ class WorldEvaluator:
 
         rows: dict[str, list] = {}
         for index, text in enumerate(prompts):
-            colour, shape, direction = scene.parse_prompt(text)
+            colour, size, direction = scene.parse_prompt(text)
             clips = [scene.to_model_range(scene.render(scene.SceneSpec.sample(
-                colour, shape, direction, random.Random(seed * 1000 + index)))) for seed in seeds]
+                colour, size, direction, random.Random(seed * 1000 + index)))) for seed in seeds]
             with torch.no_grad():
                 vae = self.generator.vae
                 latents = vae.encode(torch.stack(clips).to(vae.device, vae.dtype)).latent_dist.mean
@@ -175,176 +216,178 @@ class WorldEvaluator:
         return {name: np.stack(values) for name, values in rows.items()}
 
 
-def evaluation_splits(held_out_seeds: int, training_seeds: int) -> dict[str, tuple[list[str], list[int]]]:
-    """The evaluation prompts and seeds per split: every held-out prompt, every other training prompt, each with
-    seeds from `EVAL_SEED_OFFSET` on (never used in training)."""
+def evaluation_splits(split: str, seeds: int, train_seeds: int) -> dict[str, tuple[list[str], list[int]]]:
+    """The evaluated prompts and seeds: every prompt of `split` (test, or validation when choosing settings)
+    and every other train-split prompt, each with seeds of the "test" namespace (or "validation")."""
     from rlhf.world import scene
 
-    def seeds(count: int) -> list[int]:
-        return [EVAL_SEED_OFFSET + i for i in range(count)]
-
-    return {"held_out": (scene.prompts_for(scene.HELD_OUT), seeds(held_out_seeds)),
-            "training": (scene.prompts_for(scene.TRAINING)[::2], seeds(training_seeds))}
+    namespace = "validation" if split == "validation" else "test"
+    return {split: (scene.prompts_for(scene.SPLITS[split]), [scene.seed(namespace, i) for i in range(seeds)]),
+            "train": (scene.prompts_for(scene.SPLITS["train"])[::2],
+                      [scene.seed(namespace, TRAIN_SPLIT_SEED_INDEX + i) for i in range(train_seeds)])}
 
 
 def oracle_arrays(readings: list, prompts: list[str], groups: int) -> dict[str, np.ndarray]:
-    """Oracle hits per attribute, cleanliness, and which shape was asked for and which was read (for the shape
-    confusion), each reshaped to (groups, -1)."""
-    from rlhf.world.scene import SHAPES, parse_prompt
+    """Oracle hits per attribute, whether each attribute was readable, and cleanliness, each (groups, -1)."""
+    from rlhf.world.scene import parse_prompt
 
     asked = [parse_prompt(p) for p in prompts]
     hits = [r.matches(*attributes) for r, attributes in zip(readings, asked, strict=True)]
     arrays = {a: [h[a] for h in hits] for a in ATTRIBUTES}
+    for attribute in ("colour", "size", "direction"):
+        arrays[f"{READABLE}{attribute}"] = [getattr(r, attribute) is not None for r in readings]
+    arrays[f"{READABLE}all"] = [all(getattr(r, a) is not None for a in ("colour", "size", "direction"))
+                                for r in readings]
     arrays["cleanliness"] = [r.cleanliness for r in readings]
-    for shape in SHAPES:
-        arrays[f"{ASKED}{shape}"] = [attributes[1] == shape for attributes in asked]
-    for shape in (*SHAPES, None):
-        arrays[f"{READ}{shape or 'none'}"] = [r.shape == shape for r in readings]
     return {name: np.array(values, float).reshape(groups, -1) for name, values in arrays.items()}
 
 
 def oracle_summary(scores: dict[str, np.ndarray]) -> dict:
-    """The oracle's part of a row: accuracy per attribute, the shape confusion and cleanliness."""
+    """The oracle's part of a row: accuracy per attribute, readable shares and cleanliness."""
     return {"oracle": {attribute: float(scores[attribute].mean()) for attribute in ATTRIBUTES},
-            "shape_confusion": shape_confusion(scores),
+            "readable": {name.removeprefix(READABLE): float(values.mean()) for name, values in scores.items()
+                         if name.startswith(READABLE)},
             "cleanliness": float(scores["cleanliness"].mean())}
 
 
-def shape_confusion(scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """For each shape asked for, the share of videos the oracle reads as each shape (or none)."""
-    from rlhf.world.scene import SHAPES
-
-    confusion = {}
-    for shape in SHAPES:
-        asked = scores[f"{ASKED}{shape}"]
-        if asked.sum():
-            confusion[shape] = {read.removeprefix(READ): float((asked * scores[read]).sum() / asked.sum())
-                                for read in scores if read.startswith(READ)}
-    return confusion
-
-
-def best_of_k(evaluator: WorldEvaluator, prompts: list[str], seeds: list[int], k: int) -> dict[str, np.ndarray]:
-    """For each (prompt, seed): among K base samples (that seed plus K - 1 more), the one the trained reward ranks
-    first."""
-    extra = [EVAL_SEED_OFFSET + 10_000 + i for i in range(len(seeds) * (k - 1))]
-    own = evaluator.sample(prompts, seeds)
-    more = evaluator.sample(prompts, extra)
+def best_of(own: dict[str, np.ndarray], more: dict[str, np.ndarray], key: str) -> dict[str, np.ndarray]:
+    """For each (prompt, seed): among its own sample and its K - 1 extra ones (`more` holds them per seed, in
+    order), the one with the highest `key` (the first on ties)."""
+    seeds = own[key].shape[1]
+    extra = more[key].shape[1] // seeds
     picked = {name: np.empty_like(values) for name, values in own.items()}
-    for j in range(len(seeds)):
-        group = {name: np.concatenate([own[name][:, j:j + 1], more[name][:, j * (k - 1):(j + 1) * (k - 1)]], axis=1)
+    for j in range(seeds):
+        group = {name: np.concatenate([own[name][:, j:j + 1], more[name][:, j * extra:(j + 1) * extra]], axis=1)
                  for name in own}
-        best = group["trained"].argmax(axis=1)  # (prompts,)
+        best = group[key].argmax(axis=1)  # (prompts,)
         for name in own:
-            picked[name][:, j] = group[name][np.arange(len(prompts)), best]
+            picked[name][:, j] = group[name][np.arange(len(best)), best]
     return picked
 
 
-def write_figure(evaluator: WorldEvaluator, prompts: list[str], seed: int, methods: list[str | None],
-                 path: Path) -> None:
-    """A PNG grid: per prompt, a row of frames (first, middle, last) for each method, same seed."""
-    from PIL import Image
-
-    from rlhf.video import to_uint8_frames
-
-    embeds = evaluator.generator.encode_prompts([*prompts, evaluator.sampling.negative_prompt])
-    uncond = embeds.select(len(prompts))
-    rows = []
-    for index in range(len(prompts)):
-        strips = []
-        for method in methods:
-            evaluator.use(method)
-            latents = evaluator.generator.sample_latents(embeds.select(index), uncond, [seed], evaluator.sampling,
-                                                         progress=False)
-            frames = to_uint8_frames(evaluator.generator.decode(latents)[0])  # (T, H, W, 3)
-            picked = [frames[0], frames[len(frames) // 2], frames[-1]]
-            gap = np.full((frames.shape[1], 2, 3), 255, np.uint8)
-            strips.append(np.concatenate([x for f in picked for x in (f, gap)][:-1], axis=1))
-        sep = np.full((strips[0].shape[0], 8, 3), 255, np.uint8)
-        rows.append(np.concatenate([x for strip in strips for x in (strip, sep)][:-1], axis=1))
-    spacer = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
-    grid = np.concatenate([x for row in rows for x in (row, spacer)][:-1], axis=0)
-    image = Image.fromarray(grid)
-    image.resize((image.width * 2, image.height * 2), Image.NEAREST).save(path)
-
-
-def summarise(method: str, split: str, scores: dict[str, np.ndarray], base: dict[str, np.ndarray],
-              seconds: dict[str, float]) -> dict:
-    diff = (scores["trained"] - base["trained"]).ravel()
-
-    def std(values: np.ndarray) -> float:
+def per_run_gains(scores: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> dict[str, float]:
+    """One run's gains over the base on the same (prompt, seed) videos."""
+    def spread(values: np.ndarray) -> float:
         return float(values.std()) or 1.0
 
-    reward_gain = float(diff.mean())
-    truth_gain = float((scores["colour_shape"] - base["colour_shape"]).mean())
-    row = {
-        "benchmark": "world_alignment", "method": method, "split": split,
-        "n": int(scores["trained"].size),
-        "trained_reward": float(scores["trained"].mean()),
-        "rewards": {name: float(scores[name].mean()) for name in scores
-                    if name not in (*ATTRIBUTES, "cleanliness", "trained") and not name.startswith((ASKED, READ))},
-        **oracle_summary(scores),
-        "win_rate_vs_base": float((diff > 0).mean()),
-        "tie_rate_vs_base": float((diff == 0).mean()),
+    reward_gain = float((scores["trained"] - base["trained"]).mean())
+    taught_gain = float((scores["taught"] - base["taught"]).mean())
+    return {
+        **{f"{a}_gain": float((scores[a] - base[a]).mean()) for a in ATTRIBUTES},
+        "cleanliness_gain": float((scores["cleanliness"] - base["cleanliness"]).mean()),
         "trained_reward_gain": reward_gain,
-        "colour_shape_gain": truth_gain,
-        # The paired standard error of that gain: the std over seeds of the per-seed gain, over sqrt(seeds).
-        "colour_shape_gain_stderr": float((scores["colour_shape"] - base["colour_shape"]).mean(axis=0).std()
-                                          / np.sqrt(base["colour_shape"].shape[1])),
-        "hacking_gap": reward_gain / std(base["trained"]) - truth_gain / std(base["colour_shape"]),
-        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "win_rate_vs_base": float((scores["trained"] > base["trained"]).mean()),
+        "hacking_gap": reward_gain / spread(base["trained"]) - taught_gain / spread(base["taught"]),
     }
-    if method == "base":
-        per_seed = {name: base[name].mean(axis=0) for name in ("direction", "cleanliness", "colour_shape")}
-        row["seed_noise"] = {name: float(values.std()) for name, values in per_seed.items()}
-    return row
+
+
+def interval(values: list[float]) -> dict:
+    from rlhf.stats import mean_interval
+
+    mean, low, high = mean_interval(np.array(values))
+    return {"mean": mean, "ci95": [low, high] if np.isfinite(low) else None, "per_run": values}
+
+
+def summarise_runs(method: str, split: str, runs: list[dict[str, np.ndarray]], base: dict[str, np.ndarray],
+                   extra: dict) -> dict:
+    """A trained method's row: the pooled oracle read-out and, per gain, its per-seed values, mean and t-CI."""
+    gains = [per_run_gains(scores, base) for scores in runs]
+    pooled = {name: np.concatenate([scores[name] for scores in runs], axis=1) for name in runs[0]}
+    return {"benchmark": "world_alignment", "method": method, "split": split, "n_per_run": int(base["taught"].size),
+            "runs": len(runs), "trained_reward": float(pooled["trained"].mean()), **oracle_summary(pooled),
+            "gains": {name: interval([g[name] for g in gains]) for name in gains[0]}, **extra}
+
+
+def summarise_single(method: str, split: str, scores: dict[str, np.ndarray], base: dict[str, np.ndarray],
+                     extra: dict) -> dict:
+    """An untrained method's row (base, best-of-K): gains with a t-CI over the evaluation seeds (paired)."""
+    per_seed = [per_run_gains({k: v[:, j:j + 1] for k, v in scores.items()},
+                              {k: v[:, j:j + 1] for k, v in base.items()}) for j in range(base["taught"].shape[1])]
+    overall = per_run_gains(scores, base)
+    return {"benchmark": "world_alignment", "method": method, "split": split, "n_per_run": int(base["taught"].size),
+            "runs": 1, "trained_reward": float(scores["trained"].mean()), **oracle_summary(scores),
+            "gains": {name: {**interval([g[name] for g in per_seed]), "mean": overall[name], "per_run": None}
+                      for name in overall}, **extra}
+
+
+def base_noise(base: dict[str, np.ndarray]) -> dict[str, float]:
+    """Seed-to-seed noise of the base: the std (ddof 1) over evaluation seeds of the per-seed mean."""
+    return {name: float(base[name].mean(axis=0).std(ddof=1)) for name in ("taught", "direction", "cleanliness")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--device", default="cpu", help="device of every stage (default: cpu)")
-    parser.add_argument("--seeds", type=int, default=12,
-                        help="evaluation seeds per held-out prompt (default: 12; at 4 the seed-to-seed noise of "
-                             "colour+shape accuracy is about 8 points)")
-    parser.add_argument("--training-seeds", type=int, default=4,
-                        help="evaluation seeds per training-combination prompt (default: 4)")
-    parser.add_argument("--budget-seconds", type=float, default=180.0,
-                        help="wall-time budget of every trained method, its data stages included (default: 180 s, "
-                             "about what Flow-DPO's shipped config costs on 2 cores)")
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="the split reported beside train: test (the benchmark), or validation (for choosing "
+                             "settings; its seeds come from the validation namespace)")
+    parser.add_argument("--seeds", type=int, default=8, help="evaluation seeds per test prompt (default: 8)")
+    parser.add_argument("--train-seeds", type=int, default=4,
+                        help="evaluation seeds per evaluated train-split prompt (default: 4)")
+    parser.add_argument("--training-seeds", type=int, default=2,
+                        help="independent training runs per method (default: 2; each its own rollout)")
+    parser.add_argument("--methods", default=",".join((*OFFLINE, *ONLINE)),
+                        help="trained methods to run (comma-separated; default: all)")
+    parser.add_argument("--budget-seconds", type=float, default=150.0,
+                        help="wall-time budget of every trained method from its command's start, its data "
+                             "included (default: 150 s)")
     parser.add_argument("--record", action="store_true", help="append the rows to benchmarks/RESULTS.md")
-    parser.add_argument("--figure", help="write a PNG of held-out prompts: base | Flow-DPO | GRPO frames, same seed")
     args = parser.parse_args()
+    from rlhf.world import scene
 
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.training_seeds < 2 and methods:
+        parser.error("--training-seeds: at least 2 (one run per method is not a measurement)")
+    unknown = [m for m in methods if m not in (*OFFLINE, *ONLINE)]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; expected some of {', '.join((*OFFLINE, *ONLINE))}")
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
-        methods = train_all(out, args.device, args.budget_seconds)
-        evaluator = WorldEvaluator({name: m["adapter"] for name, m in methods.items()}, args.device)
-        splits = evaluation_splits(args.seeds, args.training_seeds)
+        runs: dict[str, list[dict]] = {m: [] for m in methods}
+        for index in range(args.training_seeds if methods else 0):
+            trained = train_methods(out / f"seed{index}", index, args.device, args.budget_seconds)
+            for method in methods:
+                runs[method].append(trained[method])
+        adapters = {f"{m}@{i}": run["adapter"] for m, method_runs in runs.items() for i, run in enumerate(method_runs)}
+        evaluator = WorldEvaluator(adapters, args.device)
         rows = []
-        for split, (prompts, seeds) in splits.items():
+        for split, (prompts, seeds) in evaluation_splits(args.split, args.seeds, args.train_seeds).items():
             start = time.perf_counter()
             evaluator.use(None)
             base = evaluator.sample(prompts, seeds)
-            base_s = time.perf_counter() - start
-            rows.append(summarise("base", split, base, base, {"sample": base_s}))
+            sampled = {"seconds": {"sample": round(time.perf_counter() - start, 1)}}
+            rows.append({**summarise_single("base", split, base, base, sampled), "seed_noise": base_noise(base)})
             start = time.perf_counter()
             ceiling = evaluator.vae_ceiling(prompts, seeds)
             rows.append({"benchmark": "world_alignment", "method": "vae_reconstruction", "split": split,
-                         "n": int(ceiling["colour_shape"].size), **oracle_summary(ceiling),
+                         "n_per_run": int(ceiling["taught"].size), **oracle_summary(ceiling),
                          "seconds": {"render_encode_decode": round(time.perf_counter() - start, 1)}})
             start = time.perf_counter()
-            picked = best_of_k(evaluator, prompts, seeds, evaluator.samples_per_prompt)
-            rows.append(summarise(f"best_of_{evaluator.samples_per_prompt}", split, picked, base,
-                                  {"sample_and_score": time.perf_counter() - start}))
-            for name, method in methods.items():
-                evaluator.use(name)
-                rows.append({**summarise(name, split, evaluator.sample(prompts, seeds), base, method["seconds"]),
-                             "budget_seconds": args.budget_seconds,
-                             **{k: method[k] for k in ("steps_done", "max_steps", "stopped_by_budget")}})
-        if args.figure:
-            write_figure(evaluator, splits["held_out"][0][::4], EVAL_SEED_OFFSET, [None, "dpo", "grpo"], Path(args.figure))
+            more = evaluator.sample(prompts, [scene.seed("best_of_k", j) for j in range(len(seeds) * (BEST_OF - 1))])
+            cost = {"sample_and_score": round(time.perf_counter() - start, 1)}
+            by_reward = summarise_single(f"best_of_{BEST_OF}_reward", split, best_of(base, more, "trained"), base,
+                                         {"seconds": cost})
+            rows.append(by_reward)
+            rows.append(summarise_single(f"best_of_{BEST_OF}_oracle", split, best_of(base, more, "taught"), base,
+                                         {"seconds": cost}))
+            reference_gain = by_reward["gains"]["taught_gain"]["mean"]
+            for method, method_runs in runs.items():
+                scores = []
+                for i in range(len(method_runs)):
+                    evaluator.use(f"{method}@{i}")
+                    scores.append(evaluator.sample(prompts, seeds))
+                row = summarise_runs(method, split, scores, base, {
+                    "budget_seconds": args.budget_seconds,
+                    "cost": [{k: run[k] for k in ("seconds", "steps_done", "max_steps", "stopped_by_budget")}
+                             for run in method_runs],
+                    **({"pair_contrast": [run["pair_contrast"] for run in method_runs]}
+                       if "pair_contrast" in method_runs[0] else {})})
+                row["amortisation"] = (row["gains"]["taught_gain"]["mean"] / reference_gain
+                                       if reference_gain > 0 else None)
+                rows.append(row)
     emit_rows("world_alignment", rows, time.perf_counter() - started, args.record)
 
 

@@ -1,38 +1,74 @@
-"""benchmarks/world_alignment.py's read-outs: the shape confusion and the VAE-reconstruction ceiling."""
+"""benchmarks/world_alignment.py's read-outs: oracle arrays, best-of-K picks, gains with intervals, the ceiling."""
 
 import numpy as np
 import pytest
 
-from benchmarks.world_alignment import ASKED, READ, WorldEvaluator, oracle_arrays, shape_confusion
+from benchmarks.world_alignment import (
+    READABLE,
+    WorldEvaluator,
+    best_of,
+    oracle_arrays,
+    per_run_gains,
+    summarise_runs,
+)
 from rlhf.world.oracle import Reading
 
 
-def reading(colour: str, shape: str | None, direction: str) -> Reading:
-    return Reading(colour=colour, shape=shape, direction=direction, cleanliness=0.5)
+def reading(colour, size, direction) -> Reading:
+    return Reading(colour=colour, size=size, direction=direction, cleanliness=0.5)
 
 
-def test_shape_confusion_counts_what_was_read_per_shape_asked():
-    prompts = ["a red circle moving left", "a red circle moving up", "a blue square moving left",
-               "a blue square moving down"]
-    readings = [reading("red", "circle", "left"), reading("red", "square", "up"),
-                reading("blue", "circle", "left"), reading("blue", None, "down")]
+def test_oracle_arrays_count_hits_and_readability():
+    prompts = ["a small red circle moving left", "a small red circle moving up", "a large blue circle moving left",
+               "a large blue circle moving down"]
+    readings = [reading("red", "small", "left"), reading("red", "medium", "up"),
+                reading("blue", None, "left"), reading(None, "large", "down")]
     arrays = oracle_arrays(readings, prompts, groups=2)  # two prompts' worth of rows, two videos each
-    assert arrays["shape"].tolist() == [[1, 0], [0, 0]] and arrays[f"{ASKED}square"].sum() == 2
-    confusion = shape_confusion(arrays)
-    # Written out: circle asked twice, read circle once and square once; square asked twice, read circle, none.
-    assert confusion == {"circle": {"circle": 0.5, "square": 0.5, "triangle": 0.0, "none": 0.0},
-                         "square": {"circle": 0.5, "square": 0.0, "triangle": 0.0, "none": 0.5}}
-    assert all(not name.startswith((ASKED, READ)) for name in ("colour", "cleanliness"))
+    # Written out: taught = colour and size right: only the first; unreadable counts as wrong.
+    assert arrays["taught"].tolist() == [[1, 0], [0, 0]]
+    assert arrays["size"].tolist() == [[1, 0], [0, 1]] and arrays["colour"].tolist() == [[1, 1], [1, 0]]
+    assert arrays[f"{READABLE}size"].tolist() == [[1, 1], [0, 1]]
+    assert arrays[f"{READABLE}all"].tolist() == [[1, 1], [0, 0]]
+
+
+def test_best_of_picks_the_highest_key_among_own_and_extra_samples():
+    # 2 prompts x 2 seeds; 2 extra samples per seed (K = 3), laid out seed by seed.
+    own = {"trained": np.array([[0.1, 0.5], [0.3, 0.0]]), "taught": np.array([[0.0, 1.0], [1.0, 0.0]])}
+    more = {"trained": np.array([[0.4, 0.2, 0.1, 0.9], [0.1, 0.2, 0.0, 0.0]]),
+            "taught": np.array([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]])}
+    picked = best_of(own, more, "trained")
+    # prompt 0: seed 0 {0.1, 0.4, 0.2} -> 0.4 (taught 1); seed 1 {0.5, 0.1, 0.9} -> 0.9 (taught 1)
+    # prompt 1: seed 0 {0.3, 0.1, 0.2} -> own 0.3 (taught 1); seed 1 {0.0, 0.0, 0.0} -> own (ties: first)
+    assert picked["trained"].tolist() == [[0.4, 0.9], [0.3, 0.0]]
+    assert picked["taught"].tolist() == [[1.0, 1.0], [1.0, 0.0]]
+    assert best_of(own, more, "taught")["taught"].tolist() == [[1.0, 1.0], [1.0, 1.0]]
+
+
+def test_gains_per_training_run_and_their_t_interval():
+    def scores(taught, trained):
+        return {"taught": np.array(taught, float), "trained": np.array(trained, float),
+                **{a: np.array(taught, float) for a in ("colour", "size", "direction", "all")},
+                "cleanliness": np.zeros((1, 4))}
+
+    base = scores([[0, 0, 1, 0]], [[0.0, 0.0, 1.0, 0.0]])
+    runs = [scores([[1, 0, 1, 1]], [[1.0, 0.0, 1.0, 1.0]]), scores([[1, 1, 1, 0]], [[1.0, 1.0, 1.0, 0.0]])]
+    assert per_run_gains(runs[0], base)["taught_gain"] == pytest.approx(0.5)
+    assert per_run_gains(runs[0], base)["win_rate_vs_base"] == pytest.approx(0.5)
+    row = summarise_runs("dpo", "test", runs, base, {})
+    gain = row["gains"]["taught_gain"]
+    assert gain["per_run"] == [0.5, 0.5] and gain["mean"] == pytest.approx(0.5)
+    assert gain["ci95"] == pytest.approx([0.5, 0.5])  # identical runs: no run-to-run spread
+    assert row["oracle"]["taught"] == pytest.approx(6 / 8)
 
 
 @pytest.mark.slow
 def test_vae_ceiling_reads_renders_through_the_world_vae():
     evaluator = WorldEvaluator({}, "cpu")
-    prompts = ["a red triangle moving left", "a cyan square moving up"]
+    prompts = ["a large red circle moving left", "a small green circle moving up"]
     ceiling = evaluator.vae_ceiling(prompts, [0, 1])
     assert ceiling["colour"].shape == (2, 2)
-    # The world VAE keeps colour and motion (what it loses is the corners: squares read as circles).
-    assert ceiling["colour"].mean() == 1.0 and ceiling["direction"].mean() == 1.0
+    # The world VAE keeps what the oracle reads: colour, size and motion (the world's "capable" premise).
+    assert ceiling["taught"].mean() == 1.0 and ceiling["direction"].mean() == 1.0
     again = evaluator.vae_ceiling(prompts, [0, 1])  # renders are seeded by (seed, prompt): the same clips
     assert all(np.array_equal(ceiling[name], again[name]) for name in ceiling)
 
@@ -42,11 +78,11 @@ def test_pair_contrast_counts_pairs_by_what_the_oracle_read_of_winner_and_loser(
 
     from datasets import Dataset
 
-    from benchmarks.world_preference_ceiling import pair_contrast
+    from benchmarks.world_alignment import pair_contrast
 
     (tmp_path / "store" / "scores").mkdir(parents=True)
-    hits = {"a": 1.0, "b": 0.0, "c": 1.0, "d": 0.0}  # the oracle's colour+shape hit per sample
-    (tmp_path / "store" / "scores" / "oracle_colour_shape.json").write_text(json.dumps({"scores": hits}))
+    hits = {"a": 1.0, "b": 0.0, "c": 1.0, "d": 0.0}  # the oracle's taught hit per sample
+    (tmp_path / "store" / "scores" / "oracle_taught.json").write_text(json.dumps({"scores": hits}))
     Dataset.from_dict({"chosen_id": ["a", "b", "a", "d", "c"],
                        "rejected_id": ["b", "c", "c", "b", "d"]}).save_to_disk(str(tmp_path / "pairs"))
     # Written out: a>b right, b>c wrong, a>c same, d>b same, c>d right.
