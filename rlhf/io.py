@@ -83,12 +83,28 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def save_tensors(path: str | Path, tensors: Mapping, metadata: Mapping[str, str] | None = None) -> Path:
-    """`safetensors.torch.save_file`, atomically."""
+    """`safetensors.torch.save_file`, atomically, with a canonical header (see `canonicalise_header`)."""
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
+        canonicalise_header(tmp)
     return Path(path)
+
+
+def canonicalise_header(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with its keys sorted, in place and at the same length.
+
+    safetensors writes `__metadata__` from a hash map whose order changes from process to process, so the same
+    tensors and metadata saved by two runs (an interrupted one's rerun, say) differ in bytes. Sorting the keys
+    changes no meaning (every tensor entry carries its own offsets) and no length (the same compact JSON)."""
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) <= length:  # safetensors pads its header with spaces to an 8-byte multiple
+            handle.seek(8)
+            handle.write(text.ljust(length, b" "))
 
 
 def save_torch(path: str | Path, obj: Any) -> Path:

@@ -258,3 +258,25 @@ def test_an_error_line_quotes_at_most_200_characters_of_a_value(tiny_model_dir, 
                   names=("field 'guidance' expects a number, got [[",))
     assert time.perf_counter() - start < 10
     assert len(err) < 400, len(err)
+
+
+def test_tensor_files_are_byte_identical_across_processes(tmp_path):
+    """safetensors orders `__metadata__` by a per-process hash, so a rerun (after a kill or a full disk) wrote other
+    bytes for the same tensors and metadata; `io.save_tensors` writes one canonical header."""
+    import hashlib
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom rlhf.io import save_tensors\n"
+            "save_tensors(sys.argv[1], {'b': torch.arange(6.0).view(2, 3), 'a': torch.ones(3, dtype=torch.int64)}, "
+            "{'sample_id': 'x', 'frame_indices': '[0, 4]', 'prompt': 'p', 'seed': '7', 'model': 'm'})")
+    digests = set()
+    for index in range(5):
+        path = tmp_path / f"{index}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as handle:
+        assert handle.metadata()["frame_indices"] == "[0, 4]" and handle.get_tensor("b")[1, 2] == 5.0
