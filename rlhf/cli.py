@@ -95,6 +95,8 @@ def configure_logging(verbose: bool = False) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        if "datasets" in sys.modules:  # imported earlier in this process: the variable is read at import only
+            sys.modules["datasets"].disable_progress_bars()
         for name in ("diffusers", "transformers", "peft", "accelerate", "httpx", "urllib3"):
             logging.getLogger(name).setLevel(logging.ERROR)
         # Per-component "Loading weights" bars drown the tool's own progress bars.

@@ -90,7 +90,10 @@ def test_deepspeed_checkpoint_files_are_read_without_running_code(tmp_path):
 
 def rebuilt_pairs(pairs: Path, out: Path, margin) -> Path:
     """A copy of the pairs dataset (same store) with each margin replaced by `margin(index, old)`."""
+    import datasets
     from datasets import load_from_disk
+
+    datasets.disable_progress_bars()  # its bars go to the stderr the tests read the commands' one line from
 
     dataset = load_from_disk(str(pairs))
     dataset = dataset.map(lambda row, i: {"margin": margin(i, row["margin"])}, with_indices=True,
@@ -122,6 +125,7 @@ def test_a_resume_that_changes_the_trajectory_is_refused_unless_allowed(tiny_pai
     aside = tmp_path / "aside"
     shutil.move(pairs, aside)
     rebuilt_pairs(aside, pairs, lambda i, m: m * 2)
+    capsys.readouterr()  # the rebuild's own dataset progress bars are not the command's output
     err = fails_with(capsys, train_args(pairs, out, *resume), "other settings: pairs_sha256 (checkpoint: ")
     assert "pairs (" not in err
     shutil.rmtree(pairs)
