@@ -91,7 +91,7 @@ def main() -> None:
         run_stage(["pairs", "--store", store, "--out", out / "pairs", "--config", CONFIGS / "pairs.yaml"])
         adapters = {}
         for mean in means:
-            name = f"logit_mean_{mean:g}"
+            name = f"logit_mean_{mean:g}".replace(".", "p")  # adapter names may not contain "."
             run_stage(["train", "--config", CONFIGS / "dpo.yaml", "--pairs", out / "pairs", "--output-dir", out / name,
                        "--overwrite", "--device", args.device, "--logit-mean", mean,
                        "--seed", scene.seed("training", 900)])
