@@ -161,6 +161,18 @@ class WorldEvaluator:
 
         use_adapter(self.generator.transformer, adapter)
 
+    def videos(self, prompts: list[str], seeds: list[int]):
+        """Sample every (prompt, seed) in batches of several prompts (one prompt's seeds are few); yields each
+        batch's prompts (each repeated per seed) and its videos `(P*S, 3, T, H, W)` in [-1, 1]."""
+        embeds = self.generator.encode_prompts([*prompts, self.sampling.negative_prompt])
+        uncond = embeds.select(len(prompts))
+        per_chunk = max(1, VIDEOS_PER_BATCH // len(seeds))
+        for first in range(0, len(prompts), per_chunk):
+            chunk = range(first, min(first + per_chunk, len(prompts)))
+            cond = embeds.select([index for index in chunk for _ in seeds])
+            latents = self.generator.sample_latents(cond, uncond, [*seeds] * len(chunk), self.sampling, progress=False)
+            yield [prompts[index] for index in chunk for _ in seeds], self.generator.decode(latents)
+
     def sample(self, prompts: list[str], seeds: list[int]) -> dict[str, np.ndarray]:
         """Per (prompt, seed): each reward, the trained reward, oracle hits and readability, cleanliness."""
         import torch
@@ -169,23 +181,16 @@ class WorldEvaluator:
         from rlhf.video import to_uint8_frames
         from rlhf.world.oracle import read_clip
 
-        embeds = self.generator.encode_prompts([*prompts, self.sampling.negative_prompt])
-        uncond = embeds.select(len(prompts))
         rows: dict[str, list] = {}
-        per_chunk = max(1, VIDEOS_PER_BATCH // len(seeds))  # several prompts per batch: one prompt's seeds are few
-        for first in range(0, len(prompts), per_chunk):
-            chunk = range(first, min(first + per_chunk, len(prompts)))
-            cond = embeds.select([index for index in chunk for _ in seeds])
-            latents = self.generator.sample_latents(cond, uncond, [*seeds] * len(chunk), self.sampling, progress=False)
-            video = self.generator.decode(latents)  # (P*S, 3, T, H, W) in [-1, 1]
+        for chunk_prompts, video in self.videos(prompts, seeds):
+            groups = len(chunk_prompts) // len(seeds)
             frames = ((video + 1) / 2).permute(0, 2, 1, 3, 4)  # (P*S, T, 3, H, W)
-            chunk_prompts = [prompts[index] for index in chunk for _ in seeds]
             with torch.no_grad():
-                scores = {name: values.numpy().reshape(len(chunk), len(seeds))
+                scores = {name: values.numpy().reshape(groups, len(seeds))
                           for name, values in score_videos(self.scorers, frames, chunk_prompts).items()}
             readings = [read_clip(to_uint8_frames(v)) for v in video]
             per_prompt = {**scores, "trained": sum(self.weights[n] * scores[n] for n in scores),
-                          **oracle_arrays(readings, chunk_prompts, len(chunk))}
+                          **oracle_arrays(readings, chunk_prompts, groups)}
             for name, values in per_prompt.items():
                 rows.setdefault(name, []).extend(values)
         return {name: np.stack(values) for name, values in rows.items()}  # each (prompts, seeds)

@@ -39,16 +39,10 @@ def read_outs(evaluator: WorldEvaluator, prompts: list[str], seeds: list[int]) -
     from rlhf.world import scene
     from rlhf.world.oracle import read_clip
 
-    embeds = evaluator.generator.encode_prompts([*prompts, evaluator.sampling.negative_prompt])
-    uncond = embeds.select(len(prompts))
     out = []
-    per_chunk = max(1, 16 // len(seeds))
-    for first in range(0, len(prompts), per_chunk):
-        chunk = range(first, min(first + per_chunk, len(prompts)))
-        latents = evaluator.generator.sample_latents(embeds.select([i for i in chunk for _ in seeds]), uncond,
-                                                     [*seeds] * len(chunk), evaluator.sampling, progress=False)
-        for index, video in zip([i for i in chunk for _ in seeds], evaluator.generator.decode(latents), strict=True):
-            out.append((scene.parse_prompt(prompts[index]), read_clip(to_uint8_frames(video))))
+    for chunk_prompts, videos in evaluator.videos(prompts, seeds):
+        out.extend((scene.parse_prompt(text), read_clip(to_uint8_frames(video)))
+                   for text, video in zip(chunk_prompts, videos, strict=True))
     return out
 
 
