@@ -115,7 +115,7 @@ class Resume:
     def __init__(self, out: Path, stage: str, settings: dict[str, Any], every: int = 200):
         self.folder, self.settings, self.every = out / "resume" / stage, settings, every
 
-    def load(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, rng: random.Random,
+    def load(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, rng: random.Random | None,
              generator: torch.Generator) -> tuple[int, list[float]]:
         """Restore the saved state into the arguments; returns (next step, losses so far), (0, []) if none."""
         from safetensors.torch import load_file
@@ -137,14 +137,16 @@ class Resume:
                 moments.setdefault(int(index), {})[field] = value
         optimizer.load_state_dict({"state": moments, "param_groups": state["param_groups"]})
         generator.set_state(tensors["generator"])
-        version, internal, gauss = state["python_rng"]
-        rng.setstate((version, tuple(internal), gauss))
+        if rng is not None:
+            version, internal, gauss = state["python_rng"]
+            rng.setstate((version, tuple(internal), gauss))
         print(f"{self.folder}: resuming at step {state['step']}", flush=True)
         return state["step"], state["losses"]
 
     def save(self, step: int, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
-             rng: random.Random, generator: torch.Generator, losses: list[float]) -> None:
-        """Save the state before `step` (call when `step % every == 0`)."""
+             rng: random.Random | None, generator: torch.Generator, losses: list[float]) -> None:
+        """Save the state before `step` (call when `step % every == 0`); `rng`: the stage's Python RNG, if it
+        draws from one."""
         from safetensors.torch import save_file
 
         tensors = {f"{name}.{k}": v.detach().clone().contiguous() for name, module in modules.items()
@@ -157,10 +159,13 @@ class Resume:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         save_file(tensors, str(staging / "tensors.safetensors"))
-        version, internal, gauss = rng.getstate()
+        python_rng = None
+        if rng is not None:
+            version, internal, gauss = rng.getstate()
+            python_rng = [version, list(internal), gauss]
         (staging / "state.json").write_text(json.dumps({
             "step": step, "settings": self.settings, "losses": losses, "param_groups": optimizer_state["param_groups"],
-            "python_rng": [version, list(internal), gauss]}) + "\n")
+            "python_rng": python_rng}) + "\n")
         old = self.folder.with_name(f".{self.folder.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if self.folder.exists():
@@ -453,12 +458,12 @@ def train_transformer(out: Path, seed: int, steps: int, batch: int, clips_per_pr
     resume = Resume(out, "transformer", settings, every=save_every)
     modules = {"transformer": transformer, "ema": ema_model}
     first, losses = (0, []) if stop_after is not None else \
-        resume.load(modules, optimizer, random.Random(), generator)
+        resume.load(modules, optimizer, None, generator)  # the transformer draws from `generator` only
     count, empty = data["latents"].shape[0], data["embeds"].shape[0] - 1
     values = data["values"]
     for step in range(first, steps if stop_after is None else stop_after):
         if stop_after is None and step % resume.every == 0 and step > first:
-            resume.save(step, modules, optimizer, random.Random(), generator, losses)
+            resume.save(step, modules, optimizer, None, generator, losses)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup=50)
         rows = torch.randint(count, (batch,), generator=generator)
