@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("contentv-rlhf")
 BASE = "base"
 COMBINED = "combined"  # the rewards config's weighted sum, as `eval` names it
+PROMPT_HINT = "Type a prompt, then press Generate (or Enter)"
 MAX_UI_SEED = 2**53 - 1  # the page sends numbers as JavaScript doubles: integers beyond this are rounded
 
 
@@ -91,7 +92,7 @@ class Comparer:
         from rlhf.video import to_uint8_frames, write_mp4
 
         if not prompt.strip():
-            raise UserError("the prompt is empty")
+            raise UserError("the prompt is empty: type what the videos should show")
         if not 0 <= seed <= MAX_UI_SEED:
             raise UserError(f"the seed must be an integer in 0..{MAX_UI_SEED}, got {seed}")
         # Encoded and decoded exactly as `generate` does (prompt and negative prompt in one batch, one video per
@@ -141,6 +142,23 @@ def _number(value: float) -> str:
     return f"{value:.4f}" if math.isfinite(value) else "n/a"
 
 
+def respond(comparer: Comparer, prompt: str | None, seed: float | None) -> tuple[list[CompareResult] | None, str]:
+    """The page's answer to Generate: the videos and a status line, or None and one message for a user mistake
+    (an empty prompt, a seed that is no integer in range), logged as one line: no traceback, and the page keeps
+    its columns and labels. Other errors are bugs and propagate."""
+    start = time.perf_counter()
+    try:
+        if seed is None or seed != int(seed):
+            raise UserError(f"the seed must be an integer in 0..{MAX_UI_SEED}")
+        results = comparer.compare(prompt or "", int(seed))
+    except UserError as err:
+        logger.warning("compare: not generated: %s (prompt %r, seed %r)", err, prompt, seed)
+        return None, f"**Not generated:** {err}."
+    status = f"Seed {int(seed)}: {len(results)} videos in {time.perf_counter() - start:.1f} s."
+    logger.info("compare: %s (%r)", status, prompt)
+    return results, status
+
+
 def build_app(comparer: Comparer) -> gradio.Blocks:
     """The page: prompt, seed and a generate button above one column per model (video, then scores)."""
     import gradio as gr
@@ -151,23 +169,18 @@ def build_app(comparer: Comparer) -> gradio.Blocks:
              f"and the same prompt: {config.frames} frames of {config.width}x{config.height}, {config.steps} steps, "
              f"guidance {config.guidance:g}. Rewards: {rewards}.")
 
-    def generate(prompt: str, seed: float | None) -> list[Any]:
-        if seed is None or seed != int(seed):
-            raise gr.Error(f"The seed must be an integer in 0..{MAX_UI_SEED}.")
-        start = time.perf_counter()
-        try:
-            results = comparer.compare(prompt or "", int(seed))
-        except UserError as err:
-            raise gr.Error(str(err)) from None
-        status = f"Seed {int(seed)}: {len(results)} videos in {time.perf_counter() - start:.1f} s."
-        logger.info("compare: %s (%r)", status, prompt)
+    def generate(prompt: str | None, seed: float | None) -> list[Any]:
+        results, status = respond(comparer, prompt, seed)
+        if results is None:  # a user mistake: one message, the columns keep what they show
+            return [gr.update() for _ in range(2 * len(comparer.labels))] + [status]
         return ([str(r.video_path) for r in results] + [format_scores(r, results[0]) for r in results]
                 + [status])
 
     with gr.Blocks(title="contentv-rlhf compare", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(intro)
         with gr.Row(equal_height=True):
-            prompt = gr.Textbox(label="Prompt", placeholder="a small red circle moving left", scale=4, elem_id="prompt")
+            # The config's example prompt as a real value, or an empty box whose hint reads as an instruction.
+            prompt = gr.Textbox(label="Prompt", value=config.prompt, placeholder=PROMPT_HINT, scale=4, elem_id="prompt")
             seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_UI_SEED, elem_id="seed")
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         videos, tables = [], []

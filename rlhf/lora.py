@@ -12,9 +12,11 @@ An adapter directory holds:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -126,6 +128,15 @@ def read_peft_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix(PEFT_MODEL_PREFIX): v for k, v in load_file(Path(adapter_dir) / PEFT_WEIGHTS).items()}
 
 
+@contextlib.contextmanager
+def several_adapters_allowed() -> Iterator[None]:
+    """Silence peft's "Already found a `peft_config` attribute" warning: several named adapters on one
+    transformer are what `eval` and `compare` ask for, not a mistake to warn about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        yield
+
+
 def load_adapter(
     transformer: torch.nn.Module, adapter_dir: str | Path, adapter_name: str = "default", scale: float = 1.0
 ) -> None:
@@ -142,15 +153,17 @@ def load_adapter(
             config = LoraConfig(**{k: v for k, v in json.loads(peft_config.read_text()).items()
                                    if k in LoraConfig.__dataclass_fields__})
             _check_targets(transformer, sorted(config.target_modules), str(peft_config))
-            transformer.add_adapter(config, adapter_name=adapter_name)
+            with several_adapters_allowed():
+                transformer.add_adapter(config, adapter_name=adapter_name)
             result = set_peft_model_state_dict(transformer, read_peft_weights(adapter_dir), adapter_name=adapter_name)
             if result.unexpected_keys:
                 raise UserError(f"{peft_weights}: {len(result.unexpected_keys)} weights do not match the "
                                 f"transformer (e.g. {result.unexpected_keys[0]})")
         elif (adapter_dir / DIFFUSERS_WEIGHTS).is_file():
-            transformer.load_lora_adapter(
-                str(adapter_dir), weight_name=DIFFUSERS_WEIGHTS, prefix="transformer", adapter_name=adapter_name
-            )
+            with several_adapters_allowed():
+                transformer.load_lora_adapter(
+                    str(adapter_dir), weight_name=DIFFUSERS_WEIGHTS, prefix="transformer", adapter_name=adapter_name
+                )
         else:
             raise UserError(f"{adapter_dir}: no LoRA adapter found (expected {PEFT_CONFIG} + {PEFT_WEIGHTS}, "
                             f"or {DIFFUSERS_WEIGHTS})")

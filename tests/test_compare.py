@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +116,10 @@ def test_columns_sample_the_same_noise_as_generate(world_adapters, in_repo, tmp_
             "device": "cpu", "steps": 4}
     config = config_from_dict(CompareConfig, data)
     rewards = load_rewards_config(config.rewards)
-    comparer = Comparer(config, rewards, tmp_path / "videos")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        comparer = Comparer(config, rewards, tmp_path / "videos")  # two adapters on one transformer, on purpose
+    assert not [w for w in caught if "peft_config" in str(w.message)], [str(w.message) for w in caught]
     results = comparer.compare(PROMPT, 7)
     assert [r.label for r in results] == [BASE, *map(str, world_adapters)]
 
@@ -143,6 +147,31 @@ def test_columns_sample_the_same_noise_as_generate(world_adapters, in_repo, tmp_
     again = comparer.compare(PROMPT, 7)  # switching adapters back and forth leaves the base untouched
     assert all(mean_abs_difference(a.frames, b.frames) < 1.5 for a, b in zip(results, again, strict=True))
     assert mean_abs_difference(comparer.compare(PROMPT, 8)[0].frames, frames[0]) > 4  # another seed, other noise
+
+
+def test_user_mistakes_on_the_page_are_one_message_and_one_log_line(world_adapters, in_repo, tmp_path, caplog):
+    """An empty prompt or a seed that is no integer answers one status message (the page keeps its columns),
+    logs one line on the server and samples nothing; a good request after it still works."""
+    from rlhf.commands.compare import CompareConfig
+    from rlhf.compare import Comparer, respond
+    from rlhf.config import config_from_dict, load_yaml
+
+    data = {**load_yaml("configs/world/compare.yaml"), "adapters": [str(world_adapters[0])], "device": "cpu",
+            "steps": 2, "rewards": None}
+    comparer = Comparer(config_from_dict(CompareConfig, data), None, tmp_path / "videos")
+    for prompt, seed, message in (("", 0, "the prompt is empty"), ("  ", 3, "the prompt is empty"),
+                                  (None, 3, "the prompt is empty"), (PROMPT, 1.5, "the seed must be an integer"),
+                                  (PROMPT, None, "the seed must be an integer"),
+                                  (PROMPT, -1, "the seed must be an integer")):
+        caplog.clear()
+        results, status = respond(comparer, prompt, seed)
+        assert results is None and status.startswith("**Not generated:**") and message in status, status
+        assert len(status.splitlines()) == 1
+        lines = [r for r in caplog.records if r.name == "contentv-rlhf"]
+        assert len(lines) == 1 and message in lines[0].getMessage() and lines[0].exc_info is None
+    assert comparer.calls == 0 and not (tmp_path / "videos").exists()  # nothing sampled or written
+    results, status = respond(comparer, PROMPT, 3)
+    assert results is not None and len(results) == 2 and status.startswith("Seed 3: 2 videos")
 
 
 # Runs the real entry point; records every connection or name lookup that is not to this machine.
@@ -202,7 +231,9 @@ def test_page_in_headless_chromium_generates_plays_and_scores(world_adapters, tm
             page.on("request", lambda request: requests.append(request.url))
             page.on("websocket", lambda socket: requests.append(socket.url))
             page.goto(local)
-            page.locator("#prompt textarea, #prompt input").first.fill(PROMPT)
+            box = page.locator("#prompt textarea, #prompt input").first
+            initial = box.input_value()  # configs/world/compare.yaml's example prompt, a real value
+            box.fill(PROMPT)
             page.locator("#seed input[type=number]").fill("7")
             page.locator("#generate").click()
             page.wait_for_function("document.querySelectorAll('video').length >= 3", timeout=180_000)
@@ -212,6 +243,17 @@ def test_page_in_headless_chromium_generates_plays_and_scores(world_adapters, tm
             sources = [page.locator(f"#video-{i} video").get_attribute("src") for i in range(3)]
             scores = [page.locator(f"#scores-{i}").inner_text() for i in range(3)]
             status = page.locator("#status").inner_text()
+            labels = [page.locator(f"#video-{i}").inner_text() for i in range(3)]
+
+            # A user mistake: one message in the status line; the columns keep their labels and videos.
+            box.fill("")
+            page.locator("#generate").click()
+            page.wait_for_function("document.querySelector('#status').innerText.includes('Not generated')",
+                                   timeout=60_000)
+            mistake = page.locator("#status").inner_text()
+            labels_after = [page.locator(f"#video-{i}").inner_text() for i in range(3)]
+            sources_after = [page.locator(f"#video-{i} video").get_attribute("src") for i in range(3)]
+            errors_shown = page.get_by_text("Error", exact=True).count()
             browser.close()
     finally:
         server.send_signal(signal.SIGTERM)
@@ -228,6 +270,12 @@ def test_page_in_headless_chromium_generates_plays_and_scores(world_adapters, tm
             assert name in text, (index, text)
         assert ("vs base" in text) == (index > 0), text
     assert "Seed 7: 3 videos" in status
+    assert initial == "a small red circle moving left"
+    assert "the prompt is empty" in mistake and len(mistake.strip().splitlines()) == 1, mistake
+    assert labels_after == labels and labels[0].startswith("base") and sources_after == sources, labels_after
+    assert errors_shown == 0
+    server_log = stderr.read_text()
+    assert "Traceback" not in server_log and server_log.count("not generated: the prompt is empty") == 1, server_log
     elsewhere = [url for url in requests if not url.startswith((local, f"ws://127.0.0.1:{port}/", "data:", "blob:"))]
     assert elsewhere == [], elsewhere
     assert "REMOTE-CONNECTION" not in stderr.read_text(), stderr.read_text()

@@ -50,6 +50,8 @@ class CompareConfig(ModelOptions, VideoOptions):
                                      "(on the command line: repeat --adapter DIR, or --adapters A,B).")
     rewards: str | None = option(None, "Rewards YAML (the `score` command's format): each reward's score and "
                                        "their weighted sum are shown under every video. None: videos only.")
+    prompt: str = option("", "Example prompt the page's prompt box starts with (a real value, sent as typed); "
+                             "empty: an empty box with a hint.")
     port: int = option(7860, f"Port of the page, served on 127.0.0.1 only (1..{MAX_PORT}; must be free).")
 
     def __post_init__(self) -> None:
