@@ -7,7 +7,8 @@ adapter was optimised for (their weighted sum is reported as `combined`); `held_
 trained on; `truth` metrics are ground truth the rewards never see (the shapes world's oracle, or a user's
 own scorer of the same interface). A trained reward that rises while a held-out reward or a ground-truth
 metric falls is flagged as possible reward hacking.
-Writes `eval.json` (+ a few mp4s per model for the report) and returns it.
+Writes `eval.json` (+ the mp4s of `save_videos` prompts per model for the report, every seed, the prompts
+spread over the prompt groups: `rlhf.report_inputs.spread_prompts`) and returns it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ class EvalConfig(ModelOptions, VideoOptions):
     out: str | None = option(None, "Output directory for eval.json and sample videos (built in a hidden sibling and "
                                    "renamed into place when complete).")
     overwrite: bool = option(False, "Replace an existing eval in `out` (never a folder of another kind).")
-    save_videos: int = option(2, "Prompts whose videos (all seeds, every model) are saved for the report.")
+    save_videos: int = option(2, "Prompts whose videos (all seeds, every model) are saved for the report, spread "
+                                 "over the prompt groups (a shapes-world colour-size combination; any other prompt "
+                                 "is a group of its own).")
     tie_tolerance: float = option(0.0, "Score differences within this tolerance count as ties (>= 0).")
     bootstrap_resamples: int = option(
         2000, f"Bootstrap resamples for the confidence intervals (1..{MAX_BOOTSTRAP_RESAMPLES})."
@@ -95,6 +98,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     from rlhf.lora import load_adapter, use_adapter
     from rlhf.progress import Progress
     from rlhf.prompts import load_prompts
+    from rlhf.report_inputs import spread_prompts
     from rlhf.stats import compare_paired
     from rlhf.video import to_uint8_frames, write_mp4
 
@@ -132,6 +136,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         generator.free_text_encoders()
     uncond = embeds.select(len(prompts.prompts)) if guided else None
     seeds = [config.seed_offset + i for i in range(config.seeds)]
+    saved = set(spread_prompts(prompts.prompts, config.save_videos))  # one group after another
 
     with staged_dir(out, "the eval") as staging:  # a killed eval leaves no half-written folder
         models = [BASE, *candidates]
@@ -149,7 +154,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
                         for reward, (scorer, _) in scorers.items():
                             device = scorer.device or frames.device
                             scores[model][reward][p_index] = scorer(frames.to(device), [prompt] * len(seeds)).cpu()
-                    if p_index < config.save_videos:
+                    if p_index in saved:
                         paths = []
                         for s_index, seed in enumerate(seeds):
                             path = staging / "videos" / f"{model}_p{p_index:03d}_seed{seed}.mp4"

@@ -4,16 +4,22 @@ It reports any run directory: a pipeline run with `run.json` (the quickstart's),
 a `train --output-dir` run or an `online --out` run (`rlhf.report_inputs.find_run` tells them apart). The page
 (`build_report`) has, in order, the sections the run has inputs for:
 
-1. warnings of the evaluation (possible reward hacking), highlighted;
-2. the evaluation table: per candidate and reward, kind, base and tuned means, difference, 95% CI, win/tie rate;
-3. base vs tuned videos for the same prompt and seed (eval's saved mp4s), each with its scores;
+1. the verdict: one sentence per trained reward and per held-out / ground-truth metric (up, down or no change:
+   whether the 95% CI of eval's paired difference excludes zero, with the numbers), and a plain warning when a
+   trained reward rose while a held-out reward or ground-truth metric fell;
+2. base vs tuned videos: one row per prompt group (`rlhf.report_inputs.prompt_group`: a shapes-world
+   colour-size combination, any other prompt on its own), the same prompt and seed side by side, seeds spread
+   evenly over the rows, small videos upscaled by a whole factor with pixelated rendering, and the scores of
+   the row's videos beside them;
+3. the evaluation table: per candidate and reward, kind, base and tuned means, difference, 95% CI, win/tie
+   rate; 0/1 metrics (the world oracle's per-attribute accuracy) in percent and points;
 4. online runs: one row per round (mean rewards of its rollout, pairs kept, implicit accuracy, loss) and a
    plot of the mean rewards over the rounds;
-5. the preference pairs with the widest and the narrowest margins: the rollout store's videos, else a strip of
-   the frames saved in the sample file, with the pair's scores (an online run: its last round's);
-6. training curves from `logs/metrics.jsonl` as inline SVG plots (loss, implicit accuracy, reward margin,
+5. training curves from `logs/metrics.jsonl` as inline SVG plots (loss, implicit accuracy, reward margin,
    lr, then every other logged number, reward terms included); several runs (online rounds, eval candidates)
-   share each plot, one line per run.
+   share each plot, one line per run, the legend under the plot; a series that never changes is a number;
+6. the preference pairs with the widest and the narrowest margins: the rollout store's videos, else a strip of
+   the frames saved in the sample file, with the pair's scores (an online run: its last round's).
 
 Everything is embedded (videos as `data:video/mp4;base64` URIs, frame strips as base64 PNG, plots as inline
 SVG, CSS and a tiny status script inline), so the page opens offline and can be mailed or archived as one
@@ -42,7 +48,9 @@ from rlhf.report_inputs import (  # noqa: F401 - run.json helpers are part of th
     RUN_KIND,
     STAGES,
     RunSources,
+    evenly,
     find_run,
+    groups_of,
     load_eval,
     read_json_object,
     read_metrics,
@@ -56,6 +64,9 @@ PRIMARY_METRICS = ("loss", "implicit_accuracy", "reward_margin", "lr")
 # Shown together in one plot (policy vs reference denoising errors on chosen / rejected).
 ERROR_METRICS = ("policy_err_w", "policy_err_l", "ref_err_w", "ref_err_l")
 NOT_PLOTTED = ("step",)
+# Small videos are shown a whole number of times larger, up to about this many pixels on their longer side.
+VIDEO_TARGET_PX = 192
+VIDEO_MAX_PX = 400  # larger videos are shown shrunk to this
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
@@ -71,14 +82,32 @@ def data_uri(mime: str, payload: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(payload).decode('ascii')}"
 
 
-def video_tag(path: Path, title: str) -> str:
-    """An autoplaying, looping `<video>` with the mp4 embedded; a note if the file is missing."""
+def display_size(width: int, height: int) -> tuple[int, int, bool]:
+    """(width, height, pixelated) to show a `width` x `height` video at: a small one enlarged by the largest whole
+    factor that keeps it within VIDEO_TARGET_PX (pixelated, so its pixels stay sharp squares), a large one
+    shrunk to VIDEO_MAX_PX."""
+    longest = max(width, height, 1)
+    if longest <= VIDEO_TARGET_PX:
+        factor = max(1, VIDEO_TARGET_PX // longest)
+        return width * factor, height * factor, factor > 1
+    scale = min(1.0, VIDEO_MAX_PX / longest)
+    return round(width * scale), round(height * scale), False
+
+
+def video_tag(path: Path, title: str, size: tuple[int, int, bool] | None = None, controls: bool = True) -> str:
+    """An autoplaying, looping, muted `<video>` with the mp4 embedded, at `size` (`display_size`) when given,
+    with the browser's controls (which cover the frame's lower part) unless `controls` is False; a note if the
+    file is missing."""
     try:
         payload = path.read_bytes()
     except OSError as err:
         return f'<div class="missing">video not available: {esc(path)} ({esc(err.strerror or err)})</div>'
-    return (f'<video class="clip" src="{data_uri("video/mp4", payload)}" title="{esc(title)}" '
-            'autoplay loop muted playsinline controls preload="auto"></video>')
+    dims = ""
+    if size is not None:
+        width, height, pixelated = size
+        dims = f' width="{width}" height="{height}"' + (' data-pixelated="1"' if pixelated else "")
+    return (f'<video class="clip" src="{data_uri("video/mp4", payload)}" title="{esc(title)}"{dims} '
+            f'autoplay loop muted playsinline{" controls" if controls else ""} preload="auto"></video>')
 
 
 def frame_strip_png(frames, max_height: int = 160, min_height: int = 96, gap: int = 2) -> bytes:
@@ -149,7 +178,9 @@ def svg_line_plot(series: Mapping[str, Sequence[tuple[float, float]]], title: st
     clean = {name: points for name, points in clean.items() if points}
     left, right, top, bottom = 62, 12, 26, 38
     inner_w, inner_h = width - left - right, height - top - bottom
-    parts = [f'<svg class="plot" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+    legend_rows = len(clean) if len(clean) > 1 else 0
+    total_h = height + (14 * legend_rows + 6 if legend_rows else 0)  # the legend goes under the plot, never on it
+    parts = [f'<svg class="plot" width="{width}" height="{total_h}" viewBox="0 0 {width} {total_h}" role="img" '
              f'aria-label="{esc(title)}">',
              f'<text x="{width / 2:.1f}" y="16" text-anchor="middle" class="plot-title">{esc(title)}</text>']
     if not clean:
@@ -206,12 +237,9 @@ def svg_line_plot(series: Mapping[str, Sequence[tuple[float, float]]], title: st
             parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}">'
                       f'<title>{esc(name)} step {x:g}: {y:.6g}</title></circle>'
                       for x, y in points]
-    if len(clean) > 1:  # legend last, over the lines
-        legend_w = 36 + 6.5 * max(len(n) for n in clean)
-        parts.append(f'<rect x="{left + 4}" y="{top + 3}" width="{legend_w:.0f}" height="{14 * len(clean) + 4}" '
-                     'class="legend-box"/>')
+    if legend_rows:  # under the x-axis label, outside the plotting area
         for index, name in enumerate(clean):
-            ly, color = top + 16 + 14 * index, COLORS[index % len(COLORS)]
+            ly, color = height + 12 + 14 * index, COLORS[index % len(COLORS)]
             parts.append(f'<line x1="{left + 8}" x2="{left + 24}" y1="{ly - 4}" y2="{ly - 4}" stroke="{color}" '
                          f'stroke-width="2"/><text x="{left + 28}" y="{ly}" class="legend">{esc(name)}</text>')
     parts.append("</svg>")
@@ -246,11 +274,14 @@ def _trend_class(low: Any, high: Any) -> str:
     return ""
 
 
-KIND_ORDER = ("trained", "logged", "held_out")
+KIND_ORDER = ("trained", "logged", "truth", "held_out")
+KIND_NAMES = {"trained": "trained reward", "logged": "logged reward", "truth": "ground truth",
+              "held_out": "held-out reward"}
+VERDICT_KINDS = ("trained", "truth", "held_out")  # a `logged` entry (weight 0) was not trained on: no verdict
 
 
 def reward_order(kinds: Mapping[str, str], names) -> list[str]:
-    """`combined` first, then trained, logged and held-out rewards, each alphabetically."""
+    """`combined` first, then trained, logged, ground-truth and held-out rewards, each alphabetically."""
     def key(name: str) -> tuple:
         kind = kinds.get(name, "")
         return (name != "combined", KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), name)
@@ -258,12 +289,113 @@ def reward_order(kinds: Mapping[str, str], names) -> list[str]:
     return sorted(names, key=key)
 
 
+def _finite(row: Mapping[str, Any], *keys: str) -> list[float] | None:
+    try:
+        values = [float(row[k]) for k in keys]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return values if all(math.isfinite(v) for v in values) else None
+
+
+def verdict_sentence(reward: str, kind: str, row: Mapping[str, Any], accuracy: bool) -> tuple[str, str]:
+    """(trend, HTML sentence) of one reward's paired comparison: trend "up" / "down" when the 95% CI of the
+    difference excludes zero, else "same"; the sentence gives the means, the difference and the CI."""
+    values = _finite(row, "base_mean", "candidate_mean", "mean_diff", "ci_low", "ci_high")
+    if values is None:
+        return "same", f'<b>{esc(reward)}</b> ({esc(KIND_NAMES.get(kind, kind))}): no comparison recorded.'
+    base, tuned, diff, low, high = values
+    trend = "up" if low > 0 else "down" if high < 0 else "same"
+    if accuracy:
+        means = f"{base:.1%} &rarr; {tuned:.1%}"
+        change, ci = f"{diff * 100:+.1f} points", f"95% CI {low * 100:+.1f} to {high * 100:+.1f} points"
+    else:
+        means = f"{base:.4g} &rarr; {tuned:.4g}"
+        change, ci = f"{diff:+.3g}", f"95% CI {low:+.3g} to {high:+.3g}"
+    label = {"up": "up", "down": "down", "same": "no change"}[trend]
+    why = f"{ci}" if trend != "same" else f"{ci} includes 0"
+    return trend, (f'<b>{esc(reward)}</b> ({esc(KIND_NAMES.get(kind, kind))}): '
+                   f'<span class="verdict {trend}">{label}</span>, {change} ({means}; {why}).')
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(f"<b>{esc(n)}</b>" for n in names)
+
+
+def verdict_section(result: Mapping[str, Any]) -> str:
+    """Per candidate: a sentence per trained reward (`combined` first), ground-truth metric and held-out
+    reward, and a plain warning when a trained reward went up while a held-out or ground-truth one went down."""
+    kinds = {**result["rewards"], "combined": "trained"}
+    accuracy = accuracy_metrics(result)
+    several = len(result["comparisons"]) > 1
+    parts = []
+    for model, rows in result["comparisons"].items():
+        if not isinstance(rows, dict) or not rows:
+            continue
+        trends: dict[str, str] = {}
+        lines = []
+        for kind in VERDICT_KINDS:
+            for reward in reward_order(kinds, [r for r in rows if kinds.get(r) == kind]):
+                row = rows[reward] if isinstance(rows[reward], dict) else {}
+                trends[reward], sentence = verdict_sentence(reward, kind, row, reward in accuracy)
+                lines.append(f'<li class="{trends[reward]}">{sentence}</li>')
+        if not lines:
+            continue
+        n = next(iter(rows.values())).get("n", "?") if isinstance(next(iter(rows.values())), dict) else "?"
+        who = f'{esc(model)} <code>{esc(result["candidates"].get(model, ""))}</code>' if several else "The tuned model"
+        rose = [r for r, t in trends.items() if t == "up" and kinds.get(r) == "trained"]
+        fell = [r for r, t in trends.items() if t == "down" and kinds.get(r) in ("truth", "held_out")]
+        if rose and fell:
+            parts.append(f'<div class="warning">&#9888; Warning: {who if several else "the tuned model"} scores higher '
+                         f'on the reward(s) it was trained on ({_names(rose)}) but lower on {_names(fell)}, which '
+                         'it was never trained on. It learned to please its reward rather than to get better: '
+                         'possible reward hacking.</div>')
+        parts.append(f'<p class="hint">{who} against the base, on the same {esc(n)} (prompt, seed) pairs. Up or '
+                     'down: the 95% confidence interval of the difference excludes zero; no change: it '
+                     'includes zero.</p><ul class="verdicts">' + "".join(lines) + "</ul>")
+    if not parts:
+        raise SkipSection("eval.json has no comparisons")
+    return "".join(parts)
+
+
+def accuracy_metrics(result: Mapping[str, Any]) -> set[str]:
+    """The rewards whose every score in eval.json is 0 or 1 (e.g. the world oracle's per-attribute accuracy):
+    their means are accuracies, shown in percent and their differences in points."""
+    found = set()
+    per_model = [m for m in (result.get("scores") or {}).values() if isinstance(m, dict)]
+    for reward in {r for m in per_model for r in m}:
+        try:
+            values = [float(v) for m in per_model for row in m.get(reward) or [] for v in row]
+        except (TypeError, ValueError):
+            continue
+        if values and all(v in (0.0, 1.0) for v in values):
+            found.add(reward)
+    return found
+
+
+def _mean(value: Any, accuracy: bool) -> str:
+    return _num(value, ".1%") if accuracy else _num(value)
+
+
+def _diff(value: Any, accuracy: bool) -> str:
+    """A difference: points (of a percentage) for an accuracy, 3 significant digits otherwise."""
+    if not accuracy:
+        return _num(value, "+.3g")
+    try:
+        return f"{float(value) * 100:+.1f} pts"
+    except (TypeError, ValueError):
+        return "–"
+
+
 def eval_table_section(result: Mapping[str, Any]) -> str:
     kinds = result["rewards"]
+    accuracy = accuracy_metrics(result)
     parts = ['<p class="hint">Paired over the same prompts and seeds. <b>trained</b>: optimised for '
              '(<b>combined</b> is their weighted sum); <b>logged</b>: trained-reward entry with weight 0; '
-             '<b>held_out</b>: never trained on, a drop there while a trained reward rises hints at reward '
-             'hacking. Green / red: the 95% CI of the difference excludes zero.</p>']
+             '<b>truth</b>: ground truth no reward sees (the shapes world\'s oracle: the share of videos whose '
+             'colour, size, direction, or colour and size together (<i>taught</i>) it reads as the prompt asked); '
+             '<b>held_out</b>: never trained on. A drop in truth or held_out while a trained reward rises hints at '
+             'reward hacking. Accuracies in percent, their differences in points. Green / red: the 95% CI of the '
+             'difference excludes zero.</p>']
     for model, rows in result["comparisons"].items():
         if not isinstance(rows, dict) or not rows:
             continue
@@ -277,11 +409,12 @@ def eval_table_section(result: Mapping[str, Any]) -> str:
             row = rows[reward]
             trend = _trend_class(row.get("ci_low"), row.get("ci_high"))
             kind = kinds.get(reward, "?")
+            acc = reward in accuracy
             parts.append(
                 f'<tr class="{trend}"><td>{esc(reward)}</td><td><span class="kind {esc(kind)}">{esc(kind)}</span>'
-                f'</td><td>{_num(row.get("base_mean"))}</td><td>{_num(row.get("candidate_mean"))}</td>'
-                f'<td class="diff">{_num(row.get("mean_diff"), "+.3g")}</td>'
-                f'<td>[{_num(row.get("ci_low"), "+.3g")}, {_num(row.get("ci_high"), "+.3g")}]</td>'
+                f'</td><td>{_mean(row.get("base_mean"), acc)}</td><td>{_mean(row.get("candidate_mean"), acc)}</td>'
+                f'<td class="diff">{_diff(row.get("mean_diff"), acc)}</td>'
+                f'<td>[{_diff(row.get("ci_low"), acc)}, {_diff(row.get("ci_high"), acc)}]</td>'
                 f'<td>{_num(row.get("win_rate"), ".0%")}</td><td>{_num(row.get("tie_rate"), ".0%")}</td>'
                 f'<td>{_num(row.get("loss_rate"), ".0%")}</td></tr>')
         parts.append("</tbody></table>")
@@ -305,52 +438,104 @@ def _eval_video_scores(result: Mapping[str, Any], model: str, p: int, s: int) ->
     return scores
 
 
-def _score_table(scores: Mapping[str, float], kinds: Mapping[str, str],
-                 reference: Mapping[str, float] | None = None) -> str:
+def _row_scores(result: Mapping[str, Any], models: Sequence[str], p: int, s: int, accuracy: set[str]) -> str:
+    """The scores of one row's videos as one table: a column per model, the difference to the base in brackets;
+    a 0/1 metric as a tick or a cross."""
+    kinds = {**result["rewards"], "combined": "trained"}
+    scores = {model: _eval_video_scores(result, model, p, s) for model in models}
+    names = [r for r in reward_order(kinds, scores[models[0]]) if kinds.get(r) != "logged"]
+    head = "".join(f"<th>{esc(_model_label(result, m))}</th>" for m in models)
     rows = []
-    for reward in reward_order(kinds, scores):
-        value = scores[reward]
-        delta = ""
-        if reference is not None and reward in reference:
-            diff = value - reference[reward]
-            delta = f' <span class="{"up" if diff > 0 else "down" if diff < 0 else ""}">({diff:+.3g})</span>'
-        kind = kinds.get(reward, "")
-        rows.append(f'<tr><td title="{esc(kind)}">{esc(reward)}</td><td>{_num(value)}{delta}</td></tr>')
-    return f'<table class="scores">{"".join(rows)}</table>'
+    for reward in names:
+        cells = []
+        for model in models:
+            value = scores[model].get(reward)
+            if value is None:
+                cells.append("<td>–</td>")
+            elif reward in accuracy:
+                cells.append(f'<td class="{"right" if value else "wrong"}">{"&#10003;" if value else "&#10007;"}</td>')
+            else:
+                base = scores[models[0]].get(reward)
+                delta = ""
+                if model != models[0] and base is not None:
+                    diff = value - base
+                    delta = f' <span class="{"up" if diff > 0 else "down" if diff < 0 else ""}">({diff:+.3g})</span>'
+                cells.append(f"<td>{_num(value, '.3g')}{delta}</td>")
+        rows.append(f'<tr><td title="{esc(KIND_NAMES.get(kinds.get(reward, ""), ""))}">{esc(reward)}</td>'
+                    f'{"".join(cells)}</tr>')
+    return f'<table class="scores"><thead><tr><th></th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _model_label(result: Mapping[str, Any], model: str) -> str:
+    """"tuned" for an eval's only candidate, the candidate's name when there are several."""
+    return "tuned" if model != "base" and len(result["candidates"]) == 1 else model
+
+
+def _saved_prompts(videos: Mapping[str, Any]) -> set[int]:
+    indices = set()
+    for per in videos.values():
+        for key in per if isinstance(per, dict) else ():
+            try:
+                indices.add(int(key))
+            except ValueError:
+                continue
+    return indices
 
 
 def eval_videos_section(result: Mapping[str, Any], eval_dir: Path) -> str:
+    """One row per prompt group with saved videos: a prompt of the group, one seed (spread evenly over the
+    rows), every model's video of that prompt and seed side by side, and their scores."""
     videos = result.get("videos") or {}
     models = ["base", *result["candidates"]]
-    prompts = result.get("prompts") or []
+    prompts = [str(p) for p in result.get("prompts") or []]
     seeds = result.get("seeds") or []
-    indices = sorted({int(p) for per in videos.values() if isinstance(per, dict) for p in per})
-    if not indices:
+    saved = _saved_prompts(videos)
+    if not saved:
         raise SkipSection("eval saved no videos (eval --save-videos 0)")
-    kinds = result["rewards"]
-    parts = ['<p class="hint">Side by side: the base model and each candidate from the same initial noise '
-             '(same prompt and seed). Scores under each video, the difference to the base video in brackets.</p>']
-    for p in indices:
+    groups = groups_of(prompts)
+    shown = [(group, [i for i in indices if i in saved]) for group, indices in groups.items()]
+    missing = [group for group, indices in shown if not indices]
+    shown = [(group, indices) for group, indices in shown if indices]
+    if not shown:  # videos of prompts eval.json does not list
+        shown = [(f"prompt {p}", [p]) for p in sorted(saved)]
+    sampling = result.get("sampling") or {}
+    try:
+        size = display_size(int(sampling["width"]), int(sampling["height"]))
+    except (KeyError, TypeError, ValueError):
+        size = None
+    accuracy = accuracy_metrics(result)
+    enlarged = f", shown {size[0] // int(sampling['width'])}x larger with sharp pixels" if size and size[2] else ""
+    parts = [f'<p class="hint">One row per prompt group ({len(shown)} of {len(groups)} with saved videos): the '
+             f'base model and the tuned one from the same initial noise (same prompt and seed){enlarged}. Seeds '
+             'are spread evenly over the rows. Beside them, every video\'s scores (the difference to the base in '
+             'brackets; a 0/1 ground-truth metric as &#10003; / &#10007;).</p>']
+    if missing:
+        listed = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        parts.append(f'<p class="note">No videos saved for {len(missing)} group(s): {esc(listed)} (eval saves '
+                     'the videos of --save-videos prompts, spread over the groups).</p>')
+    parts.append('<div class="vrows">')
+    for row, (group, indices) in enumerate(shown):
+        p = indices[row % len(indices)]
         prompt = prompts[p] if p < len(prompts) else f"prompt {p}"
-        parts.append(f'<div class="card"><h3>Prompt {p}: <q>{esc(prompt)}</q></h3><div class="groups">')
-        rows = max(len((videos.get(m) or {}).get(str(p), [])) for m in models)
-        for s in range(rows):
-            seed = seeds[s] if s < len(seeds) else s
-            parts.append(f'<div class="group"><div class="group-label">seed {esc(seed)}</div><div class="side">')
-            reference = _eval_video_scores(result, "base", p, s)
-            for model in models:
-                adapter = result["candidates"].get(model, "")
-                caption = f'<figcaption title="{esc(adapter)}">{esc(model)}</figcaption>'
-                paths = (videos.get(model) or {}).get(str(p), [])
-                if s >= len(paths):
-                    parts.append(f'<figure class="cell">{caption}<div class="missing">no video saved</div></figure>')
-                    continue
-                media = video_tag(eval_dir / paths[s], f"{prompt} | {model} | seed {seed}")
-                table = _score_table(_eval_video_scores(result, model, p, s), kinds,
-                                     None if model == "base" else reference)
-                parts.append(f'<figure class="cell">{caption}{media}{table}</figure>')
-            parts.append("</div></div>")
-        parts.append("</div></div>")
+        count = min(len((videos.get(m) or {}).get(str(p), [])) for m in models)
+        if count == 0:
+            count = max(len((videos.get(m) or {}).get(str(p), [])) for m in models)
+        s = evenly(row, len(shown), count)
+        seed = seeds[s] if s < len(seeds) else s
+        cells = []
+        for model in models:
+            label = _model_label(result, model)
+            caption = f'<figcaption title="{esc(result["candidates"].get(model, ""))}">{esc(label)}</figcaption>'
+            paths = (videos.get(model) or {}).get(str(p), [])
+            if s >= len(paths):
+                cells.append(f'<figure class="cell">{caption}<div class="missing">no video saved</div></figure>')
+                continue
+            media = video_tag(eval_dir / paths[s], f"{prompt} | {model} | seed {seed}", size, controls=False)
+            cells.append(f'<figure class="cell">{caption}{media}</figure>')
+        parts.append(f'<div class="vrow"><div class="vlabel"><div class="group-name">{esc(group)}</div>'
+                     f'<q>{esc(prompt)}</q><div class="hint">seed {esc(seed)}</div></div>{"".join(cells)}'
+                     f'{_row_scores(result, models, p, s, accuracy)}</div>')
+    parts.append("</div>")
     return "".join(parts)
 
 
@@ -508,16 +693,34 @@ def training_section(trains: Mapping[str, Path]) -> str:
         for record in records:
             keys += [k for k, v in record.items() if k not in keys and k not in NOT_PLOTTED
                      and isinstance(v, (int, float)) and not isinstance(v, bool)]
-    parts.append('<div class="plots">')
+    plots, constants = [], []
     for title, names in _metric_groups(keys):
         series = {}
         for label, records in runs.items():
             for name in names:
                 line = name if len(runs) == 1 else label if len(names) == 1 else f"{label} {name}"
                 series[line] = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
-        parts.append(svg_line_plot(series, title))
-    parts.append("</div>")
+        values = {line: constant_value(points) for line, points in series.items() if points}
+        if values and all(v is not None for v in values.values()):  # a flat line says nothing a number does not
+            constants += [(line, value, len(series[line])) for line, value in values.items()]
+        else:
+            plots.append(svg_line_plot(series, title))
+    parts.append(f'<div class="plots">{"".join(plots)}</div>')
+    if constants:
+        cells = "".join(f'<tr><td>{esc(line)}</td><td class="constant">{_num(value, ".6g")}</td>'
+                        f'<td class="hint">the same at all {count} logged steps</td></tr>'
+                        for line, value, count in constants)
+        parts.append(f'<h3>Constant during training</h3><table class="constants">{cells}</table>')
     return "".join(parts)
+
+
+def constant_value(points: Sequence[tuple[float, float]]) -> float | None:
+    """The value of a series whose finite values are all equal (to 1e-9 of their size), else None."""
+    ys = [float(y) for _, y in points if math.isfinite(float(y))]
+    if not ys or len(ys) != len(points):
+        return None
+    low, high = min(ys), max(ys)
+    return ys[0] if high - low <= 1e-9 * max(abs(low), abs(high)) else None
 
 
 def rounds_section(online_dir: Path) -> str:
@@ -568,32 +771,40 @@ header code { background: transparent; }
 .note { background: #eef3fb; border-left: 4px solid #6b8fd6; padding: 6px 10px; margin: 6px 0; }
 .warning { background: #fff4e5; border-left: 5px solid #e8590c; padding: 8px 12px; margin: 8px 0; font-weight: 600; color: #8a3200; }
 table.eval { border-collapse: collapse; margin: 4px 0 12px; }
-table.eval th, table.eval td { padding: 4px 10px; border-bottom: 1px solid #e3e6eb; text-align: right; font-variant-numeric: tabular-nums; }
+table.eval th, table.eval td { padding: 3px 10px; border-bottom: 1px solid #e3e6eb; text-align: right; font-variant-numeric: tabular-nums; }
 table.eval th:first-child, table.eval td:first-child, table.eval th:nth-child(2), table.eval td:nth-child(2) { text-align: left; }
 table.eval thead th { background: #f0f2f5; }
 tr.up td.diff, span.up { color: #1b7f3b; font-weight: 600; } tr.down td.diff, span.down { color: #c92a2a; font-weight: 600; }
 tr.up { background: #ebfbee; } tr.down { background: #fff0f0; }
 .kind { font-size: 11px; padding: 1px 6px; border-radius: 8px; background: #e9ecef; }
 .kind.trained { background: #dbe4ff; } .kind.held_out { background: #fff3bf; } .kind.logged { background: #e9ecef; }
+.kind.truth { background: #d3f9d8; }
 .card { border: 1px solid #e3e6eb; border-radius: 6px; padding: 8px 12px; margin: 10px 0; }
 .groups > .card { margin: 0; }
 figure.cell { margin: 0; }
 figure.cell figcaption { font-weight: 600; margin-bottom: 4px; }
 figure.chosen figcaption { color: #1b7f3b; } figure.rejected figcaption { color: #c92a2a; }
 .groups { display: flex; flex-wrap: wrap; gap: 14px 28px; align-items: flex-start; }
-.group-label { font-weight: 600; color: #5b6475; margin-bottom: 2px; }
-.side { display: flex; gap: 10px; align-items: flex-start; }
-figure.cell { width: 288px; }
-video.clip { width: 100%; display: block; background: #000; border-radius: 4px; image-rendering: pixelated; }
+.pair figure.cell { width: 288px; } .pair video.clip { width: 100%; height: auto; }
+video.clip { display: block; max-width: 100%; background: #000; border-radius: 4px; }
+video.clip[data-pixelated] { image-rendering: pixelated; image-rendering: crisp-edges; }
+.vrows { display: flex; flex-direction: column; gap: 6px; }
+.vrow { display: flex; gap: 14px; align-items: flex-start; border-top: 1px solid #e3e6eb; padding-top: 6px; }
+.vrow figure.cell figcaption { margin-bottom: 2px; }
+.vlabel { width: 150px; flex: none; } .group-name { font-weight: 700; font-size: 16px; }
+ul.verdicts { margin: 4px 0 6px; padding-left: 20px; } ul.verdicts li { margin: 0; }
+.verdict { font-weight: 700; } .verdict.up { color: #1b7f3b; } .verdict.down { color: #c92a2a; } .verdict.same { color: #5b6475; }
+td.right { color: #1b7f3b; font-weight: 700; } td.wrong { color: #c92a2a; font-weight: 700; }
+table.constants td { padding: 1px 10px 1px 0; } td.constant { font-variant-numeric: tabular-nums; font-weight: 600; }
 img.frames { max-width: 100%; image-rendering: pixelated; border-radius: 4px; }
 table.scores { font-size: 12px; border-collapse: collapse; margin-top: 4px; font-variant-numeric: tabular-nums; }
-table.scores td { padding: 1px 8px 1px 0; }
+table.scores td, table.scores th { padding: 0 8px 0 0; text-align: left; line-height: 1.25; }
 .pair { display: flex; gap: 10px; align-items: flex-start; }
 .margin { font-weight: normal; color: #5b6475; margin-left: 8px; }
 .missing { color: #8a3200; background: #fff4e5; padding: 8px; border-radius: 4px; }
 .plots { display: flex; flex-wrap: wrap; gap: 12px; }
 svg.plot { background: #fff; border: 1px solid #e3e6eb; border-radius: 4px; }
-svg.plot .frame { fill: none; stroke: #9aa3b2; } svg.plot .legend-box { fill: #fff; fill-opacity: 0.85; stroke: #e3e6eb; } svg.plot .grid { stroke: #e9ecef; }
+svg.plot .frame { fill: none; stroke: #9aa3b2; } svg.plot .grid { stroke: #e9ecef; }
 svg.plot .axis { font-size: 10px; fill: #5b6475; } svg.plot .legend { font-size: 11px; fill: #1d2433; }
 svg.plot .plot-title { font-size: 13px; font-weight: 600; fill: #1d2433; }
 """
@@ -636,18 +847,19 @@ def _sections(sources: RunSources, result: Mapping[str, Any] | None, eval_dir: P
     pipeline = sources.kind == "pipeline"
     sections: list[tuple[str, str, Any]] = []
     if result is not None:
-        sections += [("eval", "Evaluation: base vs tuned", lambda: eval_table_section(result)),
-                     ("videos", "Base vs tuned videos", lambda: eval_videos_section(result, eval_dir))]
+        sections += [("verdict", "Verdict: did training help?", lambda: verdict_section(result)),
+                     ("videos", "Base vs tuned videos", lambda: eval_videos_section(result, eval_dir)),
+                     ("eval", "Evaluation: base vs tuned", lambda: eval_table_section(result))]
     if sources.rounds is not None:
         sections.append(("rounds", "Online rounds", lambda: rounds_section(sources.rounds)))
-    if sources.pairs is not None or pipeline:
-        sections.append(("pairs", "Preference pairs: widest and narrowest margins",
-                         lambda: pairs_section(sources.pairs, sources.store, examples) if sources.pairs is not None
-                         else _skip("no pairs stage in run.json")))
     if sources.trains or pipeline:
         sections.append(("training", "Training curves",
                          lambda: training_section(sources.trains) if sources.trains
                          else _skip("no train stage in run.json")))
+    if sources.pairs is not None or pipeline:
+        sections.append(("pairs", "Preference pairs: widest and narrowest margins",
+                         lambda: pairs_section(sources.pairs, sources.store, examples) if sources.pairs is not None
+                         else _skip("no pairs stage in run.json")))
     return sections
 
 
@@ -678,8 +890,12 @@ def build_report(run_dir: str | os.PathLike, examples: int = 2) -> str:
         except SkipSection as note:
             content = f'<p class="note">Section skipped: {esc(note)}</p>'
         body.append(f'<section id="{anchor}"><h2>{esc(title)}</h2>{content}</section>')
-    warnings = "".join(f'<div class="warning">&#9888; {esc(w)}</div>'
-                       for w in (result or {}).get("warnings") or [])
+    # eval.json's own warnings say what the verdict's warning says (computed from the same comparisons); they
+    # are shown only when there is no verdict.
+    verdict = any(anchor == "verdict" and "Section skipped" not in text for (anchor, _, _), text
+                  in zip(sections, body, strict=True))
+    warnings = "" if verdict else "".join(f'<div class="warning">&#9888; {esc(w)}</div>'
+                                          for w in (result or {}).get("warnings") or [])
     nav = "".join(f'<a href="#{a}">{esc(t.split(":")[0])}</a>' for a, t, _ in sections)
     root = Path(run_dir).resolve()
     return (

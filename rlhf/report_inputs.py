@@ -11,12 +11,17 @@
 - an **online** run (`online --out DIR`): `rounds.json` and/or `round-NN/{rollout,pairs,train}`.
 
 The first of these that matches decides the kind (a directory holding `run.json` is a pipeline run).
+
+Prompt groups (`prompt_group`): the report shows one row of videos per group, and `eval` saves its videos
+for prompts spread over the groups (`spread_prompts`). A shapes-world prompt's group is its colour-size
+combination (its direction varies inside the group); any other prompt is a group of its own.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,3 +216,48 @@ def read_metrics(path: Path) -> tuple[list[dict[str, float]], int]:
         except (ValueError, KeyError, TypeError):
             bad += 1
     return [by_step[s] for s in sorted(by_step)], bad
+
+
+# ---- prompt groups -------------------------------------------------------------------------------
+
+
+def prompt_group(prompt: str) -> str:
+    """The group whose row shows a prompt's videos: "large red" for a shapes-world prompt (its colour-size
+    combination), the prompt itself for any other."""
+    from rlhf.world.scene import parse_prompt
+
+    parsed = parse_prompt(prompt)
+    return f"{parsed[1]} {parsed[0]}" if parsed is not None else prompt
+
+
+def groups_of(prompts: Sequence[str]) -> dict[str, list[int]]:
+    """Group -> the indices of its prompts, groups in the order of their first prompt."""
+    groups: dict[str, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        groups.setdefault(prompt_group(prompt), []).append(index)
+    return groups
+
+
+def spread_prompts(prompts: Sequence[str], count: int) -> list[int]:
+    """The indices of `count` prompts spread evenly over the prompt groups, sorted.
+
+    Fewer than one per group: groups evenly spaced in prompt order, the first prompt of each. Otherwise
+    round-robin over the groups, each round taking the next prompt of every group that has one, group g
+    starting at its prompt g (so the world's groups show different directions), until `count` are taken.
+    """
+    groups = list(groups_of(prompts).values())
+    if count >= len(prompts):
+        return list(range(len(prompts)))
+    if count < len(groups):
+        return sorted(groups[i * len(groups) // count][0] for i in range(count))
+    picked: list[int] = []
+    for turn in range(max(len(members) for members in groups)):
+        for g, members in enumerate(groups):
+            if turn < len(members) and len(picked) < count:
+                picked.append(members[(g + turn) % len(members)])
+    return sorted(picked)
+
+
+def evenly(row: int, rows: int, count: int) -> int:
+    """The index, out of `count`, that row `row` of `rows` shows: rows spread evenly over the `count`."""
+    return row * count // rows if rows > 0 else 0
