@@ -205,6 +205,7 @@ def _chromium() -> str | None:
 def test_page_in_headless_chromium_generates_plays_and_scores(world_adapters, tmp_path):
     pytest.importorskip("gradio", reason="gradio not installed: pip install -e '.[test]'")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed: pip install -e '.[test]'")
+    from rlhf.compare import PROMPT_HINT
 
     port = free_port()
     stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
@@ -232,7 +233,8 @@ def test_page_in_headless_chromium_generates_plays_and_scores(world_adapters, tm
             page.on("websocket", lambda socket: requests.append(socket.url))
             page.goto(local)
             box = page.locator("#prompt textarea, #prompt input").first
-            initial = box.input_value()  # configs/world/compare.yaml's example prompt, a real value
+            # configs/world/compare.yaml gives no example prompt: an empty box whose hint is an instruction.
+            initial, hint = box.input_value(), box.get_attribute("placeholder")
             box.fill(PROMPT)
             page.locator("#seed input[type=number]").fill("7")
             page.locator("#generate").click()
@@ -270,7 +272,7 @@ def test_page_in_headless_chromium_generates_plays_and_scores(world_adapters, tm
             assert name in text, (index, text)
         assert ("vs base" in text) == (index > 0), text
     assert "Seed 7: 3 videos" in status
-    assert initial == "a small red circle moving left"
+    assert initial == "" and hint == PROMPT_HINT
     assert "the prompt is empty" in mistake and len(mistake.strip().splitlines()) == 1, mistake
     assert labels_after == labels and labels[0].startswith("base") and sources_after == sources, labels_after
     assert errors_shown == 0
