@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 
 def record(name: str, result: Any, text: str | None = None) -> None:
     """Append `result` (JSON) or `text` (preformatted) under a dated heading with the exact command line."""
-    command = "python benchmarks/" + Path(sys.argv[0]).name + "".join(f" {a}" for a in sys.argv[1:])
+    command = shlex.join(["python", "benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]])  # runnable as shown
     body = text if text is not None else json.dumps(result, indent=2)
     fence = "```" if text is not None else "```json"
     with open(RESULTS, "a") as fh:

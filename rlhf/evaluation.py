@@ -23,7 +23,7 @@ from typing import Any
 from rlhf.config import INT_MAX, ConfigError, option
 from rlhf.errors import UserError
 from rlhf.io import output_path_problem
-from rlhf.options import ModelOptions, VideoOptions, in_range, uses_guidance
+from rlhf.options import MAX_MICRO_BATCH, ModelOptions, VideoOptions, in_range, uses_guidance
 from rlhf.outputs import EVAL_RESULTS, check_output, staged_dir
 
 logger = logging.getLogger("contentv-rlhf")
@@ -45,6 +45,11 @@ class EvalConfig(ModelOptions, VideoOptions):
     prompts: str | None = option(None, "Held-out prompt file (.txt/.jsonl/.csv/datasets folder).")
     seeds: int = option(4, "Seeds per prompt; every model uses the same seeds.")
     seed_offset: int = option(100_000, "First evaluation seed (keep evaluation seeds apart from training's).")
+    batch_size: int = option(
+        4, f"Videos (prompt x seed, across prompts) sampled, decoded and scored together by each model, "
+        f"1..{MAX_MICRO_BATCH}; with batch_cfg the transformer runs twice as many rows per forward. Larger batches "
+        "use the device better and need more memory; a video's noise comes from its seed alone, so the scores do "
+        "not depend on it (up to float rounding).")
     rewards: str | None = option(None, "Rewards YAML of the trained rewards (as given to `score`).")
     held_out_rewards: str | None = option(None, "Rewards YAML of rewards NOT trained on (hacking check).")
     ground_truth: str | None = option(
@@ -74,6 +79,7 @@ class EvalConfig(ModelOptions, VideoOptions):
             raise ConfigError("out", problem)
         in_range("seeds", self.seeds, 1, MAX_EVAL_SEEDS)
         in_range("seed_offset", self.seed_offset, 0, INT_MAX - self.seeds)  # every seed within torch's int64
+        in_range("batch_size", self.batch_size, 1, MAX_MICRO_BATCH)
         if self.save_videos < 0:
             raise ConfigError("save_videos", f"must be >= 0, got {self.save_videos}")
         in_range("tie_tolerance", self.tie_tolerance, 0, math.inf)
@@ -92,6 +98,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from rewards.build import score_videos
     from rlhf.base_model import check_adapter_base
     from rlhf.generation import VideoGenerator
     from rlhf.io import write_json
@@ -138,30 +145,36 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     seeds = [config.seed_offset + i for i in range(config.seeds)]
     saved = set(spread_prompts(prompts.prompts, config.save_videos))  # one group after another
 
+    # Every (prompt, seed), prompt-major, cut into batches of `batch_size` that may span prompts.
+    items = [(p_index, s_index) for p_index in range(len(prompts.prompts)) for s_index in range(len(seeds))]
+    batches = [items[start:start + config.batch_size] for start in range(0, len(items), config.batch_size)]
+
     with staged_dir(out, "the eval") as staging:  # a killed eval leaves no half-written folder
         models = [BASE, *candidates]
         # scores[model][reward] -> (prompts, seeds)
         scores = {m: {r: np.zeros((len(prompts.prompts), len(seeds))) for r in scorers} for m in models}
         videos: dict[str, dict[str, list[str]]] = {m: {} for m in models}
-        with Progress(total=len(prompts.prompts) * len(models), desc="eval", unit="video batch") as progress:
-            for p_index, prompt in enumerate(prompts.prompts):
+        with Progress(total=len(items) * len(models), desc="eval", unit="video") as progress:
+            for batch in batches:
+                cond = embeds.select([p_index for p_index, _ in batch])  # one row per video
+                batch_seeds = [seeds[s_index] for _, s_index in batch]
+                texts = [prompts.prompts[p_index] for p_index, _ in batch]
                 for model in models:
                     use_adapter(generator.transformer, None if model == BASE else model)
-                    latents = generator.sample_latents(embeds.select(p_index), uncond, seeds, config, progress=False)
-                    video = generator.decode(latents)  # (S, 3, T, H, W) in [-1, 1]
-                    frames = ((video + 1) / 2).permute(0, 2, 1, 3, 4)  # (S, T, 3, H, W) in [0, 1]
+                    latents = generator.sample_latents(cond, uncond, batch_seeds, config, progress=False)
+                    video = generator.decode(latents)  # (B, 3, T, H, W) in [-1, 1]
+                    frames = ((video + 1) / 2).permute(0, 2, 1, 3, 4)  # (B, T, 3, H, W) in [0, 1]
                     with torch.no_grad():
-                        for reward, (scorer, _) in scorers.items():
-                            device = scorer.device or frames.device
-                            scores[model][reward][p_index] = scorer(frames.to(device), [prompt] * len(seeds)).cpu()
-                    if p_index in saved:
-                        paths = []
-                        for s_index, seed in enumerate(seeds):
-                            path = staging / "videos" / f"{model}_p{p_index:03d}_seed{seed}.mp4"
-                            write_mp4(path, to_uint8_frames(video[s_index]), fps=config.fps)
-                            paths.append(str(path.relative_to(staging)))
-                        videos[model][str(p_index)] = paths
-                    progress.update(1)
+                        batch_scores = score_videos(scorers, frames, texts, batch_size=len(batch))
+                    for reward, values in batch_scores.items():
+                        for row, (p_index, s_index) in enumerate(batch):
+                            scores[model][reward][p_index, s_index] = values[row].item()
+                    for row, (p_index, s_index) in enumerate(batch):
+                        if p_index in saved:
+                            path = staging / "videos" / f"{model}_p{p_index:03d}_seed{seeds[s_index]}.mp4"
+                            write_mp4(path, to_uint8_frames(video[row]), fps=config.fps)
+                            videos[model].setdefault(str(p_index), []).append(str(path.relative_to(staging)))
+                    progress.update(len(batch))
 
         def combined(model: str) -> np.ndarray:
             return sum(weight * scores[model][name] for name, (_, weight) in trained.items())

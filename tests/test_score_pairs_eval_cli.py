@@ -121,6 +121,21 @@ def test_eval_table_and_json(tiny_store, tmp_path, capsys):
     assert again["scores"]["base"] == result["scores"]["base"]
     assert again["scores"]["candidate1"] == result["scores"]["candidate0"]
 
+    # Batches spanning prompts (3 seeds, batches of 4 and 1) give every (prompt, seed) the scores and videos
+    # of the per-prompt batches: a video's noise comes from its seed alone.
+    for batch_size in ("4", "1"):
+        code, _, err = call_cli(capsys, *eval_args(adapter, tmp_path / f"eval_b{batch_size}"), "--batch-size",
+                                batch_size)
+        assert code == 0, err
+        batched = json.loads((tmp_path / f"eval_b{batch_size}" / "eval.json").read_text())
+        for name in ("base", "candidate0"):
+            for reward in ("brightness", "contrast"):
+                torch.testing.assert_close(torch.tensor(batched["scores"][name][reward]),
+                                           torch.tensor(result["scores"][name][reward]), rtol=1e-5, atol=1e-6)
+        assert batched["videos"] == result["videos"]
+    code, _, err = call_cli(capsys, *eval_args(adapter, tmp_path / "eval_b0"), "--batch-size", "0")
+    assert code == 2 and "field 'batch_size'" in err and len(err.strip().splitlines()) == 1, err
+
     # An adapter from another base model is refused in one line.
     other = tmp_path / "other"
     shutil.copytree(adapter, other)
