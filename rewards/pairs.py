@@ -99,10 +99,13 @@ class ScoreCombination:
     `pairs` and `train --method sft`."""
 
     weights: dict[str, float] = option(
-        {}, "Weight of each reward dimension in the combined score (dimension: weight). Empty = every scored "
-        "dimension with the weight its rewards config gave it (recorded by `score`); a dimension left out of a "
-        "non-empty mapping gets 0 (its scores are kept, not ranked); a negative weight makes a penalty "
-        "(higher = worse)."
+        {}, "Weight w_k of each reward dimension in the combined score S = sum_k w_k * z_k, where z_k is the "
+        "dimension's score after `normalize` (by default a robust z-score, so every dimension is in the same "
+        "unit), e.g. --weights '{clip: 1, aesthetic: 0.5}'. Empty = the weights the rewards config gave `score` "
+        "(recorded in the store); those are set for raw scores (configs/world/rewards.yaml gives aesthetic 0.1 "
+        "for its wider range) and here multiply normalised ones, so set weights here when normalising. A "
+        "dimension left out of a non-empty mapping gets 0 (its scores are kept, not ranked); a negative weight "
+        "makes a penalty (higher = worse)."
     )
     normalize: NormalizeMode = option(
         "prompt", "How raw scores are normalised before weighting: prompt = robust z-score "

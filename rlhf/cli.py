@@ -8,6 +8,7 @@ Bad input (`UserError`) is printed as one line and exits with status 2; no trace
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import importlib
 import logging
@@ -37,6 +38,10 @@ COMMANDS = {
 # OS errors that say the machine's state stopped a write (space, quotas, permissions, a read-only mount), not that
 # the program is wrong: reported like bad input. Writers remove their staging in their own finally blocks.
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+# Loggers of this tool; the root logger (libraries that log through it, e.g. open_clip) stays at WARNING.
+OWN_LOGGERS = ("contentv-rlhf", "rlhf", "rewards", "rollouts", "dpo")
+VERBOSE_HELP = ("Show debug logs of this tool and the info and debug logs of its libraries (by default only their "
+                "warnings and errors, e.g. no `INFO root:` lines of open_clip).")
 MAX_ERROR_LINE = 2000  # characters of an error line: values inside it are quoted shorter (rlhf.errors.quote)
 
 
@@ -62,6 +67,24 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def unknown_flags_message(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """One line for arguments `parser` does not know, suggesting the nearest flag for each mistyped one
+    (as unknown config keys suggest the nearest field)."""
+    known = [flag for action in parser._actions for flag in action.option_strings]
+    parts, after_flag = [], False
+    for extra in extras:
+        name = extra.partition("=")[0]
+        if not name.startswith("-") or name == "-":
+            if not after_flag:  # a value right after an unknown flag is taken to be that flag's
+                parts.append(f"unexpected argument {extra!r}")
+            after_flag = False
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        parts.append(f"unknown flag {name}" + (f" (did you mean {close[0]}?)" if close else ""))
+        after_flag = "=" not in extra
+    return "; ".join(parts)
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="contentv-rlhf",
@@ -70,26 +93,34 @@ def build_parser() -> ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Show debug logs of this tool and its libraries.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help=VERBOSE_HELP)
+    parser.commands = {}  # name -> its sub-parser
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
         sub = subparsers.add_parser(
             name,
-            help=module.HELP,
+            help=module.HELP.replace("%", "%%"),  # argparse %-formats help strings, not descriptions
             description=module.HELP,
             epilog="examples:\n" + module.EXAMPLES,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(sub)
+        # Also after the command; SUPPRESS keeps a `-v` given before it.
+        sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
         sub.set_defaults(run=module.run)
+        parser.commands[name] = sub
     return parser
 
 
 def configure_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    """This tool's INFO lines; only warnings and errors of libraries (open_clip's `INFO root:` lines, ...), unless
+    `verbose`: then DEBUG for everything."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)  # also when already configured
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
         # Library chatter (deprecation notes, "weights not initialised" on tiny models) hides our output.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -115,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     mark_command_start()  # the origin of max_seconds: loading, calibration and data all count
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # argparse would say only "unrecognized arguments", with the top-level usage
+        command = getattr(args, "command", None)
+        sub = parser.commands.get(command) if command else parser
+        sub.error(unknown_flags_message(sub, extras))
     args.argv = argv  # commands that relaunch themselves (torchrun) reuse the original arguments
     if not getattr(args, "command", None):
         parser.print_help()

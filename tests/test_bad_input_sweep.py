@@ -109,7 +109,7 @@ WRONG_OUTPUT_PATHS = [
 # Options a command lists but does not take.
 NOT_OPTIONS = [
     ("eval --model {model} --adapters {adapter} --prompts {prompts} --rewards {rewards} --out {new} "
-     "--adapter {adapter}", "unrecognized arguments: --adapter"),
+     "--adapter {adapter}", "unknown flag --adapter (did you mean --adapters?)"),
     ("eval --config {config} --model {model} --adapters {adapter} --prompts {prompts} --rewards {rewards} "
      "--out {new}", "unknown field 'adapter_scale'", "adapter_scale: 0.5"),
 ]

@@ -139,3 +139,84 @@ def test_memory_options_do_not_change_the_video(tiny_model_dir, tmp_path, capsys
     assert plain.shape == lean.shape
     assert abs(plain.astype(int) - lean.astype(int)).max() <= 2  # same up to float reassociation
     assert read_video(tmp_path / "lean.mp4").shape == read_video(tmp_path / "plain.mp4").shape
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["train", "--max-step", "3"], "contentv-rlhf train: error: unknown flag --max-step (did you mean --max-steps?) "
+                                   "(see contentv-rlhf train --help)"),
+    (["eval", "--adapter=x", "--seed", "1"], "contentv-rlhf eval: error: unknown flag --adapter (did you mean "
+                                             "--adapters?); unknown flag --seed (did you mean --seeds?) "
+                                             "(see contentv-rlhf eval --help)"),
+    (["score", "--zzzz"], "contentv-rlhf score: error: unknown flag --zzzz (see contentv-rlhf score --help)"),
+    (["--verboze", "score"], "contentv-rlhf score: error: unknown flag --verboze (did you mean --verbose?) "
+                             "(see contentv-rlhf score --help)"),
+    (["--verboze"], "contentv-rlhf: error: unknown flag --verboze (did you mean --verbose?) "
+                    "(see contentv-rlhf --help)"),
+])
+def test_unknown_flag_suggests_the_nearest_one(args, expected, capsys):
+    """Like an unknown config key: exit 2, one line, the nearest flag of that command (a value after it is its)."""
+    code, out, err = call_cli(capsys, *args)
+    assert code == 2 and out == ""
+    assert err.strip() == expected
+
+
+def test_help_texts_print_as_written(capsys):
+    """argparse %-formats a command's summary in the command list but not its description: both say "95% CI"."""
+    code, out, _ = call_cli(capsys, "eval", "--help")
+    assert code == 0 and "95% CI" in out and "%%" not in out
+    code, out, _ = call_cli(capsys, "--help")
+    assert code == 0 and "95% CI" in " ".join(out.split()) and "%%" not in out
+
+
+def test_pairs_help_weights_example_parses(capsys):
+    """The --weights example of the pairs help is a valid flag value, giving that mapping."""
+    import argparse
+
+    from rlhf.commands.pairs import PairsStageConfig, add_arguments
+    from rlhf.config import config_from_args
+
+    code, out, _ = call_cli(capsys, "pairs", "--help")
+    help_text = " ".join(out.split())
+    example = re.search(r"--weights '(\{[^']*\})'", help_text).group(1)
+    assert "normalised" in help_text
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--store", "s", "--out", "o", "--weights", example])
+    assert config_from_args(PairsStageConfig, args).weights == {"clip": 1.0, "aesthetic": 0.5}
+
+
+def test_library_info_lines_only_with_verbose(tiny_store, tmp_path, capsys, caplog):
+    """Scoring with an open_clip reward: its `INFO root:` lines are off by default, back with --verbose (before
+    or after the command); this tool's own INFO lines stay."""
+    import logging
+
+    import yaml
+
+    from rlhf.cli import configure_logging
+
+    store = shutil.copytree(tiny_store.root, tmp_path / "store")
+    shutil.rmtree(store / "scores", ignore_errors=True)
+    clip = Path(__file__).resolve().parents[1] / "rlhf" / "world" / "weights" / "rewards" / "clip"
+    rewards = tmp_path / "rewards.yaml"
+    rewards.write_text(yaml.safe_dump({"scorers": {"clip": {"checkpoint": f"local-dir:{clip}", "num_frames": 1}},
+                                       "device": "cpu"}))
+
+    def info_lines(*args: str) -> dict[str, int]:
+        caplog.clear()
+        code, _, err = call_cli(capsys, *args)
+        assert code == 0, err
+        counts: dict[str, int] = {}
+        for record in caplog.records:
+            if record.levelno == logging.INFO:
+                counts[record.name] = counts.get(record.name, 0) + 1
+        return counts
+
+    try:
+        quiet = info_lines("score", "--store", store, "--config", rewards)
+        assert "root" not in quiet and quiet.get("contentv-rlhf", 0) >= 1, quiet
+        loud = info_lines("score", "--store", store, "--config", rewards, "--rescore", "--verbose")
+        assert loud.get("root", 0) >= 1 and loud.get("contentv-rlhf", 0) >= 1, loud
+        before = info_lines("-v", "score", "--store", store, "--config", rewards, "--rescore")
+        assert before.get("root", 0) >= 1, before
+    finally:
+        configure_logging(verbose=False)

@@ -6,7 +6,7 @@ import argparse
 
 from rlhf.config import add_config_arguments, config_from_args
 
-HELP = "Compare the base model with LoRA adapters on held-out prompts and seeds (mean, 95%% CI, win rate)."
+HELP = "Compare the base model with LoRA adapters on held-out prompts and seeds (mean, 95% CI, win rate)."
 EXAMPLES = """\
   contentv-rlhf eval --model /models/ContentV-8B --adapters runs/dpo-r0/adapter --prompts prompts/heldout.txt \\
       --seeds 4 --rewards configs/rewards.yaml --held-out-rewards configs/rewards_heldout.yaml --out runs/eval-r0

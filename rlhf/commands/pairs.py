@@ -14,7 +14,9 @@ EXAMPLES = """\
   contentv-rlhf pairs --store runs/rollout-r0 --out runs/pairs-r0
   contentv-rlhf pairs --store runs/rollout-r0 --out runs/pairs-r0 --config configs/pairs.yaml
   contentv-rlhf pairs --store runs/rollout-r0 --out runs/pairs-pareto --policy pareto --overwrite
-Without --weights, each score keeps the weight it had in the rewards config used by `score`.
+  contentv-rlhf pairs --store runs/rollout-r0 --out runs/pairs-r1 --weights '{clip: 1, aesthetic: 0.5}'
+Without --weights, each score keeps the weight it had in the rewards config used by `score` (set for raw
+scores; pairs weights the normalised ones: see --weights).
 """
 
 
