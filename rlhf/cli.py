@@ -40,6 +40,7 @@ COMMANDS = {
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 # Loggers of this tool; the root logger (libraries that log through it, e.g. open_clip) stays at WARNING.
 OWN_LOGGERS = ("contentv-rlhf", "rlhf", "rewards", "rollouts", "dpo")
+_running = 0  # commands running in this process: quickstart and online run their stages through `main`
 VERBOSE_HELP = ("Show debug logs of this tool and the info and debug logs of its libraries (by default only their "
                 "warnings and errors, e.g. no `INFO root:` lines of open_clip).")
 MAX_ERROR_LINE = 2000  # characters of an error line: values inside it are quoted shorter (rlhf.errors.quote)
@@ -155,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    configure_logging(args.verbose)
+    global _running
+    if not _running:  # a stage run inside another command (quickstart, online) keeps that command's logging
+        configure_logging(args.verbose)
+    _running += 1
     try:
         return int(args.run(args) or 0)
     except UserError as err:
@@ -169,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"contentv-rlhf {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _running -= 1
 
 
 if __name__ == "__main__":

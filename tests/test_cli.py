@@ -220,3 +220,21 @@ def test_library_info_lines_only_with_verbose(tiny_store, tmp_path, capsys, capl
         assert before.get("root", 0) >= 1, before
     finally:
         configure_logging(verbose=False)
+
+
+def test_a_stage_run_inside_a_command_keeps_its_logging(monkeypatch, tmp_path):
+    """quickstart and online run their stages through `main`: `quickstart -v` stays verbose in every stage."""
+    import logging
+
+    from rlhf import cli
+    from rlhf.commands import quickstart, tiny_model
+
+    levels: list[int] = []
+    monkeypatch.setattr(quickstart, "run", lambda args: cli.main(["tiny-model", str(tmp_path / "model")]))
+    monkeypatch.setattr(tiny_model, "run", lambda args: levels.append(logging.getLogger().level) or 0)
+    try:
+        assert cli.main(["-v", "quickstart"]) == 0 and levels == [logging.DEBUG]
+        assert cli.main(["quickstart", "--verbose"]) == 0 and levels[-1] == logging.DEBUG
+        assert cli.main(["quickstart"]) == 0 and levels[-1] == logging.WARNING
+    finally:
+        cli.configure_logging(verbose=False)
