@@ -93,7 +93,7 @@ def test_generate_with_adapter_and_config_file(tiny_model_dir, tmp_path, capsys)
         (["--model", "{model}", "--prompt", "x", "--steps", "ten"], "field 'steps' expects an integer"),
         (["--model", "{model}"], "field 'prompt' is required"),
         (["--config", "{bad_yaml}"], "unknown field 'stpes'"),
-        (["--model", "{model}", "--prompt", "x", "--stepz", "3"], "unrecognized arguments"),
+        (["--model", "{model}", "--prompt", "x", "--stepz", "3"], "unknown flag --stepz (did you mean --steps?)"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny_model_dir, tmp_path, capsys, args, expected):
