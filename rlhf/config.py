@@ -402,7 +402,13 @@ def _flag_help(f: dataclasses.Field, tp: Any) -> str:
         notes.append("required")
     else:
         shown = _plain(default)
-        notes.append(f"default: {'none' if shown is None else str(shown).lower() if tp is bool else shown}")
+        if shown is None:
+            shown = "none"
+        elif tp is bool:
+            shown = str(shown).lower()
+        elif shown == "":
+            shown = '""'  # an empty string, shown as one (not as nothing)
+        notes.append(f"default: {shown}")
     return _escape(f"{f.metadata.get('help') or ''} ({'; '.join(notes)})".strip())
 
 

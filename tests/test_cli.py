@@ -161,11 +161,14 @@ def test_unknown_flag_suggests_the_nearest_one(args, expected, capsys):
 
 
 def test_help_texts_print_as_written(capsys):
-    """argparse %-formats a command's summary in the command list but not its description: both say "95% CI"."""
+    """argparse %-formats a command's summary in the command list but not its description: both say "95% CI".
+    An empty-string default is shown as "", not as nothing."""
     code, out, _ = call_cli(capsys, "eval", "--help")
     assert code == 0 and "95% CI" in out and "%%" not in out
     code, out, _ = call_cli(capsys, "--help")
     assert code == 0 and "95% CI" in " ".join(out.split()) and "%%" not in out
+    code, out, _ = call_cli(capsys, "compare", "--help")
+    assert code == 0 and 'empty box with a hint. (default: "")' in " ".join(out.split())
 
 
 def test_pairs_help_weights_example_parses(capsys):
