@@ -15,8 +15,8 @@ world's "test" seed namespace:
   base's samples (the headroom);
 - `sft`: rejection-sampling fine-tuning on each prompt's best samples by the learned reward (`configs/world/sft.yaml`);
 - `dpo`: Flow-DPO on pairs ranked by the learned rewards (`configs/world/{pairs,dpo}.yaml`);
-- `dpo_oracle`: Flow-DPO on pairs of the same rollout ranked by the oracle (taught hit + 0.5 x cleanliness): the
-  best preferences any reward could give, the trainer's ceiling;
+- `dpo_oracle`: Flow-DPO on pairs of the same rollout ranked by the oracle (colour hit + size hit + 0.25 x
+  cleanliness): the best preferences any reward could give, the trainer's ceiling;
 - `reward_gradient`, `grpo`: the online trainers (`configs/world/{reward_gradient,grpo}.yaml`).
 
 Every trained method gets the same wall-time budget (`--budget-seconds`), counted from its command's start
@@ -55,7 +55,9 @@ ATTRIBUTES = ("colour", "size", "direction", "taught", "all")
 READABLE = "readable:"  # per-video indicator arrays: the oracle read a value for that attribute
 VIDEOS_PER_BATCH = 16
 BEST_OF = 8
-ORACLE_WEIGHTS = {"oracle_taught": 1.0, "oracle_cleanliness": 0.5}
+# Each taught attribute on its own: ranking by `oracle_taught` (both right) left most pairs to cleanliness alone,
+# since few of the base's samples get both right.
+ORACLE_WEIGHTS = {"oracle_colour": 1.0, "oracle_size": 1.0, "oracle_cleanliness": 0.25}
 OFFLINE = ("sft", "dpo", "dpo_oracle")
 ONLINE = ("reward_gradient", "grpo")
 TRAIN_SPLIT_SEED_INDEX = 100_000  # train-split evaluation seeds: the "test" namespace from here on

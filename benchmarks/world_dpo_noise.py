@@ -6,7 +6,12 @@ sampling steps; the low-noise steps only refine a disc already placed. Flow-DPO'
 can push that margin up where it is cheap (fitting the winners' and losers' exact pixels at low noise), the
 sigmoid saturates without the high-noise predictions that pick the colour moving at all.
 
-This measures it. On one rollout and its learned-reward pairs (the validation protocol: settings are chosen on
+First, where the attributes are decided (`decision_by_sigma`): the base samples validation prompts and, at each
+sampling step, its current prediction of the clean clip `x0 = x_t - sigma * v` is decoded and read by the oracle;
+the row gives, per step's sigma, the share of samples whose attributes there already read as in the final clip,
+and the share of each sigma sampler's training draws above sigma 0.85 (`draws_above_0.85`).
+
+Then it measures the trainer. On one rollout and its learned-reward pairs (the validation protocol: settings are chosen on
 the validation split, never the test split), it trains Flow-DPO with the shipped config at each sigma
 setting (`--logit-means`) and reports for each:
 
@@ -35,6 +40,46 @@ from benchmarks.world_alignment import CONFIGS, WorldEvaluator, evaluation_split
 
 BINS = (0.1, 0.3, 0.5, 0.7, 0.9)  # sigma at which the margin is measured (1 = pure noise)
 MARGIN_PAIRS = 64
+DECISION_SIGMA = 0.85  # the sigma from which `draws_above` counts a sampler's training draws
+
+
+@torch.no_grad()
+def decision_by_sigma(evaluator: WorldEvaluator, prompts: list[str], seeds: list[int]) -> dict[str, dict]:
+    """Per sampling step (keyed by its sigma): the share of samples whose oracle reading of the predicted clean
+    clip `x_t - sigma * v` already equals the final clip's, per attribute (an unreadable final reading counts
+    as not decided)."""
+    from rlhf.sampling import euler_step, initial_noise, latent_shape, predict_velocity
+    from rlhf.video import to_uint8_frames
+    from rlhf.world.oracle import read_clip
+
+    generator, sampling = evaluator.generator, evaluator.sampling
+    embeds = generator.encode_prompts([*prompts, sampling.negative_prompt])
+    cond = embeds.select([index for index in range(len(prompts)) for _ in seeds])
+    uncond = embeds.select(len(prompts))
+    shape = latent_shape(sampling.frames, sampling.height, sampling.width, generator.transformer.config.patch_size)
+    latents = initial_noise(shape, [seed for _ in prompts for seed in seeds]).float()
+    sigmas = generator.schedule.sigmas(sampling.steps)
+    predicted = []
+    for index in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[index]), float(sigmas[index + 1])
+        velocity = predict_velocity(generator.transformer, latents, sigma, cond, uncond, sampling.guidance,
+                                    sampling.batch_cfg, generator.schedule.num_train_timesteps)
+        predicted.append((sigma, [read_clip(to_uint8_frames(v)) for v in generator.decode(latents - sigma * velocity)]))
+        latents = euler_step(latents, velocity, sigma, sigma_next)
+    final = [read_clip(to_uint8_frames(v)) for v in generator.decode(latents)]
+    return {f"{sigma:.2f}": {attribute: sum(getattr(r, attribute) is not None and getattr(r, attribute) ==
+                                             getattr(f, attribute) for r, f in zip(readings, final, strict=True))
+                             / len(final) for attribute in ("colour", "size", "direction")}
+            for sigma, readings in predicted}
+
+
+def draws_above(logit_mean: float, logit_std: float = 1.0, sigma: float = DECISION_SIGMA) -> float:
+    """The share of logit-normal(`logit_mean`, `logit_std`) training sigmas above `sigma` (no shift: the world
+    scheduler's is 1): 1 - Phi((logit(sigma) - mean) / std)."""
+    import math
+
+    z = (math.log(sigma / (1 - sigma)) - logit_mean) / logit_std
+    return 0.5 * math.erfc(z / math.sqrt(2))
 
 
 @torch.no_grad()
@@ -101,7 +146,10 @@ def main() -> None:
         evaluator.use(None)
         base = evaluator.sample(prompts, seeds)
         rows = [{"benchmark": "world_dpo_noise", "method": "base", "split": "validation",
-                 "taught": float(base["taught"].mean()), "cleanliness": float(base["cleanliness"].mean())}]
+                 "taught": float(base["taught"].mean()), "cleanliness": float(base["cleanliness"].mean()),
+                 "decided_by_sigma": decision_by_sigma(evaluator, prompts, seeds),
+                 f"draws_above_{DECISION_SIGMA}": {f"logit_mean {mean:g}": round(draws_above(mean), 3)
+                                                   for mean in means}}]
         for name, adapter in adapters.items():
             evaluator.use(name)
             scores = evaluator.sample(prompts, seeds)

@@ -88,3 +88,27 @@ def test_pair_contrast_counts_pairs_by_what_the_oracle_read_of_winner_and_loser(
     # Written out: a>b right, b>c wrong, a>c same, d>b same, c>d right.
     assert pair_contrast(tmp_path / "pairs", tmp_path / "store") == {"pairs": 5, "teach_right": 2,
                                                                      "teach_wrong": 1, "same": 2}
+
+
+def test_draws_above_is_the_logit_normal_tail_the_trainers_sample():
+    import torch
+
+    from benchmarks.world_dpo_noise import draws_above
+    from dpo.losses import sample_sigmas
+
+    assert draws_above(0.0, sigma=0.5) == pytest.approx(0.5)
+    for mean in (0.0, 2.0):
+        sigmas = sample_sigmas(200_000, torch.Generator().manual_seed(0), "logit_normal", mean, 1.0, shift=1.0)
+        assert draws_above(mean) == pytest.approx(float((sigmas > 0.85).float().mean()), abs=0.003)
+
+
+@pytest.mark.slow
+def test_decision_by_sigma_reads_the_final_clip_at_the_last_step():
+    from benchmarks.world_dpo_noise import decision_by_sigma
+
+    decided = decision_by_sigma(WorldEvaluator({}, "cpu"), ["a large red circle moving left"], [0, 1])
+    sigmas = [float(s) for s in decided]
+    assert len(sigmas) == 20 and sigmas == sorted(sigmas, reverse=True) and sigmas[0] == pytest.approx(1.0)
+    # At the last step x_t - sigma * v is (almost) the final clip: whatever is readable there is decided.
+    assert decided[f"{sigmas[-1]:.2f}"]["direction"] == 1.0
+    assert all(0.0 <= share <= 1.0 for shares in decided.values() for share in shares.values())
