@@ -36,7 +36,8 @@ class GRPOConfig(TrainingOptions, LoraOptions, SamplingOptions):
     """
 
     method: Literal["grpo"] = option("grpo", "Trainer: grpo (this config); dpo and reward_gradient have their own.")
-    model: str | None = option(None, "Base ContentV checkpoint directory (diffusers layout).")
+    model: str | None = option(None, "Base ContentV checkpoint directory (diffusers layout); its "
+                                     "sampling_defaults.json, if any, gives the sampling defaults.")
     device: DeviceName = option("auto", "Device (under accelerate launch, each process gets its own).",
                                 check=device_name_problem)
     dtype: DTypeName = option("bf16", "Storage dtype of the frozen transformer weights and the text encoders.")

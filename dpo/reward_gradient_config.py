@@ -34,7 +34,8 @@ class RewardGradientConfig(TrainingOptions, LoraOptions, SamplingOptions):
     method: Literal["reward_gradient"] = option(
         "reward_gradient", "Trainer: reward_gradient (this config); dpo has its own config."
     )
-    model: str | None = option(None, "Base ContentV checkpoint directory (diffusers layout).")
+    model: str | None = option(None, "Base ContentV checkpoint directory (diffusers layout); its "
+                                     "sampling_defaults.json, if any, gives the sampling defaults.")
     device: DeviceName = option("auto", "Device (under accelerate launch, each process gets its own).",
                                 check=device_name_problem)
     dtype: DTypeName = option("bf16", "Storage dtype of the frozen transformer weights and the text encoders.")

@@ -8,6 +8,8 @@ command line: `--config FILE` loads YAML and `--field-name VALUE` flags override
 flag strings go through the same coercion, so `steps: "3"` and `--steps 3` behave alike. A list flag
 takes `a,b` or YAML flow `[a, "b, with comma"]`; a nested dataclass field `train` is set with
 `--train.lr`, and a mapping flag (`--weights '{clip: 2}'`) merges into the YAML's mapping key by key.
+A config class may take defaults from a file its data names (`data_defaults`: a model folder's sampling
+defaults, rlhf/model_defaults.py): dataclass defaults < that file < YAML < flags.
 Every number is checked when the config is built: a float field takes finite values only and an int
 field what torch's int64 holds. Only the standard library and PyYAML are imported, so `--help` stays instant.
 """
@@ -71,7 +73,8 @@ def config_from_dict(cls: type[T], data: Mapping[str, Any], source: str = "confi
     """Build `cls` from `data`, rejecting unknown keys and ill-typed values; `source` prefixes errors."""
     if not isinstance(data, Mapping):
         raise UserError(f"{source}: expected a mapping of {cls.__name__} fields, got {quote(data)}")
-    return _build(cls, data, lambda key: source)
+    data, from_file = _with_data_defaults(cls, data)
+    return _build(cls, data, lambda key: from_file.get(key.split(".")[0], source))
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -140,11 +143,28 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
             node[name], merged = _override(node.get(name), getattr(args, key), tp)
             from_cli += [key] if merged is None else [f"{key}.{sub}" for sub in merged]
 
+    data, from_file = _with_data_defaults(cls, data)
+
     def where(key: str) -> str:
+        if key.split(".")[0] in from_file:
+            return from_file[key.split(".")[0]]
         cli = any(key == k or key.startswith((k + ".", k + "[")) or k.startswith(key + ".") for k in from_cli)
         return "command line" if cli or not path else str(path)
 
     return _build(cls, data, where)
+
+
+def _with_data_defaults(cls: type, data: Mapping[str, Any]) -> tuple[dict, dict[str, str]]:
+    """`data` completed with the defaults `cls.data_defaults(data)` reads from a file that `data` names (a model
+    folder's `sampling_defaults.json`, rlhf/model_defaults.py), for the fields `data` does not set: the file's
+    values sit between the dataclass defaults and the YAML / flags. Also returns {field: that file}, for errors."""
+    hook = getattr(cls, "data_defaults", None)
+    found = hook(data) if hook is not None else None
+    if not found:
+        return dict(data), {}
+    source, values = found
+    values = {key: value for key, value in values.items() if key not in data}
+    return {**data, **values}, dict.fromkeys(values, source)
 
 
 def _override(current: Any, flag: Any, tp: Any) -> tuple[Any, list[str] | None]:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from rlhf.config import ConfigError, option
 from rlhf.io import output_path_problem
@@ -108,7 +109,8 @@ class ModelOptions:
     """Which checkpoint to load, onto which device, and the memory-saving switches."""
 
     model: str | None = option(
-        None, "ContentV checkpoint directory (diffusers layout). Make a tiny one with `contentv-rlhf tiny-model DIR`."
+        None, "ContentV checkpoint directory (diffusers layout). Make a tiny one with `contentv-rlhf tiny-model DIR`. "
+        "Its sampling_defaults.json, if any, replaces the sampling defaults shown here (config and flags still win)."
     )
     device: DeviceName = option("auto", "Device: auto picks npu (USE_ASCEND_NPU=1), then cuda, then cpu; "
                                         "cuda:1 picks a GPU.", check=device_name_problem)
@@ -152,7 +154,9 @@ class ModelOptions:
 
 @dataclass
 class SamplingOptions:
-    """How videos are sampled: size, steps, guidance. Defaults are ContentV's reference settings."""
+    """How videos are sampled: size, steps, guidance. Defaults are the model folder's `sampling_defaults.json`
+    (rlhf/model_defaults.py) where the config's `model` has one, else ContentV's reference settings; the YAML and
+    flags override both."""
 
     frames: int = option(125, "Number of frames; rounded to 4k + 1 (ContentV's rule: n // 4 * 4 + 1) if needed.")
     height: int = option(432, "Frame height in pixels (a multiple of 16).")
@@ -168,6 +172,14 @@ class SamplingOptions:
         True, "Run the conditional and unconditional branches in one batched forward (faster; "
         "--no-batch-cfg halves activation memory)."
     )
+
+    @classmethod
+    def data_defaults(cls, data: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        """The sampling defaults of the model folder `data["model"]` for this config's fields (rlhf.config's hook:
+        dataclass defaults < the model's file < YAML < flags)."""
+        from rlhf.model_defaults import defaults_for
+
+        return defaults_for(cls, data)
 
     def __post_init__(self) -> None:
         in_range("frames", self.frames, 1, MAX_FRAMES)

@@ -35,7 +35,9 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
+from rlhf.model_defaults import write_model_defaults
 from rlhf.models.transformer import SD3Transformer3DModel
+from rlhf.options import DEFAULT_NEGATIVE_PROMPT
 
 # `joint_attention_dim` = T5 d_model; `pooled_projection_dim` = CLIP-L + CLIP-G projection dims (8 + 16).
 TINY_TRANSFORMER_CONFIG: dict[str, Any] = dict(
@@ -68,6 +70,10 @@ TINY_T5_CONFIG: dict[str, Any] = dict(
 CLIP_MAX_LENGTH = 77
 T5_MODEL_MAX_LENGTH = 512
 SCHEDULER_SHIFT = 3.0
+# What `sampling_defaults.json` (rlhf/model_defaults.py) gives every command for a tiny model: sizes that sample in
+# a second or two on a CPU, and ContentV's negative prompt (the tiny model stands in for it).
+TINY_SAMPLING_DEFAULTS: dict[str, Any] = dict(frames=9, height=64, width=64, steps=8, guidance=4.0,
+                                              shift=SCHEDULER_SHIFT, fps=8.0)
 
 _CLIP_BOS = "<|startoftext|>"
 _CLIP_EOS = "<|endoftext|>"
@@ -115,6 +121,7 @@ def _write_checkpoint(root: Path, seed: int) -> None:
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SCHEDULER_SHIFT).save_pretrained(
         root / "scheduler"
     )
+    write_model_defaults(root, {**TINY_SAMPLING_DEFAULTS, "negative_prompt": DEFAULT_NEGATIVE_PROMPT})
 
     clip_vocab_size = write_clip_tokenizer(root / "tokenizer")
     write_clip_tokenizer(root / "tokenizer_2")

@@ -66,6 +66,11 @@ TRANSFORMER_CONFIG: dict[str, Any] = dict(
     joint_attention_dim=32, pooled_projection_dim=24,
 )
 SCHEDULER_SHIFT = 1.0
+# The model folder's sampling_defaults.json (rlhf/model_defaults.py): what every command samples the world with
+# unless a config or flag says otherwise (configs/world/rollout.yaml holds the same values). The empty negative
+# prompt is the unconditional branch the transformer learned.
+SAMPLING_DEFAULTS: dict[str, Any] = dict(frames=scene.FRAMES, height=scene.SIZE, width=scene.SIZE, steps=20,
+                                         guidance=4.0, negative_prompt="", fps=8.0)
 CLIP_ARCH = "world-clip"
 WORLD_CLIP_CONFIG: dict[str, Any] = {
     "embed_dim": 32,
@@ -230,6 +235,7 @@ def write_components(out: Path, seed: int, log: Log) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import T5Config, T5EncoderModel
 
+    from rlhf.model_defaults import write_model_defaults
     from rlhf.models import tiny
 
     started = time.time()
@@ -239,6 +245,7 @@ def write_components(out: Path, seed: int, log: Log) -> None:
         shutil.rmtree(model / folder, ignore_errors=True)  # a rerun of the stage replaces them
     (model / "model_index.json").write_text(json.dumps(tiny.MODEL_INDEX, indent=2) + "\n")
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SCHEDULER_SHIFT).save_pretrained(model / "scheduler")
+    write_model_defaults(model, {**SAMPLING_DEFAULTS, "shift": SCHEDULER_SHIFT})
     words = scene.vocabulary()
     merges = word_merges(words)
     clip_vocab = tiny.write_clip_tokenizer(model / "tokenizer", merges, CLIP_LENGTH)
