@@ -11,6 +11,13 @@ sampling step, its current prediction of the clean clip `x0 = x_t - sigma * v` i
 the row gives, per step's sigma, the share of samples whose attributes there already read as in the final clip,
 and the share of each sigma sampler's training draws above sigma 0.85 (`draws_above_0.85`).
 
+Which text channel carries the colour word (`text_channel`): the validation prompts are sampled with the
+token features of the prompt and the pooled features of the same prompt in the opposite colour (red <-> cyan,
+yellow <-> blue, green <-> magenta), and the other way round; the row gives the share of samples drawn in the
+colour (or its confusion partner) of the token prompt and of the pooled prompt. `token_compositionality` gives
+the cosine between the token-feature differences `red - yellow` of the same prompt at each pair of sizes: near 1,
+a word's features do not depend on its neighbours, so what is learned on some combinations can carry to others.
+
 Then it measures the trainer. On one rollout and its learned-reward pairs (the validation protocol: settings are chosen on
 the validation split, never the test split), it trains Flow-DPO with the shipped config at each sigma
 setting (`--logit-means`) and reports for each:
@@ -71,6 +78,58 @@ def decision_by_sigma(evaluator: WorldEvaluator, prompts: list[str], seeds: list
                                              getattr(f, attribute) for r, f in zip(readings, final, strict=True))
                              / len(final) for attribute in ("colour", "size", "direction")}
             for sigma, readings in predicted}
+
+
+@torch.no_grad()
+def text_channel(evaluator: WorldEvaluator, prompts: list[str], seeds: list[int]) -> dict[str, dict[str, float]]:
+    """Per swap (`pooled_swapped`: tokens of the prompt, pooled features of its opposite-colour twin;
+    `tokens_swapped`: the reverse): the share of samples drawn in the token prompt's colour or its confusion
+    partner (`follows_tokens`) and in the pooled prompt's (`follows_pooled`)."""
+    from rlhf.sampling import PromptEmbeds
+    from rlhf.video import to_uint8_frames
+    from rlhf.world import scene
+    from rlhf.world.oracle import read_clip
+
+    names = list(scene.COLOURS)
+    opposite = [text.replace(colour, names[(names.index(colour) + 3) % len(names)])
+                for text in prompts for colour in [scene.parse_prompt(text)[0]]]
+    generator, sampling = evaluator.generator, evaluator.sampling
+    embeds = generator.encode_prompts([*prompts, *opposite, sampling.negative_prompt])
+    count, uncond = len(prompts), embeds.select(2 * len(prompts))
+    rows = [index for index in range(count) for _ in seeds]
+
+    def drawn_in(text: str, colour: str | None) -> bool:
+        asked = scene.parse_prompt(text)[0]
+        return colour in (asked, scene.CONFUSION["colour"][asked])
+
+    shares = {}
+    for swap, (token_rows, pooled_rows) in {"pooled_swapped": (rows, [count + i for i in rows]),
+                                            "tokens_swapped": ([count + i for i in rows], rows)}.items():
+        cond = PromptEmbeds(embeds.prompt_embeds[token_rows], embeds.pooled[pooled_rows])
+        latents = generator.sample_latents(cond, uncond, [seed for _ in range(count) for seed in seeds], sampling,
+                                           progress=False)
+        colours = [read_clip(to_uint8_frames(v)).colour for v in generator.decode(latents)]
+        texts = [*prompts, *opposite]
+        shares[swap] = {
+            "follows_tokens": sum(drawn_in(texts[t], c) for t, c in zip(token_rows, colours, strict=True)) / len(rows),
+            "follows_pooled": sum(drawn_in(texts[p], c) for p, c in zip(pooled_rows, colours, strict=True)) / len(rows)}
+    return shares
+
+
+@torch.no_grad()
+def token_compositionality(evaluator: WorldEvaluator) -> dict[str, float]:
+    """Cosine between the token-feature differences `red - yellow` of "a SIZE COLOUR circle moving left" for each
+    pair of sizes."""
+    from itertools import combinations
+
+    from rlhf.world import scene
+
+    def features(colour: str, size: str) -> torch.Tensor:
+        return evaluator.generator.encode_prompts([f"a {size} {colour} circle moving left"]).prompt_embeds.flatten()
+
+    differences = {size: torch.nn.functional.normalize(features("red", size) - features("yellow", size), dim=0)
+                   for size in scene.SIZES}
+    return {f"{a}/{b}": round(float(differences[a] @ differences[b]), 3) for a, b in combinations(scene.SIZES, 2)}
 
 
 def draws_above(logit_mean: float, logit_std: float = 1.0, sigma: float = DECISION_SIGMA) -> float:
@@ -148,6 +207,8 @@ def main() -> None:
         rows = [{"benchmark": "world_dpo_noise", "method": "base", "split": "validation",
                  "taught": float(base["taught"].mean()), "cleanliness": float(base["cleanliness"].mean()),
                  "decided_by_sigma": decision_by_sigma(evaluator, prompts, seeds),
+                 "text_channel": text_channel(evaluator, prompts, seeds),
+                 "token_compositionality": token_compositionality(evaluator),
                  f"draws_above_{DECISION_SIGMA}": {f"logit_mean {mean:g}": round(draws_above(mean), 3)
                                                    for mean in means}}]
         for name, adapter in adapters.items():

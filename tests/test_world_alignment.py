@@ -112,3 +112,18 @@ def test_decision_by_sigma_reads_the_final_clip_at_the_last_step():
     # At the last step x_t - sigma * v is (almost) the final clip: whatever is readable there is decided.
     assert decided[f"{sigmas[-1]:.2f}"]["direction"] == 1.0
     assert all(0.0 <= share <= 1.0 for shares in decided.values() for share in shares.values())
+
+
+@pytest.mark.slow
+def test_the_world_reads_colour_words_from_the_token_features():
+    from benchmarks.world_dpo_noise import text_channel, token_compositionality
+
+    evaluator = WorldEvaluator({}, "cpu")
+    shares = text_channel(evaluator, ["a large red circle moving left", "a small blue circle moving up"], [0, 1])
+    for swap in ("pooled_swapped", "tokens_swapped"):
+        # The two colour sets are disjoint (a colour and its partner vs the opposite colour and its partner).
+        assert shares[swap]["follows_tokens"] + shares[swap]["follows_pooled"] <= 1.0
+        assert shares[swap]["follows_tokens"] > shares[swap]["follows_pooled"]  # the README's claim
+    cosines = token_compositionality(evaluator)
+    assert list(cosines) == ["small/medium", "small/large", "medium/large"]
+    assert all(0.5 < value <= 1.0 for value in cosines.values())
