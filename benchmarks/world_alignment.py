@@ -91,29 +91,32 @@ def pair_contrast(pairs_dir: Path, store_dir: Path) -> dict:
     return counts
 
 
-def train_methods(out: Path, index: int, device: str, budget: float) -> dict[str, dict]:
-    """Every trained method for training seed `index` within `budget` seconds each; returns per method its
-    adapter, the seconds it cost (data charged at the time it took) and the optimiser steps it ran."""
+def train_methods(out: Path, index: int, device: str, budget: float, methods: list[str]) -> dict[str, dict]:
+    """Each of `methods` for training seed `index` within `budget` seconds each; returns per method its adapter,
+    the seconds it cost (data charged at the time it took) and the optimiser steps it ran. The rollout, scoring
+    and pairs run only when an offline method needs them."""
     from rlhf.world import scene
 
     common = ["--device", device]
     train_seed = ["--seed", scene.seed("training", index)]
     store = out / "rollout"
-    data = {"rollout": run_stage(["rollout", "--config", CONFIGS / "rollout.yaml", "--out", store, *common,
-                                  "--seed", scene.seed("rollout", index)]),
-            "score": run_stage(["score", "--store", store, "--config", CONFIGS / "rewards.yaml"])}
-    oracle_score = run_stage(["score", "--store", store, "--config", CONFIGS / "ground_truth.yaml"])
-    oracle_pairs_config = out / "pairs_oracle.yaml"
-    oracle_pairs_config.write_text(yaml.safe_dump({**yaml.safe_load((CONFIGS / "pairs.yaml").read_text()),
-                                                   "weights": ORACLE_WEIGHTS}))
-    pairs = {"dpo": run_stage(["pairs", "--store", store, "--out", out / "pairs", "--config", CONFIGS / "pairs.yaml"]),
-             "dpo_oracle": run_stage(["pairs", "--store", store, "--out", out / "pairs_oracle", "--config",
-                                      oracle_pairs_config])}
-    spent = {
-        "sft": {**data},
-        "dpo": {**data, "pairs": pairs["dpo"]},
-        "dpo_oracle": {**data, "score_oracle": oracle_score, "pairs": pairs["dpo_oracle"]},
-    }
+    spent: dict[str, dict[str, float]] = {}
+    if any(method in OFFLINE for method in methods):
+        data = {"rollout": run_stage(["rollout", "--config", CONFIGS / "rollout.yaml", "--out", store, *common,
+                                      "--seed", scene.seed("rollout", index)]),
+                "score": run_stage(["score", "--store", store, "--config", CONFIGS / "rewards.yaml"])}
+        spent["sft"] = {**data}
+        if "dpo" in methods:
+            spent["dpo"] = {**data, "pairs": run_stage(["pairs", "--store", store, "--out", out / "pairs", "--config",
+                                                        CONFIGS / "pairs.yaml"])}
+        if "dpo_oracle" in methods:
+            oracle_score = run_stage(["score", "--store", store, "--config", CONFIGS / "ground_truth.yaml"])
+            oracle_pairs_config = out / "pairs_oracle.yaml"
+            oracle_pairs_config.write_text(yaml.safe_dump({**yaml.safe_load((CONFIGS / "pairs.yaml").read_text()),
+                                                           "weights": ORACLE_WEIGHTS}))
+            spent["dpo_oracle"] = {**data, "score_oracle": oracle_score,
+                                   "pairs": run_stage(["pairs", "--store", store, "--out", out / "pairs_oracle",
+                                                       "--config", oracle_pairs_config])}
     commands = {
         "sft": ["train", "--config", CONFIGS / "sft.yaml", "--store", store],
         "dpo": ["train", "--config", CONFIGS / "dpo.yaml", "--pairs", out / "pairs"],
@@ -122,9 +125,9 @@ def train_methods(out: Path, index: int, device: str, budget: float) -> dict[str
         "grpo": ["train", "--config", CONFIGS / "grpo.yaml"],
     }
     runs = {}
-    for method, argv in commands.items():
+    for method in methods:
         charged = sum(spent.get(method, {}).values())
-        seconds = run_stage([*argv, "--output-dir", out / method, "--overwrite", *common, *train_seed,
+        seconds = run_stage([*commands[method], "--output-dir", out / method, "--overwrite", *common, *train_seed,
                              "--max-seconds", max(budget - charged, 1.0)])
         summary = json.loads((out / method / "summary.json").read_text())
         runs[method] = {"adapter": out / method / "adapter",
@@ -132,9 +135,17 @@ def train_methods(out: Path, index: int, device: str, budget: float) -> dict[str
                                     "train": round(seconds, 1)},
                         "steps_done": summary["steps_done"], "max_steps": summary["steps"],
                         "stopped_by_budget": summary["stopped_by_max_seconds"]}
-    for method, pairs_dir in (("dpo", out / "pairs"), ("dpo_oracle", out / "pairs_oracle")):
-        runs[method]["pair_contrast"] = pair_contrast(pairs_dir, store)
+    if "oracle_taught" in _scored(store):
+        for method, pairs_dir in (("dpo", out / "pairs"), ("dpo_oracle", out / "pairs_oracle")):
+            if method in runs:
+                runs[method]["pair_contrast"] = pair_contrast(pairs_dir, store)
     return runs
+
+
+def _scored(store: Path) -> set[str]:
+    """The scorers a rollout store holds scores of (none when there is no store)."""
+    folder = store / "scores"
+    return {path.stem for path in folder.glob("*.json")} if folder.is_dir() else set()
 
 
 class WorldEvaluator:
@@ -355,7 +366,7 @@ def main() -> None:
         out = Path(args.out or tmp)
         runs: dict[str, list[dict]] = {m: [] for m in methods}
         for index in range(args.training_seeds if methods else 0):
-            trained = train_methods(out / f"seed{index}", index, args.device, args.budget_seconds)
+            trained = train_methods(out / f"seed{index}", index, args.device, args.budget_seconds, methods)
             for method in methods:
                 runs[method].append(trained[method])
         adapters = {f"{m}@{i}": run["adapter"] for m, method_runs in runs.items() for i, run in enumerate(method_runs)}

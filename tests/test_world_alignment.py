@@ -127,3 +127,33 @@ def test_the_world_reads_colour_words_from_the_token_features():
     cosines = token_compositionality(evaluator)
     assert list(cosines) == ["small/medium", "small/large", "medium/large"]
     assert all(0.5 < value <= 1.0 for value in cosines.values())
+
+
+def test_train_methods_runs_only_the_data_and_trainers_asked_for(tmp_path, monkeypatch):
+    import json
+
+    import benchmarks.world_alignment as benchmark
+
+    stages = []
+
+    def fake_stage(argv):
+        argv = [str(a) for a in argv]
+        stages.append(argv)
+        if argv[0] == "train":  # what the real train command leaves behind
+            out = tmp_path / argv[argv.index("--output-dir") + 1]
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "summary.json").write_text(json.dumps({"steps_done": 3, "steps": 5, "stopped_by_max_seconds": True}))
+        return 10.0  # seconds each stage "took"
+
+    monkeypatch.setattr(benchmark, "run_stage", fake_stage)
+    runs = benchmark.train_methods(tmp_path / "seed0", 0, "cpu", 150.0, ["reward_gradient"])
+    # An online method: no rollout, scoring or pairs, and its whole budget.
+    assert [argv[0] for argv in stages] == ["train"] and set(runs) == {"reward_gradient"}
+    assert stages[0][stages[0].index("--max-seconds") + 1] == "150.0"
+
+    stages.clear()
+    runs = benchmark.train_methods(tmp_path / "seed1", 1, "cpu", 150.0, ["dpo"])
+    assert [argv[0] for argv in stages] == ["rollout", "score", "pairs", "train"]
+    # The offline method is charged its rollout, scoring and pairs (10 s each here): 150 - 30.
+    assert stages[-1][stages[-1].index("--max-seconds") + 1] == "120.0"
+    assert runs["dpo"]["seconds"] == {"rollout": 10.0, "score": 10.0, "pairs": 10.0, "train": 10.0}
