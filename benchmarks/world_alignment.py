@@ -135,17 +135,11 @@ def train_methods(out: Path, index: int, device: str, budget: float, methods: li
                                     "train": round(seconds, 1)},
                         "steps_done": summary["steps_done"], "max_steps": summary["steps"],
                         "stopped_by_budget": summary["stopped_by_max_seconds"]}
-    if "oracle_taught" in _scored(store):
+    if "dpo_oracle" in spent:  # the oracle scored the store
         for method, pairs_dir in (("dpo", out / "pairs"), ("dpo_oracle", out / "pairs_oracle")):
             if method in runs:
                 runs[method]["pair_contrast"] = pair_contrast(pairs_dir, store)
     return runs
-
-
-def _scored(store: Path) -> set[str]:
-    """The scorers a rollout store holds scores of (none when there is no store)."""
-    folder = store / "scores"
-    return {path.stem for path in folder.glob("*.json")} if folder.is_dir() else set()
 
 
 class WorldEvaluator:
