@@ -20,6 +20,7 @@ SCORERS: dict[str, str] = {
     "contrast": "rewards.analytic:ContrastScorer",
     "colorfulness": "rewards.analytic:ColorfulnessScorer",
     "frame_diff_motion": "rewards.analytic:FrameDiffMotionScorer",
+    "vlm_judge": "rewards.vlm_judge:VlmJudgeScorer",
     "world_oracle": "rlhf.world.metrics:OracleScorer",  # ground truth of the shapes world (eval only)
 }
 
