@@ -9,12 +9,15 @@ YAML shape (each scorer entry: `weight` plus that scorer's options, checked stri
       motion: {weight: 0.5, backend: raft_small, raft_weights: /models/raft_small_C_T_V2-01064c6d.pth}
       brightness: {weight: 0.0}          # weight 0: scored and logged, not trained on (held out)
       my_scorer: {class: "my_pkg.rewards:MyScorer", weight: 1.0, options: {any: thing}}
+      judge: {remote: "http://127.0.0.1:8765", weight: 0.5}   # served by `contentv-rlhf reward-server`
     device: auto
     batch_size: 8
 
 An entry's name is a registry name (`rewards.registry.SCORERS`) unless it sets `class`, either a
 registry name (to use one scorer twice with different options) or `package.module:ClassName`; such
-entries take their options under `options:` so they cannot clash with `weight` / `class`.
+entries take their options under `options:` so they cannot clash with `weight` / `class`. An entry with
+`remote: http://host:port` is scored by a reward server's scorer of the same name (or `scorer: NAME`), with
+`rewards.remote.RemoteOptions` (timeout_s, retries, backoff_s) beside `weight`.
 Validating imports the scorer modules (torch) but loads no weights: files are checked when built.
 """
 
@@ -31,6 +34,7 @@ from rlhf.errors import UserError, quote
 from rlhf.options import MAX_MICRO_BATCH, DeviceName, device_name_problem, in_range
 
 SOURCE = "rewards.scorers"
+REMOTE_CLASS = "rewards.remote:RemoteScorer"
 
 
 class ScorerSpec(NamedTuple):
@@ -48,7 +52,8 @@ class RewardsConfig:
 
     scorers: dict[str, dict[str, Any] | None] = option(
         {}, "Scorer name -> {weight, options...}; names: " + ", ".join(SCORERS) +
-        ", or any name with class: 'package.module:ClassName' and options: {...}."
+        ", or any name with class: 'package.module:ClassName' and options: {...}, or remote: "
+        "http://host:port (a `contentv-rlhf reward-server`'s scorer of that name)."
     )
     device: DeviceName = option("auto", "Device for the scorers: auto picks npu, then cuda, then cpu; "
                                         "cuda:1 picks a GPU.", check=device_name_problem)
@@ -72,7 +77,12 @@ def parse_entry(name: str, entry: dict[str, Any] | None) -> ScorerSpec:
     source = f"{SOURCE}.{name}"
     entry = dict(entry or {})
     weight = _weight(entry.pop("weight", 1.0), source)
-    if "class" in entry:
+    if "remote" in entry:  # served by `contentv-rlhf reward-server` (rewards.remote)
+        if "class" in entry:
+            raise UserError(f"{source}: an entry takes remote (a reward server's URL) or class, not both")
+        cls = scorer_class(REMOTE_CLASS, source)
+        raw = {"scorer": name, **entry}
+    elif "class" in entry:
         cls = scorer_class(str(entry.pop("class")), source)
         raw = entry.pop("options", None) or {}
         if entry:

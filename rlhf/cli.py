@@ -25,6 +25,7 @@ COMMANDS = {
     "generate": "rlhf.commands.generate",
     "rollout": "rlhf.commands.rollout",
     "score": "rlhf.commands.score",
+    "reward-server": "rlhf.commands.reward_server",
     "pairs": "rlhf.commands.pairs",
     "train": "rlhf.commands.train",
     "online": "rlhf.commands.online",
