@@ -153,6 +153,7 @@ def score_weights(store) -> dict[str, float]:
 
 def score_table(store) -> list[dict[str, Any]]:
     """The store's scores as pair-builder rows: `{sample_id, prompt_id, scores: {dimension: value}}`."""
+    store.read_meta()  # a missing folder or a non-store is named as such, not as a store without scores
     dimensions = store.scored_dimensions()
     if not dimensions:
         raise UserError(f"{store.root}: the store has no scores; run `contentv-rlhf score --store {store.root} "

@@ -82,6 +82,7 @@ def test_score_and_pairs_bad_input(store_copy, tmp_path, capsys):
     missing = write_yaml(tmp_path / "m.yaml", {"scorers": {"clip": {"checkpoint": str(tmp_path / "nope.pt")}}})
     fails(["score", "--store", store_copy.root, "--config", missing], "nope.pt")
     fails(["pairs", "--store", store_copy.root, "--out", tmp_path / "p"], "the store has no scores")
+    fails(["pairs", "--store", tmp_path / "nostore", "--out", tmp_path / "p"], "nostore: rollout store not found")
     fails(["score", "--store", tmp_path / "nostore", "--config", unknown], "")
     assert not (tmp_path / "p").exists()
 
