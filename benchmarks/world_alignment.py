@@ -17,7 +17,7 @@ world's "test" seed namespace:
 - `dpo`: Flow-DPO on pairs ranked by the learned rewards (`configs/world/{pairs,dpo}.yaml`);
 - `dpo_oracle`: Flow-DPO on pairs of the same rollout ranked by the oracle (colour hit + size hit + 0.25 x
   cleanliness): the best preferences any reward could give, the trainer's ceiling;
-- `reward_gradient`, `grpo`: the online trainers (`configs/world/{reward_gradient,grpo}.yaml`).
+- `reward_gradient`, `grpo`, `nft`: the online trainers (`configs/world/{reward_gradient,grpo,nft}.yaml`).
 
 Every trained method gets the same wall-time budget (`--budget-seconds`), counted from its command's start
 (model loading and calibration included, `max_seconds`); the offline methods' data (rollout, scoring, pairs or
@@ -59,7 +59,7 @@ BEST_OF = 8
 # since few of the base's samples get both right.
 ORACLE_WEIGHTS = {"oracle_colour": 1.0, "oracle_size": 1.0, "oracle_cleanliness": 0.25}
 OFFLINE = ("sft", "dpo", "dpo_oracle")
-ONLINE = ("reward_gradient", "grpo")
+ONLINE = ("reward_gradient", "grpo", "nft")
 TRAIN_SPLIT_SEED_INDEX = 100_000  # train-split evaluation seeds: the "test" namespace from here on
 
 
@@ -91,10 +91,12 @@ def pair_contrast(pairs_dir: Path, store_dir: Path) -> dict:
     return counts
 
 
-def train_methods(out: Path, index: int, device: str, budget: float, methods: list[str]) -> dict[str, dict]:
+def train_methods(out: Path, index: int, device: str, budget: float, methods: list[str],
+                  configs: dict[str, Path] | None = None) -> dict[str, dict]:
     """Each of `methods` for training seed `index` within `budget` seconds each; returns per method its adapter,
     the seconds it cost (data charged at the time it took) and the optimiser steps it ran. The rollout, scoring
-    and pairs run only when an offline method needs them."""
+    and pairs run only when an offline method needs them. `configs` replaces a method's shipped training config
+    (settings explored on the validation split)."""
     from rlhf.world import scene
 
     common = ["--device", device]
@@ -117,12 +119,13 @@ def train_methods(out: Path, index: int, device: str, budget: float, methods: li
             spent["dpo_oracle"] = {**data, "score_oracle": oracle_score,
                                    "pairs": run_stage(["pairs", "--store", store, "--out", out / "pairs_oracle",
                                                        "--config", oracle_pairs_config])}
+    config = {method: CONFIGS / f"{'dpo' if method == 'dpo_oracle' else method}.yaml" for method in methods}
+    config.update(configs or {})
     commands = {
-        "sft": ["train", "--config", CONFIGS / "sft.yaml", "--store", store],
-        "dpo": ["train", "--config", CONFIGS / "dpo.yaml", "--pairs", out / "pairs"],
-        "dpo_oracle": ["train", "--config", CONFIGS / "dpo.yaml", "--pairs", out / "pairs_oracle"],
-        "reward_gradient": ["train", "--config", CONFIGS / "reward_gradient.yaml"],
-        "grpo": ["train", "--config", CONFIGS / "grpo.yaml"],
+        "sft": ["train", "--config", config.get("sft"), "--store", store],
+        "dpo": ["train", "--config", config.get("dpo"), "--pairs", out / "pairs"],
+        "dpo_oracle": ["train", "--config", config.get("dpo_oracle"), "--pairs", out / "pairs_oracle"],
+        **{method: ["train", "--config", config.get(method)] for method in ONLINE},
     }
     runs = {}
     for method in methods:
@@ -327,6 +330,24 @@ def base_noise(base: dict[str, np.ndarray]) -> dict[str, float]:
     return {name: float(base[name].mean(axis=0).std(ddof=1)) for name in ("taught", "direction", "cleanliness")}
 
 
+def reference_rows(evaluator: WorldEvaluator, split: str, prompts: list[str], seeds: list[int],
+                   base: dict[str, np.ndarray]) -> list[dict]:
+    """The rows every method is read against: the VAE ceiling, best-of-8 by the trained reward and by the oracle."""
+    from rlhf.world import scene
+
+    start = time.perf_counter()
+    ceiling = evaluator.vae_ceiling(prompts, seeds)
+    rows = [{"benchmark": "world_alignment", "method": "vae_reconstruction", "split": split,
+             "n_per_run": int(ceiling["taught"].size), **oracle_summary(ceiling),
+             "seconds": {"render_encode_decode": round(time.perf_counter() - start, 1)}}]
+    start = time.perf_counter()
+    more = evaluator.sample(prompts, [scene.seed("best_of_k", j) for j in range(len(seeds) * (BEST_OF - 1))])
+    cost = {"seconds": {"sample_and_score": round(time.perf_counter() - start, 1)}}
+    rows.append(summarise_single(f"best_of_{BEST_OF}_reward", split, best_of(base, more, "trained"), base, cost))
+    rows.append(summarise_single(f"best_of_{BEST_OF}_oracle", split, best_of(base, more, "taught"), base, cost))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="keep the runs here (default: a temporary directory)")
@@ -344,9 +365,15 @@ def main() -> None:
     parser.add_argument("--budget-seconds", type=float, default=150.0,
                         help="wall-time budget of every trained method from its command's start, its data "
                              "included (default: 150 s)")
+    parser.add_argument("--config", action="append", default=[], metavar="METHOD=YAML",
+                        help="train METHOD with this config instead of the shipped one (repeatable; for choosing "
+                             "settings on --split validation)")
+    parser.add_argument("--no-references", action="store_true",
+                        help="skip the VAE-ceiling and best-of-8 rows (faster, for choosing settings)")
+    parser.add_argument("--no-train-split", action="store_true",
+                        help="evaluate only --split, not the train split too (faster, for choosing settings)")
     parser.add_argument("--record", action="store_true", help="append the rows to benchmarks/RESULTS.md")
     args = parser.parse_args()
-    from rlhf.world import scene
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.training_seeds < 2 and methods:
@@ -354,38 +381,38 @@ def main() -> None:
     unknown = [m for m in methods if m not in (*OFFLINE, *ONLINE)]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; expected some of {', '.join((*OFFLINE, *ONLINE))}")
+    configs = {}
+    for item in args.config:
+        method, _, path = item.partition("=")
+        if method not in methods or not Path(path).is_file():
+            parser.error(f"--config {item}: expected METHOD=YAML with METHOD in --methods and an existing file")
+        configs[method] = Path(path).resolve()
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         runs: dict[str, list[dict]] = {m: [] for m in methods}
         for index in range(args.training_seeds if methods else 0):
-            trained = train_methods(out / f"seed{index}", index, args.device, args.budget_seconds, methods)
+            trained = train_methods(out / f"seed{index}", index, args.device, args.budget_seconds, methods, configs)
             for method in methods:
                 runs[method].append(trained[method])
         adapters = {f"{m}@{i}": run["adapter"] for m, method_runs in runs.items() for i, run in enumerate(method_runs)}
         evaluator = WorldEvaluator(adapters, args.device)
         rows = []
-        for split, (prompts, seeds) in evaluation_splits(args.split, args.seeds, args.train_seeds).items():
+        splits = evaluation_splits(args.split, args.seeds, args.train_seeds)
+        if args.no_train_split:
+            splits.pop("train")
+        for split, (prompts, seeds) in splits.items():
             start = time.perf_counter()
             evaluator.use(None)
             base = evaluator.sample(prompts, seeds)
             sampled = {"seconds": {"sample": round(time.perf_counter() - start, 1)}}
             rows.append({**summarise_single("base", split, base, base, sampled), "seed_noise": base_noise(base)})
-            start = time.perf_counter()
-            ceiling = evaluator.vae_ceiling(prompts, seeds)
-            rows.append({"benchmark": "world_alignment", "method": "vae_reconstruction", "split": split,
-                         "n_per_run": int(ceiling["taught"].size), **oracle_summary(ceiling),
-                         "seconds": {"render_encode_decode": round(time.perf_counter() - start, 1)}})
-            start = time.perf_counter()
-            more = evaluator.sample(prompts, [scene.seed("best_of_k", j) for j in range(len(seeds) * (BEST_OF - 1))])
-            cost = {"sample_and_score": round(time.perf_counter() - start, 1)}
-            by_reward = summarise_single(f"best_of_{BEST_OF}_reward", split, best_of(base, more, "trained"), base,
-                                         {"seconds": cost})
-            rows.append(by_reward)
-            rows.append(summarise_single(f"best_of_{BEST_OF}_oracle", split, best_of(base, more, "taught"), base,
-                                         {"seconds": cost}))
-            reference_gain = by_reward["gains"]["taught_gain"]["mean"]
+            reference_gain = None
+            if not args.no_references:
+                references = reference_rows(evaluator, split, prompts, seeds, base)
+                rows.extend(references)
+                reference_gain = references[1]["gains"]["taught_gain"]["mean"]  # best-of-8 by the trained reward
             for method, method_runs in runs.items():
                 scores = []
                 for i in range(len(method_runs)):
@@ -398,7 +425,7 @@ def main() -> None:
                     **({"pair_contrast": [run["pair_contrast"] for run in method_runs]}
                        if "pair_contrast" in method_runs[0] else {})})
                 row["amortisation"] = (row["gains"]["taught_gain"]["mean"] / reference_gain
-                                       if reference_gain > 0 else None)
+                                       if reference_gain is not None and reference_gain > 0 else None)
                 rows.append(row)
     emit_rows("world_alignment", rows, time.perf_counter() - started, args.record)
 

@@ -47,66 +47,18 @@ from pathlib import Path
 import torch
 
 from dpo.grpo_config import GRPOConfig
-from dpo.losses import group_advantages, grpo_loss
-from dpo.reward_gradient import (
-    ENCODE_CHUNK,
-    FrozenParts,
-    average_gradients,
-    decode_video_frames,
-    prompt_indices,
-)
-from rewards.build import build_scorers, score_videos
-from rewards.config import load_rewards_config
+from dpo.losses import grpo_loss
+from dpo.reward_gradient import FrozenParts, average_gradients, decode_video_frames
+from dpo.rounds import load_parts, round_advantages, round_blocks, round_prompts
+from rewards.build import score_videos
 from rlhf import devices
 from rlhf.errors import UserError
-from rlhf.options import uses_guidance
 from rlhf.progress import Progress
-from rlhf.prompts import load_prompts, prompt_id
+from rlhf.prompts import prompt_id
 from rlhf.sampling import PromptEmbeds, euler_step, latent_shape, predict_velocity, sde_step_with_logprob
 from rlhf.training import TrainingRun, step_generator
 
 logger = logging.getLogger("contentv-rlhf")
-
-
-def load_parts(config: GRPOConfig, device: torch.device) -> FrozenParts:
-    """Prompts, scorers, VAE and the prompt-embedding cache. Cheap checks first, big models last."""
-    from rlhf.models.loader import load_contentv
-
-    prompt_list = load_prompts(config.prompts)
-    if prompt_list.report():
-        logger.warning(prompt_list.report())
-    rewards = load_rewards_config(config.rewards)
-    scorers = build_scorers(rewards)
-    if not any(s.weight != 0 for s in scorers.values()):
-        raise UserError(f"{config.rewards}: every scorer has weight 0; GRPO needs a reward to optimise")
-    parts = load_contentv(config.model, dtype=config.dtype, device=device, vae_dtype=config.vae_dtype,
-                          load_transformer=False, max_sequence_length=config.max_sequence_length)
-    encoder, parts.prompt_encoder = parts.prompt_encoder, None
-    prompts = prompt_list.prompts
-    text = PromptEmbeds.cat([encoder.encode(prompts[i:i + ENCODE_CHUNK]).to("cpu")
-                             for i in range(0, len(prompts), ENCODE_CHUNK)])
-    negative = encoder.encode([config.negative_prompt]).to("cpu") if uses_guidance(config.guidance) else None
-    encoder.release()
-    return FrozenParts(parts.schedule, parts.vae, scorers, devices.resolve_device(rewards.device), prompts,
-                       text, negative)
-
-
-# ---- pure pieces of a round --------------------------------------------------------------------------------
-def round_prompts(round_index: int, config: GRPOConfig, num_prompts: int) -> list[int]:
-    """The prompt indices of round `round_index` (the same for every process)."""
-    return prompt_indices(round_index, config.prompts_per_round, 0, 1, num_prompts, config.seed)
-
-
-def round_blocks(round_index: int, config: GRPOConfig, rank: int, world: int) -> list[list[int]]:
-    """Video slots (0..P G - 1; slot s is sample s % G of the round's prompt s // G) of process `rank`, one list
-    per update: the slots at positions of blocks u W + rank of a seeded permutation of the round's slots."""
-    total = config.prompts_per_round * config.group_size
-    if total % (config.updates_per_round * world):
-        raise UserError(f"prompts_per_round x group_size ({total}) must be a multiple of updates_per_round x "
-                        f"processes ({config.updates_per_round} x {world})")
-    order = torch.randperm(total, generator=step_generator(config.seed, round_index, -3)).tolist()
-    block = total // (config.updates_per_round * world)
-    return [order[(u * world + rank) * block:(u * world + rank + 1) * block] for u in range(config.updates_per_round)]
 
 
 @dataclass
@@ -173,25 +125,14 @@ def sample_round(run: TrainingRun, parts: FrozenParts, config: GRPOConfig, round
                              [prompts[s // G] for s in block[i:i + config.batch_size]], window)
                 for i in range(0, len(block), config.batch_size)] for block in blocks]
     chunks = [c for update in updates for c in update]
-    # 3. Gather (slot, rewards) rows of every process, so each computes the advantages of whole groups.
-    rows = torch.cat([torch.cat([torch.tensor(c.slots, dtype=torch.float64)[:, None], c.rewards], 1) for c in chunks])
-    rows = accelerator.gather(rows.to(run.device)).cpu()  # (P G, 1 + K)
-    rewards = torch.empty(len(rows), rows.shape[1] - 1, dtype=torch.float64)
-    rewards[rows[:, 0].long()] = rows[:, 1:]  # (P G, K) in slot order
-    groups = torch.tensor([prompts[s // G] for s in range(len(rows))])
+    # 3. Advantages of whole groups (every process's rewards gathered) and the round's metrics.
     weights = torch.tensor([w for _, w in parts.scorers.values()], dtype=torch.float64)
-    advantages = group_advantages(rewards, groups, weights, clip=config.advantage_clip)
-    for c in chunks:
-        c.advantages = advantages[c.slots]
-    # 4. Round metrics, identical on every process.
-    total = rewards @ weights
-    metrics = {"reward_mean": total.mean(), "reward_std": total.std(unbiased=False),
-               "advantage_abs_mean": advantages.abs().mean(), "window_start": float(window.start),
-               "tied_groups": sum(bool((total[groups == g] == total[groups == g][0]).all()) for g in groups.unique())
-               / len(groups.unique())}
-    for k, name in enumerate(parts.scorers):
-        metrics[f"reward_{name}"], metrics[f"reward_{name}_std"] = rewards[:, k].mean(), rewards[:, k].std(unbiased=False)
-    return Round(window, updates, {k: float(v) for k, v in metrics.items()})
+    advantages, metrics = round_advantages(accelerator, run.device, [s for c in chunks for s in c.slots],
+                                           torch.cat([c.rewards for c in chunks]), prompts, G, weights,
+                                           list(parts.scorers), config.advantage_clip)
+    for c, share in zip(chunks, advantages.split([len(c.slots) for c in chunks]), strict=True):
+        c.advantages = share
+    return Round(window, updates, {**metrics, "window_start": float(window.start)})
 
 
 # ---- the step ----------------------------------------------------------------------------------------------

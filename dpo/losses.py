@@ -179,3 +179,62 @@ def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: to
         "ratio": ratio.mean().detach(),
     }
     return loss, metrics
+
+
+# ---- DiffusionNFT (Zheng et al. 2025) ------------------------------------------------------------------------
+def optimality_probability(advantages: torch.Tensor, clip: float) -> torch.Tensor:
+    """DiffusionNFT's optimality probability r in [0, 1] of each sample from its group-relative advantage A:
+
+        r = clamp(clamp(A, -clip, clip) / (2 clip) + 1/2, 0, 1)
+
+    so A = 0 (a sample as good as its group's mean, or a tied group) gives r = 1/2, A = +clip gives 1."""
+    return (advantages.clamp(-clip, clip) / (2 * clip) + 0.5).clamp(0.0, 1.0)
+
+
+def nft_loss(velocity: torch.Tensor, old_velocity: torch.Tensor, ref_velocity: torch.Tensor | None,
+             noisy: torch.Tensor, sigma: torch.Tensor, latents: torch.Tensor, optimality: torch.Tensor,
+             beta: float, scale: float, kl_weight: float, min_weight: float = 1e-5
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DiffusionNFT's forward-process loss on clean samples x0 (B, ...) re-noised to x_s = (1 - s) x0 + s eps.
+
+    With v = v_theta(x_s) the policy's velocity, v_old that of the old (sampling) policy and r the optimality
+    probability (`optimality_probability`), the implicit positive and negative policies are
+
+        v+ = beta v + (1 - beta) v_old              v- = (1 + beta) v_old - beta v
+
+    each read as a clean-sample prediction x0± = x_s - s v± and scored against x0 with the adaptive weight
+    w± = stopgrad(mean_{C,T,H,W} |x0± - x0|), floored at `min_weight`:
+
+        L± = mean_{C,T,H,W} (x0± - x0)^2 / w±
+        loss = scale * mean_B [ r L+ / beta + (1 - r) L- / beta ] + kl_weight * mean_B mean (v - v_ref)^2
+
+    The paper's code scales the policy term by its advantage clip (`scale`). Minimising it pulls v+ towards the
+    good samples and v- towards the bad ones, so v moves away from the bad ones by beta times as much as it
+    moves to the good. At v = v_old the gradient of the policy term is proportional to (2 r - 1): a sample with
+    r = 1/2 contributes none. `ref_velocity` None (kl_weight 0) skips the reference term. Metrics: policy_loss,
+    kl (mean (v - v_ref)^2), old_deviation (mean (v - v_old)^2), positive_loss, negative_loss (means of L±).
+    """
+    shape = (-1,) + (1,) * (latents.dim() - 1)
+    s = sigma.float().view(shape)
+    v, v_old, x0, x_s = velocity.float(), old_velocity.detach().float(), latents.float(), noisy.float()
+    # v± = v_old ± beta (v - v_old): written around the old policy's prediction so that at v = v_old both are it
+    # exactly, and r = 1/2 gives exactly zero gradient (not rounding noise).
+    old_prediction, step = x_s - s * v_old, s * (beta * (v - v_old))
+    positive, negative = old_prediction - step, old_prediction + step
+
+    def weighted_error(prediction: torch.Tensor) -> torch.Tensor:
+        weight = (prediction.detach() - x0).abs().flatten(1).mean(dim=1).clamp(min=min_weight)
+        return (prediction - x0).square().flatten(1).mean(dim=1) / weight
+
+    positive_loss, negative_loss = weighted_error(positive), weighted_error(negative)
+    r = optimality.float()
+    policy_loss = scale * (r * positive_loss / beta + (1 - r) * negative_loss / beta).mean()
+    if ref_velocity is None:
+        kl = torch.zeros((), device=v.device)
+    else:
+        kl = (v - ref_velocity.detach().float()).square().flatten(1).mean(dim=1).mean()
+    loss = policy_loss + kl_weight * kl
+    metrics = {"policy_loss": policy_loss.detach(), "kl": kl.detach(),
+               "old_deviation": (v - v_old).square().mean().detach(),
+               "positive_loss": positive_loss.mean().detach(), "negative_loss": negative_loss.mean().detach()}
+    return loss, metrics

@@ -53,6 +53,7 @@ logger = logging.getLogger("contentv-rlhf")
 CHECKPOINT_PREFIX = "step-"
 OPTIMIZER_FILE = "optimizer.pt"  # full optimiser state keyed by parameter name (single, DDP, FSDP)
 DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own partitioned checkpoint (ZeRO)
+TRAINER_TENSORS_FILE = "trainer_tensors.safetensors"  # a trainer's own state (run.trainer_tensors), if any
 METRICS_FILE = "metrics.jsonl"
 ADAPTER_DIR = "adapter"
 # What a run writes into its output_dir; any of them there means the directory holds a run.
@@ -277,6 +278,9 @@ class TrainingRun:
         self.unlogged_change: dict[str, Any] | None = None  # this resume's change, logged with its first step
         # (setting, steps): a trainer whose steps come in rounds (GRPO) resumes only at a round's start.
         self.round_steps: tuple[str, int] = ("", 1)
+        # A trainer's own tensors, saved with each checkpoint and restored in place on resume (DiffusionNFT's old
+        # policy); identical on every process. Registered before `prepare`, which resumes.
+        self.trainer_tensors: dict[str, torch.Tensor] = {}
         self.reference_adapter = False
         self.model_dir: Path | None = None
         self.base_identity: dict[str, Any] | None = None  # written into every adapter (rlhf/base_model.py)
@@ -739,6 +743,9 @@ class TrainingRun:
             if optimizer_state is not None:
                 io.save_torch(tmp / OPTIMIZER_FILE, optimizer_state)
             io.save_torch(tmp / "scheduler.pt", self.scheduler.state_dict())
+            if self.trainer_tensors:
+                io.save_tensors(tmp / TRAINER_TENSORS_FILE,
+                                {k: v.detach().cpu().contiguous() for k, v in self.trainer_tensors.items()})
             io.write_json(tmp / "trainer_state.json", {
                 "step": done, "nonfinite_in_row": self.nonfinite_in_row, "skipped_steps": self.skipped_steps,
                 "num_processes": accelerator.num_processes, "layout": self.layout,
@@ -782,7 +789,7 @@ class TrainingRun:
         rank, processes = self.accelerator.process_index, self.accelerator.num_processes
         optimizer_file = DEEPSPEED_DIR if self.layout == "deepspeed" else OPTIMIZER_FILE
         required = ("trainer_state.json", "adapter/adapter_model.safetensors", optimizer_file, "scheduler.pt",
-                    f"rng_rank{rank}.pt")
+                    f"rng_rank{rank}.pt", *([TRAINER_TENSORS_FILE] if self.trainer_tensors else []))
         missing = [name for name in required if not (path / name).exists()]
         if missing:
             saved = (path / DEEPSPEED_DIR).is_dir() != (self.layout == "deepspeed")
@@ -813,6 +820,14 @@ class TrainingRun:
             # weights_only: a checkpoint from elsewhere must not run code while it loads (tensors and plain
             # containers only).
             rng = torch.load(path / f"rng_rank{rank}.pt", weights_only=True)
+            if self.trainer_tensors:
+                saved = load_file(str(path / TRAINER_TENSORS_FILE))
+                if saved.keys() != self.trainer_tensors.keys() or any(
+                        saved[k].shape != v.shape for k, v in self.trainer_tensors.items()):
+                    raise ValueError(f"{TRAINER_TENSORS_FILE} does not match this run's trainer state")
+                with torch.no_grad():
+                    for key, tensor in self.trainer_tensors.items():
+                        tensor.copy_(saved[key])
         except UserError:
             raise
         except Exception as err:  # torch/safetensors/json raise many types for a damaged file

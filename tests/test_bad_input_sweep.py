@@ -62,6 +62,10 @@ BAD_NUMBERS = [
      "--clip-range inf", "field 'clip_range'"),
     ("train --method grpo --model {model} --prompts {prompts} --rewards {rewards} --output-dir {new} "
      "--group-size 99999999999", "field 'group_size' must be <= 4096"),
+    ("train --method nft --model {model} --prompts {prompts} --rewards {rewards} --output-dir {new} "
+     "--beta inf", "field 'beta'"),
+    ("train --method nft --model {model} --prompts {prompts} --rewards {rewards} --output-dir {new} "
+     "--old-decay-rate nan", "field 'old_decay_rate'"),
     ("eval --model {model} --adapters {adapter} --prompts {prompts} --rewards {rewards} --out {new} "
      "--bootstrap-resamples 0", "field 'bootstrap_resamples' must be >= 1"),
     ("eval --model {model} --adapters {adapter} --prompts {prompts} --rewards {rewards} --out {new} "

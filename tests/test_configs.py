@@ -9,6 +9,7 @@ import yaml
 
 from dpo.config import DPOConfig
 from dpo.grpo_config import GRPOConfig
+from dpo.nft_config import NFTConfig
 from dpo.online import OnlineConfig
 from dpo.reward_gradient_config import RewardGradientConfig
 from dpo.sft_config import SFTConfig
@@ -34,6 +35,7 @@ SHIPPED = {
     "online_dpo.yaml": (OnlineConfig, {}),
     "reward_gradient.yaml": (RewardGradientConfig, {}),
     "grpo.yaml": (GRPOConfig, {}),
+    "nft.yaml": (NFTConfig, {}),
 }
 
 
@@ -54,7 +56,7 @@ def test_shipped_config_loads(name):
 
 @pytest.mark.parametrize(
     "cls", [GenerateConfig, RolloutConfig, DPOConfig, RewardsConfig, PairsStageConfig, EvalConfig, OnlineConfig,
-            RewardGradientConfig, GRPOConfig, CompareConfig, SFTConfig]
+            RewardGradientConfig, GRPOConfig, CompareConfig, SFTConfig, NFTConfig]
 )
 def test_every_field_has_help(cls):
     assert help_problems(cls) == []
@@ -221,6 +223,13 @@ def test_reward_gradient_config_runs(tiny_model_dir, tmp_path):
 def test_grpo_config_runs(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     run("train", "--config", as_run("grpo.yaml", tmp_path, model=str(tiny_model_dir), output_dir=str(out),
+                                    max_steps=2, group_size=2, prompts_per_round=1, **TINY_VIDEO))
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_nft_config_runs(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    run("train", "--config", as_run("nft.yaml", tmp_path, model=str(tiny_model_dir), output_dir=str(out),
                                     max_steps=2, group_size=2, prompts_per_round=1, **TINY_VIDEO))
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
 

@@ -157,3 +157,11 @@ def test_train_methods_runs_only_the_data_and_trainers_asked_for(tmp_path, monke
     # The offline method is charged its rollout, scoring and pairs (10 s each here): 150 - 30.
     assert stages[-1][stages[-1].index("--max-seconds") + 1] == "120.0"
     assert runs["dpo"]["seconds"] == {"rollout": 10.0, "score": 10.0, "pairs": 10.0, "train": 10.0}
+
+    # A config explored on the validation split replaces the shipped one for its method only.
+    stages.clear()
+    explored = tmp_path / "nft_explored.yaml"
+    benchmark.train_methods(tmp_path / "seed2", 2, "cpu", 150.0, ["nft", "grpo"], {"nft": explored})
+    used = {argv[argv.index("--output-dir") + 1].rsplit("/", 1)[-1]: argv[argv.index("--config") + 1]
+            for argv in stages}
+    assert used == {"nft": str(explored), "grpo": str(benchmark.CONFIGS / "grpo.yaml")}

@@ -1,10 +1,11 @@
 """`contentv-rlhf train`: train a LoRA adapter with Flow-DPO (`method: dpo`), reward gradients
-(`method: reward_gradient`), online GRPO (`method: grpo`) or SFT on the best-scored samples (`method: sft`).
+(`method: reward_gradient`), online GRPO (`method: grpo`), online DiffusionNFT (`method: nft`) or SFT on the
+best-scored samples (`method: sft`).
 
 Each method has its own strict config (`dpo.config.DPOConfig`, `dpo.reward_gradient_config.RewardGradientConfig`,
-`dpo.grpo_config.GRPOConfig`, `dpo.sft_config.SFTConfig`). The command line accepts the flags of all; the method is
-read first (`--method`, else the `--config` YAML's `method`, else dpo), then only that method's config is built, and
-a flag of another method is an error.
+`dpo.grpo_config.GRPOConfig`, `dpo.nft_config.NFTConfig`, `dpo.sft_config.SFTConfig`). The command line accepts
+the flags of all; the method is read first (`--method`, else the `--config` YAML's `method`, else dpo), then only
+that method's config is built, and a flag of another method is an error.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from rlhf.outputs import TRAINING_RUN, check_output
 
 HELP = ("Train a LoRA adapter on the transformer: method dpo (Flow-DPO from a pairs dataset), reward_gradient "
         "(DRaFT-K: back-propagate differentiable rewards through the last sampling steps), grpo (online Flow-GRPO "
-        "with an SDE window) or sft (rejection-sampling fine-tuning: the flow-matching loss on each prompt's "
+        "with an SDE window), nft (online DiffusionNFT: the flow-matching loss towards reward-weighted implicit "
+        "policies) or sft (rejection-sampling fine-tuning: the flow-matching loss on each prompt's "
         "best-scored samples of a rollout store).")
 EXAMPLES = """\
   contentv-rlhf train --config configs/dpo.yaml
@@ -34,11 +36,12 @@ EXAMPLES = """\
   contentv-rlhf train --config configs/reward_gradient.yaml --grad-steps 2 --decode-frames k_evenly_spaced \\
       --num-decode-frames 3
   contentv-rlhf train --config configs/grpo.yaml                               # method: grpo
+  contentv-rlhf train --config configs/nft.yaml                                # method: nft
   contentv-rlhf train --method sft --store runs/rollout-r0 --weights '{clip: 1.0, aesthetic: 0.5}' --top-k 2 \\
       --output-dir runs/sft-r0                                                 # best 2 samples per prompt
   accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m rlhf.cli train --config configs/dpo.yaml
   torchrun --nproc_per_node 2 -m rlhf.cli train --config configs/dpo.yaml --device cpu    # 2 CPU processes
-Flags marked [dpo], [reward_gradient], [grpo] or [sft] belong to those methods only; unmarked flags apply to all.
+Flags marked [dpo], [reward_gradient], [grpo], [sft] or [nft] belong to those methods only; unmarked flags apply to all.
 """
 DEFAULT_METHOD = "dpo"
 
@@ -47,10 +50,12 @@ def method_configs() -> dict[str, type]:
     """Method name -> its config dataclass (light imports: no torch)."""
     from dpo.config import DPOConfig
     from dpo.grpo_config import GRPOConfig
+    from dpo.nft_config import NFTConfig
     from dpo.reward_gradient_config import RewardGradientConfig
     from dpo.sft_config import SFTConfig
 
-    return {"dpo": DPOConfig, "reward_gradient": RewardGradientConfig, "grpo": GRPOConfig, "sft": SFTConfig}
+    return {"dpo": DPOConfig, "reward_gradient": RewardGradientConfig, "grpo": GRPOConfig, "sft": SFTConfig,
+            "nft": NFTConfig}
 
 
 @functools.cache
@@ -165,6 +170,10 @@ def train(method: str, config: Any) -> Path:
         from dpo.sft import train_sft
 
         return train_sft(config)
+    if method == "nft":
+        from dpo.nft import train_nft
+
+        return train_nft(config)
     from dpo.trainer import train_dpo
 
     return train_dpo(config)

@@ -1,0 +1,118 @@
+"""What the online trainers that sample in rounds share (GRPO, DiffusionNFT): the frozen parts, each round's
+prompts and video slots, and the group-relative advantages of a round's scored videos.
+
+A round samples `group_size` videos for each of `prompts_per_round` prompts. Its prompts, the order of its videos
+and every video's noise depend only on (seed, round, video slot), never on the process count: with W processes
+the round's videos are cut into updates_per_round x W equal blocks, process r samples blocks u W + r
+(u = 0..U-1), the rewards are gathered so every process computes the advantages of whole groups, and update u
+trains on blocks u W .. u W + W - 1, i.e. the same videos as update u of one process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+
+from dpo.losses import group_advantages
+from dpo.reward_gradient import ENCODE_CHUNK, FrozenParts, prompt_indices
+from rewards.build import build_scorers
+from rewards.config import load_rewards_config
+from rlhf import devices
+from rlhf.errors import UserError
+from rlhf.options import uses_guidance
+from rlhf.prompts import load_prompts
+from rlhf.sampling import PromptEmbeds
+from rlhf.training import step_generator
+
+logger = logging.getLogger("contentv-rlhf")
+
+
+class RoundSettings(Protocol):
+    """The config fields that shape rounds (GRPOConfig and NFTConfig have them)."""
+
+    method: str
+    seed: int
+    group_size: int
+    prompts_per_round: int
+    updates_per_round: int
+
+
+class OnlineSettings(RoundSettings, Protocol):
+    """The config fields `load_parts` reads."""
+
+    model: str
+    prompts: str
+    rewards: str
+    dtype: str
+    vae_dtype: str
+    max_sequence_length: int | None
+    guidance: float
+    negative_prompt: str
+
+
+def load_parts(config: OnlineSettings, device: torch.device) -> FrozenParts:
+    """Prompts, scorers, VAE and the prompt-embedding cache. Cheap checks first, big models last."""
+    from rlhf.models.loader import load_contentv
+
+    prompt_list = load_prompts(config.prompts)
+    if prompt_list.report():
+        logger.warning(prompt_list.report())
+    rewards = load_rewards_config(config.rewards)
+    scorers = build_scorers(rewards)
+    if not any(s.weight != 0 for s in scorers.values()):
+        raise UserError(f"{config.rewards}: every scorer has weight 0; {config.method} needs a reward to optimise")
+    parts = load_contentv(config.model, dtype=config.dtype, device=device, vae_dtype=config.vae_dtype,
+                          load_transformer=False, max_sequence_length=config.max_sequence_length)
+    encoder, parts.prompt_encoder = parts.prompt_encoder, None
+    prompts = prompt_list.prompts
+    text = PromptEmbeds.cat([encoder.encode(prompts[i:i + ENCODE_CHUNK]).to("cpu")
+                             for i in range(0, len(prompts), ENCODE_CHUNK)])
+    negative = encoder.encode([config.negative_prompt]).to("cpu") if uses_guidance(config.guidance) else None
+    encoder.release()
+    return FrozenParts(parts.schedule, parts.vae, scorers, devices.resolve_device(rewards.device), prompts,
+                       text, negative)
+
+
+def round_prompts(round_index: int, config: RoundSettings, num_prompts: int) -> list[int]:
+    """The prompt indices of round `round_index` (the same for every process)."""
+    return prompt_indices(round_index, config.prompts_per_round, 0, 1, num_prompts, config.seed)
+
+
+def round_blocks(round_index: int, config: RoundSettings, rank: int, world: int) -> list[list[int]]:
+    """Video slots (0..P G - 1; slot s is sample s % G of the round's prompt s // G) of process `rank`, one list
+    per update: the slots at positions of blocks u W + rank of a seeded permutation of the round's slots."""
+    total = config.prompts_per_round * config.group_size
+    if total % (config.updates_per_round * world):
+        raise UserError(f"prompts_per_round x group_size ({total}) must be a multiple of updates_per_round x "
+                        f"processes ({config.updates_per_round} x {world})")
+    order = torch.randperm(total, generator=step_generator(config.seed, round_index, -3)).tolist()
+    block = total // (config.updates_per_round * world)
+    return [order[(u * world + rank) * block:(u * world + rank + 1) * block] for u in range(config.updates_per_round)]
+
+
+def round_advantages(accelerator, device: torch.device, slots: list[int], rewards: torch.Tensor,
+                     prompts: list[int], group_size: int, weights: torch.Tensor, names: list[str], clip: float
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Advantages of this process's videos `slots` (with raw scores `rewards` (B, K)) and the round's reward
+    statistics, both computed from the whole round: the (slot, rewards) rows of every process are gathered, so
+    each process normalises whole groups (`dpo.losses.group_advantages`) and logs the same metrics.
+
+    `prompts` are the round's prompt indices (slot s belongs to prompts[s // group_size]).
+    """
+    rows = torch.cat([torch.tensor(slots, dtype=torch.float64)[:, None], rewards.double()], 1)
+    rows = accelerator.gather(rows.to(device)).cpu()  # (P G, 1 + K)
+    everyone = torch.empty(len(rows), rows.shape[1] - 1, dtype=torch.float64)
+    everyone[rows[:, 0].long()] = rows[:, 1:]  # (P G, K) in slot order
+    groups = torch.tensor([prompts[s // group_size] for s in range(len(rows))])
+    advantages = group_advantages(everyone, groups, weights, clip=clip)
+    total = everyone @ weights.double()
+    metrics = {"reward_mean": total.mean(), "reward_std": total.std(unbiased=False),
+               "advantage_abs_mean": advantages.abs().mean(),
+               "tied_groups": sum(bool((total[groups == g] == total[groups == g][0]).all()) for g in groups.unique())
+               / len(groups.unique())}
+    for k, name in enumerate(names):
+        metrics[f"reward_{name}"], metrics[f"reward_{name}_std"] = everyone[:, k].mean(), everyone[:, k].std(
+            unbiased=False)
+    return advantages[slots], {k: float(v) for k, v in metrics.items()}
