@@ -240,3 +240,17 @@ def test_reward_server_bad_input_exits_2_with_one_line(tmp_path, capsys):
         busy.close()
     code, _, err = call_cli(capsys, "reward-server", "--rewards", WORLD_REWARDS, "--port", "70000")
     assert code == 2 and "port" in err and "[0, 65535]" in err
+
+
+def test_throughput_benchmark_runs_reduced():
+    result = subprocess.run([sys.executable, "benchmarks/reward_server.py", "--videos", "4", "--frames", "5",
+                             "--size", "32", "--batch-size", "2", "--repeats", "1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(result.stdout.splitlines()[0])
+    assert row["scores_equal_exactly"] is True and row["figure"].startswith("under load")
+    assert sorted(row["per_scorer"]) == ["aesthetic", "brightness", "clip", "motion"]
+    # clip reads 3 of the 5 frames, brightness all 5: its request carries 5/3 the frame bytes (uint8 frames).
+    sizes = {name: entry["request_bytes"] for name, entry in row["per_scorer"].items()}
+    assert 5 * 2 * 3 * 32 * 32 < sizes["brightness"] < 5 * 2 * 3 * 32 * 32 + 1024
+    assert 3 * 2 * 3 * 32 * 32 < sizes["clip"] < 3 * 2 * 3 * 32 * 32 + 1024
