@@ -120,7 +120,7 @@ class RemoteScorer(Scorer):
                            one_line(last, 120), attempt + 1, options.retries + 1)
         raise UserError(f"{self._who()}: no answer from {url} after {options.retries + 1} attempt(s) "
                         f"({type(last).__name__}: {one_line(last, 160)}); is `contentv-rlhf reward-server` running "
-                        "there? Scores already stored are kept: rerun to go on") from None
+                        "there?") from None
 
     def _who(self) -> str:
         """`remote scorer 'clip'` once `build_scorers` has named the entry (its errors already carry the name)."""
@@ -156,7 +156,10 @@ class RemoteScorer(Scorer):
                             f"limit of {self.url} ({self.max_request_bytes} bytes); lower batch_size or start the "
                             "server with a larger --max-request-mb")
         query = urllib.parse.urlencode({"scorer": self.options.scorer})
-        answer = self.call("POST", f"/v1/score?{query}", body)
+        try:
+            answer = self.call("POST", f"/v1/score?{query}", body)
+        except UserError as err:  # mid-run: what `score` has written stays
+            raise UserError(f"{err}; scores stored so far are kept, rerun to go on") from None
         try:
             scores = decode_scores(answer, frames.shape[0])
         except ValueError as err:

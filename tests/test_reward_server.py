@@ -254,3 +254,43 @@ def test_throughput_benchmark_runs_reduced():
     sizes = {name: entry["request_bytes"] for name, entry in row["per_scorer"].items()}
     assert 5 * 2 * 3 * 32 * 32 < sizes["brightness"] < 5 * 2 * 3 * 32 * 32 + 1024
     assert 3 * 2 * 3 * 32 * 32 < sizes["clip"] < 3 * 2 * 3 * 32 * 32 + 1024
+
+
+def test_eval_through_a_server_reports_the_in_process_scores(tiny_store, tmp_path, capsys):
+    from tests.conftest import random_adapter
+
+    model = tiny_store.settings["model"]
+    adapter = random_adapter(model, tmp_path / "adapter", std=0.3)
+    prompts = tmp_path / "heldout.txt"
+    prompts.write_text("a purple flower\na grey rock\n")
+    local = {"scorers": {"brightness": {"weight": 1.0}, "contrast": {"weight": 0.5}}, "device": "cpu"}
+    served = Served(build_scorers(local))
+    try:
+        results = {}
+        for way, rewards in (("in_process", local), ("remote", served.remote(["brightness", "contrast"]))):
+            path = tmp_path / f"{way}.yaml"
+            path.write_text(yaml.safe_dump(rewards))
+            code, _, err = call_cli(capsys, "eval", "--model", model, "--adapters", adapter, "--prompts", prompts,
+                                    "--seeds", "2", "--rewards", path, "--out", tmp_path / way, "--frames", "5",
+                                    "--height", "32", "--width", "32", "--steps", "2", "--dtype", "fp32")
+            assert code == 0, err
+            results[way] = json.loads((tmp_path / way / "eval.json").read_text())
+    finally:
+        served.close()
+    assert results["remote"]["scores"] == results["in_process"]["scores"]
+    assert set(results["remote"]["scores"]["base"]) >= {"brightness", "contrast"}
+
+
+def test_a_vlm_judge_served_remotely_scores_as_in_process(tmp_path):
+    from tests.test_rewards_vlm import build_tiny_judge, judge_config
+
+    local = build_scorers(judge_config(build_tiny_judge(tmp_path / "judge", "qwen2_vl"), batch_size=3))
+    served = Served(local)
+    try:
+        remote = build_scorers(served.remote(["judge"]))
+        frames, prompts = world_videos(3, frames=7), TRAIN_PROMPTS[:3]
+        assert torch.equal(score_videos(remote, frames, prompts, batch_size=3)["judge"],
+                           score_videos(local, frames, prompts, batch_size=3)["judge"])
+        assert remote["judge"].scorer.info()["model_type"] == "qwen2_vl"
+    finally:
+        served.close()
