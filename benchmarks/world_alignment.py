@@ -92,11 +92,11 @@ def pair_contrast(pairs_dir: Path, store_dir: Path) -> dict:
 
 
 def train_methods(out: Path, index: int, device: str, budget: float, methods: list[str],
-                  configs: dict[str, Path] | None = None) -> dict[str, dict]:
+                  configs: dict[str, Path] | None = None, extra: tuple = ()) -> dict[str, dict]:
     """Each of `methods` for training seed `index` within `budget` seconds each; returns per method its adapter,
     the seconds it cost (data charged at the time it took) and the optimiser steps it ran. The rollout, scoring
     and pairs run only when an offline method needs them. `configs` replaces a method's shipped training config
-    (settings explored on the validation split)."""
+    (settings explored on the validation split); `extra` flags go to every train command."""
     from rlhf.world import scene
 
     common = ["--device", device]
@@ -131,7 +131,7 @@ def train_methods(out: Path, index: int, device: str, budget: float, methods: li
     for method in methods:
         charged = sum(spent.get(method, {}).values())
         seconds = run_stage([*commands[method], "--output-dir", out / method, "--overwrite", *common, *train_seed,
-                             "--max-seconds", max(budget - charged, 1.0)])
+                             "--max-seconds", max(budget - charged, 1.0), *extra])
         summary = json.loads((out / method / "summary.json").read_text())
         runs[method] = {"adapter": out / method / "adapter",
                         "seconds": {**{k: round(v, 1) for k, v in spent.get(method, {}).items()},

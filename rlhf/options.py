@@ -268,6 +268,10 @@ class TrainingOptions:
         "region hides its operations from the counter).")
     seed: int = option(0, "Seed of data order, noise and sigmas.")
     save_every: int = option(50, "Write a checkpoint every N optimiser steps (0: only at the end).")
+    save_every_seconds: float | None = option(
+        None, "Also write a checkpoint once this many seconds have passed since the command started or the last "
+        "checkpoint (at a round's end for trainers that train in rounds): checkpoints evenly spaced in wall time, "
+        "for time-to-target curves.")
     keep_last: int = option(3, "Checkpoints kept (older ones are deleted).")
     resume_from: str | None = option(None, "'latest' or a checkpoint directory to resume from ('latest' in a run "
                                      "killed before its first checkpoint starts it again at step 0).")
@@ -299,6 +303,10 @@ class TrainingOptions:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
             raise ConfigError("max_seconds", f"must be a finite number of seconds > 0, got {self.max_seconds}")
+        if self.save_every_seconds is not None and not (math.isfinite(self.save_every_seconds)
+                                                        and self.save_every_seconds > 0):
+            raise ConfigError("save_every_seconds", f"must be a finite number of seconds > 0, got "
+                              f"{self.save_every_seconds}")
         for name in ("warmup_steps", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")

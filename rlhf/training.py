@@ -72,7 +72,7 @@ SHAPE_SETTINGS = {"lora_rank": "r", "lora_alpha": "lora_alpha", "lora_targets": 
 # (`check_adapter_base` on the checkpoint's base_model.json), so a base moved to another folder still resumes.
 UNRECORDED_SETTINGS = frozenset({
     "output_dir", "resume_from", "overwrite", "allow_changed_settings", "max_steps", "max_seconds", "save_every",
-    "keep_last", "log_every", "report_to", "max_nonfinite_steps", "max_skipped_fraction", "log_utilisation",
+    "save_every_seconds", "keep_last", "log_every", "report_to", "max_nonfinite_steps", "max_skipped_fraction", "log_utilisation",
     "device", "compile", "gradient_checkpointing", "checkpoint_policy", "model",
 })
 LOCK_FILE = ".run.lock"  # holds the PID of the process training into the run directory (flock'd while it runs)
@@ -290,6 +290,7 @@ class TrainingRun:
         self.peak_flops: float | None = None  # the device's peak FLOP/s, measured or published (prepare)
         self.steps_done = 0
         self.out_of_time = False  # max_seconds spent: the step just ended is the last
+        self.last_checkpoint_seconds = 0.0  # since the command's start (save_every_seconds)
         # checkpoint_policy auto: measured during the first step, resolved after it (_resolve_checkpointing).
         self.activation_probe: ActivationProbe | None = None
         self.checkpoint_policy: str = "none"  # what the blocks run with now
@@ -652,6 +653,7 @@ class TrainingRun:
         if grad_norm is not None:
             totals["grad_norm"] = grad_norm
         totals["step_seconds"] = time.perf_counter() - started
+        totals["command_seconds"] = seconds_since_command_start()  # wall time from the command's start to here
         totals.update(self._utilisation_metrics(totals["step_seconds"]))
         if self.compile_timer is not None:  # the part of step_seconds spent compiling
             totals["compile_seconds"] = self.compile_timer.take()
@@ -695,8 +697,18 @@ class TrainingRun:
         """After optimiser step `step` (0-based) completed: checkpoint every `save_every` steps and after the
         last step (a run killed while writing its adapter resumes with nothing left to train)."""
         done, every = step + 1, self.options.save_every
-        if done == self.options.max_steps or self.out_of_time or (every and done % every == 0):
+        if done == self.options.max_steps or self.out_of_time or (every and done % every == 0) or self._timed(done):
             self.save_checkpoint(done)
+            self.last_checkpoint_seconds = seconds_since_command_start()
+
+    def _timed(self, done: int) -> bool:
+        """Whether save_every_seconds have passed since the last checkpoint (or the command's start) at a step
+        that ends a round; every process decides the same (the slowest's clock)."""
+        every = self.options.save_every_seconds
+        if every is None or done % self.round_steps[1]:
+            return False
+        due = float(seconds_since_command_start() - self.last_checkpoint_seconds >= every)
+        return self.accelerator.reduce(torch.tensor(due, device=self.device), reduction="sum").item() > 0
 
     def local_parameter_bytes(self) -> int:
         """Bytes of model parameters this process holds (a shard of each under FSDP)."""

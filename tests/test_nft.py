@@ -258,3 +258,21 @@ def test_two_processes_equal_one(inputs, tmp_path, capsys):
     wb = load_file(str(two / "adapter" / "adapter_model.safetensors"))
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-3, atol=1e-6, msg=key)
+
+
+def test_checkpoints_by_wall_time_fall_at_round_ends(inputs, tmp_path, capsys):
+    """save_every_seconds: with a tiny interval every step is due, but a trainer in rounds checkpoints only at a
+    round's end; each metrics record carries the wall time since the command started."""
+    out = tmp_path / "timed"
+    code, _, err = call_cli(capsys, "train", "--method", "nft",
+                            *flags(**inputs, **{**TINY, "max_steps": 6, "save_every": 0, "keep_last": 10}),
+                            "--save-every-seconds", "1e-6", "--output-dir", out)
+    assert code == 0, err
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-0000002", "step-0000004", "step-0000006"]
+    lines = (out / "logs" / "metrics.jsonl").read_text().splitlines()
+    seconds = [json.loads(line)["command_seconds"] for line in lines]
+    assert len(seconds) == 6 and all(b > a > 0 for a, b in zip(seconds, seconds[1:], strict=False))
+    code, _, err = call_cli(capsys, "train", "--method", "nft", *flags(**inputs, **TINY), "--save-every-seconds",
+                            "0", "--output-dir", tmp_path / "bad")
+    assert code == 2 and "field 'save_every_seconds' must be a finite number of seconds > 0" in err, err
