@@ -6,7 +6,10 @@
 - `rewards.build`: `build_scorers`, `score_videos`, `weighted_reward`.
 - Scorers: `clip` (text-video alignment), `aesthetic` (LAION predictor), `motion` (optical-flow
   dynamic degree with a warp-error penalty), and the weight-free `brightness`, `contrast`,
-  `colorfulness`, `frame_diff_motion` (`rewards.analytic`); optical flow in `rewards.flow`.
+  `colorfulness`, `frame_diff_motion` (`rewards.analytic`); optical flow in `rewards.flow`; `vlm_judge`
+  (`rewards.vlm_judge`: a Qwen2-VL-family judge's expected rating from its rating tokens' logits).
+- `rewards.server` (`contentv-rlhf reward-server`), `rewards.remote` (the `remote: http://host:port` entries
+  that score there) and `rewards.wire` (their safetensors wire format).
 - `rewards.scoring` (the score stage over a rollout store) and `rewards.pairs` (preference pairs
   from the scores) build on these.
 

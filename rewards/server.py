@@ -196,6 +196,10 @@ class RewardServer:
     def shutdown(self) -> None:
         """Stop `serve_forever` (call from another thread) and close the socket."""
         self._server.shutdown()
+        self.close()
+
+    def close(self) -> None:
+        """Close the listening socket."""
         self._server.server_close()
 
 
@@ -222,5 +226,5 @@ def serve(config: RewardServerConfig) -> int:
     except KeyboardInterrupt:
         print("reward-server: stopped", flush=True)
     finally:
-        server._server.server_close()
+        server.close()
     return 0
