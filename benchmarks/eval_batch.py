@@ -31,9 +31,9 @@ WORLD_EVAL = ROOT / "configs" / "world" / "eval.yaml"
 def zero_adapter(model: str, out: Path) -> str:
     """A rank-4 LoRA on the world transformer with its initial (zero) update, saved as an adapter."""
     from rlhf.lora import add_lora, save_adapter
-    from rlhf.models.loader import load_contentv
+    from rlhf.models.loader import load_model
 
-    transformer = load_contentv(model, dtype="fp32", load_vae=False, load_text_encoders=False).transformer
+    transformer = load_model(model, dtype="fp32", load_vae=False, load_text_encoders=False).transformer
     add_lora(transformer, rank=4, alpha=4)
     return str(save_adapter(transformer, out))
 

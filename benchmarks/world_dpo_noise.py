@@ -148,13 +148,13 @@ def margin_by_sigma(pairs_dir: Path, adapter: Path) -> dict[str, float]:
     from dpo.losses import flow_matching_error
     from dpo.trainer import velocity
     from rlhf.lora import load_adapter, use_adapter
-    from rlhf.models.loader import load_contentv
+    from rlhf.models.loader import load_model
     from rlhf.world import MODEL_DIR
     from rollouts.store import RolloutStore
 
     data = PairData(pairs_dir, RolloutStore(pairs_dir.parent / "rollout"))
     batch = data.batch(list(range(min(MARGIN_PAIRS, len(data)))))
-    transformer = load_contentv(MODEL_DIR, dtype="fp32", load_text_encoders=False).transformer
+    transformer = load_model(MODEL_DIR, dtype="fp32", load_text_encoders=False).transformer
     load_adapter(transformer, str(adapter), adapter_name="policy")
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(batch.latents_w.shape, generator=generator)

@@ -64,14 +64,16 @@ def check_store_files(store: RolloutStore, sample_ids: Iterable[str], prompt_ids
 def check_store_fits(store: RolloutStore, prompt_id: str, model_dir: str | Path) -> None:
     """The store's latents and embeddings (those of `prompt_id`) must match the input sizes of the transformer in
     `model_dir`."""
+    from rlhf.models.family import family_for
     from rlhf.models.loader import read_transformer_config
 
     config = read_transformer_config(model_dir)
+    sizes = family_for(model_dir).text_sizes(config)
     text = store.load_embeds(prompt_id)
     expected = {
         "latent channels": (store.latent_shape[0], config["in_channels"]),
-        "text feature size": (text.prompt_embeds.shape[-1], config["joint_attention_dim"]),
-        "pooled text size": (text.pooled.shape[-1], config["pooled_projection_dim"]),
+        "text feature size": (text.prompt_embeds.shape[-1], sizes["text feature size"]),
+        "pooled text size": (0 if text.pooled is None else text.pooled.shape[-1], sizes["pooled text size"]),
     }
     for what, (found, wanted) in expected.items():
         if found != wanted:

@@ -74,7 +74,7 @@ class FrozenParts:
 
 def load_frozen_parts(config: RewardGradientConfig, device: torch.device) -> FrozenParts:
     """Prompts, scorers, VAE and the prompt-embedding cache. Cheap checks first, big models last."""
-    from rlhf.models.loader import load_contentv
+    from rlhf.models.loader import load_model
 
     # 1. Inputs that fail fast: the prompt file and the rewards config (scorer weight files are checked here).
     prompt_list = load_prompts(config.prompts)
@@ -87,8 +87,8 @@ def load_frozen_parts(config: RewardGradientConfig, device: torch.device) -> Fro
                         f"training needs one (differentiable: "
                         f"{', '.join(n for n, s in scorers.items() if s.scorer.differentiable) or 'none'})")
     # 2. VAE and text encoders (not the transformer): encode every prompt once, then free the encoders.
-    parts = load_contentv(config.model, dtype=config.dtype, device=device, vae_dtype=config.vae_dtype,
-                          load_transformer=False, max_sequence_length=config.max_sequence_length)
+    parts = load_model(config.model, dtype=config.dtype, device=device, vae_dtype=config.vae_dtype,
+                       load_transformer=False, max_sequence_length=config.max_sequence_length)
     encoder, parts.prompt_encoder = parts.prompt_encoder, None
     prompts = prompt_list.prompts
     text = PromptEmbeds.cat([encoder.encode(prompts[i:i + ENCODE_CHUNK]).to("cpu")

@@ -1,4 +1,4 @@
-"""Flow-DPO trainer: LoRA on the ContentV transformer from preference pairs of a rollout store.
+"""Flow-DPO trainer: LoRA on the transformer (any model family) from preference pairs of a rollout store.
 
 Supports: accelerate (single process, DDP on CUDA/NPU, gloo on CPU, FSDP2, DeepSpeed ZeRO-2), bf16 autocast,
 gradient checkpointing, gradient accumulation, grad-norm clipping, warmup + constant/linear/cosine schedules,
@@ -22,6 +22,7 @@ from dpo.config import DPOConfig
 from dpo.data import PairBatch, PairData, pairs_store_path
 from dpo.losses import flow_dpo_loss, flow_matching_error, sample_sigmas
 from rlhf.errors import UserError
+from rlhf.models.family import velocity as family_velocity
 from rlhf.progress import Progress
 from rlhf.sampling import FlowSchedule, PromptEmbeds
 from rlhf.training import TrainingRun, step_generator
@@ -32,13 +33,8 @@ logger = logging.getLogger("contentv-rlhf")
 
 def velocity(model: torch.nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, text: PromptEmbeds,
              num_train_timesteps: int) -> torch.Tensor:
-    return model(
-        hidden_states=latents,
-        encoder_hidden_states=text.prompt_embeds,
-        pooled_projections=text.pooled,
-        timestep=sigmas * num_train_timesteps,
-        return_dict=False,
-    )[0]
+    """The transformer's prediction at `sigmas` (B,), called the way its model family calls it."""
+    return family_velocity(model, latents, sigmas * num_train_timesteps, text)
 
 
 def dpo_step(run: TrainingRun, batch: PairBatch, config: DPOConfig, schedule: FlowSchedule,

@@ -93,14 +93,17 @@ def _weights_digest(transformer_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def identity(model_dir: str | Path) -> dict[str, Any]:
-    """The record written into adapters: format, the model's path (for messages) and the two digests."""
+def identity(model_dir: str | Path, family: str | None = None) -> dict[str, Any]:
+    """The record written into adapters: format, the model's path (for messages), its model family (`family`, or
+    the folder's) and the two digests."""
+    from rlhf.models.family import family_for
     from rlhf.models.loader import check_model_dir
 
-    model_dir = check_model_dir(model_dir, vae=False, text_encoders=False)  # names the first missing part
+    model_dir = check_model_dir(model_dir, vae=False, text_encoders=False, family=family)  # names a missing part
     transformer_dir = model_dir / "transformer"
     return {
         "format": FORMAT, "version": VERSION, "model": str(model_dir.resolve()),
+        "family": family_for(model_dir, family).name,
         "transformer_config_sha256": _config_digest(transformer_dir),
         "weights_sample_sha256": _weights_digest(transformer_dir),
     }
@@ -111,11 +114,12 @@ def write_record(adapter_dir: str | Path, record: dict[str, Any]) -> Path:
 
 
 def check_adapter_base(adapter_dir: str | Path, model_dir: str | Path,
-                       model_identity: dict[str, Any] | None = None) -> None:
+                       model_identity: dict[str, Any] | None = None, family: str | None = None) -> None:
     """Refuse an adapter whose `base_model.json` names another base than `model_dir`; warn when it has none.
 
     Raises:
-        UserError: an unreadable record, or one whose transformer config or sampled weights differ.
+        UserError: an unreadable record, or one of another model family (records without a family predate the
+            other families: ContentV), or whose transformer config or sampled weights differ.
     """
     path = Path(adapter_dir) / RECORD
     if not Path(adapter_dir).is_dir():
@@ -133,7 +137,11 @@ def check_adapter_base(adapter_dir: str | Path, model_dir: str | Path,
             raise ValueError(f"format is not {FORMAT!r}")
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: not a base-model record ({one_line(err)})") from None
-    current = model_identity or identity(model_dir)
+    current = model_identity or identity(model_dir, family)
+    recorded_family = recorded.get("family", "contentv")
+    if recorded_family != current["family"]:
+        raise UserError(f"{path}: the adapter was trained on a {recorded_family} model ({recorded.get('model')}), "
+                        f"but {model_dir} is a {current['family']} model; an adapter applies to its own family only")
     for key, what in (("transformer_config_sha256", "transformer config differs from that"),
                       ("weights_sample_sha256", "transformer weights differ from those")):
         if recorded.get(key) != current[key]:

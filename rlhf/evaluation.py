@@ -130,7 +130,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     scorers = {**trained, **held_out, **truth}
 
     for path in config.adapters:  # before any video: an adapter trained on another base is refused
-        check_adapter_base(path, config.model)
+        check_adapter_base(path, config.model, family=config.family)
     generator = VideoGenerator(config, max_sequence_length=config.max_sequence_length)
     candidates = {f"candidate{i}": str(Path(path)) for i, path in enumerate(config.adapters)}
     for name, path in candidates.items():

@@ -17,30 +17,30 @@ from rlhf import devices
 from rlhf.base_model import check_adapter_base
 from rlhf.compiling import CompileTimer, compile_blocks
 from rlhf.lora import load_adapter
-from rlhf.models.loader import load_contentv
+from rlhf.models.loader import load_model
 from rlhf.options import ModelOptions, SamplingOptions
 from rlhf.progress import Progress
-from rlhf.sampling import PromptEmbeds, denoise, initial_noise, latent_shape
-from rlhf.video import decode_latents
+from rlhf.sampling import PromptEmbeds, denoise, initial_noise
 
 logger = logging.getLogger(__name__)
 
 
 class VideoGenerator:
-    """A ContentV checkpoint ready to sample from, honouring the memory options of `ModelOptions`."""
+    """A checkpoint of any model family ready to sample from, honouring the memory options of `ModelOptions`."""
 
     def __init__(self, options: ModelOptions, load_text_encoders: bool = True, load_vae: bool = True,
                  max_sequence_length: int | None = None):
         self.options = options
         if options.adapter:  # an adapter trained on another base fails now, not after minutes of loading
-            check_adapter_base(options.adapter, options.model)
+            check_adapter_base(options.adapter, options.model, family=options.family)
         self.device = devices.resolve_device(options.device)
         self.dtype = devices.parse_dtype(options.dtype)
         # With CPU offload every model lives on the CPU and visits the device only while it runs; with group
         # offload the transformer lives on the CPU and its blocks visit the device one at a time.
         home = torch.device("cpu") if options.cpu_offload or options.group_offload else self.device
-        parts = load_contentv(
+        parts = load_model(
             options.model,
+            family=options.family,
             dtype=self.dtype,
             device=home,
             vae_dtype=options.vae_dtype,
@@ -54,6 +54,7 @@ class VideoGenerator:
                 if part is not None:
                     part.to(self.device)
         self._offloading = False  # group offloading is applied at the first sample, once adapters are attached
+        self.family = parts.family
         self.schedule = parts.schedule
         self.transformer = parts.transformer
         self.vae = parts.vae
@@ -109,7 +110,7 @@ class VideoGenerator:
         progress: bool = True,
     ) -> torch.Tensor:
         """Denoise one video per seed; `cond` has one row per seed (or one row for all). float32, on CPU."""
-        shape = latent_shape(sampling.frames, sampling.height, sampling.width, self.transformer.config.patch_size)
+        shape = self.family.latent_shape(sampling.frames, sampling.height, sampling.width, self.transformer.config)
         noise = initial_noise(shape, seeds).to(self.device)  # (B, C, T, H, W)
         batch = len(seeds)
         cond = cond.to(self.device, self.dtype).expand(batch)
@@ -145,4 +146,4 @@ class VideoGenerator:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, C, t, h, w) -> float32 video (B, 3, T, H, W) in [-1, 1] on the CPU."""
         with self._on_device(self.vae):
-            return decode_latents(self.vae, latents).float().cpu()
+            return self.family.decode(self.vae, latents).float().cpu()

@@ -5,9 +5,11 @@ An adapter directory holds:
   writes it (keys under `base_model.model.`), so `PeftModel.from_pretrained(transformer, dir)` loads it; our
   trainer resumes from it too;
 - `pytorch_lora_weights.safetensors`: diffusers' LoRA format (keys under `transformer.`) with the adapter
-  metadata embedded, which `transformer.load_lora_adapter(dir, weight_name=DIFFUSERS_WEIGHTS,
-  prefix="transformer")` loads (without the metadata diffusers would lose `lora_alpha` whenever it differs
-  from the rank; without `weight_name` diffusers' model-level loader looks for a `.bin` file).
+  metadata embedded, written by the model family's diffusers pipeline (`save_lora_weights`; ContentV:
+  StableDiffusion3Pipeline's, Wan2.1: WanPipeline's), so that pipeline's `load_lora_weights(dir)` loads it, and
+  `transformer.load_lora_adapter(dir, weight_name=DIFFUSERS_WEIGHTS, prefix="transformer")` too (without the
+  metadata diffusers would lose `lora_alpha` whenever it differs from the rank; without `weight_name` diffusers'
+  model-level loader looks for a `.bin` file).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 
 from rlhf.errors import UserError, one_line
-from rlhf.options import DEFAULT_LORA_TARGETS
+from rlhf.options import DEFAULT_LORA_TARGETS  # noqa: F401  ContentV's targets, imported from here by older callers
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -38,7 +40,9 @@ def _check_targets(model: torch.nn.Module, targets: Sequence[str], source: str) 
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        examples = sorted({n.split(".", 2)[-1] for n in linear if n.startswith("transformer_blocks.0.")})
+        # The first block's layers, whatever the family calls its block list (transformer_blocks, blocks).
+        first = next((n.split(".", 2)[0] for n in linear if n.split(".", 2)[1:2] == ["0"]), "")
+        examples = sorted({n.split(".", 2)[-1] for n in linear if n.startswith(f"{first}.0.")})
         raise UserError(
             f"{source}: LoRA target module(s) {', '.join(missing)} not found in the transformer; "
             f"linear layers of a block are: {', '.join(examples)}"
@@ -50,11 +54,18 @@ def add_lora(
     rank: int,
     alpha: float,
     dropout: float = 0.0,
-    targets: Sequence[str] = DEFAULT_LORA_TARGETS,
+    targets: Sequence[str] | None = None,
     adapter_name: str = "default",
 ) -> None:
-    """Attach a fresh LoRA adapter (B = 0, so the model's outputs are unchanged) and make it trainable."""
+    """Attach a fresh LoRA adapter (B = 0, so the model's outputs are unchanged) and make it trainable.
+
+    `targets` (module-name suffixes) default to the model family's (`ModelFamily.lora_targets`)."""
     from peft import LoraConfig
+
+    from rlhf.models.family import transformer_family
+
+    if targets is None:
+        targets = transformer_family(transformer).lora_targets
 
     _check_targets(transformer, targets, "lora_targets")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
@@ -91,8 +102,9 @@ def save_adapter(transformer: torch.nn.Module, out_dir: str | Path, adapter_name
     `state` (peft keys) replaces the weights read from `transformer`: sharded trainers pass the gathered
     full weights, because their modules hold only a shard (the adapter's config is read from the module).
     """
-    from diffusers import StableDiffusion3Pipeline
     from safetensors.torch import save_file
+
+    from rlhf.models.family import transformer_family
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -106,7 +118,7 @@ def save_adapter(transformer: torch.nn.Module, out_dir: str | Path, adapter_name
     # The keys and header metadata `PeftModel.save_pretrained` writes: without the prefix
     # `PeftModel.from_pretrained` matches no weight and silently returns the base model.
     save_file({PEFT_MODEL_PREFIX + k: v for k, v in state.items()}, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
-    StableDiffusion3Pipeline.save_lora_weights(
+    transformer_family(transformer).lora_pipeline().save_lora_weights(
         tmp,
         transformer_lora_layers=state,
         transformer_lora_adapter_metadata=config.to_dict(),

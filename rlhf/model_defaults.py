@@ -3,7 +3,8 @@
 A model folder may say which sizes and settings it was made for (the shapes world: 9 frames of 64x64, 20
 steps; ContentV-8B: 125 frames of 432x768, 50 steps). Every command that samples takes its sampling defaults
 from that file, then the `--config` YAML, then the flags: file < config < flags. A folder without the file
-gets ContentV-8B's reference settings (the defaults of `rlhf.options.SamplingOptions` / `VideoOptions`).
+gets its model family's defaults (`ModelFamily.sampling_defaults`, docs/models.md): for ContentV-8B these are
+the defaults of `rlhf.options.SamplingOptions` / `VideoOptions`.
 
 Every field is optional (an absent one keeps ContentV's default); docs/formats.md documents them:
 
@@ -92,12 +93,27 @@ def defaults_for(cls: type, data: Mapping[str, Any]) -> tuple[str, dict[str, Any
     model = data.get("model")
     if not isinstance(model, (str, Path)) or not str(model).strip():
         return None  # no model, or an ill-typed one: building the config reports it
-    found = read_model_defaults(model)
+    found = read_model_defaults(model) or family_defaults(model, data.get("family"))
     if found is None:
         return None
     path, values = found
     names = {f.name for f in fields(cls)}
     return path, {name: value for name, value in values.items() if name in names and name not in data}
+
+
+def family_defaults(model_dir: str | Path, family: Any = None) -> tuple[str, dict[str, Any]] | None:
+    """The sampling defaults of the model family of `model_dir` (`ModelFamily.sampling_defaults`) for a folder
+    without sampling_defaults.json, as (where they come from, {option: value}). None for ContentV, whose defaults
+    are the options' own, and for a folder whose family cannot be read (the model loader reports it)."""
+    from rlhf.models.family import family_for
+
+    try:
+        model_family = family_for(model_dir, family if isinstance(family, str) else None)
+    except UserError:
+        return None
+    if model_family.name == "contentv":
+        return None
+    return f"the {model_family.name} family's defaults (docs/models.md)", dict(model_family.sampling_defaults)
 
 
 def write_model_defaults(model_dir: str | Path, values: Mapping[str, Any]) -> Path:

@@ -53,6 +53,15 @@ def device_name_problem(name: str) -> str | None:
         return None
     return f"expects one of {', '.join(DEVICE_CHOICES)} or an indexed device such as cuda:1, got {name!r}"
 
+def family_name_problem(name: str | None) -> str | None:
+    """What is wrong with a model family name (None when it is registered, or not given)."""
+    from rlhf.models.family import FAMILIES
+
+    if name is None or name in FAMILIES:
+        return None
+    return f"expects one of {', '.join(FAMILIES)}, got {name!r}"
+
+
 logger = logging.getLogger("contentv-rlhf")
 VAE_TEMPORAL_FACTOR = 4  # Wan VAE: 4x temporal compression, frames = 4k + 1
 # Upper bounds of sizes and counts: far above any real use (ContentV-8B: 125 frames of 432x768, 50 steps),
@@ -109,8 +118,13 @@ class ModelOptions:
     """Which checkpoint to load, onto which device, and the memory-saving switches."""
 
     model: str | None = option(
-        None, "ContentV checkpoint directory (diffusers layout). Make a tiny one with `contentv-rlhf tiny-model DIR`. "
-        "Its sampling_defaults.json, if any, replaces the sampling defaults shown here (config and flags still win)."
+        None, "Checkpoint directory (diffusers layout: ContentV or Wan2.1, docs/models.md). Make a tiny one with "
+        "`contentv-rlhf tiny-model DIR`. Its sampling_defaults.json, if any, replaces the sampling defaults shown "
+        "here (config and flags still win)."
+    )
+    family: str | None = option(
+        None, "Model family of `model`: contentv or wan2.1 (default: the one its model_index.json's pipeline class "
+        "names; docs/models.md).", check=family_name_problem
     )
     device: DeviceName = option("auto", "Device: auto picks npu (USE_ASCEND_NPU=1), then cuda, then cpu; "
                                         "cuda:1 picks a GPU.", check=device_name_problem)
@@ -216,9 +230,10 @@ class LoraOptions:
     lora_rank: int = option(32, "LoRA rank r.")
     lora_alpha: float = option(64.0, "LoRA alpha; the update is scaled by alpha / r.")
     lora_dropout: float = option(0.0, "Dropout on the LoRA branch.")
-    lora_targets: list[str] = option(
-        list(DEFAULT_LORA_TARGETS),
-        "Module name suffixes to adapt (default: the 8 MM-DiT attention projections of every block).",
+    lora_targets: list[str] | None = option(
+        None,
+        "Module name suffixes to adapt (default: the model family's, docs/models.md; ContentV: the 8 MM-DiT "
+        "attention projections of every block, Wan2.1: the self- and cross-attention projections).",
     )
 
     def __post_init__(self) -> None:
@@ -227,7 +242,7 @@ class LoraOptions:
             raise ConfigError("lora_alpha", f"must be > 0, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        if not self.lora_targets:
+        if self.lora_targets is not None and not self.lora_targets:
             raise ConfigError("lora_targets", "must name at least one module")
 
 

@@ -2,9 +2,11 @@
 
 Conventions (rectified flow, as SD3 / ContentV): `x_sigma = (1 - sigma) * x0 + sigma * noise`, the model
 predicts the velocity `v = noise - x0` at timestep `1000 * sigma`, and one Euler step from `sigma` to
-`sigma_next` is `x + (sigma_next - sigma) * v`. The sigma schedule is `linspace(1, 0, steps + 1)[:-1]`
-shifted by the checkpoint scheduler's `shift`, then a terminal 0 — identical to diffusers'
-`FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...)` (checked in tests/test_sampling.py).
+`sigma_next` is `x + (sigma_next - sigma) * v`. The sigma schedule is the family's spacing (ContentV:
+`linspace(1, 0, steps + 1)[:-1]`, passed as `sigmas=` to the scheduler; Wan: the scheduler's own
+`set_timesteps(steps)` spacing) shifted by the checkpoint scheduler's `shift`, then a terminal 0 — identical to
+diffusers' `FlowMatchEulerDiscreteScheduler` (checked in tests/test_sampling.py and tests/test_models_wan.py).
+The transformer is called the way its model family calls it (`rlhf.models.family.velocity`).
 """
 
 from __future__ import annotations
@@ -40,15 +42,27 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
+# How the unshifted sigmas of `steps` steps are spaced (the model family picks one):
+# - "to_zero": linspace(1, 0, steps + 1)[:-1], what ContentV's pipeline passes as `sigmas=` to the scheduler;
+# - "scheduler_default": diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(steps) without sigmas, what
+#   WanPipeline runs: linspace(1, shifted(1 / num_train_timesteps), steps) (its sigma_min is already shifted).
+SIGMA_SPACINGS = ("to_zero", "scheduler_default")
+
+
 @dataclass(frozen=True)
 class FlowSchedule:
     """The sigma schedule of a flow-matching checkpoint (read from `scheduler/scheduler_config.json`)."""
 
     shift: float = 1.0
     num_train_timesteps: int = 1000
+    spacing: str = "to_zero"  # one of SIGMA_SPACINGS
+
+    def __post_init__(self) -> None:
+        if self.spacing not in SIGMA_SPACINGS:
+            raise ValueError(f"spacing must be one of {SIGMA_SPACINGS}, got {self.spacing!r}")
 
     @classmethod
-    def from_config(cls, config: Mapping, source: str = "scheduler config") -> FlowSchedule:
+    def from_config(cls, config: Mapping, source: str = "scheduler config", spacing: str = "to_zero") -> FlowSchedule:
         for option in _UNSUPPORTED_SCHEDULER_OPTIONS:
             if config.get(option):
                 raise UserError(f"{source}: scheduler option {option}={config[option]!r} is not supported "
@@ -56,10 +70,11 @@ class FlowSchedule:
         shift = config.get("shift", 1.0)
         if not isinstance(shift, (int, float)) or shift <= 0:
             raise UserError(f"{source}: 'shift' must be a positive number, got {shift!r}")
-        return cls(shift=float(shift), num_train_timesteps=int(config.get("num_train_timesteps", 1000)))
+        return cls(shift=float(shift), num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+                   spacing=spacing)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> FlowSchedule:
+    def from_file(cls, path: str | Path, spacing: str = "to_zero") -> FlowSchedule:
         path = Path(path)
         try:
             config = json.loads(path.read_text())
@@ -67,7 +82,7 @@ class FlowSchedule:
             raise UserError(f"{path}: scheduler config not found") from None
         except (OSError, ValueError) as err:
             raise UserError(f"{path}: not a readable JSON scheduler config ({err})") from None
-        return cls.from_config(config, source=str(path))
+        return cls.from_config(config, source=str(path), spacing=spacing)
 
     def shift_sigmas(self, sigmas: torch.Tensor) -> torch.Tensor:
         return shift_sigmas(sigmas, self.shift)
@@ -76,7 +91,11 @@ class FlowSchedule:
         """`steps + 1` float32 sigmas from 1 (pure noise) down to a terminal 0."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        base = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
+        if self.spacing == "to_zero":
+            base = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
+        else:
+            sigma_min = self.shift_sigmas(torch.tensor(1.0 / self.num_train_timesteps, dtype=torch.float64))
+            base = torch.linspace(1.0, float(sigma_min), steps, dtype=torch.float64)
         shifted = self.shift_sigmas(base).to(torch.float32)
         return torch.cat([shifted, torch.zeros(1)])
 
@@ -130,15 +149,18 @@ def guided_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance_scale
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
-def latent_shape(frames: int, height: int, width: int, patch_size: int = 2) -> tuple[int, int, int, int]:
-    """(C, T, H, W) of one sample's latents for a video of `frames` (4k + 1) x `height` x `width`."""
-    multiple = VAE_SPATIAL_FACTOR * patch_size
+def latent_shape(frames: int, height: int, width: int, patch_size: int | Sequence[int] = 2,
+                 channels: int = LATENT_CHANNELS) -> tuple[int, int, int, int]:
+    """(C, T, H, W) of one sample's latents for a video of `frames` (4k + 1) x `height` x `width` through the Wan
+    VAE (4x temporal, 8x spatial). `patch_size` is the transformer's spatial patch, or its (t, h, w) patch."""
+    spatial_patch = patch_size if isinstance(patch_size, int) else max(patch_size[-2:])
+    multiple = VAE_SPATIAL_FACTOR * spatial_patch
     if height % multiple or width % multiple:
         raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
     if (frames - 1) % VAE_TEMPORAL_FACTOR:
         raise ValueError(f"frames must be 4k + 1, got {frames}")
     return (
-        LATENT_CHANNELS,
+        channels,
         (frames - 1) // VAE_TEMPORAL_FACTOR + 1,
         height // VAE_SPATIAL_FACTOR,
         width // VAE_SPATIAL_FACTOR,
@@ -156,20 +178,24 @@ def initial_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
 
 @dataclass
 class PromptEmbeds:
-    """Text conditioning: token features `(B, L, D)` and pooled features `(B, P)`."""
+    """Text conditioning: token features `(B, L, D)` and pooled features `(B, P)`, or None for a family whose
+    transformer takes no pooled embedding (Wan)."""
 
     prompt_embeds: torch.Tensor
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None
+
+    def _map(self, fn) -> PromptEmbeds:
+        return PromptEmbeds(fn(self.prompt_embeds), None if self.pooled is None else fn(self.pooled))
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEmbeds:
-        return PromptEmbeds(self.prompt_embeds.to(device, dtype), self.pooled.to(device, dtype))
+        return self._map(lambda t: t.to(device, dtype))
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
 
     def select(self, index: int | Sequence[int] | torch.Tensor) -> PromptEmbeds:
         index = torch.as_tensor([index] if isinstance(index, int) else index, dtype=torch.long)
-        return PromptEmbeds(self.prompt_embeds[index], self.pooled[index])
+        return self._map(lambda t: t[index])
 
     def expand(self, batch: int) -> PromptEmbeds:
         """Broadcast a single embedding to `batch` rows (a no-op when already `batch` rows)."""
@@ -177,15 +203,15 @@ class PromptEmbeds:
             return self
         if len(self) != 1:
             raise ValueError(f"cannot broadcast {len(self)} prompt embeddings to a batch of {batch}")
-        return PromptEmbeds(
-            self.prompt_embeds.expand(batch, *self.prompt_embeds.shape[1:]),
-            self.pooled.expand(batch, *self.pooled.shape[1:]),
-        )
+        return self._map(lambda t: t.expand(batch, *t.shape[1:]))
 
     @staticmethod
     def cat(parts: Sequence[PromptEmbeds]) -> PromptEmbeds:
+        pooled = [p.pooled for p in parts]
+        if any(p is None for p in pooled) and not all(p is None for p in pooled):
+            raise ValueError("cannot concatenate prompt embeddings with and without pooled features")
         return PromptEmbeds(
-            torch.cat([p.prompt_embeds for p in parts]), torch.cat([p.pooled for p in parts])
+            torch.cat([p.prompt_embeds for p in parts]), None if pooled[0] is None else torch.cat(pooled)
         )
 
 
@@ -210,14 +236,12 @@ def predict_velocity(
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
     timestep = (sigma * num_train_timesteps).expand(batch)  # (B,)
 
+    from rlhf.models.family import transformer_family
+
+    family = transformer_family(transformer)
+
     def forward(x: torch.Tensor, text: PromptEmbeds, t: torch.Tensor) -> torch.Tensor:
-        return transformer(
-            hidden_states=x,
-            encoder_hidden_states=text.prompt_embeds,
-            pooled_projections=text.pooled,
-            timestep=t,
-            return_dict=False,
-        )[0]
+        return family.velocity(transformer, x, t, text)
 
     cond = cond.expand(batch)
     if uncond is None or not uses_guidance(guidance_scale):

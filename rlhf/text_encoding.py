@@ -14,14 +14,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from rlhf import devices
+from rlhf.models.family import PromptEncoding
 from rlhf.sampling import PromptEmbeds
 
 DEFAULT_T5_LENGTH = 256  # ContentV's max_sequence_length
 
 
-class PromptEncoder:
-    """Owns the three tokenizers and text encoders of an SD3/ContentV checkpoint."""
+class PromptEncoder(PromptEncoding):
+    """Owns the three tokenizers and text encoders of an SD3/ContentV checkpoint (the ContentV family's)."""
 
     def __init__(
         self,
@@ -38,21 +38,6 @@ class PromptEncoder:
         self.max_sequence_length = max_sequence_length or min(
             DEFAULT_T5_LENGTH, int(getattr(self.tokenizers[2], "model_max_length", DEFAULT_T5_LENGTH))
         )
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.text_encoders[0].parameters()).device
-
-    def to(self, device: torch.device | str) -> PromptEncoder:
-        for encoder in self.text_encoders:
-            encoder.to(device)
-        return self
-
-    def release(self) -> None:
-        """Drop the encoders (and free their accelerator memory); `encode` is unusable afterwards."""
-        device = self.device
-        self.text_encoders = []
-        devices.empty_cache(device)
 
     def _ids(self, tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
         return tokenizer(

@@ -320,16 +320,18 @@ class TrainingRun:
         from peft.utils import set_peft_model_state_dict
 
         from rlhf.lora import load_adapter, read_peft_weights
-        from rlhf.models.loader import load_contentv
+        from rlhf.models.loader import load_model
 
         if quantize != "none" and self.accelerator.num_processes > 1:
             # DDP broadcasts, and FSDP/DeepSpeed shard, the frozen weights as plain tensors.
             raise UserError(f"quantize: {quantize} is supported in single-process runs only (one device: what "
                             f"it is for), not in this {self.accelerator.num_processes}-process {self.layout} launch")
-        transformer = load_contentv(
-            model_dir, dtype=dtype, device=self.device, load_vae=False, load_text_encoders=False, quantize=quantize
-        ).transformer
+        parts = load_model(model_dir, dtype=dtype, device=self.device, load_vae=False, load_text_encoders=False,
+                           quantize=quantize)
+        transformer = parts.transformer
         self.model_dir, self.base_identity = Path(model_dir), identity(model_dir)
+        if self.lora.lora_targets is None:  # the family's default, resolved before any checkpoint records it
+            self.lora.lora_targets = list(parts.family.lora_targets)
         if init_adapter is not None:
             check_adapter_base(init_adapter, model_dir, self.base_identity)
         add_lora(transformer, self.lora.lora_rank, self.lora.lora_alpha, self.lora.lora_dropout,

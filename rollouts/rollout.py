@@ -172,23 +172,28 @@ def run_rollout(config: RolloutConfig) -> Path:
         logger.warning(prompt_list.report())
     prompts = dict(zip(prompt_list.ids, prompt_list.prompts, strict=True))
 
-    from rlhf.sampling import latent_shape
+    from rlhf.models.family import family_for
+    from rlhf.models.loader import check_model_dir, read_transformer_config
 
     frames = config.frames  # already 4k + 1 (SamplingOptions rounds it)
-    shape = latent_shape(frames, config.height, config.width)
-    settings = store_settings(config, frames, device.type)
     store = RolloutStore(root)
-
     if config.adapter:  # an adapter trained on another base is refused before the store is touched
         from rlhf.base_model import check_adapter_base
 
-        check_adapter_base(config.adapter, config.model)
+        check_adapter_base(config.adapter, config.model, family=config.family)
     # The model is checked before the store is touched: a store.json written for a model that then fails to load
     # would refuse the corrected command (other settings) until --overwrite.
-    from rlhf.models.loader import check_model_dir, read_transformer_config
-
-    check_model_dir(config.model, vae=config.save_videos or config.save_frames > 0, text_encoders=not store.exists())
-    read_transformer_config(config.model)
+    check_model_dir(config.model, vae=config.save_videos or config.save_frames > 0, text_encoders=not store.exists(),
+                    family=config.family)
+    family = family_for(config.model, config.family)
+    try:
+        shape = family.latent_shape(frames, config.height, config.width,
+                                    read_transformer_config(config.model, config.family))
+    except ValueError as err:
+        raise UserError(f"{config.model}: {err}") from None
+    settings = store_settings(config, frames, device.type)
+    if family.name != "contentv":  # recorded for the other families only, so stores written before it resume
+        settings["family"] = family.name
     # 1. Check or create the store (every rank checks, so all fail alike; rank 0 writes).
     resuming = _check_existing(store, settings, prompts, config.overwrite)
     if processes.is_main:

@@ -5,7 +5,8 @@ Layout (format version 1, see docs/formats.md):
     STORE/
       store.json                       format, version, settings that produced the samples, latent shape
       prompts.jsonl                    {"prompt_id": "p00000", "prompt": "..."} per line
-      embeds/<prompt_id>.safetensors   prompt_embeds (L, D), pooled (P,)   -- once per prompt
+      embeds/<prompt_id>.safetensors   prompt_embeds (L, D) [+ pooled (P,)]   -- once per prompt; pooled for
+                                       the model families that have one (ContentV, not Wan)
       embeds/negative.safetensors      the negative prompt's embeddings (when guidance > 1)
       samples/<prompt_id>/<sample_id>.safetensors
                                        latents (C, T, H, W) bf16 [+ frames (F, H, W, 3) uint8];
@@ -120,14 +121,16 @@ class RolloutStore:
 
     # ---- tensors -----------------------------------------------------------------------------
     def write_embeds(self, prompt_id: str, embeds: PromptEmbeds) -> None:
-        io.save_tensors(self.embeds_path(prompt_id), {
-            "prompt_embeds": embeds.prompt_embeds[0].cpu(), "pooled": embeds.pooled[0].cpu(),
-        })
+        tensors = {"prompt_embeds": embeds.prompt_embeds[0].cpu()}
+        if embeds.pooled is not None:
+            tensors["pooled"] = embeds.pooled[0].cpu()
+        io.save_tensors(self.embeds_path(prompt_id), tensors)
 
     def load_embeds(self, prompt_id: str) -> PromptEmbeds:
         """One prompt's embeddings as a batch of one."""
         tensors = _load(self.embeds_path(prompt_id))
-        return PromptEmbeds(tensors["prompt_embeds"][None], tensors["pooled"][None])
+        pooled = tensors.get("pooled")
+        return PromptEmbeds(tensors["prompt_embeds"][None], None if pooled is None else pooled[None])
 
     def write_sample(self, sample: str, latents: torch.Tensor, metadata: Mapping[str, Any],
                      frames: torch.Tensor | None = None) -> None:

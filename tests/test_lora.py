@@ -177,17 +177,17 @@ def test_generate_writes_the_same_frames_for_each_documented_loader(tiny_model_d
     write_mp4 = rlhf.video.write_mp4
     monkeypatch.setattr(rlhf.video, "write_mp4", lambda path, frames, **kw: (written.append(frames.copy()),
                                                                               write_mp4(path, frames, **kw))[1])
-    load_contentv_ = rlhf.generation.load_contentv
+    load_model_ = rlhf.generation.load_model
 
     def generate(*extra: str, loader: str | None = None) -> np.ndarray:
         def load_then_attach(*args, **kwargs):
-            parts = load_contentv_(*args, **kwargs)
+            parts = load_model_(*args, **kwargs)
             parts.transformer = load_as_documented(loader, parts.transformer, adapter_dir)
             return parts
 
         with monkeypatch.context() as patch:
             if loader:
-                patch.setattr(rlhf.generation, "load_contentv", load_then_attach)
+                patch.setattr(rlhf.generation, "load_model", load_then_attach)
             # Each video replaces the last (generate, like every command, replaces its output only when told).
             code, _, err = call_cli(capsys, *GENERATE, "--model", tiny_model_dir, "--out", tmp_path / "v.mp4",
                                     "--overwrite", *extra)

@@ -87,7 +87,7 @@ def check_inputs(config: CompareConfig) -> RewardsConfig | None:
     from rlhf.lora import DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
     from rlhf.models.loader import check_model_dir
 
-    check_model_dir(config.model)
+    check_model_dir(config.model, family=config.family)
     for path in config.adapters:
         adapter = Path(path)
         if not adapter.is_dir():
@@ -96,7 +96,7 @@ def check_inputs(config: CompareConfig) -> RewardsConfig | None:
                 or (adapter / DIFFUSERS_WEIGHTS).is_file()):
             raise UserError(f"{path}: no LoRA adapter found (expected {PEFT_CONFIG} + {PEFT_WEIGHTS}, "
                             f"or {DIFFUSERS_WEIGHTS})")
-        check_adapter_base(path, config.model)  # an adapter trained on another base is refused now
+        check_adapter_base(path, config.model, family=config.family)  # an adapter trained on another base is refused now
     rewards = load_rewards_config(config.rewards, "rewards") if config.rewards else None
     if problem := port_problem(config.port):
         raise UserError(f"port {config.port} {problem}")

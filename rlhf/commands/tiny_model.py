@@ -1,4 +1,4 @@
-"""`contentv-rlhf tiny-model OUT_DIR`: write a tiny random ContentV-layout checkpoint."""
+"""`contentv-rlhf tiny-model OUT_DIR [--family F]`: write a tiny random checkpoint of a model family."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from rlhf.errors import UserError
 from rlhf.io import output_path_problem
 
 MAX_SEED = 2**32 - 1
-HELP = "Write a tiny, randomly initialised ContentV-layout checkpoint (real classes, a few MB)."
+HELP = "Write a tiny, randomly initialised checkpoint (ContentV or Wan2.1 layout; real classes, a few MB)."
+TINY_FAMILIES = ("contentv", "wan2.1")  # rlhf.models.tiny.TINY_FAMILIES, repeated so `--help` imports no torch
 EXAMPLES = """\
   contentv-rlhf tiny-model runs/tiny-model
+  contentv-rlhf tiny-model runs/tiny-wan --family wan2.1
   contentv-rlhf tiny-model runs/tiny-model --seed 1 --overwrite
 """
 
@@ -18,6 +20,9 @@ EXAMPLES = """\
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", metavar="OUT_DIR", help="Directory to create (must not exist, be empty, or with --overwrite hold a model).")
     parser.add_argument("--seed", type=int, default=0, help=f"Seed of the random weights, 0..{MAX_SEED} (default: 0).")
+    parser.add_argument("--family", choices=TINY_FAMILIES, default="contentv",
+                        help="Model family whose diffusers layout and classes to write (default: contentv; wan2.1 "
+                        "writes WanPipeline's layout).")
     parser.add_argument("--overwrite", action="store_true", help="Replace the model checkpoint in OUT_DIR (never a folder of another kind).")
 
 
@@ -34,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_arguments(args)
 
-    path = build_tiny_model(args.out_dir, seed=args.seed, overwrite=args.overwrite)
+    path = build_tiny_model(args.out_dir, seed=args.seed, overwrite=args.overwrite, family=args.family)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    print(f"wrote tiny ContentV checkpoint to {path} ({size / 1e6:.1f} MB, seed {args.seed})")
+    name = {"contentv": "ContentV", "wan2.1": "Wan2.1"}[args.family]
+    print(f"wrote tiny {name} checkpoint to {path} ({size / 1e6:.1f} MB, seed {args.seed})")
     return 0

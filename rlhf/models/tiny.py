@@ -93,8 +93,13 @@ MODEL_INDEX: dict[str, Any] = {
 }
 
 
-def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write a complete ContentV-layout checkpoint with tiny random components to `out_dir`.
+TINY_FAMILIES = ("contentv", "wan2.1")  # families `build_tiny_model` can write
+
+
+def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False,
+                     family: str = "contentv") -> Path:
+    """Write a complete checkpoint of `family` (ContentV layout by default; `wan2.1`: WanPipeline's layout,
+    rlhf/models/tiny_wan.py) with tiny random components to `out_dir`.
 
     The same `seed` gives byte-identical weight files. The caller's global torch RNG state is left as
     it was. The checkpoint is assembled in a temporary sibling directory and renamed into place, so an
@@ -104,13 +109,21 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool 
         UserError: `out_dir` is not a directory, holds anything but a model checkpoint, or one without `overwrite`
             (rlhf/outputs.py); a failed write (full disk, permissions).
     """
+    from rlhf.errors import UserError
     from rlhf.outputs import MODEL, check_output, staged_dir
 
+    if family not in TINY_FAMILIES:
+        raise UserError(f"--family: no tiny model for {family!r} (expected one of {', '.join(TINY_FAMILIES)})")
     out = check_output(out_dir, field="OUT_DIR", kind=MODEL, inputs={}, overwrite=overwrite)
     # fork_rng: seeding must not change the random stream of the caller (e.g. a test's own sampling).
     with staged_dir(out, "the tiny model") as staging, torch.random.fork_rng(devices=[]), \
             _no_transformers_progress_bars():
-        _write_checkpoint(staging, seed)
+        if family == "wan2.1":
+            from rlhf.models.tiny_wan import write_tiny_wan
+
+            write_tiny_wan(staging, seed)
+        else:
+            _write_checkpoint(staging, seed)
     return out
 
 

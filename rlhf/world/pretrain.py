@@ -364,9 +364,9 @@ def latent_dataset(out: Path, seed: int, clips_per_prompt: int) -> dict[str, Any
     into `scene.COLOURS`, `scene.SIZES`, `scene.DIRECTIONS`), and `embeds`/`pooled` of `prompt_table()` with the
     empty prompt last (the unconditional branch).
     """
-    from rlhf.models.loader import load_contentv
+    from rlhf.models.loader import load_model
 
-    parts = load_contentv(out / "model", dtype="fp32", load_transformer=False)
+    parts = load_model(out / "model", dtype="fp32", load_transformer=False)
     embeds = parts.prompt_encoder.encode(prompt_table() + [""])
     rng = random.Random(stage_seed(seed, "transformer"))
     latents, values = [], []
@@ -530,12 +530,12 @@ def reconstruction_pool(out: Path, seed: int, clips: int) -> list[tuple[scene.Sc
     """Clips of training combinations passed through the world VAE (encode, decode): the best a generator can
     show the rewards, blur and colour bleed included. The rewards learn from frames of these beside the renders,
     so that a size and a colour are read through the VAE's blur as they are on a clean render."""
-    from rlhf.models.loader import load_contentv
+    from rlhf.models.loader import load_model
     from rlhf.video import to_uint8_frames
 
     if clips <= 0:
         return []
-    vae = load_contentv(out / "model", dtype="fp32", load_transformer=False, load_text_encoders=False).vae
+    vae = load_model(out / "model", dtype="fp32", load_transformer=False, load_text_encoders=False).vae
     rng = random.Random(seed * 100 + 99)  # a stream of its own, the same pool for both reward stages
     pool = []
     for start in range(0, clips, 16):

@@ -1,0 +1,72 @@
+"""A tiny, randomly initialised Wan2.1 checkpoint in `WanPipeline`'s exact folder layout, built offline.
+
+The folder is written by `WanPipeline.save_pretrained`, so `WanPipeline.from_pretrained` loads it as it loads a
+Wan2.1 release (model_index.json lists every component, `transformer_2` empty). Components are the real
+classes at toy sizes: `WanTransformer3DModel` (2 blocks, 2 heads x 12), a 2-layer `UMT5EncoderModel` with a
+character-level T5 tokenizer written offline (rlhf/models/tiny.py), the tiny Wan VAE that the tiny ContentV
+model uses, and a shifted `FlowMatchEulerDiscreteScheduler` (WanPipeline's declared scheduler).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.model_defaults import write_model_defaults
+
+# `text_dim` = the UMT5 d_model. attention_head_dim 12 splits into Wan's 3D RoPE as 4 (t) + 4 (h) + 4 (w).
+TINY_WAN_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=48,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+TINY_UMT5_CONFIG: dict[str, Any] = dict(
+    d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=64, feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=8,
+)
+TINY_WAN_SAMPLING_DEFAULTS: dict[str, Any] = dict(frames=9, height=64, width=64, steps=8, guidance=4.0,
+                                                  shift=3.0, fps=8.0)
+
+
+def write_tiny_wan(root: Path, seed: int) -> None:
+    """Write the tiny Wan2.1 checkpoint into the empty folder `root` (each component seeded on its own)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+    from rlhf.models.tiny import TINY_VAE_CONFIG, _component_seed, _reinit_, write_t5_tokenizer
+    from rlhf.models.wan import NEGATIVE_PROMPT
+
+    staging = root / ".tokenizer"
+    vocab_size = write_t5_tokenizer(staging)
+    tokenizer = AutoTokenizer.from_pretrained(staging)
+    torch.manual_seed(_component_seed(seed, 0))
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=vocab_size, **TINY_UMT5_CONFIG)).eval()
+    torch.manual_seed(_component_seed(seed, 1))
+    vae = AutoencoderKLWan(**TINY_VAE_CONFIG)
+    transformer = WanTransformer3DModel(**TINY_WAN_TRANSFORMER_CONFIG)
+    # The tiny ContentV transformer's init (tiny._reinit_): outputs clearly depend on the latents and the prompt.
+    _reinit_(transformer, torch.Generator().manual_seed(_component_seed(seed, 2)))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=TINY_WAN_SAMPLING_DEFAULTS["shift"])
+    WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                transformer=transformer).save_pretrained(root, safe_serialization=True)
+    for path in sorted(staging.iterdir()):
+        path.unlink()
+    staging.rmdir()
+    write_model_defaults(root, {**TINY_WAN_SAMPLING_DEFAULTS, "negative_prompt": NEGATIVE_PROMPT})

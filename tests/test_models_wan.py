@@ -1,0 +1,196 @@
+"""The Wan2.1 family on its tiny checkpoint, against diffusers' own `WanPipeline`.
+
+- the folder `tiny-model --family wan2.1` writes is WanPipeline's: `WanPipeline.from_pretrained` loads it;
+- our sigmas, prompt embeddings and final latents equal WanPipeline's (fp32, same prompt, noise, steps, guidance);
+- rollout -> score -> pairs -> train -> merge run on it through the CLI; the merged folder loads in WanPipeline and
+  samples what base + adapter samples through our sampler, and the exported LoRA loads with
+  `WanPipeline.load_lora_weights` and samples the same;
+- an adapter trained on Wan is refused by a ContentV base (exit 2, one line naming both families).
+"""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from rlhf.cli import main
+from rlhf.generation import VideoGenerator
+from rlhf.models.family import family_for, transformer_family
+from rlhf.options import ModelOptions, SamplingOptions
+from rlhf.sampling import initial_noise
+from tests.conftest import TRAIN_PROMPTS, call_cli
+
+PROMPT, NEGATIVE = "a red ball rolls over the green grass", "blurry, static"
+SAMPLING = dict(frames=5, height=32, width=32)
+TOLERANCE = 1e-4  # fp32 on CPU: the two paths differ by operation order only
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wan") / "model"
+    assert main(["tiny-model", str(out), "--family", "wan2.1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(wan_dir):
+    from diffusers import WanPipeline
+
+    pipeline = WanPipeline.from_pretrained(wan_dir, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def ours(model_dir, steps: int, guidance: float, seed: int = 7, adapter=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(initial noise, final latents) of our generate/rollout path for PROMPT."""
+    generator = VideoGenerator(ModelOptions(model=str(model_dir), device="cpu", dtype="fp32", adapter=adapter),
+                               load_vae=False)
+    sampling = SamplingOptions(**SAMPLING, steps=steps, guidance=guidance, negative_prompt=NEGATIVE)
+    embeds = generator.encode_prompts([PROMPT, NEGATIVE])
+    latents = generator.sample_latents(embeds.select(0), embeds.select(1), [seed], sampling, progress=False)
+    shape = generator.family.latent_shape(sampling.frames, sampling.height, sampling.width,
+                                          generator.transformer.config)
+    return initial_noise(shape, [seed]), latents
+
+
+def pipeline_latents(pipeline, noise: torch.Tensor, steps: int, guidance: float) -> torch.Tensor:
+    return pipeline(prompt=PROMPT, negative_prompt=NEGATIVE, num_frames=SAMPLING["frames"], height=SAMPLING["height"],
+                    width=SAMPLING["width"], num_inference_steps=steps, guidance_scale=guidance, latents=noise.clone(),
+                    output_type="latent").frames
+
+
+def test_layout_is_wan_pipelines_and_the_family_is_read_from_it(wan_dir, tiny_model_dir, pipe):
+    index = json.loads((wan_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "WanPipeline"
+    assert {"transformer", "vae", "text_encoder", "tokenizer", "scheduler"} <= index.keys()
+    assert type(pipe.transformer).__name__ == "WanTransformer3DModel"
+    assert family_for(wan_dir).name == "wan2.1" and family_for(tiny_model_dir).name == "contentv"
+    assert transformer_family(pipe.transformer).name == "wan2.1"
+
+
+@pytest.mark.parametrize("steps", [1, 4, 50])
+def test_sigmas_are_the_wan_schedulers(wan_dir, pipe, steps):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+    schedule = family_for(wan_dir).schedule(wan_dir)
+    torch.testing.assert_close(schedule.sigmas(steps), scheduler.sigmas, atol=1e-6, rtol=0)
+    torch.testing.assert_close(schedule.timesteps(schedule.sigmas(steps)), scheduler.timesteps, atol=1e-3, rtol=0)
+
+
+def test_prompt_embeddings_are_wan_pipelines(wan_dir, pipe):
+    from rlhf.models.loader import load_model
+
+    encoder = load_model(wan_dir, dtype="fp32", load_transformer=False, load_vae=False).prompt_encoder
+    embeds = encoder.encode([PROMPT, NEGATIVE])
+    cond, uncond = pipe.encode_prompt(PROMPT, NEGATIVE, do_classifier_free_guidance=True, device="cpu",
+                                     max_sequence_length=512)  # WanPipeline.__call__'s default
+    assert embeds.pooled is None  # Wan has no pooled embedding
+    torch.testing.assert_close(embeds.prompt_embeds, torch.cat([cond, uncond]), atol=1e-6, rtol=0)
+    assert embeds.prompt_embeds[0, 40:].abs().max() == 0  # zero after the prompt's tokens, as WanPipeline pads
+
+
+@pytest.mark.parametrize(("steps", "guidance"), [(4, 4.0), (3, 1.0)])
+def test_sampler_equals_wan_pipeline(wan_dir, pipe, steps, guidance):
+    noise, latents = ours(wan_dir, steps, guidance)
+    expected = pipeline_latents(pipe, noise, steps, guidance)
+    assert latents.shape == expected.shape == (1, 16, 2, 4, 4)
+    assert (latents - noise).abs().max() > 100 * TOLERANCE  # sampling moved the latents
+    torch.testing.assert_close(latents, expected, atol=TOLERANCE, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def trained(wan_dir, tmp_path_factory):
+    """rollout -> score -> pairs -> train -> merge on the tiny Wan model, through the CLI."""
+    root = tmp_path_factory.mktemp("wan-run")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(TRAIN_PROMPTS) + "\n")
+    rewards = root / "rewards.yaml"
+    rewards.write_text(yaml.safe_dump({"scorers": {"brightness": {"weight": 1.0}}, "device": "cpu"}))
+    store, pairs, run, merged = root / "store", root / "pairs", root / "run", root / "merged"
+    commands = [
+        ["rollout", "--model", wan_dir, "--prompts", prompts, "--out", store, "--frames", "5", "--height", "32",
+         "--width", "32", "--steps", "2", "--guidance", "3", "--samples-per-prompt", "2", "--batch-size", "2",
+         "--save-frames", "2", "--dtype", "fp32"],
+        ["score", "--store", store, "--config", rewards],
+        ["pairs", "--store", store, "--out", pairs, "--min-margin", "0"],
+        ["train", "--pairs", pairs, "--output-dir", run, "--dtype", "fp32", "--mixed-precision", "no",
+         "--lora-rank", "4", "--lora-alpha", "8", "--report-to", "none", "--no-gradient-checkpointing",
+         "--max-steps", "3", "--learning-rate", "0.01", "--batch-size", "2"],
+        ["merge", "--model", wan_dir, "--adapter", run / "adapter", "--out", merged],
+    ]
+    for command in commands:
+        assert main([str(a) for a in command]) == 0, command[0]
+    return store, run / "adapter", merged
+
+
+def test_cli_pipeline_runs_on_wan(trained):
+    from rollouts.store import RolloutStore
+
+    store, adapter, _ = trained
+    store = RolloutStore(store)
+    assert store.settings["family"] == "wan2.1"
+    embeds = store.load_embeds("p00000")
+    assert embeds.pooled is None and embeds.prompt_embeds.shape == (1, 512, 32)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(family_for(store.settings["model"]).lora_targets)
+    assert json.loads((adapter / "base_model.json").read_text())["family"] == "wan2.1"
+
+
+def test_merged_and_exported_lora_sample_base_plus_adapter_in_wan_pipeline(wan_dir, trained):
+    from diffusers import WanPipeline
+
+    _, adapter, merged = trained
+    noise, base = ours(wan_dir, 3, 4.0)
+    _, adapted = ours(wan_dir, 3, 4.0, adapter=str(adapter))
+    assert (adapted - base).abs().max() > 100 * TOLERANCE  # the adapter changes the samples
+
+    merged_pipe = WanPipeline.from_pretrained(merged, dtype=torch.float32)
+    merged_pipe.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(pipeline_latents(merged_pipe, noise, 3, 4.0), adapted, atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(ours(merged, 3, 4.0)[1], adapted, atol=TOLERANCE, rtol=0)
+
+    lora_pipe = WanPipeline.from_pretrained(wan_dir, dtype=torch.float32)
+    lora_pipe.set_progress_bar_config(disable=True)
+    lora_pipe.load_lora_weights(str(adapter))
+    torch.testing.assert_close(pipeline_latents(lora_pipe, noise, 3, 4.0), adapted, atol=TOLERANCE, rtol=0)
+
+
+def test_adapter_of_one_family_is_refused_by_another(trained, tiny_model_dir, tmp_path, capsys):
+    _, adapter, _ = trained
+    for command in (["generate", "--model", tiny_model_dir, "--adapter", adapter, "--prompt", "x",
+                     "--out", tmp_path / "x.mp4", "--frames", "5", "--height", "32", "--width", "32", "--steps", "1"],
+                    ["merge", "--model", tiny_model_dir, "--adapter", adapter, "--out", tmp_path / "merged"]):
+        code, _, err = call_cli(capsys, *command)
+        assert code == 2, err
+        line = err.strip()
+        assert "\n" not in line and "wan2.1" in line and "contentv" in line and "base_model.json" in line
+
+
+def test_a_folder_without_sampling_defaults_gets_its_familys(wan_dir, tiny_model_dir, tmp_path):
+    import shutil
+
+    from rlhf.model_defaults import defaults_for
+    from rlhf.options import VideoOptions
+
+    wan = shutil.copytree(wan_dir, tmp_path / "wan")
+    (wan / "sampling_defaults.json").unlink()
+    source, values = defaults_for(VideoOptions, {"model": str(wan)})
+    assert "wan2.1" in source and values == dict(family_for(wan).sampling_defaults)
+    assert values["negative_prompt"].startswith("Bright tones") and values["frames"] == 81
+    contentv = shutil.copytree(tiny_model_dir, tmp_path / "contentv")
+    (contentv / "sampling_defaults.json").unlink()
+    assert defaults_for(VideoOptions, {"model": str(contentv)}) is None  # the options' defaults are ContentV's
+
+
+def test_family_flag_names_a_registered_family(wan_dir, tmp_path, capsys):
+    base = ["generate", "--model", wan_dir, "--prompt", "x", "--out", tmp_path / "x.mp4", "--steps", "1",
+            "--frames", "5", "--height", "32", "--width", "32", "--dtype", "fp32"]
+    code, _, err = call_cli(capsys, *base, "--family", "wan9")
+    assert code == 2 and "family" in err and "contentv, wan2.1" in err
+    # Forcing another family's layout onto the folder names the first part that family needs and lacks.
+    code, _, err = call_cli(capsys, *base, "--family", "contentv")
+    assert code == 2 and "text_encoder_2: missing or empty" in err and "ContentVPipeline" in err
+    assert call_cli(capsys, *base, "--family", "wan2.1")[0] == 0
