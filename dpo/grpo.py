@@ -53,9 +53,10 @@ from dpo.rounds import load_parts, round_advantages, round_blocks, round_prompts
 from rewards.build import score_videos
 from rlhf import devices
 from rlhf.errors import UserError
+from rlhf.models.family import transformer_family
 from rlhf.progress import Progress
 from rlhf.prompts import prompt_id
-from rlhf.sampling import PromptEmbeds, euler_step, latent_shape, predict_velocity, sde_step_with_logprob
+from rlhf.sampling import PromptEmbeds, euler_step, predict_velocity, sde_step_with_logprob
 from rlhf.training import TrainingRun, step_generator
 
 logger = logging.getLogger("contentv-rlhf")
@@ -87,7 +88,7 @@ def sample_chunk(run: TrainingRun, parts: FrozenParts, config: GRPOConfig, round
     policy, device = run.unwrapped, run.device
     sigmas = parts.schedule.sigmas(config.steps)
     generators = [step_generator(config.seed, round_index, slot) for slot in slots]  # per video: any batching
-    shape = latent_shape(config.frames, config.height, config.width, policy.config.patch_size)
+    shape = transformer_family(policy).latent_shape(config.frames, config.height, config.width, policy.config)
     latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)  # (B, C, T, H, W)
     cond = parts.text.select(prompts).to(device, policy.dtype)
     uncond = parts.negative.to(device, policy.dtype) if parts.negative is not None else None

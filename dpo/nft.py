@@ -45,9 +45,10 @@ from dpo.rounds import load_parts, round_advantages, round_blocks, round_prompts
 from rewards.build import score_videos
 from rlhf import devices
 from rlhf.errors import UserError
+from rlhf.models.family import transformer_family
 from rlhf.progress import Progress
 from rlhf.prompts import prompt_id
-from rlhf.sampling import PromptEmbeds, denoise, latent_shape, predict_velocity
+from rlhf.sampling import PromptEmbeds, denoise, predict_velocity
 from rlhf.training import TrainingRun, step_generator
 
 logger = logging.getLogger("contentv-rlhf")
@@ -103,7 +104,7 @@ def sample_chunk(run: TrainingRun, parts: FrozenParts, config: NFTConfig, round_
                  prompts: list[int]) -> Chunk:
     """Sample videos `slots` with the model as it is (the ODE, CFG at `guidance`), decode and score them."""
     model, device = run.unwrapped, run.device
-    shape = latent_shape(config.frames, config.height, config.width, model.config.patch_size)
+    shape = transformer_family(model).latent_shape(config.frames, config.height, config.width, model.config)
     noise = torch.stack([torch.randn(shape, generator=step_generator(config.seed, round_index, slot))
                          for slot in slots]).to(device)  # per video: the same under any batching
     cond = parts.text.select(prompts).to(device, model.dtype)

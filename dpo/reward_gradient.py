@@ -39,6 +39,7 @@ from rewards.build import RewardNormalization, WeightedScorer, build_scorers, we
 from rewards.config import load_rewards_config
 from rlhf import devices
 from rlhf.errors import UserError
+from rlhf.models.family import transformer_family
 from rlhf.options import uses_guidance
 from rlhf.progress import Progress
 from rlhf.prompts import load_prompts, prompt_id
@@ -47,7 +48,6 @@ from rlhf.sampling import (
     FlowSchedule,
     PromptEmbeds,
     euler_step,
-    latent_shape,
     predict_velocity,
 )
 from rlhf.training import TrainingRun, step_generator
@@ -220,7 +220,8 @@ def calibrate_rewards(run: TrainingRun, parts: FrozenParts, config: RewardGradie
         for start in range(0, len(jobs), config.batch_size):
             chunk = jobs[start:start + config.batch_size]
             generators = [step_generator(config.seed, -2, start + i) for i in range(len(chunk))]
-            shape = latent_shape(config.frames, config.height, config.width, reference.config.patch_size)
+            shape = transformer_family(reference).latent_shape(config.frames, config.height, config.width,
+                                                                reference.config)
             noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
             frames = select_frames(config.decode_frames, config.frames, config.num_decode_frames, generators[0])
             cond = parts.text.select([p for p, _ in chunk]).to(device, reference.dtype)
@@ -291,7 +292,7 @@ def reward_gradient_step(run: TrainingRun, parts: FrozenParts, indices: list[int
     device, dtype = run.device, policy.dtype
     batch, prompts = len(indices), [parts.prompts[i] for i in indices]
     # 1. Noise and the decoded frames from the step's generator: a resumed run draws the same.
-    shape = latent_shape(config.frames, config.height, config.width, policy.config.patch_size)
+    shape = transformer_family(policy).latent_shape(config.frames, config.height, config.width, policy.config)
     noise = torch.randn((batch, *shape), generator=generator).to(device)  # (B, C, T, H, W)
     frames = select_frames(config.decode_frames, config.frames, config.num_decode_frames, generator)
     cond = parts.text.select(indices).to(device, dtype)

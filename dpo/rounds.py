@@ -54,7 +54,7 @@ class OnlineSettings(RoundSettings, Protocol):
 
 def load_parts(config: OnlineSettings, device: torch.device) -> FrozenParts:
     """Prompts, scorers, VAE and the prompt-embedding cache. Cheap checks first, big models last."""
-    from rlhf.models.loader import load_contentv
+    from rlhf.models.loader import load_model
 
     prompt_list = load_prompts(config.prompts)
     if prompt_list.report():
@@ -63,8 +63,8 @@ def load_parts(config: OnlineSettings, device: torch.device) -> FrozenParts:
     scorers = build_scorers(rewards)
     if not any(s.weight != 0 for s in scorers.values()):
         raise UserError(f"{config.rewards}: every scorer has weight 0; {config.method} needs a reward to optimise")
-    parts = load_contentv(config.model, dtype=config.dtype, device=device, vae_dtype=config.vae_dtype,
-                          load_transformer=False, max_sequence_length=config.max_sequence_length)
+    parts = load_model(config.model, dtype=config.dtype, device=device, vae_dtype=config.vae_dtype,
+                       load_transformer=False, max_sequence_length=config.max_sequence_length)
     encoder, parts.prompt_encoder = parts.prompt_encoder, None
     prompts = prompt_list.prompts
     text = PromptEmbeds.cat([encoder.encode(prompts[i:i + ENCODE_CHUNK]).to("cpu")

@@ -16,6 +16,7 @@ import torch
 from rlhf import devices
 from rlhf.base_model import check_adapter_base
 from rlhf.compiling import CompileTimer, compile_blocks
+from rlhf.errors import UserError
 from rlhf.lora import load_adapter
 from rlhf.models.loader import load_model
 from rlhf.options import ModelOptions, SamplingOptions
@@ -110,7 +111,10 @@ class VideoGenerator:
         progress: bool = True,
     ) -> torch.Tensor:
         """Denoise one video per seed; `cond` has one row per seed (or one row for all). float32, on CPU."""
-        shape = self.family.latent_shape(sampling.frames, sampling.height, sampling.width, self.transformer.config)
+        try:
+            shape = self.family.latent_shape(sampling.frames, sampling.height, sampling.width, self.transformer.config)
+        except ValueError as err:  # a size the options allow but this family's VAE and patch cannot take
+            raise UserError(f"{self.options.model}: {err}") from None
         noise = initial_noise(shape, seeds).to(self.device)  # (B, C, T, H, W)
         batch = len(seeds)
         cond = cond.to(self.device, self.dtype).expand(batch)

@@ -118,12 +118,12 @@ class ModelOptions:
     """Which checkpoint to load, onto which device, and the memory-saving switches."""
 
     model: str | None = option(
-        None, "Checkpoint directory (diffusers layout: ContentV or Wan2.1, docs/models.md). Make a tiny one with "
-        "`contentv-rlhf tiny-model DIR`. Its sampling_defaults.json, if any, replaces the sampling defaults shown "
-        "here (config and flags still win)."
+        None, "Checkpoint directory (diffusers layout: ContentV, Wan2.1 or Wan2.2 TI2V, docs/models.md). Make a tiny "
+        "one with `contentv-rlhf tiny-model DIR`. Its sampling_defaults.json, if any, replaces the sampling defaults "
+        "shown here (config and flags still win)."
     )
     family: str | None = option(
-        None, "Model family of `model`: contentv or wan2.1 (default: the one its model_index.json's pipeline class "
+        None, "Model family of `model`: contentv, wan2.1 or wan2.2-ti2v (default: the one its model_index.json "
         "names; docs/models.md).", check=family_name_problem
     )
     device: DeviceName = option("auto", "Device: auto picks npu (USE_ASCEND_NPU=1), then cuda, then cpu; "

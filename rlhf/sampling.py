@@ -150,11 +150,12 @@ def guided_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance_scale
 
 
 def latent_shape(frames: int, height: int, width: int, patch_size: int | Sequence[int] = 2,
-                 channels: int = LATENT_CHANNELS) -> tuple[int, int, int, int]:
-    """(C, T, H, W) of one sample's latents for a video of `frames` (4k + 1) x `height` x `width` through the Wan
-    VAE (4x temporal, 8x spatial). `patch_size` is the transformer's spatial patch, or its (t, h, w) patch."""
+                 channels: int = LATENT_CHANNELS, spatial_factor: int = VAE_SPATIAL_FACTOR) -> tuple[int, int, int, int]:
+    """(C, T, H, W) of one sample's latents for a video of `frames` (4k + 1) x `height` x `width` through a Wan
+    VAE (4x temporal, `spatial_factor` spatial: 8 for Wan2.1's, 16 for Wan2.2's). `patch_size` is the
+    transformer's spatial patch, or its (t, h, w) patch."""
     spatial_patch = patch_size if isinstance(patch_size, int) else max(patch_size[-2:])
-    multiple = VAE_SPATIAL_FACTOR * spatial_patch
+    multiple = spatial_factor * spatial_patch
     if height % multiple or width % multiple:
         raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
     if (frames - 1) % VAE_TEMPORAL_FACTOR:
@@ -162,8 +163,8 @@ def latent_shape(frames: int, height: int, width: int, patch_size: int | Sequenc
     return (
         channels,
         (frames - 1) // VAE_TEMPORAL_FACTOR + 1,
-        height // VAE_SPATIAL_FACTOR,
-        width // VAE_SPATIAL_FACTOR,
+        height // spatial_factor,
+        width // spatial_factor,
     )
 
 

@@ -1,4 +1,4 @@
-"""The Wan2.1 family on its tiny checkpoint, against diffusers' own `WanPipeline`.
+"""The Wan families (Wan2.1 T2V, Wan2.2 TI2V-5B) on their tiny checkpoints, against diffusers' own `WanPipeline`.
 
 - the folder `tiny-model --family wan2.1` writes is WanPipeline's: `WanPipeline.from_pretrained` loads it;
 - our sigmas, prompt embeddings and final latents equal WanPipeline's (fp32, same prompt, noise, steps, guidance);
@@ -6,6 +6,8 @@
   samples what base + adapter samples through our sampler, and the exported LoRA loads with
   `WanPipeline.load_lora_weights` and samples the same;
 - an adapter trained on Wan is refused by a ContentV base (exit 2, one line naming both families).
+Every test runs for both families (the module's `wan_dir` is parametrised): Wan2.2 TI2V differs in its VAE (48
+channels, 16x spatial) and in WanPipeline's `expand_timesteps` (one timestep per latent token).
 """
 
 import json
@@ -22,14 +24,18 @@ from rlhf.sampling import initial_noise
 from tests.conftest import TRAIN_PROMPTS, call_cli
 
 PROMPT, NEGATIVE = "a red ball rolls over the green grass", "blurry, static"
-SAMPLING = dict(frames=5, height=32, width=32)
+SAMPLING = dict(frames=5, height=64, width=64)  # multiples of 32: Wan2.2's VAE compresses 16x, its patch is 2
 TOLERANCE = 1e-4  # fp32 on CPU: the two paths differ by operation order only
 
 
-@pytest.fixture(scope="module")
-def wan_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wan") / "model"
-    assert main(["tiny-model", str(out), "--family", "wan2.1"]) == 0
+# family -> (latent channels, spatial compression) of its VAE
+VAES = {"wan2.1": (16, 8), "wan2.2-ti2v": (48, 16)}
+
+
+@pytest.fixture(scope="module", params=list(VAES))
+def wan_dir(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param) / "model"
+    assert main(["tiny-model", str(out), "--family", request.param]) == 0
     return out
 
 
@@ -65,8 +71,23 @@ def test_layout_is_wan_pipelines_and_the_family_is_read_from_it(wan_dir, tiny_mo
     assert index["_class_name"] == "WanPipeline"
     assert {"transformer", "vae", "text_encoder", "tokenizer", "scheduler"} <= index.keys()
     assert type(pipe.transformer).__name__ == "WanTransformer3DModel"
-    assert family_for(wan_dir).name == "wan2.1" and family_for(tiny_model_dir).name == "contentv"
-    assert transformer_family(pipe.transformer).name == "wan2.1"
+    family = family_for(wan_dir).name
+    assert index["expand_timesteps"] == (family == "wan2.2-ti2v")
+    assert transformer_family(pipe.transformer).name == family  # told apart by the transformer's channels
+    assert (pipe.vae.config.z_dim, pipe.vae.config.scale_factor_spatial) == VAES[family]
+    assert family_for(tiny_model_dir).name == "contentv"
+
+
+def test_two_expert_wan22_is_refused(wan_dir, tmp_path):
+    import shutil
+
+    from rlhf.errors import UserError
+
+    folder = shutil.copytree(wan_dir, tmp_path / "a14b")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 0.875}))
+    with pytest.raises(UserError, match="two-expert Wan2.2"):
+        family_for(folder)
 
 
 @pytest.mark.parametrize("steps", [1, 4, 50])
@@ -96,7 +117,8 @@ def test_prompt_embeddings_are_wan_pipelines(wan_dir, pipe):
 def test_sampler_equals_wan_pipeline(wan_dir, pipe, steps, guidance):
     noise, latents = ours(wan_dir, steps, guidance)
     expected = pipeline_latents(pipe, noise, steps, guidance)
-    assert latents.shape == expected.shape == (1, 16, 2, 4, 4)
+    channels, factor = VAES[family_for(wan_dir).name]
+    assert latents.shape == expected.shape == (1, channels, 2, 64 // factor, 64 // factor)
     assert (latents - noise).abs().max() > 100 * TOLERANCE  # sampling moved the latents
     torch.testing.assert_close(latents, expected, atol=TOLERANCE, rtol=0)
 
@@ -111,8 +133,8 @@ def trained(wan_dir, tmp_path_factory):
     rewards.write_text(yaml.safe_dump({"scorers": {"brightness": {"weight": 1.0}}, "device": "cpu"}))
     store, pairs, run, merged = root / "store", root / "pairs", root / "run", root / "merged"
     commands = [
-        ["rollout", "--model", wan_dir, "--prompts", prompts, "--out", store, "--frames", "5", "--height", "32",
-         "--width", "32", "--steps", "2", "--guidance", "3", "--samples-per-prompt", "2", "--batch-size", "2",
+        ["rollout", "--model", wan_dir, "--prompts", prompts, "--out", store, "--frames", "5", "--height", "64",
+         "--width", "64", "--steps", "2", "--guidance", "3", "--samples-per-prompt", "2", "--batch-size", "2",
          "--save-frames", "2", "--dtype", "fp32"],
         ["score", "--store", store, "--config", rewards],
         ["pairs", "--store", store, "--out", pairs, "--min-margin", "0"],
@@ -131,12 +153,12 @@ def test_cli_pipeline_runs_on_wan(trained):
 
     store, adapter, _ = trained
     store = RolloutStore(store)
-    assert store.settings["family"] == "wan2.1"
+    assert store.settings["family"] == family_for(store.settings["model"]).name
     embeds = store.load_embeds("p00000")
     assert embeds.pooled is None and embeds.prompt_embeds.shape == (1, 512, 32)
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == sorted(family_for(store.settings["model"]).lora_targets)
-    assert json.loads((adapter / "base_model.json").read_text())["family"] == "wan2.1"
+    assert json.loads((adapter / "base_model.json").read_text())["family"] == store.settings["family"]
 
 
 def test_merged_and_exported_lora_sample_base_plus_adapter_in_wan_pipeline(wan_dir, trained):
@@ -166,7 +188,8 @@ def test_adapter_of_one_family_is_refused_by_another(trained, tiny_model_dir, tm
         code, _, err = call_cli(capsys, *command)
         assert code == 2, err
         line = err.strip()
-        assert "\n" not in line and "wan2.1" in line and "contentv" in line and "base_model.json" in line
+        assert "\n" not in line and "contentv" in line and "base_model.json" in line
+        assert json.loads((adapter / "base_model.json").read_text())["family"] in line
 
 
 def test_a_folder_without_sampling_defaults_gets_its_familys(wan_dir, tiny_model_dir, tmp_path):
@@ -178,8 +201,11 @@ def test_a_folder_without_sampling_defaults_gets_its_familys(wan_dir, tiny_model
     wan = shutil.copytree(wan_dir, tmp_path / "wan")
     (wan / "sampling_defaults.json").unlink()
     source, values = defaults_for(VideoOptions, {"model": str(wan)})
-    assert "wan2.1" in source and values == dict(family_for(wan).sampling_defaults)
-    assert values["negative_prompt"].startswith("Bright tones") and values["frames"] == 81
+    family = family_for(wan)
+    assert family.name in source and values == dict(family.sampling_defaults)
+    assert values["negative_prompt"].startswith("Bright tones")
+    assert (values["frames"], values["height"], values["fps"]) == {"wan2.1": (81, 480, 16.0),
+                                                                  "wan2.2-ti2v": (121, 704, 24.0)}[family.name]
     contentv = shutil.copytree(tiny_model_dir, tmp_path / "contentv")
     (contentv / "sampling_defaults.json").unlink()
     assert defaults_for(VideoOptions, {"model": str(contentv)}) is None  # the options' defaults are ContentV's
@@ -187,10 +213,25 @@ def test_a_folder_without_sampling_defaults_gets_its_familys(wan_dir, tiny_model
 
 def test_family_flag_names_a_registered_family(wan_dir, tmp_path, capsys):
     base = ["generate", "--model", wan_dir, "--prompt", "x", "--out", tmp_path / "x.mp4", "--steps", "1",
-            "--frames", "5", "--height", "32", "--width", "32", "--dtype", "fp32"]
+            "--frames", "5", "--height", "64", "--width", "64", "--dtype", "fp32"]
     code, _, err = call_cli(capsys, *base, "--family", "wan9")
-    assert code == 2 and "family" in err and "contentv, wan2.1" in err
-    # Forcing another family's layout onto the folder names the first part that family needs and lacks.
+    assert code == 2 and "family" in err and "contentv, wan2.1, wan2.2-ti2v" in err
+    # Forcing another family's layout onto the folder names the first part that family needs and lacks...
     code, _, err = call_cli(capsys, *base, "--family", "contentv")
     assert code == 2 and "text_encoder_2: missing or empty" in err and "ContentVPipeline" in err
-    assert call_cli(capsys, *base, "--family", "wan2.1")[0] == 0
+    # ... or, for a family of the same layout, that the transformer is not that family's.
+    own = family_for(wan_dir).name
+    other = next(name for name in VAES if name != own)
+    code, _, err = call_cli(capsys, *base, "--family", other)
+    assert code == 2 and f"not a {other} transformer" in err and len(err.strip().splitlines()) == 1
+    assert call_cli(capsys, *base, "--family", own)[0] == 0
+
+
+def test_sizes_the_vae_cannot_take_are_refused(wan_dir, tmp_path, capsys):
+    # 48 pixels is a multiple of 16 (the options' rule) but not of 32 (Wan2.2's VAE x its patch).
+    code, _, err = call_cli(capsys, "generate", "--model", wan_dir, "--prompt", "x", "--out", tmp_path / "x.mp4",
+                            "--steps", "1", "--frames", "5", "--height", "48", "--width", "64", "--dtype", "fp32")
+    if family_for(wan_dir).name == "wan2.1":
+        assert code == 0, err
+    else:
+        assert code == 2 and "multiples of 32" in err and len(err.strip().splitlines()) == 1

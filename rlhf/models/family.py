@@ -33,9 +33,11 @@ if TYPE_CHECKING:  # torch is imported where used: rlhf.options reads FAMILIES a
 FAMILIES: dict[str, str] = {
     "contentv": "rlhf.models.contentv:ContentVFamily",
     "wan2.1": "rlhf.models.wan:Wan21Family",
+    "wan2.2-ti2v": "rlhf.models.wan:Wan22TI2VFamily",
 }
-# model_index.json `_class_name` -> family. Wan2.2 checkpoints also name WanPipeline; they are told apart by
-# `transformer_2` / `boundary_ratio` / `expand_timesteps` in the index, which this version refuses (not yet).
+# model_index.json `_class_name` -> family. Wan2.2 checkpoints also name WanPipeline: TI2V-5B sets
+# `expand_timesteps` (-> wan2.2-ti2v); the two-expert A14B models set `transformer_2` / `boundary_ratio`, which
+# this version refuses (not yet).
 PIPELINE_FAMILIES: dict[str, str] = {"ContentVPipeline": "contentv", "WanPipeline": "wan2.1"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -114,6 +116,11 @@ class ModelFamily(abc.ABC):
     def transformer_class(self) -> type[torch.nn.Module]:
         """The transformer's class (imported on demand)."""
 
+    def claims_transformer(self, transformer_config: Mapping[str, Any]) -> bool:
+        """Whether a transformer of this family's class with this config is this family's (families that share a
+        transformer class tell theirs apart by its config; default: every one)."""
+        return True
+
     def read_transformer_config(self, path: Path) -> dict[str, Any]:
         """The transformer's init arguments (class defaults + its config.json) without loading weights."""
         import inspect
@@ -123,8 +130,8 @@ class ModelFamily(abc.ABC):
             stored = json.loads(config_file.read_text())
         except (OSError, ValueError) as err:
             raise UserError(f"{config_file}: not readable JSON ({one_line(err)})") from None
-        defaults = {name: p.default for name, p in inspect.signature(self.transformer_class().__init__).parameters.items()
-                    if name not in ("self", "args", "kwargs")}
+        parameters = inspect.signature(self.transformer_class().__init__).parameters
+        defaults = {name: p.default for name, p in parameters.items() if name not in ("self", "args", "kwargs")}
         return {**defaults, **{k: v for k, v in stored.items() if k in defaults}}
 
     def schedule(self, path: Path) -> FlowSchedule:
@@ -217,16 +224,17 @@ def family_for(path: str | Path, family: str | None = None) -> ModelFamily:
     if pipeline not in PIPELINE_FAMILIES:
         raise UserError(f"{Path(path) / 'model_index.json'}: _class_name {pipeline!r} is not a supported pipeline "
                         f"(expected one of {', '.join(PIPELINE_FAMILIES)}; or name the family with --family)")
-    if pipeline == "WanPipeline" and (index.get("transformer_2") not in (None, [None, None])
-                                      or index.get("boundary_ratio") is not None or index.get("expand_timesteps")):
-        raise UserError(f"{Path(path) / 'model_index.json'}: a Wan2.2 checkpoint (transformer_2, boundary_ratio or "
-                        "expand_timesteps set); Wan2.2 is not supported yet (docs/models.md)")
+    if pipeline == "WanPipeline":
+        if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
+            raise UserError(f"{Path(path) / 'model_index.json'}: a two-expert Wan2.2 checkpoint (transformer_2, "
+                            "boundary_ratio); only Wan2.1 and Wan2.2 TI2V-5B are supported yet (docs/models.md)")
+        if index.get("expand_timesteps"):
+            return family_named("wan2.2-ti2v")
     return family_named(PIPELINE_FAMILIES[pipeline])
 
 
-def transformer_family(model: torch.nn.Module) -> ModelFamily:
-    """The family of a loaded transformer, from its class (wrappers are looked through: DDP's and DeepSpeed's
-    `.module`, torch.compile's `_orig_mod`, peft's `PeftModel`)."""
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer inside DDP's and DeepSpeed's `.module`, torch.compile's `_orig_mod` and peft's `PeftModel`."""
     import torch
 
     inner = model
@@ -235,10 +243,17 @@ def transformer_family(model: torch.nn.Module) -> ModelFamily:
     inner = getattr(inner, "_orig_mod", inner)  # torch.compile of the whole model
     if callable(getattr(inner, "get_base_model", None)):  # a peft PeftModel
         inner = inner.get_base_model()
+    return inner
+
+
+def transformer_family(model: torch.nn.Module) -> ModelFamily:
+    """The family of a loaded transformer, from its class (through the wrappers `unwrap` looks through) and, where
+    families share a class, its config (`ModelFamily.claims_transformer`)."""
+    inner = unwrap(model)
     names = {cls.__name__ for cls in type(inner).__mro__}  # FSDP2 subclasses the model's class
     for name in FAMILIES:
         family = family_named(name)
-        if family.transformer_class_name in names:
+        if family.transformer_class_name in names and family.claims_transformer(getattr(inner, "config", {})):
             return family
     raise TypeError(f"{type(inner).__name__} is not the transformer of a known model family ({', '.join(FAMILIES)})")
 

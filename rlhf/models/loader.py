@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from rlhf import devices
+from rlhf.errors import UserError
 from rlhf.models.family import ModelFamily, PromptEncoding, family_for
 from rlhf.sampling import FlowSchedule
 
@@ -92,6 +93,9 @@ def load_model(
     components = ModelComponents(path=path, family=model_family, schedule=model_family.schedule(path))
     if load_transformer:
         transformer = model_family.load_transformer(path, dtype)
+        if not model_family.claims_transformer(transformer.config):  # e.g. --family naming a sibling family
+            raise UserError(f"{path / 'transformer'}: not a {model_family.name} transformer (its config does not fit "
+                            f"the family: {model_family.layout_hint}); check --family")
         model_family.use_device_attention(transformer, device)
         quantize_transformer(transformer, quantize, device=device)
         components.transformer = transformer.to(device).eval().requires_grad_(False)

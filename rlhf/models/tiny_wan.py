@@ -1,10 +1,13 @@
-"""A tiny, randomly initialised Wan2.1 checkpoint in `WanPipeline`'s exact folder layout, built offline.
+"""A tiny, randomly initialised Wan2.1 (or Wan2.2 TI2V) checkpoint in `WanPipeline`'s exact folder layout, built
+offline.
 
 The folder is written by `WanPipeline.save_pretrained`, so `WanPipeline.from_pretrained` loads it as it loads a
 Wan2.1 release (model_index.json lists every component, `transformer_2` empty). Components are the real
 classes at toy sizes: `WanTransformer3DModel` (2 blocks, 2 heads x 12), a 2-layer `UMT5EncoderModel` with a
 character-level T5 tokenizer written offline (rlhf/models/tiny.py), the tiny Wan VAE that the tiny ContentV
-model uses, and a shifted `FlowMatchEulerDiscreteScheduler` (WanPipeline's declared scheduler).
+model uses, and a shifted `FlowMatchEulerDiscreteScheduler` (WanPipeline's declared scheduler). The Wan2.2 TI2V
+variant (`wan2.2-ti2v`) sets the pipeline's `expand_timesteps` and uses a tiny Wan2.2 VAE (48 latent channels,
+16x spatial: a 2x2 patchify around a residual 8x VAE), with the transformer's channels to match.
 """
 
 from __future__ import annotations
@@ -38,10 +41,18 @@ TINY_UMT5_CONFIG: dict[str, Any] = dict(
 )
 TINY_WAN_SAMPLING_DEFAULTS: dict[str, Any] = dict(frames=9, height=64, width=64, steps=8, guidance=4.0,
                                                   shift=3.0, fps=8.0)
+# Wan2.2's VAE at minimum width: residual blocks, 12 = 3 x 2 x 2 patchified input channels, 48 latent channels. Its
+# latents_mean / std are those of a trained VAE; a random one keeps 0 / 1 (the test compares normalised latents).
+TINY_WAN22_VAE_CONFIG: dict[str, Any] = dict(
+    base_dim=16, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1, is_residual=True, in_channels=12,
+    out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.0] * 48,
+    latents_std=[1.0] * 48,
+)
 
 
-def write_tiny_wan(root: Path, seed: int) -> None:
-    """Write the tiny Wan2.1 checkpoint into the empty folder `root` (each component seeded on its own)."""
+def write_tiny_wan(root: Path, seed: int, ti2v: bool = False) -> None:
+    """Write the tiny Wan2.1 checkpoint (Wan2.2 TI2V with `ti2v`) into the empty folder `root` (each component
+    seeded on its own)."""
     from diffusers import (
         AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
@@ -59,13 +70,14 @@ def write_tiny_wan(root: Path, seed: int) -> None:
     torch.manual_seed(_component_seed(seed, 0))
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=vocab_size, **TINY_UMT5_CONFIG)).eval()
     torch.manual_seed(_component_seed(seed, 1))
-    vae = AutoencoderKLWan(**TINY_VAE_CONFIG)
-    transformer = WanTransformer3DModel(**TINY_WAN_TRANSFORMER_CONFIG)
+    vae = AutoencoderKLWan(**(TINY_WAN22_VAE_CONFIG if ti2v else TINY_VAE_CONFIG))
+    channels = dict(in_channels=48, out_channels=48) if ti2v else {}
+    transformer = WanTransformer3DModel(**{**TINY_WAN_TRANSFORMER_CONFIG, **channels})
     # The tiny ContentV transformer's init (tiny._reinit_): outputs clearly depend on the latents and the prompt.
     _reinit_(transformer, torch.Generator().manual_seed(_component_seed(seed, 2)))
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=TINY_WAN_SAMPLING_DEFAULTS["shift"])
-    WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                transformer=transformer).save_pretrained(root, safe_serialization=True)
+    WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer,
+                expand_timesteps=ti2v).save_pretrained(root, safe_serialization=True)
     for path in sorted(staging.iterdir()):
         path.unlink()
     staging.rmdir()

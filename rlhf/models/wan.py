@@ -25,7 +25,7 @@ import torch
 
 from rlhf.errors import UserError
 from rlhf.models.contentv import decode_wan_vae, load_component
-from rlhf.models.family import ModelFamily, PromptEncoding
+from rlhf.models.family import ModelFamily, PromptEncoding, unwrap
 from rlhf.sampling import FlowSchedule, PromptEmbeds, latent_shape
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # WanPipeline's
@@ -83,11 +83,18 @@ class Wan21Family(ModelFamily):
     sampling_defaults = dict(frames=81, height=480, width=832, steps=50, guidance=5.0,
                              negative_prompt=NEGATIVE_PROMPT, fps=16.0)
     sigma_spacing = "scheduler_default"
+    # The VAE: Wan2.1's has 16 latent channels and 8x spatial compression. Families sharing
+    # WanTransformer3DModel are told apart by the transformer's out_channels (= the VAE's latent channels).
+    vae_latent_channels = 16
+    vae_spatial_factor = 8
 
     def transformer_class(self) -> type[torch.nn.Module]:
         from diffusers import WanTransformer3DModel
 
         return WanTransformer3DModel
+
+    def claims_transformer(self, transformer_config: Mapping[str, Any]) -> bool:
+        return transformer_config.get("out_channels", 16) == self.vae_latent_channels
 
     def schedule(self, path: Path) -> FlowSchedule:
         import json
@@ -140,7 +147,8 @@ class Wan21Family(ModelFamily):
         patch = tuple(transformer_config["patch_size"])  # (t, h, w)
         if patch[0] != 1:
             raise ValueError(f"a temporal patch of {patch[0]} is not supported (Wan2.1's is 1)")
-        return latent_shape(frames, height, width, patch, transformer_config["in_channels"])
+        return latent_shape(frames, height, width, patch, transformer_config["out_channels"],
+                            spatial_factor=self.vae_spatial_factor)
 
     def decode(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
         return decode_wan_vae(vae, latents)
@@ -149,3 +157,24 @@ class Wan21Family(ModelFamily):
         from diffusers import WanPipeline
 
         return WanPipeline
+
+
+class Wan22TI2VFamily(Wan21Family):
+    """Wan2.2 TI2V-5B as a text-to-video model: WanPipeline with `expand_timesteps` (one timestep per latent token)
+    and the Wan2.2 VAE (48 latent channels, 16x spatial compression with its own 2x2 patchify inside)."""
+
+    name = "wan2.2-ti2v"
+    vae_latent_channels = 48
+    vae_spatial_factor = 16
+    # WanPipeline's text-to-video settings for TI2V-5B (the Wan2.2 model card): 121 frames of 704x1280 at 24 fps.
+    sampling_defaults = dict(frames=121, height=704, width=1280, steps=50, guidance=5.0,
+                             negative_prompt=NEGATIVE_PROMPT, fps=24.0)
+
+    def velocity(self, model: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
+                 text: PromptEmbeds) -> torch.Tensor:
+        # WanPipeline's expand_timesteps gives every latent token of a text-to-video sample the same timestep
+        # (its mask is all ones): (B,) -> (B, T * H/2 * W/2), the per-token modulation path of the transformer.
+        frames, height, width = latents.shape[2:]
+        patch = unwrap(model).config.patch_size
+        tokens = frames // patch[0] * (height // patch[1]) * (width // patch[2])
+        return super().velocity(model, latents, timestep[:, None].expand(-1, tokens), text)
