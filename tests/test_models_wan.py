@@ -235,3 +235,25 @@ def test_sizes_the_vae_cannot_take_are_refused(wan_dir, tmp_path, capsys):
         assert code == 0, err
     else:
         assert code == 2 and "multiples of 32" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("config", "sizes"), [
+    ("grpo.yaml", dict(max_steps=2, group_size=2, prompts_per_round=1)),
+    ("nft.yaml", dict(max_steps=2, group_size=2, prompts_per_round=1)),
+    ("reward_gradient.yaml", dict(max_steps=1, gradient_accumulation_steps=1, num_decode_frames=2)),
+])
+def test_online_trainers_train_a_wan_adapter(wan_dir, tmp_path, config, sizes):
+    """The shipped online-trainer configs, sized down, train on the Wan model through the interface alone."""
+    from safetensors.torch import load_file
+
+    from tests.test_configs import as_run, run
+
+    out = tmp_path / "run"
+    run("train", "--config", as_run(config, tmp_path, model=str(wan_dir), output_dir=str(out), frames=5,
+                                    height=64, width=64, steps=2, **sizes))
+    family = family_for(wan_dir)
+    assert json.loads((out / "adapter" / "base_model.json").read_text())["family"] == family.name
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == sorted(family.lora_targets)
+    lora_b = [v for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k]
+    assert lora_b and any(v.abs().max() > 0 for v in lora_b)  # trained away from the zero init

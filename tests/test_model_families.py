@@ -1,0 +1,112 @@
+"""The model-family interface itself: the registry, how a folder and a loaded transformer find their family,
+conditioning without pooled features, and that the family-free parts of the toolkit name no family."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.errors import UserError
+from rlhf.models.family import FAMILIES, PIPELINE_FAMILIES, family_for, family_named, transformer_family
+from rlhf.sampling import FlowSchedule, PromptEmbeds
+from tests.conftest import REPO
+
+# Where no family may be named: the trainers, the rollout store, the rewards, the sampler and the training run.
+FAMILY_FREE = ["dpo", "rollouts", "rewards", "rlhf/generation.py", "rlhf/training.py", "rlhf/evaluation.py"]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    from rlhf.models.tiny import TINY_FAMILIES, build_tiny_model
+
+    dirs = {"contentv": tiny_model_dir}
+    for name in TINY_FAMILIES:
+        if name != "contentv":
+            dirs[name] = build_tiny_model(tmp_path_factory.mktemp(name) / "model", family=name)
+    return dirs
+
+
+def test_every_registered_family_loads_and_has_a_tiny_model(model_dirs):
+    assert set(model_dirs) == set(FAMILIES)
+    assert set(PIPELINE_FAMILIES.values()) <= set(FAMILIES)
+    for name, folder in model_dirs.items():
+        family = family_named(name)
+        assert family.name == name and family_for(folder) is family
+        assert set(family.sampling_defaults) == {"frames", "height", "width", "steps", "guidance",
+                                                 "negative_prompt", "fps"}
+        assert family.lora_targets
+
+
+def component_classes(folder: Path) -> set[str]:
+    """The class names of a checkpoint's components: model_index.json's and each subfolder config's."""
+    index = json.loads((folder / "model_index.json").read_text())
+    names = {spec[1] for spec in index.values() if isinstance(spec, list) and spec[1]} | {index["_class_name"]}
+    for config in folder.glob("*/config.json"):
+        names.add(json.loads(config.read_text()).get("_class_name"))
+        names.update(json.loads(config.read_text()).get("architectures") or [])
+    return {n for n in names if n} - {"FlowMatchEulerDiscreteScheduler"}  # the shared flow scheduler
+
+
+def test_family_free_code_names_no_family_class(model_dirs):
+    forbidden = set().union(*(component_classes(folder) for folder in model_dirs.values()))
+    forbidden |= {family_named(name).lora_pipeline().__name__ for name in FAMILIES} | {"load_contentv"}
+    assert {"SD3Transformer3DModel", "WanTransformer3DModel", "UMT5EncoderModel", "AutoencoderKLWan"} <= forbidden
+    files = [p for entry in FAMILY_FREE for p in ([REPO / entry] if entry.endswith(".py")
+                                                   else sorted((REPO / entry).rglob("*.py")))]
+    found = [f"{path.relative_to(REPO)}: {name}" for path in files for name in sorted(forbidden)
+             if name in path.read_text()]
+    assert not found, found
+
+
+def test_a_folder_of_an_unknown_pipeline_is_one_line(model_dirs, tmp_path):
+    folder = shutil.copytree(model_dirs["wan2.1"], tmp_path / "m")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "HunyuanVideoPipeline"}))
+    with pytest.raises(UserError, match="'HunyuanVideoPipeline' is not a supported pipeline .*--family"):
+        family_for(folder)
+    with pytest.raises(UserError, match="unknown model family 'hunyuan'"):
+        family_for(folder, "hunyuan")
+    assert family_for(folder, "wan2.1").name == "wan2.1"  # --family overrides the index
+
+
+def test_a_transformer_is_recognised_through_wrappers(model_dirs):
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf.models.loader import load_model
+
+    for name, folder in model_dirs.items():
+        transformer = load_model(folder, dtype="fp32", load_vae=False, load_text_encoders=False).transformer
+        assert transformer_family(transformer).name == name
+        assert transformer_family(torch.compile(transformer)).name == name  # OptimizedModule._orig_mod
+        wrapped = get_peft_model(transformer, LoraConfig(r=2, target_modules=list(family_named(name).lora_targets)))
+        assert transformer_family(wrapped).name == name
+    with pytest.raises(TypeError, match="Linear is not the transformer of a known model family"):
+        transformer_family(torch.nn.Linear(2, 2))
+
+
+def test_conditioning_without_pooled_features():
+    tokens = torch.randn(2, 5, 4)
+    text = PromptEmbeds(tokens, None)
+    assert text.select(1).pooled is None and torch.equal(text.select(1).prompt_embeds, tokens[1:])
+    assert PromptEmbeds.cat([text, text]).prompt_embeds.shape == (4, 5, 4)
+    assert text.select(0).expand(3).prompt_embeds.shape == (3, 5, 4)
+    assert text.to("cpu", torch.float64).prompt_embeds.dtype == torch.float64
+    with pytest.raises(ValueError, match="with and without pooled"):
+        PromptEmbeds.cat([text, PromptEmbeds(tokens, torch.randn(2, 3))])
+
+
+def test_sigma_spacings_are_the_schedulers(tmp_path):
+    """`to_zero` is what ContentV passes as `sigmas=`; `scheduler_default` is `set_timesteps(steps)` alone."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    for shift in (1.0, 3.0, 7.0):
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        scheduler.set_timesteps(7)
+        torch.testing.assert_close(FlowSchedule(shift, spacing="scheduler_default").sigmas(7), scheduler.sigmas,
+                                   atol=1e-6, rtol=0)
+        scheduler.set_timesteps(sigmas=torch.linspace(1, 0, 8)[:-1].tolist())
+        torch.testing.assert_close(FlowSchedule(shift).sigmas(7), scheduler.sigmas, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="spacing"):
+        FlowSchedule(spacing="karras")
