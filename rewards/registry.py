@@ -21,6 +21,7 @@ SCORERS: dict[str, str] = {
     "colorfulness": "rewards.analytic:ColorfulnessScorer",
     "frame_diff_motion": "rewards.analytic:FrameDiffMotionScorer",
     "vlm_judge": "rewards.vlm_judge:VlmJudgeScorer",
+    "videoreward": "rewards.videoreward:VideoRewardScorer",
     "world_oracle": "rlhf.world.metrics:OracleScorer",  # ground truth of the shapes world (eval only)
 }
 
