@@ -53,17 +53,18 @@ def score_videos(scorers: Mapping[str, WeightedScorer], frames: torch.Tensor, pr
                  batch_size: int = 8) -> dict[str, torch.Tensor]:
     """Score `(N, T, 3, H, W)` videos in [0, 1] with every scorer, `batch_size` at a time.
 
-    Each chunk is moved to its scorer's device. Returns `{name: (N,) float32 on the CPU}`.
+    Each chunk is moved to its scorer's device, and every scorer scores a chunk before the next chunk (scorers
+    sharing a model, as `videoreward`'s dimensions, then reuse its forward pass). Returns `{name: (N,) float32 on
+    the CPU}`.
     """
     if len(prompts) != frames.shape[0]:
         raise ValueError(f"expected {frames.shape[0]} prompts, got {len(prompts)}")
-    scores = {}
-    for name, (scorer, _) in scorers.items():
-        device = scorer.device or frames.device
-        chunks = [scorer(frames[i:i + batch_size].to(device), list(prompts[i:i + batch_size])).cpu()
-                  for i in range(0, frames.shape[0], batch_size)]
-        scores[name] = torch.cat(chunks)
-    return scores
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in scorers}
+    for i in range(0, frames.shape[0], batch_size):
+        for name, (scorer, _) in scorers.items():
+            device = scorer.device or frames.device
+            chunks[name].append(scorer(frames[i:i + batch_size].to(device), list(prompts[i:i + batch_size])).cpu())
+    return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
 class RewardNormalization(NamedTuple):

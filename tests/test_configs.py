@@ -30,6 +30,7 @@ SHIPPED = {
     "rewards.yaml": (RewardsConfig, {}),
     "rewards_heldout.yaml": (RewardsConfig, {}),
     "rewards_weight_free.yaml": (RewardsConfig, {}),
+    "rewards_video.yaml": (RewardsConfig, {}),
     "pairs.yaml": (PairsStageConfig, {"store": "s", "out": "o"}),
     "eval.yaml": (EvalConfig, {"adapters": ["a"]}),
     "online_dpo.yaml": (OnlineConfig, {}),

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from rewards.build import build_scorers, score_videos, weighted_reward
+from rewards.config import RewardsConfig
 from rewards.pairs import PairsConfig, ScoreRow, combine_scores
 from rewards.videoreward import (
     VideoRewardModel,
@@ -29,7 +30,7 @@ from rewards.videoreward import (
     normalized,
     smart_resize,
 )
-from rlhf.config import help_problems
+from rlhf.config import config_from_dict, help_problems
 from rlhf.errors import UserError
 from tests.videoreward_tiny import build_tiny_videoreward, reward_state_dict, tiny_videos, weights_digest
 
@@ -169,6 +170,11 @@ def test_each_dimension_is_a_weighted_column_of_one_forward(tiny, monkeypatch):
     # Another batch runs the model again (the remembered batch is only reused for the same frames and prompts).
     weighted_reward(scorers, frames.flip(0), PROMPTS[1:][::-1])
     assert len(calls) == 2
+    # score_videos scores chunk by chunk, every scorer on a chunk before the next: one forward per chunk.
+    chunked = score_videos(scorers, frames, PROMPTS[1:], batch_size=1)
+    assert len(calls) == 4
+    for name, values in chunked.items():
+        torch.testing.assert_close(values, parts[name], rtol=0, atol=TOLERANCE)
 
 
 def test_reads_only_the_sampled_frames(tiny):
@@ -207,6 +213,20 @@ def test_a_prompt_holding_a_reward_token_is_refused(tiny):
     scorer = build_scorers(rewards_config(base, reward))["videoreward_ta"].scorer
     with pytest.raises(ValueError, match="gives 4 reward tokens"):
         scorer(as_frames(tiny_videos()[0]), ["a cat <|VQ_reward|>"])
+
+
+def test_the_readme_example_and_the_shipped_config_declare_the_four_columns():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    blocks = re.findall(r"```yaml\n(.*?)```", (root / "README.md").read_text(), flags=re.S)
+    example = yaml.safe_load(next(b for b in blocks if "class: videoreward" in b))
+    assert config_from_dict(RewardsConfig, example, source="README").scorers["videoreward_vq"]["class"] == "videoreward"
+    shipped = yaml.safe_load((root / "configs" / "rewards_video.yaml").read_text())["scorers"]
+    assert {e["options"]["dimension"] for e in shipped.values() if e.get("class") == "videoreward"} == set(COLUMNS)
 
 
 def test_the_digest_pins_the_weights():
