@@ -5,8 +5,10 @@ same initial noise; every reward scores every video. Per reward and candidate: m
 with a bootstrap 95% CI, and win / tie / loss rates against the base. `trained` rewards are the ones the
 adapter was optimised for (their weighted sum is reported as `combined`); `held_out` rewards were not
 trained on; `truth` metrics are ground truth the rewards never see (the shapes world's oracle, or a user's
-own scorer of the same interface). A trained reward that rises while a held-out reward or a ground-truth
-metric falls is flagged as possible reward hacking.
+own scorer of the same interface); `vbench` dimensions are VBench's formulas (`rlhf.vbench`: subject and
+background consistency, temporal flickering, dynamic degree, aesthetic quality) on the same videos, compared the
+same way. A trained reward that rises while a held-out reward, a ground-truth metric or a VBench dimension falls
+(95% CIs excluding zero: `hacking_warning`) is flagged as possible reward hacking.
 Writes `eval.json` (+ the mp4s of `save_videos` prompts per model for the report, every seed, the prompts
 spread over the prompt groups: `rlhf.report_inputs.spread_prompts`) and returns it.
 """
@@ -31,6 +33,8 @@ COMBINED = "combined"
 BASE = "base"
 MAX_EVAL_SEEDS = 100_000  # seeds per prompt; far beyond any evaluation budget
 MAX_BOOTSTRAP_RESAMPLES = 1_000_000  # each resample holds a copy of the paired differences
+VBENCH_FIELDS = ("vbench_dino", "vbench_dino_heads", "vbench_clip", "vbench_clip_large", "vbench_aesthetic_head",
+                 "vbench_raft")
 
 
 @dataclass
@@ -66,6 +70,22 @@ class EvalConfig(ModelOptions, VideoOptions):
     bootstrap_resamples: int = option(
         2000, f"Bootstrap resamples for the confidence intervals (1..{MAX_BOOTSTRAP_RESAMPLES})."
     )
+    vbench: list[str] = option(
+        [], "VBench dimensions reported beside the rewards (VBench's formulas, models from local weights), "
+        "comma-separated: subject_consistency, background_consistency, temporal_flickering, dynamic_degree, "
+        "aesthetic_quality (motion_smoothness and imaging_quality are not supported: README 'VBench dimensions').")
+    vbench_dino: str | None = option(None, "DINO ViT-B/16 weights for subject_consistency "
+                                           "(dino_vitbase16_pretrain.pth).")
+    vbench_dino_heads: int | None = option(None, "Attention heads of the DINO ViT (default: width / 64, as every "
+                                                 "DINO ViT).")
+    vbench_clip: str | None = option(None, "OpenAI CLIP ViT-B/32 weights for background_consistency (ViT-B-32.pt, "
+                                           "TorchScript or state dict).")
+    vbench_clip_large: str | None = option(None, "OpenAI CLIP ViT-L/14 weights for aesthetic_quality (ViT-L-14.pt, "
+                                                 "TorchScript or state dict).")
+    vbench_aesthetic_head: str | None = option(None, "LAION v1 aesthetic head for aesthetic_quality "
+                                                     "(sa_0_4_vit_l_14_linear.pth).")
+    vbench_raft: str | None = option(None, "RAFT-large weights for dynamic_degree: VBench's raft-things.pth or "
+                                           "torchvision's raft_large_C_T_V1-22a6c225.pth.")
 
     def __post_init__(self) -> None:
         ModelOptions.__post_init__(self)
@@ -85,6 +105,25 @@ class EvalConfig(ModelOptions, VideoOptions):
         in_range("tie_tolerance", self.tie_tolerance, 0, math.inf)
         # Checked here: the statistics run only after every video has been generated.
         in_range("bootstrap_resamples", self.bootstrap_resamples, 1, MAX_BOOTSTRAP_RESAMPLES)
+        self._check_vbench()
+
+    def _check_vbench(self) -> None:
+        from rlhf.vbench import WEIGHT_FIELDS, unknown_dimension_problem
+
+        if problem := unknown_dimension_problem(self.vbench):
+            raise ConfigError("vbench", problem)
+        for name, dimensions in WEIGHT_FIELDS.items():
+            needed_by = [d for d in dimensions if d in self.vbench]
+            if needed_by and not getattr(self, name):
+                raise ConfigError(name, f"is required by vbench dimension {needed_by[0]}")
+        if self.vbench_dino_heads is not None and self.vbench_dino_heads < 1:
+            raise ConfigError("vbench_dino_heads", f"must be >= 1, got {self.vbench_dino_heads}")
+        # VBench's RAFT divides by zero on correlation levels of 1 px: frames padded to multiples of 8 must be
+        # at least 128 px on each side (torchvision's RAFT refuses smaller ones).
+        padded = min(self.height + (-self.height) % 8, self.width + (-self.width) % 8)
+        if "dynamic_degree" in self.vbench and padded < 128:
+            raise ConfigError("vbench", f"dynamic_degree needs frames of at least 128 x 128 pixels (RAFT), got "
+                                        f"{self.height} x {self.width}")
 
 
 def _build_rewards(path: str | None, field: str) -> dict:
@@ -107,6 +146,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     from rlhf.prompts import load_prompts
     from rlhf.report_inputs import spread_prompts
     from rlhf.stats import compare_paired
+    from rlhf.vbench import build_dimensions, vbench_frames
     from rlhf.video import to_uint8_frames, write_mp4
 
     out = check_output(config.out, field="field 'out'", kind=EVAL_RESULTS, overwrite=config.overwrite, inputs={
@@ -128,10 +168,16 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         raise UserError(f"{config.ground_truth}: scorer name(s) {overlap} also appear in the held-out rewards "
                         f"{config.held_out_rewards}; give each metric one name")
     scorers = {**trained, **held_out, **truth}
+    clash = sorted(set(scorers) & set(config.vbench))
+    if clash:
+        raise UserError(f"field 'vbench': {clash} is also the name of a reward; rename the reward")
+    dimensions = build_dimensions(config.vbench, fps=config.fps, **{f: getattr(config, f) for f in VBENCH_FIELDS})
 
     for path in config.adapters:  # before any video: an adapter trained on another base is refused
         check_adapter_base(path, config.model, family=config.family)
     generator = VideoGenerator(config, max_sequence_length=config.max_sequence_length)
+    for dimension in dimensions.values():
+        dimension.to(generator.device)
     candidates = {f"candidate{i}": str(Path(path)) for i, path in enumerate(config.adapters)}
     for name, path in candidates.items():
         load_adapter(generator.transformer, path, adapter_name=name)
@@ -152,7 +198,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     with staged_dir(out, "the eval") as staging:  # a killed eval leaves no half-written folder
         models = [BASE, *candidates]
         # scores[model][reward] -> (prompts, seeds)
-        scores = {m: {r: np.zeros((len(prompts.prompts), len(seeds))) for r in scorers} for m in models}
+        metrics = [*scorers, *dimensions]
+        scores = {m: {r: np.zeros((len(prompts.prompts), len(seeds))) for r in metrics} for m in models}
         videos: dict[str, dict[str, list[str]]] = {m: {} for m in models}
         with Progress(total=len(items) * len(models), desc="eval", unit="video") as progress:
             for batch in batches:
@@ -169,6 +216,10 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
                     for reward, values in batch_scores.items():
                         for row, (p_index, s_index) in enumerate(batch):
                             scores[model][reward][p_index, s_index] = values[row].item()
+                    for name, dimension in dimensions.items():  # VBench scores one video at a time
+                        for row, frames255 in enumerate(vbench_frames(video)):  # (T, 3, H, W) 0..255
+                            p_index, s_index = batch[row]
+                            scores[model][name][p_index, s_index] = dimension(frames255)
                     for row, (p_index, s_index) in enumerate(batch):
                         if p_index in saved:
                             path = staging / "videos" / f"{model}_p{p_index:03d}_seed{seeds[s_index]}.mp4"
@@ -182,19 +233,17 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         comparisons, warnings = {}, []
         # A weight-0 entry of the trained rewards is only logged: it did not shape the pairs or gradients.
         rewards_of = {**{r: "trained" if w else "logged" for r, (_, w) in trained.items()},
-                      **{r: "held_out" for r in held_out}, **{r: "truth" for r in truth}, COMBINED: "trained"}
+                      **{r: "held_out" for r in held_out}, **{r: "truth" for r in truth},
+                      **{d: "vbench" for d in dimensions}, COMBINED: "trained"}
         for model in candidates:
             rows = {}
-            for reward in [COMBINED, *scorers]:
+            for reward in [COMBINED, *metrics]:
                 base = combined(BASE) if reward == COMBINED else scores[BASE][reward]
                 cand = combined(model) if reward == COMBINED else scores[model][reward]
                 rows[reward] = compare_paired(base.ravel(), cand.ravel(), config.tie_tolerance,
                                               config.bootstrap_resamples).to_dict()
-            rising = [r for r in trained if rewards_of[r] == "trained" and rows[r]["ci_low"] > 0]
-            falling = [r for r in [*held_out, *truth] if rows[r]["ci_high"] < 0]
-            if rising and falling:
-                warnings.append(f"{model} ({candidates[model]}): trained reward(s) {', '.join(rising)} rose while "
-                                f"held-out reward(s) or ground truth {', '.join(falling)} fell: possible reward hacking")
+            if warning := hacking_warning(rows, rewards_of):
+                warnings.append(f"{model} ({candidates[model]}): {warning}")
             comparisons[model] = rows
 
         result = {
@@ -209,9 +258,25 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
             "warnings": warnings,
             "videos": videos,
             "sampling": {k: getattr(config, k) for k in ("frames", "height", "width", "steps", "guidance", "fps")},
+            "vbench": {"dimensions": list(dimensions), "weights": {f: getattr(config, f) for f in VBENCH_FIELDS
+                                                                    if getattr(config, f) is not None}},
         }
         write_json(staging / "eval.json", result)
     return result
+
+
+def hacking_warning(rows: dict[str, dict[str, float]], kinds: dict[str, str]) -> str | None:
+    """The reward-hacking guard: a sentence when a trained reward rose (95% CI of the paired difference above 0)
+    while a held-out reward, ground-truth metric or VBench dimension fell (CI below 0; every VBench dimension is
+    higher-is-better), else None. `rows` are one candidate's comparisons, `kinds` each name's kind."""
+    rising = [r for r, row in rows.items() if kinds.get(r) == "trained" and r != COMBINED and row["ci_low"] > 0]
+    falling = {kind: [r for r, row in rows.items() if kinds.get(r) == kind and row["ci_high"] < 0]
+               for kind in ("held_out", "truth", "vbench")}
+    if not rising or not any(falling.values()):
+        return None
+    named = {"held_out": "held-out reward(s)", "truth": "ground truth", "vbench": "VBench dimension(s)"}
+    fell = "; ".join(f"{named[kind]} {', '.join(names)}" for kind, names in falling.items() if names)
+    return f"trained reward(s) {', '.join(rising)} rose while {fell} fell: possible reward hacking"
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -219,11 +284,11 @@ def format_table(result: dict[str, Any]) -> str:
     lines = []
     for model, rows in result["comparisons"].items():
         lines.append(f"{model}: {result['candidates'][model]}  (n = {next(iter(rows.values()))['n']} prompt x seed)")
-        lines.append(f"  {'reward':<20} {'kind':<8} {'base':>9} {'tuned':>9} {'diff':>9} {'95% CI':>21} "
+        lines.append(f"  {'reward':<24} {'kind':<8} {'base':>9} {'tuned':>9} {'diff':>9} {'95% CI':>21} "
                      f"{'win':>6} {'tie':>6}")
         for reward, row in rows.items():
             ci = f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]"
-            lines.append(f"  {reward:<20} {result['rewards'][reward]:<8} {row['base_mean']:>9.4f} "
+            lines.append(f"  {reward:<24} {result['rewards'][reward]:<8} {row['base_mean']:>9.4f} "
                          f"{row['candidate_mean']:>9.4f} {row['mean_diff']:>+9.4f} {ci:>21} "
                          f"{row['win_rate']:>6.1%} {row['tie_rate']:>6.1%}")
     lines += [f"WARNING: {w}" for w in result["warnings"]]

@@ -5,8 +5,9 @@ a `train --output-dir` run or an `online --out` run (`rlhf.report_inputs.find_ru
 (`build_report`) has, in order, the sections the run has inputs for:
 
 1. the verdict: one sentence per trained reward and per held-out / ground-truth metric (up, down or no change:
-   whether the 95% CI of eval's paired difference excludes zero, with the numbers), and a plain warning when a
-   trained reward rose while a held-out reward or ground-truth metric fell;
+   whether the 95% CI of eval's paired difference excludes zero, with the numbers), the same for each VBench
+   dimension (`eval --vbench`), and a plain warning when a trained reward rose while a held-out reward,
+   ground-truth metric or VBench dimension fell;
 2. base vs tuned videos: one row per prompt group (`rlhf.report_inputs.prompt_group`: a shapes-world
    colour-size combination, any other prompt on its own), the same prompt and seed side by side, seeds spread
    evenly over the rows, small videos upscaled by a whole factor with pixelated rendering, and the scores of
@@ -274,10 +275,11 @@ def _trend_class(low: Any, high: Any) -> str:
     return ""
 
 
-KIND_ORDER = ("trained", "logged", "truth", "held_out")
+KIND_ORDER = ("trained", "logged", "truth", "held_out", "vbench")
 KIND_NAMES = {"trained": "trained reward", "logged": "logged reward", "truth": "ground truth",
-              "held_out": "held-out reward"}
-VERDICT_KINDS = ("trained", "truth", "held_out")  # a `logged` entry (weight 0) was not trained on: no verdict
+              "held_out": "held-out reward", "vbench": "VBench dimension"}
+VERDICT_KINDS = ("trained", "truth", "held_out", "vbench")  # a `logged` entry (weight 0) was not trained on: no verdict
+GUARDED_KINDS = ("truth", "held_out", "vbench")  # a fall in these while a trained reward rises: possible hacking
 
 
 def reward_order(kinds: Mapping[str, str], names) -> list[str]:
@@ -322,8 +324,9 @@ def _names(names: Sequence[str]) -> str:
 
 
 def verdict_section(result: Mapping[str, Any]) -> str:
-    """Per candidate: a sentence per trained reward (`combined` first), ground-truth metric and held-out
-    reward, and a plain warning when a trained reward went up while a held-out or ground-truth one went down."""
+    """Per candidate: a sentence per trained reward (`combined` first), ground-truth metric, held-out reward and
+    VBench dimension, and a plain warning when a trained reward went up while a held-out reward, ground-truth
+    metric or VBench dimension went down."""
     kinds = {**result["rewards"], "combined": "trained"}
     accuracy = accuracy_metrics(result)
     several = len(result["comparisons"]) > 1
@@ -343,7 +346,7 @@ def verdict_section(result: Mapping[str, Any]) -> str:
         n = next(iter(rows.values())).get("n", "?") if isinstance(next(iter(rows.values())), dict) else "?"
         who = f'{esc(model)} <code>{esc(result["candidates"].get(model, ""))}</code>' if several else "The tuned model"
         rose = [r for r, t in trends.items() if t == "up" and kinds.get(r) == "trained"]
-        fell = [r for r, t in trends.items() if t == "down" and kinds.get(r) in ("truth", "held_out")]
+        fell = [r for r, t in trends.items() if t == "down" and kinds.get(r) in GUARDED_KINDS]
         if rose and fell:
             parts.append(f'<div class="warning">&#9888; Warning: {who if several else "the tuned model"} scores higher '
                          f'on the reward(s) it was trained on ({_names(rose)}) but lower on {_names(fell)}, which '
@@ -393,8 +396,9 @@ def eval_table_section(result: Mapping[str, Any]) -> str:
              '(<b>combined</b> is their weighted sum); <b>logged</b>: trained-reward entry with weight 0; '
              '<b>truth</b>: ground truth no reward sees (the shapes world\'s oracle: the share of videos whose '
              'colour, size, direction, or colour and size together (<i>taught</i>) it reads as the prompt asked); '
-             '<b>held_out</b>: never trained on. A drop in truth or held_out while a trained reward rises hints at '
-             'reward hacking. Accuracies in percent, their differences in points. Green / red: the 95% CI of the '
+             '<b>held_out</b>: never trained on; <b>vbench</b>: VBench\'s formula for that dimension (higher is '
+             'better; dynamic_degree is the share of moving videos). A drop in truth, held_out or vbench while a '
+             'trained reward rises hints at reward hacking. Accuracies in percent, their differences in points. Green / red: the 95% CI of the '
              'difference excludes zero.</p>']
     for model, rows in result["comparisons"].items():
         if not isinstance(rows, dict) or not rows:
@@ -778,7 +782,7 @@ tr.up td.diff, span.up { color: #1b7f3b; font-weight: 600; } tr.down td.diff, sp
 tr.up { background: #ebfbee; } tr.down { background: #fff0f0; }
 .kind { font-size: 11px; padding: 1px 6px; border-radius: 8px; background: #e9ecef; }
 .kind.trained { background: #dbe4ff; } .kind.held_out { background: #fff3bf; } .kind.logged { background: #e9ecef; }
-.kind.truth { background: #d3f9d8; }
+.kind.truth { background: #d3f9d8; } .kind.vbench { background: #f3d9fa; }
 .card { border: 1px solid #e3e6eb; border-radius: 6px; padding: 8px 12px; margin: 10px 0; }
 .groups > .card { margin: 0; }
 figure.cell { margin: 0; }
