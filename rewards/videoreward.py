@@ -229,10 +229,12 @@ def frame_indices(total: int, count: int) -> list[int]:
     return torch.linspace(0, total - 1, count).round().long().tolist()
 
 
-def merge_lora(state: Mapping[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """A PEFT state dict with LoRA layers -> plain weights: `M.weight = W_0 + scaling * B @ A` in float32, where
-    W_0 = `M.base_layer.weight`, A = `M.lora_A.default.weight` (r x in), B = `M.lora_B.default.weight` (out x r);
-    `M.base_layer.bias` -> `M.bias`; the `base_model.model.` prefix dropped; other keys unchanged."""
+def merge_lora(state: Mapping[str, torch.Tensor], scaling: float,
+               dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A PEFT state dict with LoRA layers -> plain weights in `dtype`: `M.weight = W_0 + scaling * B @ A` computed
+    in float32, where W_0 = `M.base_layer.weight`, A = `M.lora_A.default.weight` (r x in), B =
+    `M.lora_B.default.weight` (out x r); `M.base_layer.bias` -> `M.bias`; the `base_model.model.` prefix dropped;
+    other keys unchanged but for the dtype."""
     merged = {}
     for key, value in state.items():
         key = key.removeprefix("base_model.model.")
@@ -249,7 +251,7 @@ def merge_lora(state: Mapping[str, torch.Tensor], scaling: float) -> dict[str, t
                                     "lora_A / lora_B weights")
                 value = value + scaling * (lora_b.float() @ lora_a.float())
             key = f"{module}.{leaf}"
-        merged[key] = value
+        merged[key] = value.to(dtype)
     return merged
 
 
@@ -379,11 +381,12 @@ class VideoRewardModel(nn.Module):
         self.reward_ids = tokenizer.convert_tokens_to_ids(list(REWARD_TOKENS))
         path = checkpoint_file(folder, step)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:  # a pickle error, a truncated download
             raise UserError(f"checkpoint: cannot read {path} ({one_line(err)})") from None
+        torch_dtype = parse_dtype(dtype)
         if self.settings.lora_scaling is not None:
-            state = merge_lora(state, self.settings.lora_scaling)
+            state = merge_lora(state, self.settings.lora_scaling, torch_dtype)
         weights, head = transformers_keys(state)
         vocab = weights["language_model.embed_tokens.weight"].shape[0]
         if vocab != len(tokenizer):
@@ -391,7 +394,6 @@ class VideoRewardModel(nn.Module):
                             f"the 3 reward tokens has {len(tokenizer)}; is base_model the model VideoReward was "
                             "trained on?")
         config.text_config.vocab_size = vocab
-        torch_dtype = parse_dtype(dtype)
         with accelerate.init_empty_weights():  # parameters on the meta device, buffers (rotary) computed
             self.model = transformers.Qwen2VLModel._from_config(config, attn_implementation="sdpa")
         try:

@@ -177,6 +177,17 @@ def test_each_dimension_is_a_weighted_column_of_one_forward(tiny, monkeypatch):
         torch.testing.assert_close(values, parts[name], rtol=0, atol=TOLERANCE)
 
 
+def test_bf16_runs_close_to_the_float32_reference(tiny):
+    """VideoAlign's default precision: no exact reference (bf16 rounding), only that it runs and stays close."""
+    base, reward = tiny
+    config = rewards_config(base, reward)
+    for entry in config["scorers"].values():
+        entry["options"]["dtype"] = "bf16"
+    got = score_videos(build_scorers(config), as_frames(tiny_videos()[0]), PROMPTS[:1])
+    ours = [float(got[f"videoreward_{c}"][0]) for c in COLUMNS]
+    assert max(abs(o - e) for o, e in zip(ours, REFERENCE_ALONE[0], strict=True)) < 0.25  # observed 0.073
+
+
 def test_reads_only_the_sampled_frames(tiny):
     base, reward = tiny
     scorers = build_scorers(rewards_config(base, reward))
