@@ -245,3 +245,19 @@ def test_the_digest_pins_the_weights():
     assert weights_digest(state) == WEIGHTS_DIGEST
     state["base_model.model.rm_head.weight"] = state["base_model.model.rm_head.weight"] + 1e-3
     assert weights_digest(state) != WEIGHTS_DIGEST
+
+
+def test_the_four_columns_served_remotely_score_as_in_process(tiny):
+    from tests.test_reward_server import Served
+
+    base, reward = tiny
+    local = build_scorers(rewards_config(base, reward))
+    served = Served(local)
+    try:
+        remote = build_scorers(served.remote([f"videoreward_{c}" for c in COLUMNS]))
+        frames = torch.cat([as_frames(v) for v in tiny_videos()[1:]])  # (2, 16, 3, 64, 80), uint8-exact
+        got, expected = score_videos(remote, frames, PROMPTS[1:]), score_videos(local, frames, PROMPTS[1:])
+        for name in expected:
+            assert torch.equal(got[name], expected[name]), name
+    finally:
+        served.close()
