@@ -138,6 +138,13 @@ def test_hacking_guard_needs_a_rise_and_a_fall_beyond_the_cis():
     assert "held-out reward(s) hps; VBench dimension(s) dynamic_degree fell" in both
 
 
+def test_every_vbench_option_is_documented():
+    from rlhf.config import help_problems
+    from rlhf.evaluation import EvalConfig
+
+    assert help_problems(EvalConfig) == []
+
+
 def _eval_args(model, adapter, prompts, rewards, out, *extra):
     return ["eval", "--model", model, "--adapters", adapter, "--prompts", prompts, "--seeds", "2",
             "--rewards", rewards, "--out", out, "--frames", "5", "--height", "32", "--width", "32", "--steps", "2",
