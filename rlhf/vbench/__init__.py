@@ -34,9 +34,9 @@ DIMENSIONS = {
     "aesthetic_quality": "rlhf.vbench.clip_dims:AestheticQuality",
 }
 UNSUPPORTED = {
-    "motion_smoothness": "its frame interpolation model AMT-S exists only as code inside VBench's repository "
-                         "(third_party/amt), not in any installed library, so amt-s.pth cannot be loaded without "
-                         "copying that code",
+    "motion_smoothness": "its frame interpolation model AMT-S exists only as research code (MCG-NKU/AMT, "
+                         "vendored in VBench's third_party/amt), in no installed library, so amt-s.pth cannot be "
+                         "loaded without copying that code",
     "imaging_quality": "its MUSIQ model comes from pyiqa, which is not a dependency of this project; no installed "
                        "library has MUSIQ's architecture to load musiq_spaq_ckpt.pth into",
 }
