@@ -328,8 +328,9 @@ def read_model_config(folder: Path) -> VideoAlignSettings:
         rank, alpha = lora["lora_r"], lora["lora_alpha"]
         scaling = alpha / math.sqrt(rank) if lora.get("use_rslora") else alpha / rank
     inference = config.get("inference_config")
-    return VideoAlignSettings(fps=data.get("fps"), num_frames=data.get("num_frames"),
-                              max_pixels=int(data["max_frame_pixels"]), output_dim=int(model["output_dim"]),
+    # Defaults where a field is absent: VideoAlign's DataConfig (fps 2.0, num_frames None, max_frame_pixels 240*320).
+    return VideoAlignSettings(fps=data.get("fps", 2.0), num_frames=data.get("num_frames"),
+                              max_pixels=int(data.get("max_frame_pixels", 240 * 320)), output_dim=int(model["output_dim"]),
                               lora_scaling=scaling, inference_config=dict(inference) if inference else None)
 
 
