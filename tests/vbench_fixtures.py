@@ -14,14 +14,15 @@ import numpy as np
 import torch
 
 FRAMES, HEIGHT, WIDTH = 8, 128, 140  # not square, width not a multiple of 8 (RAFT pads it to 144)
+LARGE = (200, 356)  # larger than the models' 224 px on one side: CLIP and DINO downsample (no antialiasing)
 FPS = 16  # dynamic degree keeps every round(16 / 8) = 2nd frame
 CLIP_WIDTH = 768  # VBench's aesthetic head is a Linear(768, 1): the tiny CLIP's embeddings are 768-d
 
 
-def video(moving: bool) -> np.ndarray:
+def video(moving: bool, size: tuple[int, int] = (HEIGHT, WIDTH)) -> np.ndarray:
     """`(T, H, W, 3)` uint8 RGB: a colour ramp with a fine texture and a bright square; `moving` pans the ramp
     and slides the square (3 px down, 4 px right per frame), the static video only flickers by 3 levels."""
-    t, y, x, c = np.meshgrid(np.arange(FRAMES), np.arange(HEIGHT), np.arange(WIDTH), np.arange(3), indexing="ij")
+    t, y, x, c = np.meshgrid(np.arange(FRAMES), np.arange(size[0]), np.arange(size[1]), np.arange(3), indexing="ij")
     shift = 2 * t if moving else 0
     frames = (40 * c + 2 * (x + shift) + 3 * y) % 200 + (x * 37 + y * 91 + c * 7) % 23 + 3 * (t % 2)
     top, left = 10 + (3 * t if moving else 0), 20 + (4 * t if moving else 0)

@@ -32,7 +32,8 @@ import torch
 
 from tests import vbench_fixtures as fx
 
-VIDEOS = {"videos/static.mp4": fx.video(moving=False), "videos/moving.mp4": fx.video(moving=True)}
+VIDEOS = {"videos/static.mp4": fx.video(moving=False), "videos/moving.mp4": fx.video(moving=True),
+          "videos/static_large.mp4": fx.video(False, fx.LARGE), "videos/moving_large.mp4": fx.video(True, fx.LARGE)}
 
 
 class _Batch:
