@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 FRAMES, HEIGHT, WIDTH = 8, 128, 140  # not square, width not a multiple of 8 (RAFT pads it to 144)
-LARGE = (200, 356)  # larger than the models' 224 px on one side: CLIP and DINO downsample (no antialiasing)
+LARGE = (240, 356)  # larger than the models' 224 px: CLIP and DINO downsample (VBench: no antialiasing)
 FPS = 16  # dynamic degree keeps every round(16 / 8) = 2nd frame
 CLIP_WIDTH = 768  # VBench's aesthetic head is a Linear(768, 1): the tiny CLIP's embeddings are 768-d
 
