@@ -145,6 +145,17 @@ def test_hacking_guard_needs_a_rise_and_a_fall_beyond_the_cis():
     assert "held-out reward(s) hps; VBench dimension(s) dynamic_degree fell" in both
 
 
+def test_eval_table_prints_vbench_rows_and_the_warning_line():
+    from rlhf.evaluation import format_table
+
+    row = {"n": 4, "base_mean": 0.5, "candidate_mean": 0.4, "mean_diff": -0.1, "ci_low": -0.2, "ci_high": -0.05,
+           "win_rate": 0.0, "tie_rate": 0.0, "loss_rate": 1.0}
+    result = {"candidates": {"candidate0": "runs/a"}, "rewards": {"background_consistency": "vbench"},
+              "comparisons": {"candidate0": {"background_consistency": row}}, "warnings": ["candidate0: boom"]}
+    lines = format_table(result).splitlines()
+    assert lines[2].split()[:2] == ["background_consistency", "vbench"] and lines[-1] == "WARNING: candidate0: boom"
+
+
 def test_every_vbench_option_is_documented():
     from rlhf.config import help_problems
     from rlhf.evaluation import EvalConfig
