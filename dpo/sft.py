@@ -39,6 +39,7 @@ from rewards.pairs import ScoreCombination, ScoreRow, combine_scores
 from rlhf import io
 from rlhf.config import ConfigError
 from rlhf.errors import UserError
+from rlhf.models.family import family_for
 from rlhf.progress import Progress
 from rlhf.sampling import FlowSchedule, PromptEmbeds
 from rlhf.training import TrainingRun, step_generator
@@ -189,7 +190,7 @@ def train_sft(config: SFTConfig) -> Path:
     data.check_files()
     model_dir = config.model or store.settings["model"]
     check_store_fits(store, selected[0].prompt_id, model_dir)
-    schedule = FlowSchedule.from_file(Path(model_dir) / "scheduler" / "scheduler_config.json")
+    schedule = family_for(model_dir).schedule(Path(model_dir))  # the family reads (or refuses) the scheduler
 
     run = TrainingRun(config, config, config.device, config)
     run.inputs = {"selection_sha256": data.digest()}  # a rescored store selects other data: a resume must see it

@@ -22,6 +22,7 @@ from dpo.config import DPOConfig
 from dpo.data import PairBatch, PairData, pairs_store_path
 from dpo.losses import flow_dpo_loss, flow_matching_error, sample_sigmas
 from rlhf.errors import UserError
+from rlhf.models.family import family_for
 from rlhf.models.family import velocity as family_velocity
 from rlhf.progress import Progress
 from rlhf.sampling import FlowSchedule, PromptEmbeds
@@ -81,7 +82,7 @@ def train_dpo(config: DPOConfig) -> Path:
     data.check_files()
     model_dir = config.model or store.settings["model"]
     data.check_fits(model_dir)
-    schedule = FlowSchedule.from_file(Path(model_dir) / "scheduler" / "scheduler_config.json")
+    schedule = family_for(model_dir).schedule(Path(model_dir))  # the family reads (or refuses) the scheduler
 
     run = TrainingRun(config, config, config.device, config)
     run.inputs = {"pairs_sha256": data.digest()}  # pairs rebuilt in place are other data: a resume must see it
