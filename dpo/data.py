@@ -61,14 +61,20 @@ def check_store_files(store: RolloutStore, sample_ids: Iterable[str], prompt_ids
             raise UserError(f"{path}: has no {tensor!r} tensor; delete it and rerun the rollout into {store.root}")
 
 
+def store_family(store: RolloutStore) -> str | None:
+    """The model family the store was sampled with, when the rollout recorded one (any but ContentV)."""
+    return store.settings.get("family")
+
+
 def check_store_fits(store: RolloutStore, prompt_id: str, model_dir: str | Path) -> None:
     """The store's latents and embeddings (those of `prompt_id`) must match the input sizes of the transformer in
-    `model_dir`."""
+    `model_dir` (of the store's model family)."""
     from rlhf.models.family import family_for
     from rlhf.models.loader import read_transformer_config
 
-    config = read_transformer_config(model_dir)
-    sizes = family_for(model_dir).text_sizes(config)
+    family = store_family(store)
+    config = read_transformer_config(model_dir, family)
+    sizes = family_for(model_dir, family).text_sizes(config)
     text = store.load_embeds(prompt_id)
     expected = {
         "latent channels": (store.latent_shape[0], config["in_channels"]),

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpo.data import check_store_files, check_store_fits, epoch_batch
+from dpo.data import check_store_files, check_store_fits, epoch_batch, store_family
 from dpo.losses import flow_matching_loss, sample_sigmas
 from dpo.sft_config import SFTConfig
 from dpo.trainer import velocity
@@ -190,12 +190,13 @@ def train_sft(config: SFTConfig) -> Path:
     data.check_files()
     model_dir = config.model or store.settings["model"]
     check_store_fits(store, selected[0].prompt_id, model_dir)
-    schedule = family_for(model_dir).schedule(Path(model_dir))  # the family reads (or refuses) the scheduler
+    family = store_family(store)  # the family the store's latents were made with
+    schedule = family_for(model_dir, family).schedule(Path(model_dir))  # it reads (or refuses) the scheduler
 
     run = TrainingRun(config, config, config.device, config)
     run.inputs = {"selection_sha256": data.digest()}  # a rescored store selects other data: a resume must see it
     data.batches_per_epoch(config.batch_size, run.accelerator.num_processes)  # at least one full batch
-    run.prepare(run.load_policy(model_dir, config.dtype, quantize=config.quantize))
+    run.prepare(run.load_policy(model_dir, config.dtype, quantize=config.quantize, family=family))
     accelerator = run.accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
     if run.is_main:

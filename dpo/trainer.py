@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dpo.config import DPOConfig
-from dpo.data import PairBatch, PairData, pairs_store_path
+from dpo.data import PairBatch, PairData, pairs_store_path, store_family
 from dpo.losses import flow_dpo_loss, flow_matching_error, sample_sigmas
 from rlhf.errors import UserError
 from rlhf.models.family import family_for
@@ -82,13 +82,14 @@ def train_dpo(config: DPOConfig) -> Path:
     data.check_files()
     model_dir = config.model or store.settings["model"]
     data.check_fits(model_dir)
-    schedule = family_for(model_dir).schedule(Path(model_dir))  # the family reads (or refuses) the scheduler
+    family = store_family(store)  # the family the store's latents were made with
+    schedule = family_for(model_dir, family).schedule(Path(model_dir))  # it reads (or refuses) the scheduler
 
     run = TrainingRun(config, config, config.device, config)
     run.inputs = {"pairs_sha256": data.digest()}  # pairs rebuilt in place are other data: a resume must see it
     data.batches_per_epoch(config.batch_size, run.accelerator.num_processes)  # at least one full batch
     run.prepare(run.load_policy(model_dir, config.dtype, config.init_adapter, config.reference == "init",
-                                quantize=config.quantize))
+                                quantize=config.quantize, family=family))
     accelerator = run.accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
     if run.is_main:

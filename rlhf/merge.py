@@ -444,6 +444,7 @@ def merge_adapters(
     out_dir: str | Path,
     weights: Sequence[float] | None = None,
     overwrite: bool = False,
+    family: str | None = None,
 ) -> MergeSummary:
     """Write `out_dir`: the checkpoint at `model_dir` with the LoRA `adapters` fused into its transformer.
 
@@ -451,6 +452,7 @@ def merge_adapters(
         adapters: adapter directories (peft or diffusers format), merged in this order.
         weights: one multiplier per adapter (default 1.0 each), as `set_adapters(..., weights=...)`.
         overwrite: replace `out_dir` if it exists and is not empty.
+        family: the model family of `model_dir` (default: the one its model_index.json names).
 
     Nothing is written until every input is validated; the checkpoint is built in a temporary sibling
     of `out_dir` and renamed into place (see the module docstring).
@@ -465,11 +467,11 @@ def merge_adapters(
     if not adapter_dirs:
         raise UserError("--adapter: at least one adapter directory is required")
     adapter_weights = _check_weights(weights, len(adapter_dirs))
-    model_dir = check_model_dir(model_dir, vae=False, text_encoders=False)
+    model_dir = check_model_dir(model_dir, vae=False, text_encoders=False, family=family)
     out = check_output(out_dir, field="--out", kind=MODEL, inputs={"model": model_dir, "adapter": adapter_dirs},
                        overwrite=overwrite)
     loaded = [read_adapter(d) for d in adapter_dirs]
-    base = identity(model_dir)
+    base = identity(model_dir, family)
     for adapter_dir in adapter_dirs:
         check_adapter_base(adapter_dir, model_dir, base)
     transformer_dir = model_dir / TRANSFORMER

@@ -306,7 +306,8 @@ class TrainingRun:
 
     # ---- model, optimiser --------------------------------------------------------------------
     def load_policy(self, model_dir: str | Path, dtype: str, init_adapter: str | Path | None = None,
-                    reference_adapter: bool = False, quantize: str = "none") -> torch.nn.Module:
+                    reference_adapter: bool = False, quantize: str = "none",
+                    family: str | None = None) -> torch.nn.Module:
         """The transformer in `dtype` (frozen) with a trainable fp32 LoRA adapter named "default".
 
         `quantize` stores the frozen block weights in 8 or 4 bits (rlhf/lowmem.py); the LoRA trains on top and
@@ -314,7 +315,8 @@ class TrainingRun:
 
         The adapter starts at zero, or from `init_adapter` (a previous round's adapter) when given. With
         `reference_adapter`, `init_adapter` is also attached, frozen, as the adapter "reference", so the
-        reference model is "base + init adapter" instead of the base (see `reference_mode`).
+        reference model is "base + init adapter" instead of the base (see `reference_mode`). `family` names the
+        model family (default: the one `model_dir`'s model_index.json names).
         """
         from diffusers.training_utils import cast_training_params
         from peft.utils import set_peft_model_state_dict
@@ -327,9 +329,9 @@ class TrainingRun:
             raise UserError(f"quantize: {quantize} is supported in single-process runs only (one device: what "
                             f"it is for), not in this {self.accelerator.num_processes}-process {self.layout} launch")
         parts = load_model(model_dir, dtype=dtype, device=self.device, load_vae=False, load_text_encoders=False,
-                           quantize=quantize)
+                           quantize=quantize, family=family)
         transformer = parts.transformer
-        self.model_dir, self.base_identity = Path(model_dir), identity(model_dir)
+        self.model_dir, self.base_identity = Path(model_dir), identity(model_dir, family)
         if self.lora.lora_targets is None:  # the family's default, resolved before any checkpoint records it
             self.lora.lora_targets = list(parts.family.lora_targets)
         if init_adapter is not None:

@@ -257,3 +257,38 @@ def test_online_trainers_train_a_wan_adapter(wan_dir, tmp_path, config, sizes):
     assert sorted(adapter["target_modules"]) == sorted(family.lora_targets)
     lora_b = [v for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k]
     assert lora_b and any(v.abs().max() > 0 for v in lora_b)  # trained away from the zero init
+
+
+def test_family_named_at_rollout_carries_through_train_and_merge(wan_dir, tmp_path, capsys):
+    """A folder whose model_index.json names no known pipeline is sampled with --family; train then takes the family
+    the store recorded, and merge takes --family again."""
+    import shutil
+
+    family = family_for(wan_dir).name
+    model = shutil.copytree(wan_dir, tmp_path / "model")
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "_class_name": "MyVideoPipeline"}))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\na blue lake\n")
+    rewards = tmp_path / "rewards.yaml"
+    rewards.write_text(yaml.safe_dump({"scorers": {"brightness": {"weight": 1.0}}, "device": "cpu"}))
+    store, pairs, run, merged = (tmp_path / name for name in ("store", "pairs", "run", "merged"))
+    rollout = ["rollout", "--model", model, "--prompts", prompts, "--out", store, "--frames", "5", "--height", "64",
+               "--width", "64", "--steps", "1", "--guidance", "1", "--samples-per-prompt", "2", "--batch-size", "2",
+               "--save-frames", "1", "--dtype", "fp32"]
+    code, _, err = call_cli(capsys, *rollout)
+    assert code == 2 and "'MyVideoPipeline' is not a supported pipeline" in err and "--family" in err
+    for command in ([*rollout, "--family", family], ["score", "--store", store, "--config", rewards],
+                    ["pairs", "--store", store, "--out", pairs, "--min-margin", "0"],
+                    ["train", "--pairs", pairs, "--output-dir", run, "--dtype", "fp32", "--mixed-precision", "no",
+                     "--lora-rank", "2", "--lora-alpha", "2", "--report-to", "none", "--no-gradient-checkpointing",
+                     "--max-steps", "1", "--batch-size", "1"]):
+        code, _, err = call_cli(capsys, *command)
+        assert code == 0, (command[0], err)
+    assert json.loads((run / "adapter" / "base_model.json").read_text())["family"] == family
+    merge = ["merge", "--model", model, "--adapter", run / "adapter", "--out", merged]
+    code, _, err = call_cli(capsys, *merge)
+    assert code == 2 and "--family" in err
+    code, _, err = call_cli(capsys, *merge, "--family", family)
+    assert code == 0, err
+    assert json.loads((merged / "model_index.json").read_text())["_class_name"] == "MyVideoPipeline"

@@ -18,7 +18,9 @@ EXAMPLES = """\
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR", help="ContentV checkpoint directory (diffusers layout).")
+    parser.add_argument("--model", required=True, metavar="DIR", help="Checkpoint directory (diffusers layout).")
+    parser.add_argument("--family", metavar="NAME", help="Model family of --model (default: the one its "
+                        "model_index.json names; docs/models.md).")
     parser.add_argument(
         "--adapter", required=True, action="append", metavar="DIR",
         help="LoRA adapter directory (peft or diffusers format); repeat to merge several, in order.",
@@ -52,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_arguments(args)
 
-    summary = merge_adapters(args.model, args.adapter, args.out, weights=args.weight, overwrite=args.overwrite)
+    summary = merge_adapters(args.model, args.adapter, args.out, weights=args.weight, overwrite=args.overwrite,
+                             family=args.family)
     print(summary.describe())
     return 0

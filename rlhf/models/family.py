@@ -9,8 +9,9 @@ are exported in. Trainers, the sampler, the rollout store and the rewards call t
 family. docs/models.md lists what each family sets.
 
 The family of a folder is read from `model_index.json`'s `_class_name` (the diffusers pipeline class), or
-named explicitly (`--family`). The family of a loaded transformer is read from its class, so code that only
-holds the transformer (a trainer's forward) calls it the family's way without being told the family.
+named explicitly (`--family`). The family of a loaded transformer is read from its class (and, where families
+share one, its config), so code that only holds the transformer (a trainer's forward) calls it the family's way
+without being told the family.
 
 Registry (style.md practice 7): a plain mapping of name -> "module:Class", imported lazily.
 """
