@@ -169,8 +169,8 @@ class ModelOptions:
 @dataclass
 class SamplingOptions:
     """How videos are sampled: size, steps, guidance. Defaults are the model folder's `sampling_defaults.json`
-    (rlhf/model_defaults.py) where the config's `model` has one, else ContentV's reference settings; the YAML and
-    flags override both."""
+    (rlhf/model_defaults.py) where the config's `model` has one, else its model family's (docs/models.md; ContentV's
+    reference settings are the defaults written here); the YAML and flags override both."""
 
     frames: int = option(125, "Number of frames; rounded to 4k + 1 (ContentV's rule: n // 4 * 4 + 1) if needed.")
     height: int = option(432, "Frame height in pixels (a multiple of 16).")
@@ -180,7 +180,8 @@ class SamplingOptions:
                                   "there is no guidance: no unconditional branch, as in diffusers).")
     negative_prompt: str = option(DEFAULT_NEGATIVE_PROMPT, "Negative prompt used for the unconditional branch.")
     max_sequence_length: int | None = option(
-        None, "T5 tokens per prompt (default: 256 as ContentV, or the T5 tokenizer's model_max_length when shorter)."
+        None, "T5 tokens per prompt (default: the model family's: ContentV 256, or its T5 tokenizer's "
+        "model_max_length when shorter; Wan 512)."
     )
     batch_cfg: bool = option(
         True, "Run the conditional and unconditional branches in one batched forward (faster; "
