@@ -157,6 +157,21 @@ def test_shipped_inputs_exist_and_placeholders_are_documented():
     assert not needs_weights(WEIGHT_FREE_REWARDS)
 
 
+def test_eval_config_vbench_example_loads_when_uncommented():
+    """configs/eval.yaml's commented `vbench:` keys, uncommented, are a valid eval config with documented paths."""
+    text = (CONFIGS / "eval.yaml").read_text()
+    example = "\n".join(line.removeprefix("# ") for line in text.splitlines() if line.startswith("# vbench"))
+    settings = yaml.safe_load(example)
+    assert set(settings) == {"vbench", "vbench_dino", "vbench_clip", "vbench_clip_large", "vbench_aesthetic_head",
+                             "vbench_raft"}
+    config = config_from_dict(EvalConfig, {**load_yaml(CONFIGS / "eval.yaml"), **settings, "adapters": ["a"]},
+                              source="eval.yaml")
+    assert len(config.vbench) == 5
+    readme = CONFIGS_README.read_text()
+    for path in placeholders(settings):
+        assert f"`{path}`" in readme, f"eval.yaml: placeholder {path} is not listed in configs/README.md"
+
+
 @pytest.fixture(scope="module")
 def pipeline(tiny_model_dir, tmp_path_factory):
     """rollout -> score -> pairs -> train (dpo.yaml) -> eval, each from its shipped config."""
