@@ -57,3 +57,18 @@ def test_profile_step_runs_reduced_on_cpu():
     assert result.returncode == 0, result.stderr[-2000:]
     for category in ("base matmuls", "LoRA matmuls", "attention", "norms / modulation / activations"):
         assert f"| {category} |" in result.stdout
+
+
+def test_scorer_costs_measures_at_minimal_size_and_prints_the_memory_arithmetic(tmp_path):
+    from benchmarks.scorer_costs import CASES, full_size_memory, measure
+    from rewards.registry import SCORERS
+
+    assert {scorer for scorer, _ in CASES.values()} == set(SCORERS)  # every registered scorer is timed
+    rows = measure(["brightness", "motion_lucas_kanade"], tmp_path, videos=1, repeats=1, frames=5, size=32)
+    assert [row["scorer"] for row in rows] == ["brightness", "motion_lucas_kanade"]
+    assert all(row["seconds_per_video"] > 0 and row["frames"] == [5, 32, 32] for row in rows)
+    assert rows[1]["options"] == {"backend": "lucas_kanade"}
+    memory = {row["scorer"]: row for row in full_size_memory()}
+    assert memory["clip"]["weights_gb"] == 1.71  # 428M parameters x 4 bytes
+    assert memory["videoreward"]["weights_gb"] == 4.4 and memory["videoreward"]["vision_patches"] == 5040
+    assert all(row["total_gb"] >= row["weights_gb"] for row in memory.values())
