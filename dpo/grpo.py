@@ -49,10 +49,9 @@ import torch
 from dpo.grpo_config import GRPOConfig
 from dpo.losses import grpo_loss
 from dpo.reward_gradient import FrozenParts, average_gradients, decode_video_frames
-from dpo.rounds import load_parts, round_advantages, round_blocks, round_prompts
+from dpo.rounds import round_advantages, round_blocks, round_prompts, start_round_run
 from rewards.build import score_videos
 from rlhf import devices
-from rlhf.errors import UserError
 from rlhf.models.family import transformer_family
 from rlhf.progress import Progress
 from rlhf.prompts import prompt_id
@@ -191,12 +190,7 @@ def grpo_update(run: TrainingRun, parts: FrozenParts, config: GRPOConfig, round_
 # ---- the loop ----------------------------------------------------------------------------------------------
 def train_grpo(config: GRPOConfig) -> Path:
     """Train a LoRA adapter with GRPO; returns the final adapter directory."""
-    run = TrainingRun(config, config, config.device, config)
-    if run.layout != "replicated":
-        raise UserError(f"method grpo runs single-process or under DDP, not under {run.layout} launches")
-    # Order matters: the text encoders are freed before the transformer is loaded (peak memory).
-    parts = load_parts(config, run.device)
-    run.round_steps = ("updates_per_round", config.updates_per_round)  # a resume starts a round (checked in prepare)
+    run, parts = start_round_run(config)
     run.prepare(run.load_policy(config.model, config.dtype, config.init_adapter, quantize=config.quantize))
     world = run.accelerator.num_processes
     if run.is_main:

@@ -27,7 +27,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +73,21 @@ class FrozenParts:
 
 
 def load_frozen_parts(config: RewardGradientConfig, device: torch.device) -> FrozenParts:
-    """Prompts, scorers, VAE and the prompt-embedding cache. Cheap checks first, big models last."""
+    """The reward-gradient trainer's frozen parts: `load_online_parts` with a differentiable, weighted scorer."""
+    def check(scorers: dict[str, WeightedScorer]) -> None:
+        if not any(s.scorer.differentiable and s.weight != 0 for s in scorers.values()):
+            raise UserError(f"{config.rewards}: no differentiable scorer with a non-zero weight; reward-gradient "
+                            f"training needs one (differentiable: "
+                            f"{', '.join(n for n, s in scorers.items() if s.scorer.differentiable) or 'none'})")
+
+    return load_online_parts(config, device, check)
+
+
+def load_online_parts(config, device: torch.device, check_scorers: Callable[[dict[str, WeightedScorer]], None]
+                      ) -> FrozenParts:
+    """Prompts, scorers, VAE and the prompt-embedding cache of an online trainer (its config's model, prompts,
+    rewards, dtype, vae_dtype, max_sequence_length, guidance and negative_prompt). Cheap checks first, big models
+    last: `check_scorers` refuses a rewards YAML the trainer cannot use before any model loads."""
     from rlhf.models.loader import load_model
 
     # 1. Inputs that fail fast: the prompt file and the rewards config (scorer weight files are checked here).
@@ -82,10 +96,7 @@ def load_frozen_parts(config: RewardGradientConfig, device: torch.device) -> Fro
         logger.warning(prompt_list.report())
     rewards = load_rewards_config(config.rewards)
     scorers = build_scorers(rewards)
-    if not any(s.scorer.differentiable and s.weight != 0 for s in scorers.values()):
-        raise UserError(f"{config.rewards}: no differentiable scorer with a non-zero weight; reward-gradient "
-                        f"training needs one (differentiable: "
-                        f"{', '.join(n for n, s in scorers.items() if s.scorer.differentiable) or 'none'})")
+    check_scorers(scorers)
     # 2. VAE and text encoders (not the transformer): encode every prompt once, then free the encoders.
     parts = load_model(config.model, dtype=config.dtype, device=device, vae_dtype=config.vae_dtype,
                        load_transformer=False, max_sequence_length=config.max_sequence_length)

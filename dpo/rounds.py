@@ -16,15 +16,9 @@ from typing import Protocol
 import torch
 
 from dpo.losses import group_advantages
-from dpo.reward_gradient import ENCODE_CHUNK, FrozenParts, prompt_indices
-from rewards.build import build_scorers
-from rewards.config import load_rewards_config
-from rlhf import devices
+from dpo.reward_gradient import FrozenParts, load_online_parts, prompt_indices
 from rlhf.errors import UserError
-from rlhf.options import uses_guidance
-from rlhf.prompts import load_prompts
-from rlhf.sampling import PromptEmbeds
-from rlhf.training import step_generator
+from rlhf.training import TrainingRun, step_generator
 
 logger = logging.getLogger("contentv-rlhf")
 
@@ -53,26 +47,24 @@ class OnlineSettings(RoundSettings, Protocol):
 
 
 def load_parts(config: OnlineSettings, device: torch.device) -> FrozenParts:
-    """Prompts, scorers, VAE and the prompt-embedding cache. Cheap checks first, big models last."""
-    from rlhf.models.loader import load_model
+    """Prompts, scorers, VAE and the prompt-embedding cache (`load_online_parts`); any scorer with a weight."""
+    def check(scorers: dict) -> None:
+        if not any(s.weight != 0 for s in scorers.values()):
+            raise UserError(f"{config.rewards}: every scorer has weight 0; {config.method} needs a reward to "
+                            "optimise")
 
-    prompt_list = load_prompts(config.prompts)
-    if prompt_list.report():
-        logger.warning(prompt_list.report())
-    rewards = load_rewards_config(config.rewards)
-    scorers = build_scorers(rewards)
-    if not any(s.weight != 0 for s in scorers.values()):
-        raise UserError(f"{config.rewards}: every scorer has weight 0; {config.method} needs a reward to optimise")
-    parts = load_model(config.model, dtype=config.dtype, device=device, vae_dtype=config.vae_dtype,
-                       load_transformer=False, max_sequence_length=config.max_sequence_length)
-    encoder, parts.prompt_encoder = parts.prompt_encoder, None
-    prompts = prompt_list.prompts
-    text = PromptEmbeds.cat([encoder.encode(prompts[i:i + ENCODE_CHUNK]).to("cpu")
-                             for i in range(0, len(prompts), ENCODE_CHUNK)])
-    negative = encoder.encode([config.negative_prompt]).to("cpu") if uses_guidance(config.guidance) else None
-    encoder.release()
-    return FrozenParts(parts.schedule, parts.vae, scorers, devices.resolve_device(rewards.device), prompts,
-                       text, negative)
+    return load_online_parts(config, device, check)
+
+
+def start_round_run(config: OnlineSettings) -> tuple[TrainingRun, FrozenParts]:
+    """The training run (single process or DDP: a round's forwards bypass the wrapper) and its frozen parts.
+    The text encoders are freed before the caller loads the transformer (peak memory)."""
+    run = TrainingRun(config, config, config.device, config)
+    if run.layout != "replicated":
+        raise UserError(f"method {config.method} runs single-process or under DDP, not under {run.layout} launches")
+    parts = load_parts(config, run.device)
+    run.round_steps = ("updates_per_round", config.updates_per_round)  # a resume starts a round (checked in prepare)
+    return run, parts
 
 
 def round_prompts(round_index: int, config: RoundSettings, num_prompts: int) -> list[int]:

@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpo.grpo import grpo_update, load_parts, round_blocks, round_prompts, sample_round
+from dpo.grpo import grpo_update, sample_round
 from dpo.grpo_config import GRPOConfig
 from dpo.losses import group_advantages, grpo_loss
+from dpo.rounds import load_parts, round_blocks, round_prompts
 from rlhf.config import config_from_dict, help_problems, load_yaml
 from rlhf.errors import UserError
 from rlhf.sampling import euler_step, sde_step_with_logprob

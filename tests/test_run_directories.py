@@ -112,7 +112,7 @@ def test_store_files_of_the_pairs_are_checked_before_step_0(tiny_pairs, tiny_sto
     assert not out.exists()  # no logs/, nothing
 
 
-TIMINGS = {"step_seconds", "mfu", "hfu"}  # measured per step: differ between any two runs
+TIMINGS = {"step_seconds", "command_seconds", "mfu", "hfu"}  # measured per step: differ between any two runs
 
 
 def without_timing(rows: list[dict]) -> list[dict]:

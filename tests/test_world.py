@@ -311,6 +311,7 @@ WORLD_CONFIGS = {  # configs/world file -> the dataclass it loads into, plus fie
     "reward_gradient.yaml": ("dpo.reward_gradient_config:RewardGradientConfig", {}),
     "grpo.yaml": ("dpo.grpo_config:GRPOConfig", {}),
     "sft.yaml": ("dpo.sft_config:SFTConfig", {}),
+    "nft.yaml": ("dpo.nft_config:NFTConfig", {}),
     "eval.yaml": ("rlhf.evaluation:EvalConfig", {"adapters": ["a"]}),
     "compare.yaml": ("rlhf.commands.compare:CompareConfig", {"adapters": ["a"]}),
 }
