@@ -41,7 +41,7 @@ import torch
 from dpo.losses import nft_loss, optimality_probability
 from dpo.nft_config import NFTConfig
 from dpo.reward_gradient import FrozenParts, average_gradients, decode_video_frames
-from dpo.rounds import round_advantages, round_blocks, round_prompts, start_round_run
+from dpo.rounds import assign_advantages, round_blocks, round_prompts, start_round_run
 from rewards.build import score_videos
 from rlhf import devices
 from rlhf.models.family import transformer_family
@@ -132,12 +132,7 @@ def sample_round(run: TrainingRun, parts: FrozenParts, config: NFTConfig, round_
                     for i in range(0, len(block), config.batch_size)] for block in blocks]
     chunks = [c for update in updates for c in update]
     # 3. Advantages of whole groups (every process's rewards gathered) and the round's metrics.
-    weights = torch.tensor([w for _, w in parts.scorers.values()], dtype=torch.float64)
-    advantages, metrics = round_advantages(accelerator, run.device, [s for c in chunks for s in c.slots],
-                                           torch.cat([c.rewards for c in chunks]), prompts, G, weights,
-                                           list(parts.scorers), config.advantage_clip)
-    for c, share in zip(chunks, advantages.split([len(c.slots) for c in chunks]), strict=True):
-        c.advantages = share
+    metrics = assign_advantages(run, parts, chunks, prompts, G, config.advantage_clip)
     return Round(updates, metrics)
 
 

@@ -84,27 +84,30 @@ def round_blocks(round_index: int, config: RoundSettings, rank: int, world: int)
     return [order[(u * world + rank) * block:(u * world + rank + 1) * block] for u in range(config.updates_per_round)]
 
 
-def round_advantages(accelerator, device: torch.device, slots: list[int], rewards: torch.Tensor,
-                     prompts: list[int], group_size: int, weights: torch.Tensor, names: list[str], clip: float
-                     ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Advantages of this process's videos `slots` (with raw scores `rewards` (B, K)) and the round's reward
-    statistics, both computed from the whole round: the (slot, rewards) rows of every process are gathered, so
-    each process normalises whole groups (`dpo.losses.group_advantages`) and logs the same metrics.
+def assign_advantages(run: TrainingRun, parts: FrozenParts, chunks: list, prompts: list[int], group_size: int,
+                      clip: float) -> dict[str, float]:
+    """Set each chunk's `advantages` (one per video, from its `rewards` (B, K) of `parts.scorers`) and return the
+    round's reward statistics, both computed from the whole round: the (slot, rewards) rows of every process are
+    gathered, so each process normalises whole groups (`dpo.losses.group_advantages`) and logs the same metrics.
 
     `prompts` are the round's prompt indices (slot s belongs to prompts[s // group_size]).
     """
-    rows = torch.cat([torch.tensor(slots, dtype=torch.float64)[:, None], rewards.double()], 1)
-    rows = accelerator.gather(rows.to(device)).cpu()  # (P G, 1 + K)
+    slots = [s for c in chunks for s in c.slots]
+    rows = torch.cat([torch.tensor(slots, dtype=torch.float64)[:, None], torch.cat([c.rewards for c in chunks])], 1)
+    rows = run.accelerator.gather(rows.to(run.device)).cpu()  # (P G, 1 + K)
     everyone = torch.empty(len(rows), rows.shape[1] - 1, dtype=torch.float64)
     everyone[rows[:, 0].long()] = rows[:, 1:]  # (P G, K) in slot order
     groups = torch.tensor([prompts[s // group_size] for s in range(len(rows))])
+    weights = torch.tensor([w for _, w in parts.scorers.values()], dtype=torch.float64)
     advantages = group_advantages(everyone, groups, weights, clip=clip)
-    total = everyone @ weights.double()
+    for chunk in chunks:
+        chunk.advantages = advantages[chunk.slots]
+    total = everyone @ weights
     metrics = {"reward_mean": total.mean(), "reward_std": total.std(unbiased=False),
                "advantage_abs_mean": advantages.abs().mean(),
                "tied_groups": sum(bool((total[groups == g] == total[groups == g][0]).all()) for g in groups.unique())
                / len(groups.unique())}
-    for k, name in enumerate(names):
+    for k, name in enumerate(parts.scorers):
         metrics[f"reward_{name}"], metrics[f"reward_{name}_std"] = everyone[:, k].mean(), everyone[:, k].std(
             unbiased=False)
-    return advantages[slots], {k: float(v) for k, v in metrics.items()}
+    return {k: float(v) for k, v in metrics.items()}
