@@ -49,7 +49,7 @@ import torch
 from dpo.grpo_config import GRPOConfig
 from dpo.losses import grpo_loss
 from dpo.reward_gradient import FrozenParts, average_gradients, decode_video_frames
-from dpo.rounds import assign_advantages, round_blocks, round_prompts, start_round_run
+from dpo.rounds import assign_advantages, prompts_of_rounds, round_blocks, round_prompts, start_round_run
 from rewards.build import score_videos
 from rlhf import devices
 from rlhf.models.family import transformer_family
@@ -193,8 +193,7 @@ def train_grpo(config: GRPOConfig) -> Path:
                     "%d update(s) per round, %d process(es)", len(parts.prompts), ", ".join(parts.scorers),
                     config.max_steps // config.updates_per_round, config.prompts_per_round, config.group_size,
                     config.sde_window_size, config.steps, config.sde_window, config.updates_per_round, world)
-    seen = {i for r in range(run.step // config.updates_per_round)
-            for i in round_prompts(r, config, len(parts.prompts))}
+    seen = prompts_of_rounds(run.step // config.updates_per_round, config, len(parts.prompts))
     round_ = None
     progress = Progress(total=config.max_steps, initial=run.step, desc="train grpo", unit="step",
                         enabled=run.is_main)

@@ -41,7 +41,7 @@ import torch
 from dpo.losses import nft_loss, optimality_probability
 from dpo.nft_config import NFTConfig
 from dpo.reward_gradient import FrozenParts, average_gradients, decode_video_frames
-from dpo.rounds import assign_advantages, round_blocks, round_prompts, start_round_run
+from dpo.rounds import assign_advantages, prompts_of_rounds, round_blocks, round_prompts, start_round_run
 from rewards.build import score_videos
 from rlhf import devices
 from rlhf.models.family import transformer_family
@@ -214,8 +214,7 @@ def train_nft(config: NFTConfig) -> Path:
                     ", ".join(parts.scorers), config.max_steps // config.updates_per_round,
                     config.prompts_per_round, config.group_size, config.steps, config.guidance,
                     config.train_timesteps, config.updates_per_round, run.accelerator.num_processes)
-    seen = {i for r in range(run.step // config.updates_per_round)
-            for i in round_prompts(r, config, len(parts.prompts))}
+    seen = prompts_of_rounds(run.step // config.updates_per_round, config, len(parts.prompts))
     round_, decay = None, 0.0
     progress = Progress(total=config.max_steps, initial=run.step, desc="train nft", unit="step", enabled=run.is_main)
     with progress:

@@ -72,6 +72,11 @@ def round_prompts(round_index: int, config: RoundSettings, num_prompts: int) -> 
     return prompt_indices(round_index, config.prompts_per_round, 0, 1, num_prompts, config.seed)
 
 
+def prompts_of_rounds(rounds: int, config: RoundSettings, num_prompts: int) -> set[int]:
+    """The prompt indices that rounds 0..rounds-1 trained on (flow_grpo's history_prompts), for a resume."""
+    return {i for r in range(rounds) for i in round_prompts(r, config, num_prompts)}
+
+
 def round_blocks(round_index: int, config: RoundSettings, rank: int, world: int) -> list[list[int]]:
     """Video slots (0..P G - 1; slot s is sample s % G of the round's prompt s // G) of process `rank`, one list
     per update: the slots at positions of blocks u W + rank of a seeded permutation of the round's slots."""
