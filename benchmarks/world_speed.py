@@ -15,6 +15,10 @@ and +20 points: on the mean curve, and per seed (None: not within the budget). D
 (`--png`, default docs/world_speed.png). Prints one JSON row per method; `--record` appends them to RESULTS.md.
 
     python benchmarks/world_speed.py [--out DIR] [--record] [--methods dpo,sft,reward_gradient,grpo,nft]
+    python benchmarks/world_speed.py --methods grpo --variant grpo_10_steps=grpo:steps=10
+
+`--variant NAME=METHOD:FIELD=VALUE[,FIELD=VALUE...]` adds a curve for METHOD trained with its shipped config with
+those fields changed (e.g. fewer rollout steps), under the same budget, seeds and evaluation, in the same run.
 """
 
 from __future__ import annotations
@@ -27,17 +31,26 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import emit_rows  # noqa: E402
-from benchmarks.world_alignment import OFFLINE, ONLINE, WorldEvaluator, evaluation_splits, train_methods  # noqa: E402
+from benchmarks.world_alignment import (  # noqa: E402
+    CONFIGS,
+    OFFLINE,
+    ONLINE,
+    WorldEvaluator,
+    evaluation_splits,
+    train_methods,
+)
 
 TARGETS = (10.0, 20.0)  # points of taught accuracy over the base
 DEFAULT_METHODS = ("dpo", "sft", "reward_gradient", "grpo", "nft")
 COLOURS = {"dpo": (31, 119, 180), "sft": (255, 127, 14), "reward_gradient": (44, 160, 44), "grpo": (214, 39, 40),
            "nft": (148, 103, 189), "dpo_oracle": (140, 86, 75)}
+VARIANT_COLOURS = ((0, 0, 0), (23, 190, 207), (188, 189, 34), (227, 119, 194))  # --variant curves
 
 
 def checkpoint_times(run_dir: Path, charged: float) -> list[tuple[float, Path]]:
@@ -51,6 +64,14 @@ def checkpoint_times(run_dir: Path, charged: float) -> list[tuple[float, Path]]:
         steps = int(folder.name.removeprefix("step-"))
         found.append((charged + ends[steps], folder / "adapter"))
     return found
+
+
+def variant_config(out: Path, name: str, method: str, changes: dict) -> Path:
+    """The shipped config of `method` with `changes`, written as `out/NAME.yaml`."""
+    path = out / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({**yaml.safe_load((CONFIGS / f"{method}.yaml").read_text()), **changes}))
+    return path
 
 
 def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -93,7 +114,7 @@ def draw_png(curves: dict[str, list[tuple[float, float]]], path: Path, budget: f
               fill=(0, 0, 0))
     draw.text((5, 2), "taught-accuracy gain over base, points (test split)", fill=(0, 0, 0))
     for row, (method, curve) in enumerate(curves.items()):
-        colour = COLOURS.get(method, (0, 0, 0))
+        colour = COLOURS.get(method, VARIANT_COLOURS[row % len(VARIANT_COLOURS)])
         points = [(x(t), y(g)) for t, g in curve]
         draw.line(points, fill=colour, width=2)
         draw.line([width - right + 10, top + 12 + 18 * row, width - right + 30, top + 12 + 18 * row], fill=colour,
@@ -114,6 +135,9 @@ def main() -> None:
     parser.add_argument("--checkpoint-seconds", type=float, default=30.0,
                         help="a checkpoint at least this often (default: 30 s)")
     parser.add_argument("--seeds", type=int, default=4, help="evaluation seeds per test prompt (default: 4)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD:FIELD=VALUE[,...]",
+                        help="also train METHOD with its shipped config's FIELDs set to VALUEs (YAML), reported as "
+                             "NAME (repeatable)")
     parser.add_argument("--png", default=str(ROOT / "docs" / "world_speed.png"), help="where to draw the curves")
     parser.add_argument("--record", action="store_true", help="append the rows to benchmarks/RESULTS.md")
     args = parser.parse_args()
@@ -123,20 +147,47 @@ def main() -> None:
         parser.error(f"--methods: expected some of {', '.join((*OFFLINE, *ONLINE))}, got {args.methods!r}")
     if args.training_seeds < 2:
         parser.error("--training-seeds: at least 2 (one run per method is not a measurement)")
+    variants: dict[str, tuple[str, dict]] = {}
+    for item in args.variant:
+        name, _, rest = item.partition("=")
+        method, _, assignments = rest.partition(":")
+        try:
+            changes = {key.strip(): yaml.safe_load(value) for key, _, value in
+                       (pair.partition("=") for pair in assignments.split(","))}
+        except yaml.YAMLError:
+            changes = {}
+        fields = yaml.safe_load((CONFIGS / f"{method}.yaml").read_text()) if method in ONLINE else {}
+        if not name or name in (*methods, *variants) or not changes or not set(changes) <= set(fields):
+            parser.error(f"--variant {item}: expected NAME=METHOD:FIELD=VALUE[,...] with a new NAME, METHOD one of "
+                         f"{', '.join(ONLINE)} and FIELDs of its shipped config")
+        variants[name] = (method, changes)
 
     started = time.perf_counter()
     extra = ("--save-every-seconds", args.checkpoint_seconds, "--keep-last", 1000)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
-        checkpoints: dict[str, list[list[tuple[float, Path]]]] = {m: [] for m in methods}
-        costs: dict[str, list[dict]] = {m: [] for m in methods}
+        names = [*methods, *variants]
+        checkpoints: dict[str, list[list[tuple[float, Path]]]] = {name: [] for name in names}
+        costs: dict[str, list[dict]] = {name: [] for name in names}
+        configs = {name: f"configs/world/{'dpo' if name == 'dpo_oracle' else name}.yaml" for name in methods}
         for index in range(args.training_seeds):
-            trained = train_methods(out / f"seed{index}", index, args.device, args.budget_seconds, methods,
-                                    extra=extra)
-            for method, run in trained.items():
-                charged = sum(v for k, v in run["seconds"].items() if k != "train")
-                checkpoints[method].append(checkpoint_times(out / f"seed{index}" / method, charged))
-                costs[method].append({k: run[k] for k in ("seconds", "steps_done", "max_steps", "stopped_by_budget")})
+            # name -> (its runs' folder, the methods trained there, their configs)
+            jobs = {None: (out / f"seed{index}", methods, {}),
+                    **{name: (out / f"seed{index}" / name, [method], {method: variant_config(out, name, method, changes)})
+                       for name, (method, changes) in variants.items()}}
+            for name, (folder, job_methods, job_configs) in jobs.items():
+                trained = train_methods(folder, index, args.device, args.budget_seconds, job_methods, job_configs,
+                                        extra=extra)
+                for method, run in trained.items():
+                    key = name or method
+                    charged = sum(v for k, v in run["seconds"].items() if k != "train")
+                    checkpoints[key].append(checkpoint_times(folder / method, charged))
+                    costs[key].append({k: run[k] for k in ("seconds", "steps_done", "max_steps",
+                                                           "stopped_by_budget")})
+                    if name:
+                        changes = variants[name][1]
+                        configs[key] = f"configs/world/{method}.yaml with " + ", ".join(
+                            f"{k}: {v}" for k, v in changes.items())
         adapters = {f"{m}@{i}@{j}": adapter for m, runs in checkpoints.items() for i, run in enumerate(runs)
                     for j, (_, adapter) in enumerate(run)}
         evaluator = WorldEvaluator(adapters, args.device)
@@ -156,7 +207,7 @@ def main() -> None:
                 curves.append(curve)
             means[method] = mean_curve(curves, grid)
             rows.append({
-                "benchmark": "world_speed", "method": method, "split": "test", "n_per_checkpoint": int(base.size),
+                "benchmark": "world_speed", "method": method, "config": configs[method], "split": "test", "n_per_checkpoint": int(base.size),
                 "base_taught": float(base.mean()), "budget_seconds": args.budget_seconds,
                 "minutes_to": {f"+{t:.0f}": (None if (s := time_to(means[method], t)) is None else round(s / 60, 2))
                                for t in TARGETS},

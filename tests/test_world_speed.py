@@ -52,3 +52,27 @@ def test_unknown_methods_are_refused(methods, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         world_speed.main()
     assert exit_info.value.code == 2 and "--methods" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["grpo_fast=grpo", "grpo_fast=unknown:steps=10", "grpo=grpo:steps=10",
+                                     "grpo_fast=grpo:stepz=10", "grpo_fast=grpo:steps=[10"])
+def test_bad_variants_are_refused(variant, monkeypatch, capsys):
+    import sys
+
+    from benchmarks import world_speed
+
+    monkeypatch.setattr(sys, "argv", ["world_speed.py", "--methods", "grpo", "--variant", variant])
+    with pytest.raises(SystemExit) as exit_info:
+        world_speed.main()
+    assert exit_info.value.code == 2 and "--variant" in capsys.readouterr().err
+
+
+def test_a_variant_is_the_shipped_config_with_its_changes(tmp_path):
+    import yaml
+
+    from benchmarks.world_speed import CONFIGS, variant_config
+
+    path = variant_config(tmp_path, "grpo_10_steps", "grpo", {"steps": 10, "learning_rate": 5e-4})
+    shipped = yaml.safe_load((CONFIGS / "grpo.yaml").read_text())
+    assert yaml.safe_load(path.read_text()) == {**shipped, "steps": 10, "learning_rate": 5e-4}
+    assert shipped["steps"] != 10
