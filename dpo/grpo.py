@@ -96,7 +96,7 @@ def sample_chunk(run: TrainingRun, parts: FrozenParts, config: GRPOConfig, round
         sigma, sigma_next = float(sigmas[index]), float(sigmas[index + 1])
         with run.accelerator.autocast():
             velocity = predict_velocity(policy, latents, sigma, cond, uncond, config.guidance, config.batch_cfg,
-                                        parts.schedule.num_train_timesteps)
+                                        parts.schedule.num_train_timesteps, guidance_scale_2=config.guidance_2)
         if index in window:
             states.append(latents.cpu())
             noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
@@ -139,7 +139,7 @@ def transition(run: TrainingRun, model: torch.nn.Module, parts: FrozenParts, con
     sigma, sigma_next = float(sigmas[index]), float(sigmas[index + 1])
     with run.accelerator.autocast():
         velocity = predict_velocity(model, x, sigma, cond, uncond, config.guidance, config.batch_cfg,
-                                    parts.schedule.num_train_timesteps)
+                                    parts.schedule.num_train_timesteps, guidance_scale_2=config.guidance_2)
     _, log_prob, mean, std_t = sde_step_with_logprob(x, velocity, sigma, sigma_next, config.noise_level,
                                                      sigma_max=float(sigmas[1]), next_latents=x_next)
     return log_prob, mean, std_t
@@ -186,7 +186,8 @@ def grpo_update(run: TrainingRun, parts: FrozenParts, config: GRPOConfig, round_
 def train_grpo(config: GRPOConfig) -> Path:
     """Train a LoRA adapter with GRPO; returns the final adapter directory."""
     run, parts = start_round_run(config)
-    run.prepare(run.load_policy(config.model, config.dtype, config.init_adapter, quantize=config.quantize))
+    run.prepare(run.load_policy(config.model, config.dtype, config.init_adapter, quantize=config.quantize,
+                                family=config.family))
     world = run.accelerator.num_processes
     if run.is_main:
         logger.info("grpo: %d prompts, rewards %s, %d rounds x %d prompts x G=%d, SDE window %d of %d steps (%s), "

@@ -110,7 +110,7 @@ def sample_chunk(run: TrainingRun, parts: FrozenParts, config: NFTConfig, round_
     uncond = parts.negative.to(device, model.dtype) if parts.negative is not None else None
     with run.accelerator.autocast():
         latents = denoise(model, noise, parts.schedule.sigmas(config.steps), cond, uncond, config.guidance,
-                          config.batch_cfg, parts.schedule.num_train_timesteps)
+                          config.batch_cfg, parts.schedule.num_train_timesteps, guidance_scale_2=config.guidance_2)
     video = decode_video_frames(parts.vae, latents, list(range(config.frames)))  # (B, F, 3, H, W) in [0, 1]
     scores = score_videos(parts.scorers, video, [parts.prompts[p] for p in prompts], batch_size=len(slots))
     return Chunk(slots, prompts, latents.float().cpu(), torch.stack([scores[k].double() for k in parts.scorers], 1))
@@ -201,7 +201,8 @@ def nft_update(run: TrainingRun, parts: FrozenParts, config: NFTConfig, round_: 
 def train_nft(config: NFTConfig) -> Path:
     """Train a LoRA adapter with DiffusionNFT; returns the final adapter directory."""
     run, parts = start_round_run(config)
-    policy = run.load_policy(config.model, config.dtype, config.init_adapter, quantize=config.quantize)
+    policy = run.load_policy(config.model, config.dtype, config.init_adapter, quantize=config.quantize,
+                             family=config.family)
     # The old policy starts as the policy; a resume (in prepare) restores the checkpoint's.
     run.trainer_tensors = {OLD_PREFIX + name: param.detach().clone()
                            for name, param in policy.named_parameters() if param.requires_grad}

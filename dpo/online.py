@@ -20,11 +20,12 @@ from typing import Any, Literal
 from rlhf.config import ConfigError, option
 from rlhf.errors import UserError
 from rlhf.io import output_path_problem
+from rlhf.options import FAMILY_HELP, family_name_problem
 
 logger = logging.getLogger("contentv-rlhf")
 # Keys each section may not set: the online loop owns them.
 _OWNED = {
-    "rollout": {"model", "prompts", "out", "adapter", "overwrite", "num_processes"},
+    "rollout": {"model", "family", "prompts", "out", "adapter", "overwrite", "num_processes"},
     "pairs": {"store", "out", "overwrite"},
     "train": {"pairs", "store", "model", "output_dir", "init_adapter", "reference", "resume_from", "overwrite",
               "method"},
@@ -36,6 +37,8 @@ class OnlineConfig:
     """`online`: rounds of rollout -> score -> pairs -> Flow-DPO, each starting from the previous adapter."""
 
     model: str | None = option(None, "Base checkpoint directory.")
+    family: str | None = option(None, FAMILY_HELP + " Passed to every round's rollout (train reads it from the "
+                                "store).", check=family_name_problem)
     prompts: str | None = option(None, "Training prompt file (.txt/.jsonl/.csv/datasets folder).")
     rewards: str | None = option(None, "Rewards YAML used to score every round (as for `score`).")
     out: str | None = option(None, "Run directory; round r goes to OUT/round-<r>.")
@@ -137,6 +140,8 @@ def run_online(config: OnlineConfig) -> list[dict[str, Any]]:
         adapter = train / "adapter"
         rollout_argv = ["rollout", "--model", config.model, "--prompts", config.prompts, "--out", store,
                         "--device", config.device, *_flags({"seed": config.seed + index, **config.rollout})]
+        if config.family is not None:
+            rollout_argv += ["--family", config.family]
         train_argv = ["train", "--pairs", pairs, "--output-dir", train, "--device", config.device,
                       *_flags({"seed": config.seed + index, **config.train})]
         if previous is not None:

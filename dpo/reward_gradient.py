@@ -99,7 +99,7 @@ def load_online_parts(config, device: torch.device, check_scorers: Callable[[dic
     check_scorers(scorers)
     # 2. VAE and text encoders (not the transformer): encode every prompt once, then free the encoders.
     parts = load_model(config.model, dtype=config.dtype, device=device, vae_dtype=config.vae_dtype,
-                       load_transformer=False, max_sequence_length=config.max_sequence_length)
+                       load_transformer=False, max_sequence_length=config.max_sequence_length, family=config.family)
     encoder, parts.prompt_encoder = parts.prompt_encoder, None
     prompts = prompt_list.prompts
     text = PromptEmbeds.cat([encoder.encode(prompts[i:i + ENCODE_CHUNK]).to("cpu")
@@ -131,7 +131,7 @@ def prompt_indices(micro_batch: int, batch_size: int, rank: int, world_size: int
 
 def sample_with_grad(model: torch.nn.Module, noise: torch.Tensor, sigmas: torch.Tensor, cond: PromptEmbeds,
                      uncond: PromptEmbeds | None, *, guidance: float, batch_cfg: bool, grad_steps: int,
-                     stop_latent_grad: bool, num_train_timesteps: int) -> torch.Tensor:
+                     stop_latent_grad: bool, num_train_timesteps: int, guidance_2: float | None = None) -> torch.Tensor:
     """Euler sampling from `noise` (B, C, T, H, W) where only the last `grad_steps` steps record gradients.
 
     Steps 1..N-K run under `no_grad`; steps N-K+1..N keep the graph through the model (DRaFT-K). With
@@ -146,7 +146,7 @@ def sample_with_grad(model: torch.nn.Module, noise: torch.Tensor, sigmas: torch.
         with contextlib.nullcontext() if with_grad else torch.no_grad():
             model_in = latents.detach() if stop_latent_grad else latents
             velocity = predict_velocity(model, model_in, sigma, cond, uncond, guidance, batch_cfg,
-                                        num_train_timesteps)
+                                        num_train_timesteps, guidance_scale_2=guidance_2)
             latents = euler_step(latents, velocity, sigma, sigma_next)
     return latents
 
@@ -240,7 +240,7 @@ def calibrate_rewards(run: TrainingRun, parts: FrozenParts, config: RewardGradie
                 latents = sample_with_grad(
                     reference, noise, schedule.sigmas(config.steps), cond, uncond, guidance=config.guidance,
                     batch_cfg=config.batch_cfg, grad_steps=0, stop_latent_grad=False,
-                    num_train_timesteps=schedule.num_train_timesteps)
+                    num_train_timesteps=schedule.num_train_timesteps, guidance_2=config.guidance_2)
             video = decode_video_frames(parts.vae, latents, frames).to(parts.reward_device)
             _, scores = weighted_reward(parts.scorers, video, [parts.prompts[p] for p, _ in chunk])
             rows += torch.stack([scores[k].float().cpu() for k in parts.scorers], dim=1).tolist()
@@ -313,7 +313,7 @@ def reward_gradient_step(run: TrainingRun, parts: FrozenParts, indices: list[int
         latents = sample_with_grad(
             policy, noise, parts.schedule.sigmas(config.steps), cond, uncond, guidance=config.guidance,
             batch_cfg=config.batch_cfg, grad_steps=config.grad_steps, stop_latent_grad=config.stop_latent_grad,
-            num_train_timesteps=parts.schedule.num_train_timesteps,
+            num_train_timesteps=parts.schedule.num_train_timesteps, guidance_2=config.guidance_2,
         )  # (B, C, T, H, W) float32
     # 3. Decode only the frames the reward needs, in the VAE's dtype (outside autocast), with gradients.
     video = decode_video_frames(parts.vae, latents, frames, config.vae_gradient_checkpointing)  # (B, n, 3, H, W)
@@ -337,7 +337,8 @@ def train_reward_gradient(config: RewardGradientConfig) -> Path:
     accelerator = run.accelerator
     # Order matters: the text encoders are freed before the transformer is loaded (peak memory).
     parts = load_frozen_parts(config, run.device)
-    run.prepare(run.load_policy(config.model, config.dtype, config.init_adapter, quantize=config.quantize))
+    run.prepare(run.load_policy(config.model, config.dtype, config.init_adapter, quantize=config.quantize,
+                                family=config.family))
     if config.reward_normalize == "calibrate":
         parts.normalization = calibrate_rewards(run, parts, config)
         if run.is_main:

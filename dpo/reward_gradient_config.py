@@ -7,6 +7,7 @@ from typing import Literal
 
 from rlhf.config import ConfigError, option
 from rlhf.options import (
+    FAMILY_HELP,
     MAX_MICRO_BATCH,
     QUANTIZE_HELP,
     DeviceName,
@@ -16,6 +17,7 @@ from rlhf.options import (
     SamplingOptions,
     TrainingOptions,
     device_name_problem,
+    family_name_problem,
     in_range,
     quantize_problem,
 )
@@ -36,6 +38,7 @@ class RewardGradientConfig(TrainingOptions, LoraOptions, SamplingOptions):
     )
     model: str | None = option(None, "Base ContentV checkpoint directory (diffusers layout); its "
                                      "sampling_defaults.json, if any, gives the sampling defaults.")
+    family: str | None = option(None, FAMILY_HELP, check=family_name_problem)
     device: DeviceName = option("auto", "Device (under accelerate launch, each process gets its own).",
                                 check=device_name_problem)
     dtype: DTypeName = option("bf16", "Storage dtype of the frozen transformer weights and the text encoders.")

@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 from rlhf.config import ConfigError, option
 from rlhf.options import (
+    FAMILY_HELP,
     MAX_MICRO_BATCH,
     QUANTIZE_HELP,
     DeviceName,
     DTypeName,
     QuantizeName,
     device_name_problem,
+    family_name_problem,
     in_range,
     quantize_problem,
 )
@@ -27,6 +29,7 @@ class RoundOptions:
 
     model: str | None = option(None, "Base ContentV checkpoint directory (diffusers layout); its "
                                      "sampling_defaults.json, if any, gives the sampling defaults.")
+    family: str | None = option(None, FAMILY_HELP, check=family_name_problem)
     device: DeviceName = option("auto", "Device (under accelerate launch, each process gets its own).",
                                 check=device_name_problem)
     dtype: DTypeName = option("bf16", "Storage dtype of the frozen transformer weights and the text encoders.")

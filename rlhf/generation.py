@@ -138,6 +138,7 @@ class VideoGenerator:
                 cond,
                 uncond,
                 guidance_scale=sampling.guidance,
+                guidance_scale_2=sampling.guidance_2,
                 batch_cfg=sampling.batch_cfg,
                 num_train_timesteps=self.schedule.num_train_timesteps,
                 on_step=lambda _: bar.update(),

@@ -56,6 +56,7 @@ from safetensors.torch import load_file
 from rlhf.base_model import check_adapter_base, identity
 from rlhf.errors import UserError, one_line
 from rlhf.lora import DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
+from rlhf.models.family import family_for
 from rlhf.models.loader import check_model_dir
 from rlhf.outputs import MODEL, check_output, staged_dir
 from rlhf.progress import Progress
@@ -115,6 +116,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     begin: int  # absolute byte offsets of the tensor's data in the file
     end: int
+    name: str | None = None  # its name in the shard, where the index names it otherwise (an expert's folder prefix)
 
 
 @dataclass
@@ -314,7 +316,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     }
 
 
-def _index_transformer(transformer_dir: Path) -> tuple[list[Path], dict[str, TensorInfo]]:
+def _index_transformer(transformer_dir: Path, prefix: str = "") -> tuple[list[Path], dict[str, TensorInfo]]:
+    """The shards of `transformer_dir` and their tensors by name (`prefix` + the shard's name for the tensor)."""
     bins = sorted(p for p in transformer_dir.iterdir() if p.name.endswith(".bin"))
     if bins:
         raise UserError(f"{bins[0]}: .bin transformer weights are not supported by merge; save the transformer "
@@ -323,6 +326,8 @@ def _index_transformer(transformer_dir: Path) -> tuple[list[Path], dict[str, Ten
     index: dict[str, TensorInfo] = {}
     for shard in shards:
         for key, info in read_safetensors_header(shard).items():
+            if prefix:
+                key, info = prefix + key, TensorInfo(info.shard, info.dtype, info.shape, info.begin, info.end, key)
             if key in index:
                 raise UserError(f"{shard}: tensor {key!r} is also in {index[key].shard.name}")
             index[key] = info
@@ -360,7 +365,7 @@ def _rewrite_shard(
     with safe_open(src, framework="pt", device="cpu") as reader, open(dst, "r+b") as out:
         for key in sorted(keys, key=lambda k: index[k].begin):  # in file order
             info = index[key]
-            merged = merge_weight(reader.get_tensor(key), updates[key])
+            merged = merge_weight(reader.get_tensor(info.name or key), updates[key])
             data = merged.contiguous().reshape(-1).view(torch.uint8).numpy()  # little-endian, as safetensors
             if data.nbytes != info.end - info.begin:
                 raise RuntimeError(f"{src}: merged {key} has {data.nbytes} bytes, the file holds "
@@ -395,8 +400,9 @@ def _copy(src: Path, dst: Path, summary: MergeSummary) -> None:
 def _write_checkpoint(
     model_dir: Path, staging: Path, shards: Sequence[Path], index: dict[str, TensorInfo],
     updates: dict[str, list[tuple[float, LoraModule]]], summary: MergeSummary,
+    folders: Sequence[str] = (TRANSFORMER,),
 ) -> None:
-    # 1. Everything but the transformer's shards: linked, or copied under transformer/.
+    # 1. Everything but the transformer's shards: linked, or copied under transformer/ (each of `folders`).
     shard_set = set(shards)
     for root, dirs, files in os.walk(model_dir, followlinks=True):
         dirs.sort()
@@ -406,7 +412,7 @@ def _write_checkpoint(
             src, dst = Path(root) / name, staging / relative / name
             if src in shard_set:
                 continue
-            if relative.parts[:1] == (TRANSFORMER,):
+            if relative.parts[:1] and relative.parts[0] in folders:
                 _copy(src, dst, summary)
             else:
                 _link_or_copy(src, dst, summary)
@@ -416,7 +422,7 @@ def _write_checkpoint(
         keys_by_shard.setdefault(index[key].shard, []).append(key)
     with Progress(total=len(shards), desc="merging transformer shards", unit="shard") as progress:
         for shard in shards:
-            dst = staging / TRANSFORMER / shard.name
+            dst = staging / shard.parent.name / shard.name
             if shard in keys_by_shard:
                 _rewrite_shard(shard, dst, keys_by_shard[shard], index, updates)
                 summary.shards_rewritten += 1
@@ -474,13 +480,20 @@ def merge_adapters(
     base = identity(model_dir, family)
     for adapter_dir in adapter_dirs:
         check_adapter_base(adapter_dir, model_dir, base)
+    # A family of several experts (Wan2.2 A14B: transformer/, transformer_2/) trains one module holding them, so
+    # its adapter names each weight under its expert's folder: the index prefixes the tensors the same way.
+    folders = family_for(model_dir, family).transformer_folders
     transformer_dir = model_dir / TRANSFORMER
-    shards, index = _index_transformer(transformer_dir)
-    updates = _plan_updates(loaded, adapter_weights, index, transformer_dir)
+    shards, index = [], {}
+    for folder in folders:
+        folder_shards, folder_index = _index_transformer(model_dir / folder, f"{folder}." if len(folders) > 1 else "")
+        shards += folder_shards
+        index.update(folder_index)
+    updates = _plan_updates(loaded, adapter_weights, index, transformer_dir if len(folders) == 1 else model_dir)
     summary = MergeSummary(out_dir=out, adapters=len(loaded), merged_weights=len(updates), shards_rewritten=0,
                            shards_total=len(shards))
 
     with staged_dir(out, "the merged checkpoint") as staging:
-        _write_checkpoint(model_dir, staging, shards, index, updates, summary)
+        _write_checkpoint(model_dir, staging, shards, index, updates, summary, folders)
     summary.seconds = time.perf_counter() - start
     return summary

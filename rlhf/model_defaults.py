@@ -32,6 +32,8 @@ from rlhf.errors import UserError, one_line
 FILENAME = "sampling_defaults.json"
 # The fields that are sampling options of the commands (shift is the scheduler's, checked against it).
 OPTION_FIELDS = ("frames", "height", "width", "steps", "guidance", "negative_prompt", "fps")
+# Sampling options only some families' folders set (Wan2.2 A14B: its low-noise expert's guidance).
+FAMILY_OPTION_FIELDS = ("guidance_2",)
 
 
 @dataclass
@@ -43,6 +45,7 @@ class ModelDefaults:
     width: int | None = option(None, "Frame width in pixels (a multiple of 16).")
     steps: int | None = option(None, "Sampling (Euler) steps.")
     guidance: float | None = option(None, "Classifier-free guidance scale.")
+    guidance_2: float | None = option(None, "Guidance scale of a two-expert model's low-noise expert (Wan2.2 A14B).")
     shift: float | None = option(None, "The scheduler's time shift (must equal scheduler/scheduler_config.json's).")
     fps: float | None = option(None, "Frame rate of written mp4 files.")
     negative_prompt: str | None = option(None, "Negative prompt of the unconditional branch.")
@@ -59,7 +62,8 @@ class ModelDefaults:
 
     def options(self) -> dict[str, Any]:
         """The sampling options the file sets (field -> value), shift excluded."""
-        return {name: getattr(self, name) for name in OPTION_FIELDS if getattr(self, name) is not None}
+        return {name: getattr(self, name) for name in (*OPTION_FIELDS, *FAMILY_OPTION_FIELDS)
+                if getattr(self, name) is not None}
 
 
 def read_model_defaults(model_dir: str | Path) -> tuple[str, dict[str, Any]] | None:

@@ -113,6 +113,10 @@ def round_frames(frames: int) -> int:
     return frames // VAE_TEMPORAL_FACTOR * VAE_TEMPORAL_FACTOR + 1
 
 
+FAMILY_HELP = ("Model family of `model`: contentv, wan2.1, wan2.2-ti2v or wan2.2-a14b (default: the one its "
+               "model_index.json names; docs/models.md).")
+
+
 @dataclass
 class ModelOptions:
     """Which checkpoint to load, onto which device, and the memory-saving switches."""
@@ -122,10 +126,7 @@ class ModelOptions:
         "one with `contentv-rlhf tiny-model DIR`. Its sampling_defaults.json, if any, replaces the sampling defaults "
         "shown here (config and flags still win)."
     )
-    family: str | None = option(
-        None, "Model family of `model`: contentv, wan2.1 or wan2.2-ti2v (default: the one its model_index.json "
-        "names; docs/models.md).", check=family_name_problem
-    )
+    family: str | None = option(None, FAMILY_HELP, check=family_name_problem)
     device: DeviceName = option("auto", "Device: auto picks npu (USE_ASCEND_NPU=1), then cuda, then cpu; "
                                         "cuda:1 picks a GPU.", check=device_name_problem)
     dtype: DTypeName = option("bf16", "Transformer and text-encoder dtype.")
@@ -178,6 +179,10 @@ class SamplingOptions:
     steps: int = option(50, "Number of Euler steps.")
     guidance: float = option(6.0, f"Classifier-free guidance scale, 0..{MAX_GUIDANCE:g} (at or below 1 "
                                   "there is no guidance: no unconditional branch, as in diffusers).")
+    guidance_2: float | None = option(
+        None, f"Guidance scale of a two-expert model's low-noise expert (Wan2.2 A14B's transformer_2, WanPipeline's "
+        f"guidance_scale_2), 0..{MAX_GUIDANCE:g}; default: guidance. Whether guidance runs at all follows guidance."
+    )
     negative_prompt: str = option(DEFAULT_NEGATIVE_PROMPT, "Negative prompt used for the unconditional branch.")
     max_sequence_length: int | None = option(
         None, "T5 tokens per prompt (default: the model family's: ContentV 256, or its T5 tokenizer's "
@@ -209,6 +214,8 @@ class SamplingOptions:
             in_range(name, value, 16, MAX_SIDE)
         in_range("steps", self.steps, 1, MAX_STEPS)
         in_range("guidance", self.guidance, 0, MAX_GUIDANCE)
+        if self.guidance_2 is not None:
+            in_range("guidance_2", self.guidance_2, 0, MAX_GUIDANCE)
         if self.max_sequence_length is not None:
             in_range("max_sequence_length", self.max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
 

@@ -225,10 +225,12 @@ def predict_velocity(
     guidance_scale: float = 1.0,
     batch_cfg: bool = True,
     num_train_timesteps: int = 1000,
+    guidance_scale_2: float | None = None,
 ) -> torch.Tensor:
     """Guided velocity for `latents` (B, C, T, H, W) at `sigma`.
 
-    With guidance, the unconditional and conditional inputs run as ONE batched forward when `batch_cfg`
+    `guidance_scale_2` is the scale of a two-expert model's low-noise expert (None: `guidance_scale`); the model's
+    family picks the step's scale (`ModelFamily.guidance_scale`). With guidance, the unconditional and conditional inputs run as ONE batched forward when `batch_cfg`
     (faster), or as two forwards (half the activation memory). `cond`/`uncond` are already on the
     transformer's device and dtype; either may be a single row broadcast to the batch.
     """
@@ -255,6 +257,8 @@ def predict_velocity(
         v_uncond, v_cond = both.chunk(2)
     else:
         v_uncond, v_cond = forward(model_in, uncond, timestep), forward(model_in, cond, timestep)
+    if guidance_scale_2 is not None:
+        guidance_scale = family.guidance_scale(transformer, float(timestep[0]), guidance_scale, guidance_scale_2)
     return guided_velocity(v_cond.float(), v_uncond.float(), guidance_scale)
 
 
@@ -268,13 +272,15 @@ def denoise(
     batch_cfg: bool = True,
     num_train_timesteps: int = 1000,
     on_step: Callable[[int], None] | None = None,
+    guidance_scale_2: float | None = None,
 ) -> torch.Tensor:
     """Integrate from `noise` (at sigmas[0]) to sigmas[-1] with Euler steps; returns float32 latents."""
     latents = noise.float()
     for index in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[index]), float(sigmas[index + 1])
         velocity = predict_velocity(
-            transformer, latents, sigma, cond, uncond, guidance_scale, batch_cfg, num_train_timesteps
+            transformer, latents, sigma, cond, uncond, guidance_scale, batch_cfg, num_train_timesteps,
+            guidance_scale_2=guidance_scale_2,
         )
         latents = euler_step(latents, velocity, sigma, sigma_next)
         if on_step is not None:

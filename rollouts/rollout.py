@@ -96,6 +96,8 @@ def store_settings(config: RolloutConfig, frames: int, device_type: str) -> dict
         "width": config.width,
         "steps": config.steps,
         "guidance": config.guidance,
+        # A two-expert model's low-noise guidance; recorded only when set, so stores written before it resume.
+        **({"guidance_2": config.guidance_2} if config.guidance_2 is not None else {}),
         "negative_prompt": config.negative_prompt,
         "max_sequence_length": config.max_sequence_length,
         "batch_cfg": config.batch_cfg,

@@ -34,8 +34,9 @@ def test_every_registered_family_loads_and_has_a_tiny_model(model_dirs):
     for name, folder in model_dirs.items():
         family = family_named(name)
         assert family.name == name and family_for(folder) is family
-        assert set(family.sampling_defaults) == {"frames", "height", "width", "steps", "guidance",
-                                                 "negative_prompt", "fps"}
+        assert set(family.sampling_defaults) - {"guidance_2"} == {"frames", "height", "width", "steps", "guidance",
+                                                                 "negative_prompt", "fps"}
+        assert ("guidance_2" in family.sampling_defaults) == (len(family.transformer_folders) > 1)
         assert family.lora_targets
 
 

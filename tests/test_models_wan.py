@@ -78,16 +78,20 @@ def test_layout_is_wan_pipelines_and_the_family_is_read_from_it(wan_dir, tiny_mo
     assert family_for(tiny_model_dir).name == "contentv"
 
 
-def test_two_expert_wan22_is_refused(wan_dir, tmp_path):
+def test_a_boundary_ratio_makes_a_two_expert_folder(wan_dir, tmp_path):
+    """An index with boundary_ratio is Wan2.2 A14B's (tests/test_models_wan22_a14b.py); without transformer_2 it
+    names the missing expert."""
     import shutil
 
     from rlhf.errors import UserError
+    from rlhf.models.loader import check_model_dir
 
     folder = shutil.copytree(wan_dir, tmp_path / "a14b")
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 0.875}))
-    with pytest.raises(UserError, match="two-expert Wan2.2"):
-        family_for(folder)
+    assert family_for(folder).name == "wan2.2-a14b"
+    with pytest.raises(UserError, match="transformer_2/config.json: missing"):
+        check_model_dir(folder)
 
 
 @pytest.mark.parametrize("steps", [1, 4, 50])

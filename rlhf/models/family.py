@@ -35,10 +35,11 @@ FAMILIES: dict[str, str] = {
     "contentv": "rlhf.models.contentv:ContentVFamily",
     "wan2.1": "rlhf.models.wan:Wan21Family",
     "wan2.2-ti2v": "rlhf.models.wan:Wan22TI2VFamily",
+    "wan2.2-a14b": "rlhf.models.wan:Wan22A14BFamily",
 }
 # model_index.json `_class_name` -> family. Wan2.2 checkpoints also name WanPipeline: TI2V-5B sets
-# `expand_timesteps` (-> wan2.2-ti2v); the two-expert A14B models set `transformer_2` / `boundary_ratio`, which
-# this version refuses (not yet).
+# `expand_timesteps` (-> wan2.2-ti2v); the two-expert A14B models set `transformer_2` / `boundary_ratio`
+# (-> wan2.2-a14b).
 PIPELINE_FAMILIES: dict[str, str] = {"ContentVPipeline": "contentv", "WanPipeline": "wan2.1"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -84,6 +85,8 @@ class ModelFamily(abc.ABC):
     sampling_defaults: ClassVar[Mapping[str, Any]]
     # How the sampler spaces sigmas before the scheduler's shift (rlhf.sampling.FlowSchedule.spacing).
     sigma_spacing: ClassVar[str]
+    # The folders holding transformer weights (several for a model of several experts): merge fuses into each.
+    transformer_folders: ClassVar[tuple[str, ...]] = ("transformer",)
 
     # ---- the folder ----------------------------------------------------------------------------
     @property
@@ -161,6 +164,12 @@ class ModelFamily(abc.ABC):
                  text: PromptEmbeds) -> torch.Tensor:
         """The transformer's prediction for `latents` (B, C, T, H, W) at `timestep` (B,) (= sigma * T_train)."""
 
+    def guidance_scale(self, model: torch.nn.Module, timestep: float, guidance: float,
+                       guidance_2: float | None) -> float:
+        """The guidance scale of the step at `timestep` (families of one model: `guidance`; Wan2.2 A14B's low-noise
+        expert takes `guidance_2`). Whether guidance runs at all is decided by `guidance` alone, as WanPipeline does."""
+        return guidance
+
     @abc.abstractmethod
     def text_sizes(self, transformer_config: Mapping[str, Any]) -> dict[str, int]:
         """Feature sizes the transformer expects of `PromptEmbeds`: {"text feature size", "pooled text size"}
@@ -226,12 +235,16 @@ def family_for(path: str | Path, family: str | None = None) -> ModelFamily:
         raise UserError(f"{Path(path) / 'model_index.json'}: _class_name {pipeline!r} is not a supported pipeline "
                         f"(expected one of {', '.join(PIPELINE_FAMILIES)}; or name the family with --family)")
     if pipeline == "WanPipeline":
-        if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
-            raise UserError(f"{Path(path) / 'model_index.json'}: a two-expert Wan2.2 checkpoint (transformer_2, "
-                            "boundary_ratio); only Wan2.1 and Wan2.2 TI2V-5B are supported yet (docs/models.md)")
+        if has_second_expert(index) or index.get("boundary_ratio") is not None:
+            return family_named("wan2.2-a14b")  # its check_dir names a missing transformer_2 or boundary_ratio
         if index.get("expand_timesteps"):
             return family_named("wan2.2-ti2v")
     return family_named(PIPELINE_FAMILIES[pipeline])
+
+
+def has_second_expert(index: Mapping[str, Any]) -> bool:
+    """Whether a WanPipeline model_index.json lists a `transformer_2` (diffusers writes [null, null] for none)."""
+    return index.get("transformer_2") not in (None, [None, None])
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

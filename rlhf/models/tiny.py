@@ -93,12 +93,12 @@ MODEL_INDEX: dict[str, Any] = {
 }
 
 
-TINY_FAMILIES = ("contentv", "wan2.1", "wan2.2-ti2v")  # families `build_tiny_model` can write
+TINY_FAMILIES = ("contentv", "wan2.1", "wan2.2-ti2v", "wan2.2-a14b")  # families `build_tiny_model` can write
 
 
 def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False,
                      family: str = "contentv") -> Path:
-    """Write a complete checkpoint of `family` (ContentV layout by default; `wan2.1`, `wan2.2-ti2v`: WanPipeline's
+    """Write a complete checkpoint of `family` (ContentV layout by default; `wan2.1`, `wan2.2-ti2v`, `wan2.2-a14b`: WanPipeline's
     layout, rlhf/models/tiny_wan.py) with tiny random components to `out_dir`.
 
     The same `seed` gives byte-identical weight files. The caller's global torch RNG state is left as
@@ -118,10 +118,10 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool 
     # fork_rng: seeding must not change the random stream of the caller (e.g. a test's own sampling).
     with staged_dir(out, "the tiny model") as staging, torch.random.fork_rng(devices=[]), \
             _no_transformers_progress_bars():
-        if family in ("wan2.1", "wan2.2-ti2v"):
+        if family in ("wan2.1", "wan2.2-ti2v", "wan2.2-a14b"):
             from rlhf.models.tiny_wan import write_tiny_wan
 
-            write_tiny_wan(staging, seed, ti2v=family == "wan2.2-ti2v")
+            write_tiny_wan(staging, seed, ti2v=family == "wan2.2-ti2v", a14b=family == "wan2.2-a14b")
         else:
             _write_checkpoint(staging, seed)
     return out

@@ -7,7 +7,10 @@ classes at toy sizes: `WanTransformer3DModel` (2 blocks, 2 heads x 12), a 2-laye
 character-level T5 tokenizer written offline (rlhf/models/tiny.py), the tiny Wan VAE that the tiny ContentV
 model uses, and a shifted `FlowMatchEulerDiscreteScheduler` (WanPipeline's declared scheduler). The Wan2.2 TI2V
 variant (`wan2.2-ti2v`) sets the pipeline's `expand_timesteps` and uses a tiny Wan2.2 VAE (48 latent channels,
-16x spatial: a 2x2 patchify around a residual 8x VAE), with the transformer's channels to match.
+16x spatial: a 2x2 patchify around a residual 8x VAE), with the transformer's channels to match. The Wan2.2 A14B
+variant (`wan2.2-a14b`) adds a second expert (`transformer_2`, seeded on its own) and `boundary_ratio`
+(TINY_BOUNDARY_RATIO, the T2V-A14B release's: with the tiny schedule's shift, 8 steps run 3 high-noise steps and
+5 low-noise ones) and writes a low-noise guidance scale (`guidance_2`) in its sampling defaults.
 """
 
 from __future__ import annotations
@@ -50,9 +53,13 @@ TINY_WAN22_VAE_CONFIG: dict[str, Any] = dict(
 )
 
 
-def write_tiny_wan(root: Path, seed: int, ti2v: bool = False) -> None:
-    """Write the tiny Wan2.1 checkpoint (Wan2.2 TI2V with `ti2v`) into the empty folder `root` (each component
-    seeded on its own)."""
+TINY_BOUNDARY_RATIO = 0.875  # Wan2.2 T2V-A14B's
+TINY_GUIDANCE_2 = 3.0
+
+
+def write_tiny_wan(root: Path, seed: int, ti2v: bool = False, a14b: bool = False) -> None:
+    """Write the tiny Wan2.1 checkpoint (Wan2.2 TI2V with `ti2v`, Wan2.2 A14B with `a14b`) into the empty folder
+    `root` (each component seeded on its own)."""
     from diffusers import (
         AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
@@ -75,10 +82,16 @@ def write_tiny_wan(root: Path, seed: int, ti2v: bool = False) -> None:
     transformer = WanTransformer3DModel(**{**TINY_WAN_TRANSFORMER_CONFIG, **channels})
     # The tiny ContentV transformer's init (tiny._reinit_): outputs clearly depend on the latents and the prompt.
     _reinit_(transformer, torch.Generator().manual_seed(_component_seed(seed, 2)))
+    experts: dict[str, Any] = {}
+    if a14b:
+        transformer_2 = WanTransformer3DModel(**TINY_WAN_TRANSFORMER_CONFIG)
+        _reinit_(transformer_2, torch.Generator().manual_seed(_component_seed(seed, 3)))
+        experts = dict(transformer_2=transformer_2, boundary_ratio=TINY_BOUNDARY_RATIO)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=TINY_WAN_SAMPLING_DEFAULTS["shift"])
     WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer,
-                expand_timesteps=ti2v).save_pretrained(root, safe_serialization=True)
+                expand_timesteps=ti2v, **experts).save_pretrained(root, safe_serialization=True)
     for path in sorted(staging.iterdir()):
         path.unlink()
     staging.rmdir()
-    write_model_defaults(root, {**TINY_WAN_SAMPLING_DEFAULTS, "negative_prompt": NEGATIVE_PROMPT})
+    write_model_defaults(root, {**TINY_WAN_SAMPLING_DEFAULTS, "negative_prompt": NEGATIVE_PROMPT,
+                                **({"guidance_2": TINY_GUIDANCE_2} if a14b else {})})

@@ -1,0 +1,298 @@
+"""Wan2.2 A14B (`wan2.2-a14b`: WanPipeline with `transformer_2` and `boundary_ratio`) on its tiny checkpoint, against
+diffusers' own `WanPipeline`:
+
+- `tiny-model --family wan2.2-a14b` writes WanPipeline's two-expert folder, and the family is read from it;
+- our final latents equal WanPipeline's (fp32, same prompt and noise) with steps on both sides of the boundary and a
+  low-noise guidance scale of its own (`guidance_2` = WanPipeline's `guidance_scale_2`);
+- each sample of a training batch goes through the expert of its timestep: the gradient of a sampled sigma reaches
+  only that expert's LoRA;
+- rollout -> score -> pairs -> train -> merge -> eval run on it through the CLI; the merged folder (both experts
+  merged) and the LoRA export (one file per expert, the second loaded with `load_into_transformer_2=True`) load in
+  WanPipeline and sample what base + adapter samples;
+- the online trainers train on it, and take `family` (a family that does not fit is refused in one line);
+- a Wan2.1 adapter is refused by the A14B base and an A14B adapter by a Wan2.1 base (exit 2, one line).
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from rlhf.cli import main
+from rlhf.generation import VideoGenerator
+from rlhf.models.family import family_for, transformer_family
+from rlhf.options import ModelOptions, SamplingOptions
+from rlhf.sampling import initial_noise
+from tests.conftest import TRAIN_PROMPTS, call_cli
+
+PROMPT, NEGATIVE = "a red ball rolls over the green grass", "blurry, static"
+SAMPLING = dict(frames=5, height=64, width=64)
+TOLERANCE = 1e-4  # fp32 on CPU: the two paths differ by operation order only
+
+
+@pytest.fixture(scope="module")
+def a14b_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("a14b") / "model"
+    assert main(["tiny-model", str(out), "--family", "wan2.2-a14b"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def wan21_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wan21") / "model"
+    assert main(["tiny-model", str(out), "--family", "wan2.1"]) == 0
+    return out
+
+
+def wan_pipeline(folder):
+    from diffusers import WanPipeline
+
+    pipeline = WanPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def ours(model_dir, steps: int, guidance: float, guidance_2: float | None, seed: int = 7, adapter=None
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(initial noise, final latents) of our generate/rollout path for PROMPT."""
+    generator = VideoGenerator(ModelOptions(model=str(model_dir), device="cpu", dtype="fp32", adapter=adapter),
+                               load_vae=False)
+    sampling = SamplingOptions(**SAMPLING, steps=steps, guidance=guidance, guidance_2=guidance_2,
+                               negative_prompt=NEGATIVE)
+    embeds = generator.encode_prompts([PROMPT, NEGATIVE])
+    latents = generator.sample_latents(embeds.select(0), embeds.select(1), [seed], sampling, progress=False)
+    shape = generator.family.latent_shape(sampling.frames, sampling.height, sampling.width,
+                                          generator.transformer.config)
+    return initial_noise(shape, [seed]), latents
+
+
+def pipeline_latents(pipeline, noise: torch.Tensor, steps: int, guidance: float, guidance_2: float | None
+                     ) -> torch.Tensor:
+    return pipeline(prompt=PROMPT, negative_prompt=NEGATIVE, num_frames=SAMPLING["frames"], height=SAMPLING["height"],
+                    width=SAMPLING["width"], num_inference_steps=steps, guidance_scale=guidance,
+                    guidance_scale_2=guidance_2, latents=noise.clone(), output_type="latent").frames
+
+
+def test_layout_is_wan_pipelines_two_experts_and_the_family_is_read_from_it(a14b_dir, wan21_dir, capsys):
+    from rlhf.models.loader import load_model
+    from rlhf.models.wan import WanExperts
+
+    index = json.loads((a14b_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "WanPipeline" and index["transformer_2"] == ["diffusers", "WanTransformer3DModel"]
+    assert family_for(a14b_dir).name == "wan2.2-a14b" and family_for(wan21_dir).name == "wan2.1"
+    pipe = wan_pipeline(a14b_dir)
+    assert pipe.config.boundary_ratio == 0.875
+    transformer = load_model(a14b_dir, dtype="fp32", load_vae=False, load_text_encoders=False).transformer
+    assert isinstance(transformer, WanExperts) and transformer.boundary_timestep == 875.0
+    assert transformer_family(transformer).name == "wan2.2-a14b"
+    assert transformer_family(pipe.transformer_2).name == "wan2.1"  # one expert alone is a plain Wan transformer
+    for ours_expert, theirs in ((transformer.transformer, pipe.transformer), (transformer.transformer_2,
+                                                                              pipe.transformer_2)):
+        assert all(torch.equal(a, b) for a, b in zip(ours_expert.state_dict().values(), theirs.state_dict().values(),
+                                                      strict=True))
+    assert not torch.equal(pipe.transformer.blocks[0].attn1.to_q.weight, pipe.transformer_2.blocks[0].attn1.to_q.weight)
+    # Naming a one-transformer family for the two-expert folder, or the reverse, is refused in one line.
+    base = ["generate", "--prompt", "x", "--steps", "1", "--frames", "5", "--height", "64", "--width", "64",
+            "--dtype", "fp32"]
+    code, _, err = call_cli(capsys, *base, "--model", a14b_dir, "--out", a14b_dir.parent / "x.mp4",
+                            "--family", "wan2.1")
+    assert code == 2 and "transformer_2" in err and "wan2.2-a14b" in err and len(err.strip().splitlines()) == 1
+    code, _, err = call_cli(capsys, *base, "--model", wan21_dir, "--out", wan21_dir.parent / "x.mp4",
+                            "--family", "wan2.2-a14b")
+    assert code == 2 and "boundary_ratio" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("steps", "guidance", "guidance_2"), [(6, 4.0, 2.0), (4, 4.0, None)])
+def test_sampler_equals_wan_pipeline_with_both_experts(a14b_dir, steps, guidance, guidance_2):
+    schedule = family_for(a14b_dir).schedule(a14b_dir)
+    timesteps = schedule.timesteps(schedule.sigmas(steps))
+    assert (timesteps >= 875).any() and (timesteps < 875).any()  # both experts denoise
+    noise, latents = ours(a14b_dir, steps, guidance, guidance_2)
+    pipe = wan_pipeline(a14b_dir)
+    expected = pipeline_latents(pipe, noise, steps, guidance, guidance_2)
+    assert latents.shape == expected.shape == (1, 16, 2, 8, 8)
+    torch.testing.assert_close(latents, expected, atol=TOLERANCE, rtol=0)
+    # Neither expert alone (nor one guidance for both) samples this: the switch and guidance_2 are checked.
+    single = pipeline_latents(pipe, noise, steps, guidance, guidance)
+    pipe.config.boundary_ratio = 0.0  # transformer (high noise) for every step
+    high_only = pipeline_latents(pipe, noise, steps, guidance, None)
+    assert (latents - high_only).abs().max() > 100 * TOLERANCE
+    if guidance_2 is not None:
+        assert (latents - single).abs().max() > 100 * TOLERANCE
+
+
+def test_training_gradient_reaches_only_the_expert_of_the_sampled_sigma(a14b_dir):
+    """Invariant over random sigma draws: the expert whose timestep range holds no sampled sigma gets no gradient,
+    one that holds any gets one; and each sample's velocity is its own expert's."""
+    from dpo.losses import sample_sigmas
+    from rlhf.lora import add_lora
+    from rlhf.models.family import velocity
+    from rlhf.models.loader import load_model
+    from rlhf.sampling import PromptEmbeds
+    from rlhf.training import mark_trainable
+
+    parts = load_model(a14b_dir, dtype="fp32", load_vae=False, load_text_encoders=False)
+    model = parts.transformer
+    add_lora(model, rank=2, alpha=2)
+    for name, param in model.named_parameters():  # B = 0 would hide A's gradient; any non-zero start will do
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    mark_trainable(model)
+    latents = torch.randn(4, 16, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = PromptEmbeds(torch.randn(4, 12, 32, generator=torch.Generator().manual_seed(1)), None)
+    seen = set()
+    for seed in range(6):
+        sampler = "uniform" if seed % 2 else "logit_normal"  # the trainers' two sigma samplers
+        sigmas = sample_sigmas(4, torch.Generator().manual_seed(seed), sampler, shift=parts.schedule.shift)
+        timestep = sigmas * parts.schedule.num_train_timesteps
+        model.zero_grad()
+        out = velocity(model, latents, timestep, text)
+        out.square().mean().backward()
+        high = timestep >= 875
+        for expert, used in (("transformer.", bool(high.any())), ("transformer_2.", bool((~high).any()))):
+            grads = [p.grad for n, p in model.named_parameters() if n.startswith(expert) and p.requires_grad]
+            reached = any(g is not None and g.abs().max() > 0 for g in grads)
+            assert reached == used, (seed, expert, timestep)
+        seen.add((bool(high.any()), bool((~high).any())))
+        with torch.no_grad():  # each row is its own expert's prediction
+            for row in range(4):
+                expert = model.transformer if high[row] else model.transformer_2
+                alone = expert(hidden_states=latents[row:row + 1], timestep=timestep[row:row + 1],
+                               encoder_hidden_states=text.prompt_embeds[row:row + 1], return_dict=False)[0]
+                torch.testing.assert_close(out[row:row + 1].detach(), alone, atol=1e-5, rtol=0)
+    assert (True, True) in seen  # a mixed batch was among the draws
+
+
+@pytest.fixture(scope="module")
+def trained(a14b_dir, tmp_path_factory):
+    """rollout -> score -> pairs -> train -> merge -> eval on the tiny A14B model, through the CLI."""
+    root = tmp_path_factory.mktemp("a14b-run")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(TRAIN_PROMPTS) + "\n")
+    rewards = root / "rewards.yaml"
+    rewards.write_text(yaml.safe_dump({"scorers": {"brightness": {"weight": 1.0}}, "device": "cpu"}))
+    store, pairs, run, merged, evaluation = (root / name for name in ("store", "pairs", "run", "merged", "eval"))
+    eval_config = root / "eval.yaml"
+    eval_config.write_text(yaml.safe_dump({
+        "model": str(a14b_dir), "prompts": str(prompts), "seeds": 1, "batch_size": 1, "rewards": str(rewards),
+        "out": str(evaluation), "frames": 5, "height": 64, "width": 64, "steps": 2, "adapters": [str(run / "adapter")],
+        "dtype": "fp32", "device": "cpu"}))
+    commands = [
+        ["rollout", "--model", a14b_dir, "--prompts", prompts, "--out", store, "--frames", "5", "--height", "64",
+         "--width", "64", "--steps", "2", "--guidance", "3", "--samples-per-prompt", "2", "--batch-size", "2",
+         "--save-frames", "2", "--dtype", "fp32"],
+        ["score", "--store", store, "--config", rewards],
+        ["pairs", "--store", store, "--out", pairs, "--min-margin", "0"],
+        ["train", "--pairs", pairs, "--output-dir", run, "--dtype", "fp32", "--mixed-precision", "no",
+         "--lora-rank", "4", "--lora-alpha", "8", "--report-to", "none", "--no-gradient-checkpointing",
+         "--max-steps", "4", "--learning-rate", "0.01", "--batch-size", "2", "--sigma-sampler", "uniform"],
+        ["merge", "--model", a14b_dir, "--adapter", run / "adapter", "--out", merged],
+        ["eval", "--config", eval_config],
+    ]
+    for command in commands:
+        assert main([str(a) for a in command]) == 0, command[0]
+    return store, run / "adapter", merged, evaluation
+
+
+def test_cli_pipeline_runs_on_a14b_and_the_adapter_holds_one_lora_per_expert(trained):
+    from safetensors.torch import load_file
+
+    from rlhf.lora import DIFFUSERS_WEIGHTS
+    from rlhf.models.wan import EXPERT_2_WEIGHTS
+    from rollouts.store import RolloutStore
+
+    store, adapter, _, evaluation = trained
+    settings = RolloutStore(store).settings
+    assert settings["family"] == "wan2.2-a14b" and settings["guidance_2"] == 3.0  # the tiny model's default
+    assert json.loads((adapter / "base_model.json").read_text())["family"] == "wan2.2-a14b"
+    peft = load_file(str(adapter / "adapter_model.safetensors"))
+    experts = {key.split(".")[2] for key in peft}  # base_model.model.<expert>.blocks...
+    assert experts == {"transformer", "transformer_2"}
+    for expert in experts:  # both trained away from the zero init, each to its own weights
+        assert any(v.abs().max() > 0 for k, v in peft.items() if f".{expert}.blocks." in k and "lora_B" in k)
+    high, low = (load_file(str(adapter / name)) for name in (DIFFUSERS_WEIGHTS, EXPERT_2_WEIGHTS))
+    assert high.keys() == low.keys() and all(k.startswith("transformer.blocks.") for k in high)
+    assert any(not torch.equal(high[k], low[k]) for k in high)
+    assert any(evaluation.rglob("*.json"))
+
+
+def test_merged_and_exported_lora_sample_base_plus_adapter_in_wan_pipeline(a14b_dir, trained):
+    from rlhf.models.wan import EXPERT_2_WEIGHTS
+
+    _, adapter, merged, _ = trained
+    steps, guidance, guidance_2 = 6, 4.0, 2.0
+    noise, base = ours(a14b_dir, steps, guidance, guidance_2)
+    _, adapted = ours(a14b_dir, steps, guidance, guidance_2, adapter=str(adapter))
+    assert (adapted - base).abs().max() > 100 * TOLERANCE  # the adapter changes the samples
+
+    assert json.loads((merged / "model_index.json").read_text())["boundary_ratio"] == 0.875
+    merged_pipe = wan_pipeline(merged)
+    torch.testing.assert_close(pipeline_latents(merged_pipe, noise, steps, guidance, guidance_2), adapted,
+                               atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(ours(merged, steps, guidance, guidance_2)[1], adapted, atol=TOLERANCE, rtol=0)
+
+    lora_pipe = wan_pipeline(a14b_dir)
+    lora_pipe.load_lora_weights(str(adapter))
+    only_high = pipeline_latents(lora_pipe, noise, steps, guidance, guidance_2)
+    assert (only_high - adapted).abs().max() > 100 * TOLERANCE  # the low-noise expert's LoRA matters too
+    lora_pipe.load_lora_weights(str(adapter), weight_name=EXPERT_2_WEIGHTS, load_into_transformer_2=True)
+    torch.testing.assert_close(pipeline_latents(lora_pipe, noise, steps, guidance, guidance_2), adapted,
+                               atol=TOLERANCE, rtol=0)
+
+
+def test_adapters_of_wan21_and_a14b_are_refused_by_each_others_base(trained, a14b_dir, wan21_dir, tmp_path, capsys):
+    _, adapter, _, _ = trained
+    wan21_adapter = shutil.copytree(adapter, tmp_path / "wan21-adapter")  # as a Wan2.1 run records its base
+    record = json.loads((wan21_adapter / "base_model.json").read_text())
+    (wan21_adapter / "base_model.json").write_text(json.dumps({**record, "family": "wan2.1"}))
+    for model, lora, families in ((wan21_dir, adapter, ("wan2.1", "wan2.2-a14b")),
+                                  (a14b_dir, wan21_adapter, ("wan2.2-a14b", "wan2.1"))):
+        for command in (["generate", "--model", model, "--adapter", lora, "--prompt", "x", "--out", tmp_path / "x.mp4",
+                         "--frames", "5", "--height", "64", "--width", "64", "--steps", "1"],
+                        ["merge", "--model", model, "--adapter", lora, "--out", tmp_path / "merged"]):
+            code, _, err = call_cli(capsys, *command)
+            assert code == 2, err
+            line = err.strip()
+            assert "\n" not in line and "base_model.json" in line and all(f in line for f in families), line
+
+
+@pytest.mark.parametrize(("config", "sizes"), [
+    ("grpo.yaml", dict(max_steps=2, group_size=2, prompts_per_round=1)),
+    ("nft.yaml", dict(max_steps=2, group_size=2, prompts_per_round=1)),
+    ("reward_gradient.yaml", dict(max_steps=1, gradient_accumulation_steps=1, num_decode_frames=2)),
+])
+def test_online_trainers_train_an_a14b_adapter_and_take_family(a14b_dir, tmp_path, capsys, config, sizes):
+    """The shipped online-trainer configs, sized down, train on a copy of the A14B folder whose model_index.json names
+    no known pipeline: only with `family: wan2.2-a14b`; `family: wan2.1` (one expert) is refused in one line."""
+    from safetensors.torch import load_file
+
+    from tests.test_configs import as_run
+
+    model = shutil.copytree(a14b_dir, tmp_path / "model")
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "_class_name": "MyVideoPipeline"}))
+    out = tmp_path / "run"
+    written = as_run(config, tmp_path, model=str(model), output_dir=str(out), frames=5, height=64, width=64,
+                     steps=2, **sizes)
+    data = yaml.safe_load(written.read_text())
+
+    def train(family: str | None) -> tuple[int, str]:
+        written.write_text(yaml.safe_dump({**data, **({"family": family} if family else {})}))
+        with pytest.MonkeyPatch.context() as patch:
+            from tests.test_configs import REPO
+
+            patch.chdir(REPO)
+            code, _, err = call_cli(capsys, "train", "--config", written)
+        return code, err.strip()
+
+    for family, expected in ((None, "'MyVideoPipeline' is not a supported pipeline"), ("wan2.1", "transformer_2")):
+        code, err = train(family)
+        assert code == 2 and expected in err and len(err.splitlines()) == 1, err
+    code, err = train("wan2.2-a14b")
+    assert code == 0, err
+    assert json.loads((out / "adapter" / "base_model.json").read_text())["family"] == "wan2.2-a14b"
+    lora_b = {k: v for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k}
+    assert {k.split(".")[2] for k in lora_b} == {"transformer", "transformer_2"}
+    assert any(v.abs().max() > 0 for v in lora_b.values())  # trained away from the zero init
