@@ -29,7 +29,10 @@ import torch
 from rlhf.errors import UserError
 
 logger = logging.getLogger("contentv-rlhf")
-BLOCKS_PREFIX = "transformer_blocks."
+# The lists of repeated blocks in the families' transformers, whose linear layers are quantised: ContentV's and
+# HunyuanVideo's dual-stream `transformer_blocks`, HunyuanVideo's `single_transformer_blocks`, Wan's `blocks`.
+# Anything outside them (embedders, output head) keeps the checkpoint's precision.
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # torchao's to_nf4 defaults (QLoRA's block sizes)
 # peft warns once per wrapped layer that merge()/unmerge() need the requantisation recipe; we never merge into
 # quantised weights (merge fuses into the full-precision files), so the warning says nothing to our users.
@@ -82,9 +85,16 @@ def nf4_fits(weight: torch.Tensor) -> bool:
     return weight.numel() % NF4_BLOCK == 0 and (weight.numel() // NF4_BLOCK) % NF4_SCALER_BLOCK == 0
 
 
-def _block_linears(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+def block_list_name(module_name: str) -> str | None:
+    """The block list (`BLOCK_LISTS`) a module of the transformer belongs to, e.g. "blocks" for "blocks.3.ffn"."""
+    head = module_name.split(".", 1)[0]
+    return head if head in BLOCK_LISTS and "." in module_name else None
+
+
+def block_linears(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    """The linear layers inside the transformer's blocks: what `quantize_transformer` quantises."""
     return [(name, m) for name, m in transformer.named_modules()
-            if name.startswith(BLOCKS_PREFIX) and type(m) is torch.nn.Linear]
+            if block_list_name(name) is not None and type(m) is torch.nn.Linear]
 
 
 def quantize_transformer(transformer: torch.nn.Module, mode: str,
@@ -102,7 +112,7 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str,
 
     warnings.filterwarnings("ignore", message=PEFT_TORCHAO_MERGE_WARNING)
     before = parameter_bytes(transformer)
-    layers = _block_linears(transformer)
+    layers = block_linears(transformer)
     chosen = {id(m) for _, m in layers if mode != "nf4" or nf4_fits(m.weight)}
     if mode == "nf4":
         for _, module in layers:

@@ -237,3 +237,31 @@ def test_online_trainers_train_on_a_quantised_base(method, extra, tiny_model_dir
     assert code == 0, err
     weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # it trained
+
+
+@pytest.mark.parametrize("family_config", [
+    ("wan2.1", dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=16,
+                    out_channels=16, text_dim=64, freq_dim=32, ffn_dim=256, num_layers=2)),
+    (None, dict(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=64, num_layers=1,
+                num_single_layers=2, num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=32,
+                rope_axes_dim=(16, 24, 24))),
+], ids=["wan2.1", "hunyuanvideo"])
+def test_memory_table_of_other_families_counts_what_quantize_stores(family_config):
+    """The benchmark's other families (Wan's `blocks`, HunyuanVideo's dual- and single-stream lists): its weights
+    per mode are what `quantize_transformer` leaves on a real model, and the DPO step it records runs."""
+    from benchmarks.memory_modes import MODES, ModelSpec, build_meta, spec_arithmetic
+    from rlhf.lowmem import block_linears, parameter_bytes, quantize_transformer
+
+    family, config = family_config
+    spec = ModelSpec("tiny", family, config, 8, ((5, 64, 64),), token_mask=family is None)
+    table = spec_arithmetic(spec, 5, 64, 64, 4)["modes"]
+    for mode in MODES:
+        real = build_meta(spec).to_empty(device="cpu")
+        with torch.no_grad():
+            for param in real.parameters():
+                param.normal_(std=0.02)
+        report = quantize_transformer(real, mode)
+        assert mode == "none" or report.quantized_layers == len(block_linears(real)) > 0
+        assert table[mode]["weights"] == parameter_bytes(real), mode
+    assert table["nf4"]["weights"] < table["int8_weight_only"]["weights"] < table["none"]["weights"]
+    assert all(row["checkpointed_activations"] > 0 and row["block_backward"] > 0 for row in table.values())
