@@ -145,10 +145,11 @@ def training_levels(config: NFTConfig, round_index: int, slots: list[int]) -> to
 
 
 def conditional_velocity(run: TrainingRun, model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor,
-                         cond: PromptEmbeds, num_train_timesteps: int) -> torch.Tensor:
-    """The model's velocity for the prompt alone (no guidance): what NFT trains."""
+                         cond: PromptEmbeds, num_train_timesteps: int, guidance: float = 1.0) -> torch.Tensor:
+    """The model's velocity for the prompt alone (no CFG): what NFT trains. A guidance-distilled model embeds
+    `guidance` (the scale it samples at, so the trained velocity is the sampling policy's)."""
     with run.accelerator.autocast():
-        return predict_velocity(model, x, sigma, cond, num_train_timesteps=num_train_timesteps)
+        return predict_velocity(model, x, sigma, cond, guidance_scale=guidance, num_train_timesteps=num_train_timesteps)
 
 
 def nft_update(run: TrainingRun, parts: FrozenParts, config: NFTConfig, round_: Round, round_index: int,
@@ -177,14 +178,15 @@ def nft_update(run: TrainingRun, parts: FrozenParts, config: NFTConfig, round_: 
             # 2. The old policy's and the base's velocities, without gradients, before the policy's pass.
             with torch.no_grad():
                 with old_policy(old):
-                    v_old = conditional_velocity(run, policy, noisy, sigma, cond, parts.schedule.num_train_timesteps)
+                    v_old = conditional_velocity(run, policy, noisy, sigma, cond, parts.schedule.num_train_timesteps,
+                                                 config.guidance)
                 v_base = None
                 if config.kl_weight > 0:
                     with run.reference_mode() as reference:
                         v_base = conditional_velocity(run, reference, noisy, sigma, cond,
                                                       parts.schedule.num_train_timesteps)
             # 3. The policy's velocity, with gradients.
-            v = conditional_velocity(run, policy, noisy, sigma, cond, parts.schedule.num_train_timesteps)
+            v = conditional_velocity(run, policy, noisy, sigma, cond, parts.schedule.num_train_timesteps, config.guidance)
             # 4. The NFT loss; backward of its share of the update's mean.
             loss, metrics = nft_loss(v, v_old, v_base, noisy, sigma, x0, optimality, config.beta,
                                      config.advantage_clip, config.kl_weight)

@@ -24,7 +24,6 @@ them in their own backward hooks.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -39,19 +38,17 @@ from rewards.build import RewardNormalization, WeightedScorer, build_scorers, we
 from rewards.config import load_rewards_config
 from rlhf import devices
 from rlhf.errors import UserError
-from rlhf.models.family import transformer_family
+from rlhf.models.family import transformer_family, vae_family
 from rlhf.options import uses_guidance
 from rlhf.progress import Progress
 from rlhf.prompts import load_prompts, prompt_id
 from rlhf.sampling import (
-    VAE_TEMPORAL_FACTOR,
     FlowSchedule,
     PromptEmbeds,
     euler_step,
     predict_velocity,
 )
 from rlhf.training import TrainingRun, step_generator
-from rlhf.video import denormalize_latents
 
 logger = logging.getLogger("contentv-rlhf")
 ENCODE_CHUNK = 8  # prompts per text-encoder call at start
@@ -162,48 +159,17 @@ def select_frames(mode: str, num_frames: int, k: int | None, generator: torch.Ge
     raise ValueError(f"unknown decode_frames mode {mode!r}")
 
 
-def latent_frame_of(frame: int) -> int:
-    """The latent frame whose decoder pass outputs video frame `frame` (Wan VAE: 1 frame, then 4 per latent)."""
-    return 0 if frame == 0 else (frame - 1) // VAE_TEMPORAL_FACTOR + 1
-
-
-def _decode_chunk(decoder: torch.nn.Module, x: torch.Tensor, *cache, first_chunk: bool) -> tuple:
-    """One latent frame through the causal decoder; the feature cache goes in and out explicitly, so the call
-    is a pure function that gradient checkpointing can recompute."""
-    cache = list(cache)
-    out = decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first_chunk)
-    return (out, *cache)
-
-
 def decode_video_frames(vae: torch.nn.Module, latents: torch.Tensor, frames: Sequence[int],
                         checkpoint: bool = False) -> torch.Tensor:
     """Differentiably decode video frames `frames` of normalised latents (B, C, t, h, w) -> (B, n, 3, H, W) in [0, 1].
 
-    The Wan VAE is causal, so the frames up to the last requested one come from the latent prefix that ends at
-    its latent frame; later latent frames are never decoded (`first` decodes latent frame 0 alone). Identical to
-    the same frames of `vae.decode` on the whole clip (checked in tests). With `checkpoint`, each latent frame's
-    decoder pass is recomputed in the backward pass instead of keeping its activations.
+    The VAE's model family decodes (`ModelFamily.decode_frames`). The Wan VAE is causal, so the frames up to the
+    last requested one come from the latent prefix that ends at its latent frame; later latent frames are never
+    decoded (`first` decodes latent frame 0 alone); HunyuanVideo's VAE decodes the whole clip. Identical to the
+    same frames of the whole clip's decode (checked in tests). With `checkpoint`, the decoder's activations are
+    recomputed in the backward pass instead of kept (the Wan VAE: per latent frame).
     """
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
-
-    needed = latent_frame_of(max(frames)) + 1
-    vae_dtype = next(vae.parameters()).dtype
-    z = denormalize_latents(latents[:, :, :needed].to(vae.device, vae_dtype), vae)  # (B, C, needed, h, w)
-    x = vae.post_quant_conv(z)
-    cache: list = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
-    chunks = []
-    for i in range(needed):
-        step = functools.partial(_decode_chunk, vae.decoder, first_chunk=i == 0)
-        if checkpoint and torch.is_grad_enabled():
-            out, *cache = torch.utils.checkpoint.checkpoint(step, x[:, :, i:i + 1], *cache, use_reentrant=False)
-        else:
-            out, *cache = step(x[:, :, i:i + 1], *cache)
-        chunks.append(out)  # (B, 3, 1 or 4, H, W)
-    video = torch.cat(chunks, dim=2)  # (B, 3, T', H, W)
-    if vae.config.patch_size is not None:
-        video = unpatchify(video, patch_size=vae.config.patch_size)
-    video = video.clamp(-1, 1)[:, :, list(frames)]  # (B, 3, n, H, W)
-    return ((video.float() + 1) / 2).permute(0, 2, 1, 3, 4)  # (B, n, 3, H, W)
+    return vae_family(vae).decode_frames(vae, latents, frames, checkpoint)
 
 
 @torch.no_grad()
@@ -272,13 +238,14 @@ def average_gradients(run: TrainingRun) -> None:
 
 
 def base_anchor_loss(run: TrainingRun, x0: torch.Tensor, cond: PromptEmbeds, schedule: FlowSchedule,
-                     generator: torch.Generator) -> torch.Tensor:
+                     generator: torch.Generator, guidance: float = 1.0) -> torch.Tensor:
     """`mean_B mean_{C,T,H,W} ||v_policy(x_s, 1000 s) - v_base(x_s, 1000 s)||^2`, `x_s = (1 - s) x0 + s eps`.
 
     One eps and one logit-normal (shifted) sigma s per sample; `v_base` is the reference model (adapter
     disabled) without gradients, computed before the policy's pass. Its minimum, 0, is the base itself
     (a zero or disabled adapter), unlike the flow-matching error on the policy's own samples, whose
-    target `eps - x0` the policy that drew x0 already fits.
+    target `eps - x0` the policy that drew x0 already fits. Both are conditional velocities (no CFG); a
+    guidance-distilled model embeds `guidance`, the scale it samples at.
     """
     batch = x0.shape[0]
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)
@@ -286,9 +253,10 @@ def base_anchor_loss(run: TrainingRun, x0: torch.Tensor, cond: PromptEmbeds, sch
     s = sigmas.view(-1, 1, 1, 1, 1)
     x_t = (1 - s) * x0 + s * eps
     with torch.no_grad(), run.reference_mode() as reference, run.accelerator.autocast():
-        target = predict_velocity(reference, x_t, sigmas, cond, num_train_timesteps=schedule.num_train_timesteps)
+        target = predict_velocity(reference, x_t, sigmas, cond, guidance_scale=guidance,
+                                  num_train_timesteps=schedule.num_train_timesteps)
     with run.accelerator.autocast():
-        velocity = predict_velocity(run.unwrapped, x_t, sigmas, cond,
+        velocity = predict_velocity(run.unwrapped, x_t, sigmas, cond, guidance_scale=guidance,
                                     num_train_timesteps=schedule.num_train_timesteps)
     return velocity_distance(velocity, target).mean()
 
@@ -323,7 +291,7 @@ def reward_gradient_step(run: TrainingRun, parts: FrozenParts, indices: list[int
     metrics = {"reward_total": total.detach().mean(), **{f"reward_{k}": v.mean() for k, v in terms.items()}}
     # 5. Regulariser towards the base: the policy's velocity against the base's on its own detached samples.
     if config.fm_weight > 0:
-        fm_loss = base_anchor_loss(run, latents.detach(), cond, parts.schedule, generator)
+        fm_loss = base_anchor_loss(run, latents.detach(), cond, parts.schedule, generator, config.guidance)
         loss = loss + config.fm_weight * fm_loss
         metrics["fm_loss"] = fm_loss.detach()
     metrics["loss"] = loss.detach()

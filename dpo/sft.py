@@ -147,7 +147,7 @@ class SampleData:
 
 
 def sft_step(run: TrainingRun, batch: SampleBatch, config: SFTConfig, schedule: FlowSchedule,
-             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             generator: torch.Generator, guidance: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and metrics for one micro-batch of selected samples (the backward pass is the caller's)."""
     device, dtype = run.device, run.unwrapped.dtype
     # 1. One noise and one sigma per sample.
@@ -161,7 +161,7 @@ def sft_step(run: TrainingRun, batch: SampleBatch, config: SFTConfig, schedule: 
     x_t = ((1 - s) * x0 + s * noise).to(dtype)
     text = batch.text.to(device, dtype)
     # 3. The policy's velocity, with gradients.
-    v = velocity(run.policy, x_t, sigmas, text, schedule.num_train_timesteps)
+    v = velocity(run.policy, x_t, sigmas, text, schedule.num_train_timesteps, guidance)  # guidance: dpo.trainer.velocity
     # 4. The flow-matching loss against the target eps - x0.
     return flow_matching_loss(v, noise, x0)
 
@@ -218,7 +218,8 @@ def train_sft(config: SFTConfig) -> Path:
                     sample_ids += batch.sample_ids
                     last = micro == config.gradient_accumulation_steps - 1
                     with accelerator.autocast(), run.accumulation(last):
-                        loss, metrics = sft_step(run, batch, config, schedule, step_generator(config.seed, index, rank))
+                        loss, metrics = sft_step(run, batch, config, schedule, step_generator(config.seed, index, rank),
+                                                 store.settings.get("guidance"))
                         run.backward(loss)
                     finite &= bool(torch.isfinite(loss))
                     for key, value in metrics.items():

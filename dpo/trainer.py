@@ -33,13 +33,14 @@ logger = logging.getLogger("contentv-rlhf")
 
 
 def velocity(model: torch.nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, text: PromptEmbeds,
-             num_train_timesteps: int) -> torch.Tensor:
-    """The transformer's prediction at `sigmas` (B,), called the way its model family calls it."""
-    return family_velocity(model, latents, sigmas * num_train_timesteps, text)
+             num_train_timesteps: int, guidance: float | None = None) -> torch.Tensor:
+    """The transformer's prediction at `sigmas` (B,), called the way its model family calls it; a
+    guidance-distilled model embeds `guidance` (the scale the store's samples were drawn at)."""
+    return family_velocity(model, latents, sigmas * num_train_timesteps, text, guidance=guidance)
 
 
 def dpo_step(run: TrainingRun, batch: PairBatch, config: DPOConfig, schedule: FlowSchedule,
-             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             generator: torch.Generator, guidance: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and metrics for one micro-batch of pairs (the backward pass is the caller's)."""
     device, dtype = run.device, run.unwrapped.dtype
     pairs = batch.latents_w.shape[0]
@@ -57,9 +58,9 @@ def dpo_step(run: TrainingRun, batch: PairBatch, config: DPOConfig, schedule: Fl
     # 3. Reference errors first, without gradients (switching adapters must not touch the policy's graph),
     #    then policy errors with gradients.
     with torch.no_grad(), run.reference_mode() as reference:
-        ref_err = flow_matching_error(velocity(reference, x_t, sigmas, text, schedule.num_train_timesteps),
+        ref_err = flow_matching_error(velocity(reference, x_t, sigmas, text, schedule.num_train_timesteps, guidance),
                                       noise, x0)
-    policy_err = flow_matching_error(velocity(run.policy, x_t, sigmas, text, schedule.num_train_timesteps),
+    policy_err = flow_matching_error(velocity(run.policy, x_t, sigmas, text, schedule.num_train_timesteps, guidance),
                                      noise, x0)
     # 4. The loss on (winner, loser) halves.
     return flow_dpo_loss(
@@ -111,7 +112,8 @@ def train_dpo(config: DPOConfig) -> Path:
                     pair_ids += batch.pair_ids
                     last = micro == config.gradient_accumulation_steps - 1
                     with accelerator.autocast(), run.accumulation(last):
-                        loss, metrics = dpo_step(run, batch, config, schedule, step_generator(config.seed, index, rank))
+                        loss, metrics = dpo_step(run, batch, config, schedule, step_generator(config.seed, index, rank),
+                                                 store.settings.get("guidance"))
                         run.backward(loss)
                     finite &= bool(torch.isfinite(loss))
                     for key, value in metrics.items():

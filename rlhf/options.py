@@ -113,7 +113,7 @@ def round_frames(frames: int) -> int:
     return frames // VAE_TEMPORAL_FACTOR * VAE_TEMPORAL_FACTOR + 1
 
 
-FAMILY_HELP = ("Model family of `model`: contentv, wan2.1, wan2.2-ti2v or wan2.2-a14b (default: the one its "
+FAMILY_HELP = ("Model family of `model`: contentv, wan2.1, wan2.2-ti2v, wan2.2-a14b or hunyuanvideo (default: the one its "
                "model_index.json names; docs/models.md).")
 
 

@@ -180,13 +180,16 @@ def initial_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
 @dataclass
 class PromptEmbeds:
     """Text conditioning: token features `(B, L, D)` and pooled features `(B, P)`, or None for a family whose
-    transformer takes no pooled embedding (Wan)."""
+    transformer takes no pooled embedding (Wan); `mask` `(B, L)` (1 for a prompt token, 0 after) for a family whose
+    transformer takes the token mask (HunyuanVideo), else None."""
 
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor | None
+    mask: torch.Tensor | None = None
 
     def _map(self, fn) -> PromptEmbeds:
-        return PromptEmbeds(fn(self.prompt_embeds), None if self.pooled is None else fn(self.pooled))
+        return PromptEmbeds(fn(self.prompt_embeds), None if self.pooled is None else fn(self.pooled),
+                            None if self.mask is None else fn(self.mask))
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEmbeds:
         return self._map(lambda t: t.to(device, dtype))
@@ -208,11 +211,13 @@ class PromptEmbeds:
 
     @staticmethod
     def cat(parts: Sequence[PromptEmbeds]) -> PromptEmbeds:
-        pooled = [p.pooled for p in parts]
-        if any(p is None for p in pooled) and not all(p is None for p in pooled):
-            raise ValueError("cannot concatenate prompt embeddings with and without pooled features")
+        pooled, masks = [p.pooled for p in parts], [p.mask for p in parts]
+        for values, what in ((pooled, "pooled features"), (masks, "token masks")):
+            if any(v is None for v in values) and not all(v is None for v in values):
+                raise ValueError(f"cannot concatenate prompt embeddings with and without {what}")
         return PromptEmbeds(
-            torch.cat([p.prompt_embeds for p in parts]), None if pooled[0] is None else torch.cat(pooled)
+            torch.cat([p.prompt_embeds for p in parts]), None if pooled[0] is None else torch.cat(pooled),
+            None if masks[0] is None else torch.cat(masks),
         )
 
 
@@ -247,6 +252,8 @@ def predict_velocity(
         return family.velocity(transformer, x, t, text)
 
     cond = cond.expand(batch)
+    if family.guidance_distilled:  # the scale is the transformer's input: one conditional forward, no CFG
+        return family.velocity(transformer, model_in, timestep, cond, guidance=guidance_scale)
     if uncond is None or not uses_guidance(guidance_scale):
         return forward(model_in, cond, timestep)
     uncond = uncond.expand(batch)

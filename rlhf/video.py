@@ -6,6 +6,7 @@ never leaves a truncated video under the final name.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -23,6 +24,52 @@ def denormalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
     mean = torch.tensor(vae.config.latents_mean).view(1, channels, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, channels, 1, 1, 1)
     return latents * std.to(latents) + mean.to(latents)
+
+
+def latent_frame_of(frame: int, temporal_factor: int = 4) -> int:
+    """The latent frame whose decoder pass outputs video frame `frame` (a causal video VAE of 4x temporal
+    compression, Wan's and HunyuanVideo's: 1 frame, then 4 per latent)."""
+    return 0 if frame == 0 else (frame - 1) // temporal_factor + 1
+
+
+def _decode_wan_chunk(decoder: torch.nn.Module, x: torch.Tensor, *cache, first_chunk: bool) -> tuple:
+    """One latent frame through the causal decoder; the feature cache goes in and out explicitly, so the call
+    is a pure function that gradient checkpointing can recompute."""
+    cache = list(cache)
+    out = decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first_chunk)
+    return (out, *cache)
+
+
+def decode_wan_frames(vae, latents: torch.Tensor, frames: Sequence[int], checkpoint: bool = False) -> torch.Tensor:
+    """Differentiably decode video frames `frames` of normalised latents (B, C, t, h, w) with the Wan VAE ->
+    (B, n, 3, H, W) in [0, 1].
+
+    The Wan VAE is causal: the latent prefix up to the last requested frame's latent frame goes through the decoder
+    one latent frame at a time, its feature cache carried along, as `vae.decode` does. With `checkpoint`, each latent
+    frame's decoder pass is recomputed in the backward pass instead of keeping its activations.
+    """
+    import functools
+
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
+
+    needed = latent_frame_of(max(frames)) + 1
+    vae_dtype = next(vae.parameters()).dtype
+    z = denormalize_latents(latents[:, :, :needed].to(vae.device, vae_dtype), vae)  # (B, C, needed, h, w)
+    x = vae.post_quant_conv(z)
+    cache: list = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
+    chunks = []
+    for i in range(needed):
+        step = functools.partial(_decode_wan_chunk, vae.decoder, first_chunk=i == 0)
+        if checkpoint and torch.is_grad_enabled():
+            out, *cache = torch.utils.checkpoint.checkpoint(step, x[:, :, i:i + 1], *cache, use_reentrant=False)
+        else:
+            out, *cache = step(x[:, :, i:i + 1], *cache)
+        chunks.append(out)  # (B, 3, 1 or 4, H, W)
+    video = torch.cat(chunks, dim=2)  # (B, 3, T', H, W)
+    if vae.config.patch_size is not None:
+        video = unpatchify(video, patch_size=vae.config.patch_size)
+    video = video.clamp(-1, 1)[:, :, list(frames)]  # (B, 3, n, H, W)
+    return ((video.float() + 1) / 2).permute(0, 2, 1, 3, 4)  # (B, n, 3, H, W)
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:

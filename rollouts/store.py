@@ -5,8 +5,9 @@ Layout (format version 1, see docs/formats.md):
     STORE/
       store.json                       format, version, settings that produced the samples, latent shape
       prompts.jsonl                    {"prompt_id": "p00000", "prompt": "..."} per line
-      embeds/<prompt_id>.safetensors   prompt_embeds (L, D) [+ pooled (P,)]   -- once per prompt; pooled for
-                                       the model families that have one (ContentV, not Wan)
+      embeds/<prompt_id>.safetensors   prompt_embeds (L, D) [+ pooled (P,)] [+ mask (L,)]   -- once per prompt;
+                                       pooled and mask for the model families that have them (pooled: ContentV,
+                                       HunyuanVideo; mask: HunyuanVideo)
       embeds/negative.safetensors      the negative prompt's embeddings (when guidance > 1)
       samples/<prompt_id>/<sample_id>.safetensors
                                        latents (C, T, H, W) bf16 [+ frames (F, H, W, 3) uint8];
@@ -124,13 +125,16 @@ class RolloutStore:
         tensors = {"prompt_embeds": embeds.prompt_embeds[0].cpu()}
         if embeds.pooled is not None:
             tensors["pooled"] = embeds.pooled[0].cpu()
+        if embeds.mask is not None:  # only a family whose transformer takes it: other stores are unchanged
+            tensors["mask"] = embeds.mask[0].cpu()
         io.save_tensors(self.embeds_path(prompt_id), tensors)
 
     def load_embeds(self, prompt_id: str) -> PromptEmbeds:
         """One prompt's embeddings as a batch of one."""
         tensors = _load(self.embeds_path(prompt_id))
-        pooled = tensors.get("pooled")
-        return PromptEmbeds(tensors["prompt_embeds"][None], None if pooled is None else pooled[None])
+        pooled, mask = tensors.get("pooled"), tensors.get("mask")
+        return PromptEmbeds(tensors["prompt_embeds"][None], None if pooled is None else pooled[None],
+                            None if mask is None else mask[None])
 
     def write_sample(self, sample: str, latents: torch.Tensor, metadata: Mapping[str, Any],
                      frames: torch.Tensor | None = None) -> None:

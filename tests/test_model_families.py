@@ -56,7 +56,8 @@ def test_family_free_code_names_no_family_class(model_dirs):
     forbidden |= {family_named(name).lora_pipeline().__name__ for name in FAMILIES}
     forbidden |= {"UMT5EncoderModel", "load_contentv"}
     assert {"SD3Transformer3DModel", "WanTransformer3DModel", "AutoencoderKLWan", "ContentVPipeline",
-            "WanPipeline", "StableDiffusion3Pipeline"} <= forbidden
+            "WanPipeline", "StableDiffusion3Pipeline", "HunyuanVideoPipeline", "HunyuanVideoTransformer3DModel",
+            "AutoencoderKLHunyuanVideo"} <= forbidden
     files = [p for entry in FAMILY_FREE for p in ([REPO / entry] if entry.endswith(".py")
                                                    else sorted((REPO / entry).rglob("*.py")))]
     found = [f"{path.relative_to(REPO)}: {name}" for path in files for name in sorted(forbidden)
@@ -67,8 +68,8 @@ def test_family_free_code_names_no_family_class(model_dirs):
 def test_a_folder_of_an_unknown_pipeline_is_one_line(model_dirs, tmp_path):
     folder = shutil.copytree(model_dirs["wan2.1"], tmp_path / "m")
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "HunyuanVideoPipeline"}))
-    with pytest.raises(UserError, match="'HunyuanVideoPipeline' is not a supported pipeline .*--family"):
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "HunyuanVideo15Pipeline"}))
+    with pytest.raises(UserError, match="'HunyuanVideo15Pipeline' is not a supported pipeline .*--family"):
         family_for(folder)
     with pytest.raises(UserError, match="unknown model family 'hunyuan'"):
         family_for(folder, "hunyuan")
@@ -99,6 +100,20 @@ def test_conditioning_without_pooled_features():
     assert text.to("cpu", torch.float64).prompt_embeds.dtype == torch.float64
     with pytest.raises(ValueError, match="with and without pooled"):
         PromptEmbeds.cat([text, PromptEmbeds(tokens, torch.randn(2, 3))])
+
+
+def test_conditioning_with_a_token_mask():
+    """A family whose transformer takes the token mask (HunyuanVideo): the mask follows every row operation."""
+    tokens, pooled = torch.randn(2, 5, 4), torch.randn(2, 3)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    text = PromptEmbeds(tokens, pooled, mask)
+    assert torch.equal(text.select(1).mask, mask[1:]) and torch.equal(text.select(1).prompt_embeds, tokens[1:])
+    assert torch.equal(PromptEmbeds.cat([text, text.select(0)]).mask, mask[[0, 1, 0]])
+    assert text.select(0).expand(3).mask.tolist() == [[1, 1, 1, 0, 0]] * 3
+    assert text.to("cpu", torch.float64).mask.dtype == torch.float64  # as the pipeline casts it
+    assert PromptEmbeds(tokens, pooled).mask is None  # the other families' have none
+    with pytest.raises(ValueError, match="with and without token masks"):
+        PromptEmbeds.cat([text, PromptEmbeds(tokens, pooled)])
 
 
 def test_sigma_spacings_are_the_schedulers(tmp_path):

@@ -36,11 +36,13 @@ FAMILIES: dict[str, str] = {
     "wan2.1": "rlhf.models.wan:Wan21Family",
     "wan2.2-ti2v": "rlhf.models.wan:Wan22TI2VFamily",
     "wan2.2-a14b": "rlhf.models.wan:Wan22A14BFamily",
+    "hunyuanvideo": "rlhf.models.hunyuan:HunyuanVideoFamily",
 }
 # model_index.json `_class_name` -> family. Wan2.2 checkpoints also name WanPipeline: TI2V-5B sets
 # `expand_timesteps` (-> wan2.2-ti2v); the two-expert A14B models set `transformer_2` / `boundary_ratio`
 # (-> wan2.2-a14b).
-PIPELINE_FAMILIES: dict[str, str] = {"ContentVPipeline": "contentv", "WanPipeline": "wan2.1"}
+PIPELINE_FAMILIES: dict[str, str] = {"ContentVPipeline": "contentv", "WanPipeline": "wan2.1",
+                                     "HunyuanVideoPipeline": "hunyuanvideo"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -85,6 +87,12 @@ class ModelFamily(abc.ABC):
     sampling_defaults: ClassVar[Mapping[str, Any]]
     # How the sampler spaces sigmas before the scheduler's shift (rlhf.sampling.FlowSchedule.spacing).
     sigma_spacing: ClassVar[str]
+    # A guidance-distilled transformer (HunyuanVideo) takes the guidance scale as an input: `velocity` is called
+    # with `guidance=`, the sampler runs no classifier-free guidance, and trainers embed the guidance their
+    # samples were drawn at (docs/models.md).
+    guidance_distilled: ClassVar[bool] = False
+    # How a loaded VAE is recognised (`vae_family`); the Wan VAE is ContentV's, Wan2.1's and Wan2.2's.
+    vae_class_name: ClassVar[str] = "AutoencoderKLWan"
     # The folders holding transformer weights (several for a model of several experts): merge fuses into each.
     transformer_folders: ClassVar[tuple[str, ...]] = ("transformer",)
 
@@ -162,7 +170,8 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def velocity(self, model: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
                  text: PromptEmbeds) -> torch.Tensor:
-        """The transformer's prediction for `latents` (B, C, T, H, W) at `timestep` (B,) (= sigma * T_train)."""
+        """The transformer's prediction for `latents` (B, C, T, H, W) at `timestep` (B,) (= sigma * T_train). A
+        `guidance_distilled` family's also takes `guidance: float | None` (the scale it embeds; None: its default)."""
 
     def guidance_scale(self, model: torch.nn.Module, timestep: float, guidance: float,
                        guidance_2: float | None) -> float:
@@ -184,6 +193,15 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def decode(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, C, t, h, w) -> video (B, 3, T, H, W) in [-1, 1], in the VAE's dtype."""
+
+    def decode_frames(self, vae: torch.nn.Module, latents: torch.Tensor, frames: Sequence[int],
+                      checkpoint: bool = False) -> torch.Tensor:
+        """Differentiably decode video frames `frames` of normalised latents (B, C, t, h, w) -> (B, n, 3, H, W) in
+        [0, 1], decoding only the latent prefix they need (the online trainers' decode). Default: the Wan VAE's
+        causal decoder one latent frame at a time, each recomputed in the backward pass with `checkpoint`."""
+        from rlhf.video import decode_wan_frames
+
+        return decode_wan_frames(vae, latents, frames, checkpoint)
 
     # ---- LoRA ------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -272,6 +290,20 @@ def transformer_family(model: torch.nn.Module) -> ModelFamily:
     raise TypeError(f"{type(inner).__name__} is not the transformer of a known model family ({', '.join(FAMILIES)})")
 
 
-def velocity(model: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor, text: PromptEmbeds) -> torch.Tensor:
-    """`model`'s prediction, called the way its family calls it (`ModelFamily.velocity`)."""
-    return transformer_family(model).velocity(model, latents, timestep, text)
+def vae_family(vae: torch.nn.Module) -> ModelFamily:
+    """A family whose VAE `vae` is (by class; families sharing a VAE decode it alike)."""
+    names = {cls.__name__ for cls in type(vae).__mro__}
+    for name in FAMILIES:
+        if family_named(name).vae_class_name in names:
+            return family_named(name)
+    raise TypeError(f"{type(vae).__name__} is not the VAE of a known model family ({', '.join(FAMILIES)})")
+
+
+def velocity(model: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor, text: PromptEmbeds,
+             guidance: float | None = None) -> torch.Tensor:
+    """`model`'s prediction, called the way its family calls it (`ModelFamily.velocity`); `guidance` is the scale a
+    guidance-distilled family embeds (None: its default) and is ignored by the others (their guidance is CFG)."""
+    family = transformer_family(model)
+    if family.guidance_distilled:
+        return family.velocity(model, latents, timestep, text, guidance=guidance)
+    return family.velocity(model, latents, timestep, text)

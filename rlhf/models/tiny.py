@@ -93,13 +93,14 @@ MODEL_INDEX: dict[str, Any] = {
 }
 
 
-TINY_FAMILIES = ("contentv", "wan2.1", "wan2.2-ti2v", "wan2.2-a14b")  # families `build_tiny_model` can write
+TINY_FAMILIES = ("contentv", "wan2.1", "wan2.2-ti2v", "wan2.2-a14b", "hunyuanvideo")  # families `build_tiny_model` can write
 
 
 def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False,
                      family: str = "contentv") -> Path:
     """Write a complete checkpoint of `family` (ContentV layout by default; `wan2.1`, `wan2.2-ti2v`, `wan2.2-a14b`: WanPipeline's
-    layout, rlhf/models/tiny_wan.py) with tiny random components to `out_dir`.
+    layout, rlhf/models/tiny_wan.py; `hunyuanvideo`: HunyuanVideoPipeline's, rlhf/models/tiny_hunyuan.py) with tiny
+    random components to `out_dir`.
 
     The same `seed` gives byte-identical weight files. The caller's global torch RNG state is left as
     it was. The checkpoint is assembled in a temporary sibling directory and renamed into place, so an
@@ -122,6 +123,10 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool 
             from rlhf.models.tiny_wan import write_tiny_wan
 
             write_tiny_wan(staging, seed, ti2v=family == "wan2.2-ti2v", a14b=family == "wan2.2-a14b")
+        elif family == "hunyuanvideo":
+            from rlhf.models.tiny_hunyuan import write_tiny_hunyuan
+
+            write_tiny_hunyuan(staging, seed)
         else:
             _write_checkpoint(staging, seed)
     return out
