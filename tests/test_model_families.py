@@ -129,3 +129,25 @@ def test_sigma_spacings_are_the_schedulers(tmp_path):
         torch.testing.assert_close(FlowSchedule(shift).sigmas(7), scheduler.sigmas, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="spacing"):
         FlowSchedule(spacing="karras")
+
+
+def test_the_store_caches_a_token_mask_only_for_a_family_that_has_one(tmp_path):
+    """A ContentV or Wan store's embedding files are what they were before the mask existed: no `mask` key."""
+    from safetensors import safe_open
+
+    from rollouts.store import RolloutStore
+
+    store = RolloutStore(tmp_path)
+    (tmp_path / "embeds").mkdir()
+    tokens, pooled, mask = torch.randn(1, 5, 4), torch.randn(1, 3), torch.tensor([[1, 1, 0, 0, 0]])
+    for prompt_id, embeds in (("wan", PromptEmbeds(tokens, None)), ("contentv", PromptEmbeds(tokens, pooled)),
+                              ("hunyuan", PromptEmbeds(tokens, pooled, mask))):
+        store.write_embeds(prompt_id, embeds)
+        with safe_open(str(store.embeds_path(prompt_id)), "pt") as f:
+            keys = set(f.keys())
+        loaded = store.load_embeds(prompt_id)
+        assert keys == {"prompt_embeds"} | ({"pooled"} if embeds.pooled is not None else set()) | (
+            {"mask"} if embeds.mask is not None else set())
+        assert (loaded.mask is None) == (embeds.mask is None)
+        if embeds.mask is not None:
+            assert torch.equal(loaded.mask, mask)
