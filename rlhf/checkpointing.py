@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from rlhf.lowmem import expert_transformers
 from rlhf.options import CheckpointPolicyName
 
 # What `auto` chooses from, fastest (most memory) first. `full` always fits: it is what the probed step ran.
@@ -149,33 +150,41 @@ class ActivationProbe:
     first block's first such call has its inputs kept. `measure()`, after the step, runs that block once more on
     them, with autograd recording, and sums the storages autograd saves: one block forward, outside the step
     (which it leaves unchanged, FLOP count included).
+
+    A module of several experts (Wan2.2 A14B's `WanExperts`, rlhf.lowmem.expert_transformers) sends each sample of
+    a forward to one expert's blocks: the first block of every expert is watched, a step that runs any of them is
+    measured, and one block's bytes are the sum over the experts measured (each on the samples it took). That sum
+    is what a forward's samples keep together, or more (at most once per expert) when the kept inputs came from different
+    forwards: an upper bound, as `forwards` is.
     """
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         self.transformer = transformer
-        blocks = transformer_blocks(transformer)
-        self.block = blocks[0]
-        self.estimate = ActivationEstimate(blocks=len(blocks))
-        self.inputs: tuple[tuple, dict] | None = None
+        lists = [transformer_blocks(part) for _, part in expert_transformers(transformer)]
+        self.blocks = [blocks[0] for blocks in lists]  # the first block of each expert
+        self.estimate = ActivationEstimate(blocks=len(lists[0]))  # the experts share one architecture
+        self.inputs: dict[int, tuple[tuple, dict]] = {}  # index in `blocks` -> its first inputs with autograd
 
     @property
     def measured(self) -> bool:
-        """Whether a step has run inside `measuring()` and given the block's inputs."""
-        return self.inputs is not None
+        """Whether a step has run inside `measuring()` and given a block's inputs."""
+        return bool(self.inputs)
 
     def _count_forward(self, module, args) -> None:
         if torch.is_grad_enabled():
             self.estimate.forwards += 1
 
-    def _keep_inputs(self, module, args, kwargs) -> None:
-        if self.inputs is None and torch.is_grad_enabled():
+    def _keep_inputs(self, index: int, args: tuple, kwargs: dict) -> None:
+        if index not in self.inputs and torch.is_grad_enabled():
             detach = lambda value: value.detach() if isinstance(value, torch.Tensor) else value  # noqa: E731
-            self.inputs = (tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()})
+            self.inputs[index] = (tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()})
 
     @contextlib.contextmanager
     def measuring(self) -> Iterator[ActivationEstimate]:
-        handles = [self.transformer.register_forward_pre_hook(self._count_forward),
-                   self.block.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)]
+        handles = [self.transformer.register_forward_pre_hook(self._count_forward)]
+        for index, block in enumerate(self.blocks):
+            handles.append(block.register_forward_pre_hook(
+                lambda module, args, kwargs, index=index: self._keep_inputs(index, args, kwargs), with_kwargs=True))
         try:
             yield self.estimate
         finally:
@@ -183,10 +192,19 @@ class ActivationProbe:
                 handle.remove()
 
     def measure(self) -> ActivationEstimate:
-        """Run the block on the kept inputs (call it under the step's autocast) and fill in its bytes."""
-        assert self.inputs is not None, "measure() after a step inside measuring()"
-        args, kwargs = self.inputs
-        parameters = {key[0] for p in self.block.parameters() if (key := _storage(p)) is not None}
+        """Run the block(s) on the kept inputs (call it under the step's autocast) and fill in its bytes."""
+        assert self.inputs, "measure() after a step inside measuring()"
+        self.estimate.block_bytes = self.estimate.block_saved_bytes = 0
+        for index, (args, kwargs) in sorted(self.inputs.items()):
+            kept, saved = self._block_bytes(self.blocks[index], args, kwargs)
+            self.estimate.block_bytes += kept
+            self.estimate.block_saved_bytes += saved
+        return self.estimate
+
+    @staticmethod
+    def _block_bytes(block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int]:
+        """(what autograd saves, what the matmuls and attention output) of one forward of `block`."""
+        parameters = {key[0] for p in block.parameters() if (key := _storage(p)) is not None}
         saved: dict[int, int] = {}
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -197,6 +215,5 @@ class ActivationProbe:
 
         saved_ops = _SavedOpBytes()
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), saved_ops:
-            self.block(*args, **kwargs)
-        self.estimate.block_bytes, self.estimate.block_saved_bytes = sum(saved.values()), saved_ops.bytes
-        return self.estimate
+            block(*args, **kwargs)
+        return sum(saved.values()), saved_ops.bytes

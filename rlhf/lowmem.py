@@ -1,11 +1,12 @@
 """Running the frozen transformer in less device memory: weight quantisation and block offloading.
 
 - `quantize_transformer` stores the weights of the linear layers of the transformer blocks (99% of ContentV-8B's
-  parameters) in 8 or 4 bits with torchao: `int8_weight_only` (per-row int8, `Int8WeightOnlyConfig`),
-  `float8_weight_only` (per-row float8 e4m3, `Float8WeightOnlyConfig`) and `nf4` (QLoRA's 4-bit NormalFloat,
-  blocks of 64, `to_nf4`). Activations stay in the compute dtype: every matmul sees the dequantised weight, so
-  the same code runs on CUDA, on the CPU (the tests) and, through plain torch ops, on other accelerators. The
-  embedders, `norm_out` and `proj_out` (0.5% of the parameters) keep the checkpoint's precision.
+  parameters; both experts' blocks of Wan2.2 A14B, `expert_transformers`) in 8 or 4 bits with torchao:
+  `int8_weight_only` (per-row int8, `Int8WeightOnlyConfig`), `float8_weight_only` (per-row float8 e4m3,
+  `Float8WeightOnlyConfig`) and `nf4` (QLoRA's 4-bit NormalFloat, blocks of 64, `to_nf4`). Activations stay in
+  the compute dtype: every matmul sees the dequantised weight, so the same code runs on CUDA, on the CPU (the
+  tests) and, through plain torch ops, on other accelerators. The embedders, `norm_out` and `proj_out` (0.5% of
+  the parameters) keep the checkpoint's precision.
   peft wraps a torchao layer as `TorchaoLoraLinear` and an nf4 one as its plain `lora.Linear` (the nf4 tensor
   implements `F.linear` with a backward to the input), so a LoRA trains on top and the Flow-DPO reference
   (adapters disabled) runs on the same quantised weights. Merging into quantised weights is never done:
@@ -91,9 +92,21 @@ def block_list_name(module_name: str) -> str | None:
     return head if head in BLOCK_LISTS and "." in module_name else None
 
 
+def expert_transformers(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name prefix, module) of each diffusers transformer inside `transformer`: the experts of a module that holds
+    several (Wan2.2 A14B's `WanExperts`, whose class lists them in `expert_names`: "transformer." and
+    "transformer_2."), else ("", transformer) itself. Quantisation, block offloading and `auto` checkpointing act
+    on the block lists of each."""
+    names = getattr(type(transformer), "expert_names", None)
+    if not names:
+        return [("", transformer)]
+    return [(f"{name}.", getattr(transformer, name)) for name in names]
+
+
 def block_linears(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
-    """The linear layers inside the transformer's blocks: what `quantize_transformer` quantises."""
-    return [(name, m) for name, m in transformer.named_modules()
+    """The linear layers inside the transformer's blocks (every expert's, for a module of several experts): what
+    `quantize_transformer` quantises, named as in `transformer.named_modules()`."""
+    return [(prefix + name, m) for prefix, part in expert_transformers(transformer) for name, m in part.named_modules()
             if block_list_name(name) is not None and type(m) is torch.nn.Linear]
 
 
@@ -143,11 +156,14 @@ def enable_block_offload(transformer: torch.nn.Module, device: torch.device) -> 
     """Offload `transformer` (on the CPU, with every adapter already attached) block by block to `device`.
 
     Returns whether a side stream prefetches the next block (CUDA only). Attach adapters before calling it:
-    the streamed copies are made here, and a layer added later would have none.
+    the streamed copies are made here, and a layer added later would have none. A module of several experts
+    (`expert_transformers`) has each expert offloaded on its own: its blocks one at a time, the rest of it (embedders,
+    output head) while it runs, so the device holds one expert's non-block weights and one block at a time.
     """
     from diffusers.hooks import apply_group_offloading
 
     use_stream = device.type == "cuda"
-    apply_group_offloading(transformer, onload_device=device, offload_device=torch.device("cpu"),
-                           offload_type="block_level", num_blocks_per_group=1, use_stream=use_stream)
+    for _, part in expert_transformers(transformer):
+        apply_group_offloading(part, onload_device=device, offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1, use_stream=use_stream)
     return use_stream

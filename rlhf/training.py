@@ -322,12 +322,24 @@ class TrainingRun:
         from peft.utils import set_peft_model_state_dict
 
         from rlhf.lora import load_adapter, read_peft_weights
+        from rlhf.models.family import family_for
         from rlhf.models.loader import load_model
 
         if quantize != "none" and self.accelerator.num_processes > 1:
             # DDP broadcasts, and FSDP/DeepSpeed shard, the frozen weights as plain tensors.
             raise UserError(f"quantize: {quantize} is supported in single-process runs only (one device: what "
                             f"it is for), not in this {self.accelerator.num_processes}-process {self.layout} launch")
+        model_family = family_for(model_dir, family)
+        if len(model_family.transformer_folders) > 1 and self.accelerator.num_processes > 1:
+            # Checked before the (large) weights load. Each process sends its samples to the expert of their
+            # sigma, so processes run different experts' blocks in a step: the experts' blocks have the same
+            # shapes, so FSDP's per-block all-gathers and ZeRO's gradient buckets would pair one expert's weights
+            # with the other's without an error, and DDP would wait for the gradients of an expert a process left
+            # unused.
+            raise UserError(f"{model_dir}: a two-expert {model_family.name} model trains in single-process launches "
+                            f"only, not in this {self.accelerator.num_processes}-process {self.layout} launch (each "
+                            f"process routes its samples to the expert of their timestep, so the processes' "
+                            f"collectives would mix or miss the two experts' weights)")
         parts = load_model(model_dir, dtype=dtype, device=self.device, load_vae=False, load_text_encoders=False,
                            quantize=quantize, family=family)
         transformer = parts.transformer

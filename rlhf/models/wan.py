@@ -208,6 +208,10 @@ class WanExperts(torch.nn.Module):
     expert under the same name, whose weights are the module's `transformer.*` / `transformer_2.*` LoRA parameters.
     """
 
+    # The experts' attribute names: rlhf.lowmem.expert_transformers finds them here, so quantisation, block
+    # offloading and `auto` checkpointing act on the blocks of both.
+    expert_names = EXPERTS
+
     def __init__(self, transformer: torch.nn.Module, transformer_2: torch.nn.Module, boundary_timestep: float):
         super().__init__()
         self.transformer = transformer
@@ -225,13 +229,6 @@ class WanExperts(torch.nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
-
-    @property
-    def blocks(self) -> torch.nn.ModuleList:
-        """The high-noise expert's blocks: what `auto` checkpointing measures (rlhf.checkpointing.ActivationProbe).
-        The experts share one architecture, so one expert's block stands for both; a step that runs only the
-        low-noise expert leaves the probe unmeasured, and the next step measures it."""
-        return self.transformer.blocks
 
     def high_noise(self, timestep: torch.Tensor) -> torch.Tensor:
         """(B,) bool: which samples the high-noise expert takes (`timestep` (B,) or per token (B, tokens))."""
