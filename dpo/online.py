@@ -87,7 +87,8 @@ def _validate_sections(config: OnlineConfig) -> None:
     from rollouts.config import RolloutConfig
 
     checks = [
-        ("rollout", RolloutConfig, {"model": config.model, "prompts": config.prompts, "out": "-"}),
+        ("rollout", RolloutConfig, {"model": config.model, "family": config.family, "prompts": config.prompts,
+                                    "out": "-"}),
         ("pairs", PairsStageConfig, {"store": "-", "out": "-"}),
         ("train", DPOConfig, {"pairs": "-", "output_dir": "-"}),
     ]

@@ -482,7 +482,18 @@ def merge_adapters(
         check_adapter_base(adapter_dir, model_dir, base)
     # A family of several experts (Wan2.2 A14B: transformer/, transformer_2/) trains one module holding them, so
     # its adapter names each weight under its expert's folder: the index prefixes the tensors the same way.
-    folders = family_for(model_dir, family).transformer_folders
+    model_family = family_for(model_dir, family)
+    folders = model_family.transformer_folders
+    if len(folders) > 1:
+        for adapter_dir, adapter in zip(adapter_dirs, loaded, strict=True):
+            if adapter.path.name == DIFFUSERS_WEIGHTS:  # read_adapter found no peft files
+                # The export holds one file per expert, each keyed as a one-transformer LoRA (for WanPipeline's
+                # load_lora_weights), so it does not say which folder its weights belong to.
+                files = ", ".join(sorted(p.name for p in adapter_dir.glob("*.safetensors")))
+                raise UserError(f"{adapter_dir}: holds only the diffusers LoRA export ({files}), without "
+                                f"{PEFT_CONFIG} + {PEFT_WEIGHTS}; merging into a {model_family.name} model "
+                                f"({' and '.join(f'{f}/' for f in folders)}) needs those peft files: give the "
+                                f"adapter folder the trainer wrote")
     transformer_dir = model_dir / TRANSFORMER
     shards, index = [], {}
     for folder in folders:

@@ -216,8 +216,34 @@ class SamplingOptions:
         in_range("guidance", self.guidance, 0, MAX_GUIDANCE)
         if self.guidance_2 is not None:
             in_range("guidance_2", self.guidance_2, 0, MAX_GUIDANCE)
+            check_guidance_2(getattr(self, "model", None), getattr(self, "family", None))
         if self.max_sequence_length is not None:
             in_range("max_sequence_length", self.max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
+
+
+def check_guidance_2(model: Any, family: Any) -> None:
+    """Refuse `guidance_2` (set) for a model whose family has one transformer: only a two-expert family (Wan2.2 A14B)
+    has a low-noise expert to guide, and the others' samplers would ignore it. Every config that samples (generate,
+    rollout, eval, compare, the online trainers) checks it when built, before any work. A folder the family cannot
+    be read from, or a two-expert folder named as a one-transformer family, is left to the model loader, whose
+    message names the fix."""
+    from pathlib import Path
+
+    from rlhf.errors import UserError
+
+    if not isinstance(model, (str, Path)) or not str(model).strip():
+        return
+    from rlhf.models.family import family_for, has_second_expert, read_model_index
+
+    try:
+        model_family = family_for(model, family if isinstance(family, str) else None)
+        index = read_model_index(model)
+    except UserError:
+        return
+    if len(model_family.transformer_folders) > 1 or has_second_expert(index):
+        return
+    raise ConfigError("guidance_2", f"is set, but model family {model_family.name} has one transformer: only "
+                      "two-expert families (wan2.2-a14b) take a low-noise expert's guidance scale; remove it")
 
 
 @dataclass
