@@ -10,7 +10,12 @@ diffusers' own `WanPipeline`:
   merged) and the LoRA export (one file per expert, the second loaded with `load_into_transformer_2=True`) load in
   WanPipeline and sample what base + adapter samples;
 - the online trainers train on it, and take `family` (a family that does not fit is refused in one line);
-- a Wan2.1 adapter is refused by the A14B base and an A14B adapter by a Wan2.1 base (exit 2, one line).
+- a Wan2.1 adapter is refused by the A14B base and an A14B adapter by a Wan2.1 base (exit 2, one line);
+- the low-memory modes act on both experts: `quantize` stores both experts' block weights quantised (and Flow-DPO
+  trains on them), group offloading samples the same latents with each expert's blocks offloaded one at a time, and
+  `auto` checkpointing measures a step whichever expert it runs; multi-process launches are refused;
+- bad input is refused in one line: `guidance_2` for a one-transformer family (every command that takes it), and a
+  merge from an adapter folder holding only the per-expert LoRA export.
 """
 
 import json
@@ -54,11 +59,14 @@ def wan_pipeline(folder):
     return pipeline
 
 
-def ours(model_dir, steps: int, guidance: float, guidance_2: float | None, seed: int = 7, adapter=None
-         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(initial noise, final latents) of our generate/rollout path for PROMPT."""
-    generator = VideoGenerator(ModelOptions(model=str(model_dir), device="cpu", dtype="fp32", adapter=adapter),
-                               load_vae=False)
+def ours(model_dir, steps: int, guidance: float, guidance_2: float | None, seed: int = 7, adapter=None,
+         generators: list | None = None, **model_options) -> tuple[torch.Tensor, torch.Tensor]:
+    """(initial noise, final latents) of our generate/rollout path for PROMPT (`generators` receives the
+    VideoGenerator)."""
+    generator = VideoGenerator(ModelOptions(model=str(model_dir), device="cpu", dtype="fp32", adapter=adapter,
+                                            **model_options), load_vae=False)
+    if generators is not None:
+        generators.append(generator)
     sampling = SamplingOptions(**SAMPLING, steps=steps, guidance=guidance, guidance_2=guidance_2,
                                negative_prompt=NEGATIVE)
     embeds = generator.encode_prompts([PROMPT, NEGATIVE])
@@ -296,3 +304,146 @@ def test_online_trainers_train_an_a14b_adapter_and_take_family(a14b_dir, tmp_pat
     lora_b = {k: v for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k}
     assert {k.split(".")[2] for k in lora_b} == {"transformer", "transformer_2"}
     assert any(v.abs().max() > 0 for v in lora_b.values())  # trained away from the zero init
+
+
+def test_quantize_stores_both_experts_blocks_quantised_and_dpo_trains_on_them(a14b_dir, trained, tmp_path, capsys):
+    from dpo.config import DPOConfig
+    from rlhf.lowmem import is_quantized
+    from rlhf.training import TrainingRun
+
+    config = DPOConfig(pairs="-", output_dir=str(tmp_path / "probe"), dtype="fp32", mixed_precision="no",
+                       lora_rank=2, lora_alpha=2, report_to="none", quantize="int8_weight_only")
+    run = TrainingRun(config, config, "cpu", config)
+    policy = run.load_policy(a14b_dir, "fp32", quantize="int8_weight_only")  # the trainers' own loading
+    for expert in (policy.transformer, policy.transformer_2):
+        linears = [m for n, m in expert.named_modules()
+                   if n.startswith("blocks.") and ".lora_" not in n and type(m) is torch.nn.Linear]
+        assert linears and all(is_quantized(m.weight) for m in linears)  # LoRA'd layers' base_layer included
+        assert not is_quantized(expert.proj_out.weight)  # outside the blocks: the checkpoint's precision
+    # Flow-DPO trains on the quantised base through the CLI, holding less than the full-precision experts.
+    store, _, _, _ = trained
+    run_dir = tmp_path / "run"
+    code, _, err = call_cli(capsys, "train", "--pairs", store.parent / "pairs", "--output-dir", run_dir, "--dtype",
+                            "fp32", "--mixed-precision", "no", "--lora-rank", "4", "--lora-alpha", "8", "--report-to",
+                            "none", "--no-gradient-checkpointing", "--max-steps", "2", "--learning-rate", "0.01",
+                            "--batch-size", "2", "--sigma-sampler", "uniform", "--quantize", "int8_weight_only")
+    assert code == 0, err
+    full = sum(p.numel() * 4 for e in (policy.transformer, policy.transformer_2) for n, p in e.named_parameters()
+               if "lora_" not in n)
+    assert json.loads((run_dir / "summary.json").read_text())["rank0_parameter_bytes"] < full
+
+
+def test_group_offload_samples_the_same_latents_offloading_each_experts_blocks(a14b_dir):
+    steps = 4  # both experts denoise (test_sampler_equals_wan_pipeline_with_both_experts)
+    _, expected = ours(a14b_dir, steps, 4.0, 2.0)
+    generators: list = []
+    _, offloaded = ours(a14b_dir, steps, 4.0, 2.0, generators=generators, group_offload=True)
+    experts = generators[0].transformer
+    for expert in experts.experts:  # each block its own group, as for a one-transformer family
+        assert all(hasattr(block, "_diffusers_hook") for block in expert.blocks)
+    assert not hasattr(experts, "_diffusers_hook")  # not one group holding both experts whole
+    # As tests/test_lowmem.py's group-offload check: on the CPU the same operations run, so the same latents.
+    assert torch.equal(offloaded, expected)
+
+
+def test_auto_checkpointing_measures_a_step_of_either_expert_and_all_of_a_mixed_batch(a14b_dir):
+    from rlhf.checkpointing import ActivationProbe, enable_checkpointing
+    from rlhf.lora import add_lora
+    from rlhf.models.family import velocity
+    from rlhf.models.loader import load_model
+    from rlhf.sampling import PromptEmbeds
+    from rlhf.training import mark_trainable
+
+    model = load_model(a14b_dir, dtype="fp32", load_vae=False, load_text_encoders=False).transformer
+    add_lora(model, rank=2, alpha=2)
+    mark_trainable(model)
+    enable_checkpointing(model, "full")
+    latents = torch.randn(4, 16, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = PromptEmbeds(torch.randn(4, 12, 32, generator=torch.Generator().manual_seed(1)), None)
+
+    def block_bytes(timestep: list[float]) -> int:
+        probe = ActivationProbe(model)
+        with probe.measuring():
+            velocity(model, latents, torch.tensor(timestep), text).square().mean().backward()
+        assert probe.measured, timestep
+        return probe.measure().block_bytes
+
+    high, low, mixed = block_bytes([950.0] * 4), block_bytes([300.0] * 4), block_bytes([950.0, 300.0] * 2)
+    assert high == low  # one architecture: the same batch keeps the same bytes in either expert
+    assert abs(mixed - high) <= 0.1 * high  # a mixed batch's samples are counted in both experts
+
+
+def test_multi_process_launches_are_refused_before_loading(a14b_dir, tmp_path, monkeypatch):
+    """FSDP / DeepSpeed (and DDP) launches: processes route their samples to different experts, so their collectives
+    would pair different experts' blocks (same shapes: no error) or wait for an unused expert's gradients."""
+    from accelerate import Accelerator
+
+    from dpo.config import DPOConfig
+    from rlhf.errors import UserError
+    from rlhf.training import TrainingRun
+
+    config = DPOConfig(pairs="-", output_dir=str(tmp_path / "run"), dtype="fp32", mixed_precision="no",
+                       lora_rank=2, lora_alpha=2, report_to="none")
+    run = TrainingRun(config, config, "cpu", config)
+    loads: list = []
+    monkeypatch.setattr("rlhf.models.loader.load_model", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    for layout in ("fsdp", "deepspeed", "replicated"):  # what accelerate launch --config_file ... gives
+        run.layout = layout
+        with pytest.raises(UserError) as refused:
+            run.load_policy(a14b_dir, "fp32")
+        message = str(refused.value)
+        assert "\n" not in message and f"2-process {layout} launch" in message and "two-expert" in message
+    assert not loads
+
+
+def test_guidance_2_is_refused_for_a_one_transformer_family_by_every_command(wan21_dir, tmp_path, capsys,
+                                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("a red ball\n")
+    (tmp_path / "rewards.yaml").write_text("scorers:\n  brightness: {weight: 1.0}\ndevice: cpu\n")
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump({
+        "model": str(wan21_dir), "prompts": "prompts.txt", "adapters": ["adapter"], "rewards": "rewards.yaml",
+        "out": "eval", "guidance_2": 2.0}))
+    (tmp_path / "online.yaml").write_text(yaml.safe_dump({
+        "model": str(wan21_dir), "prompts": "prompts.txt", "rewards": "rewards.yaml", "out": "online",
+        "rollout": {"guidance_2": 2.0}}))
+    model, online = ["--model", wan21_dir], ["--method", "grpo", "nft", "reward_gradient"]
+    trainer = [*model, "--prompts", "prompts.txt", "--rewards", "rewards.yaml", "--output-dir", "run"]
+    commands = [
+        ["generate", *model, "--prompt", "x", "--out", "x.mp4"],
+        ["rollout", *model, "--prompts", "prompts.txt", "--out", "store"],
+        ["eval", "--config", "eval.yaml"],
+        ["compare", *model, "--adapter", "adapter"],
+        *(["train", "--method", method, *trainer] for method in online[1:]),
+        ["online", "--config", "online.yaml"],
+    ]
+    for command in commands:
+        extra = [] if command[0] in ("eval", "online") else ["--guidance-2", "2"]
+        code, _, err = call_cli(capsys, *command, *extra)
+        line = err.strip()
+        assert code == 2 and "\n" not in line, (command[0], err)
+        assert "guidance_2" in line and "wan2.1" in line and "two-expert" in line, (command[0], line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.yaml", "online.yaml", "prompts.txt", "rewards.yaml"]
+    # From a one-transformer folder's own sampling_defaults.json too, naming the file.
+    folder = shutil.copytree(wan21_dir, tmp_path / "wan21")
+    defaults = json.loads((folder / "sampling_defaults.json").read_text())
+    (folder / "sampling_defaults.json").write_text(json.dumps({**defaults, "guidance_2": 2.0}))
+    code, _, err = call_cli(capsys, "generate", "--model", folder, "--prompt", "x", "--out", "x.mp4")
+    assert code == 2 and "sampling_defaults.json" in err and "guidance_2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_merging_an_adapter_folder_of_the_lora_export_only_names_what_it_holds(a14b_dir, trained, tmp_path, capsys):
+    from rlhf.lora import DIFFUSERS_WEIGHTS
+    from rlhf.models.wan import EXPERT_2_WEIGHTS
+
+    _, adapter, _, _ = trained
+    export = tmp_path / "export"
+    export.mkdir()
+    for name in (DIFFUSERS_WEIGHTS, EXPERT_2_WEIGHTS, "base_model.json"):
+        shutil.copy(adapter / name, export / name)
+    code, _, err = call_cli(capsys, "merge", "--model", a14b_dir, "--adapter", export, "--out", tmp_path / "merged")
+    line = err.strip()
+    assert code == 2 and "\n" not in line, err
+    assert DIFFUSERS_WEIGHTS in line and EXPERT_2_WEIGHTS in line and "adapter_config.json" in line, line
+    assert "another base model" not in line and not (tmp_path / "merged").exists()
