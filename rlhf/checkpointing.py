@@ -134,13 +134,18 @@ class _SavedOpBytes(TorchDispatchMode):
         return out
 
 
-def transformer_blocks(transformer: torch.nn.Module) -> torch.nn.ModuleList:
-    """The checkpointed blocks of a diffusers transformer (`transformer_blocks`, or `blocks` in Wan-style models)."""
-    for name in ("transformer_blocks", "blocks"):
-        blocks = getattr(transformer, name, None)
-        if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
-            return blocks
-    raise ValueError(f"{type(transformer).__name__} has no transformer_blocks / blocks to checkpoint")
+# Where diffusers transformers keep their checkpointed blocks: SD3-style and HunyuanVideo's dual-stream blocks,
+# HunyuanVideo's (and Flux's) single-stream blocks after them, Wan's blocks.
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
+
+
+def block_lists(transformer: torch.nn.Module) -> list[torch.nn.ModuleList]:
+    """Every non-empty list of checkpointed blocks of a diffusers transformer, in `BLOCK_LISTS` order."""
+    lists = [blocks for name in BLOCK_LISTS
+             if isinstance(blocks := getattr(transformer, name, None), torch.nn.ModuleList) and len(blocks)]
+    if not lists:
+        raise ValueError(f"{type(transformer).__name__} has no {' / '.join(BLOCK_LISTS)} to checkpoint")
+    return lists
 
 
 class ActivationProbe:
@@ -151,6 +156,10 @@ class ActivationProbe:
     them, with autograd recording, and sums the storages autograd saves: one block forward, outside the step
     (which it leaves unchanged, FLOP count included).
 
+    A transformer with several kinds of block (HunyuanVideo: dual-stream then single-stream blocks,
+    `block_lists`) has the first block of each list watched: `blocks` counts them all and one block's bytes are
+    the mean over them, each list's first block standing for its list.
+
     A module of several experts (Wan2.2 A14B's `WanExperts`, rlhf.lowmem.expert_transformers) sends each sample of
     a forward to one expert's blocks: the first block of every expert is watched, a step that runs any of them is
     measured, and one block's bytes are the sum over the experts measured (each on the samples it took). That sum
@@ -160,9 +169,10 @@ class ActivationProbe:
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         self.transformer = transformer
-        lists = [transformer_blocks(part) for _, part in expert_transformers(transformer)]
-        self.blocks = [blocks[0] for blocks in lists]  # the first block of each expert
-        self.estimate = ActivationEstimate(blocks=len(lists[0]))  # the experts share one architecture
+        lists = [block_lists(part) for _, part in expert_transformers(transformer)]
+        # (the first block of each list of each expert, how many blocks it stands for)
+        self.blocks = [(blocks[0], len(blocks)) for expert in lists for blocks in expert]
+        self.estimate = ActivationEstimate(blocks=sum(len(blocks) for blocks in lists[0]))  # experts share one layout
         self.inputs: dict[int, tuple[tuple, dict]] = {}  # index in `blocks` -> its first inputs with autograd
 
     @property
@@ -176,13 +186,16 @@ class ActivationProbe:
 
     def _keep_inputs(self, index: int, args: tuple, kwargs: dict) -> None:
         if index not in self.inputs and torch.is_grad_enabled():
-            detach = lambda value: value.detach() if isinstance(value, torch.Tensor) else value  # noqa: E731
+            # Detached from the step's graph, but still requiring grad where they did: autograd saves more for an
+            # input it must differentiate (a gated residual keeps its input only then).
+            detach = lambda value: value.detach().requires_grad_(value.requires_grad) \
+                if isinstance(value, torch.Tensor) else value  # noqa: E731
             self.inputs[index] = (tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()})
 
     @contextlib.contextmanager
     def measuring(self) -> Iterator[ActivationEstimate]:
         handles = [self.transformer.register_forward_pre_hook(self._count_forward)]
-        for index, block in enumerate(self.blocks):
+        for index, (block, _) in enumerate(self.blocks):
             handles.append(block.register_forward_pre_hook(
                 lambda module, args, kwargs, index=index: self._keep_inputs(index, args, kwargs), with_kwargs=True))
         try:
@@ -194,11 +207,14 @@ class ActivationProbe:
     def measure(self) -> ActivationEstimate:
         """Run the block(s) on the kept inputs (call it under the step's autocast) and fill in its bytes."""
         assert self.inputs, "measure() after a step inside measuring()"
-        self.estimate.block_bytes = self.estimate.block_saved_bytes = 0
+        kept_total = saved_total = 0  # over the blocks each measured one stands for
         for index, (args, kwargs) in sorted(self.inputs.items()):
-            kept, saved = self._block_bytes(self.blocks[index], args, kwargs)
-            self.estimate.block_bytes += kept
-            self.estimate.block_saved_bytes += saved
+            block, count = self.blocks[index]
+            kept, saved = self._block_bytes(block, args, kwargs)
+            kept_total += kept * count
+            saved_total += saved * count
+        self.estimate.block_bytes = -(-kept_total // self.estimate.blocks)  # rounded up: an upper bound
+        self.estimate.block_saved_bytes = -(-saved_total // self.estimate.blocks)
         return self.estimate
 
     @staticmethod

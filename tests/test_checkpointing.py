@@ -144,3 +144,42 @@ def test_auto_trains_without_recompute_when_memory_allows_and_gives_the_same_wei
     if "hardware_tflop" in auto_metrics[0]:
         assert auto_metrics[0]["hardware_tflop"] == full_metrics[0]["hardware_tflop"]
         assert auto_metrics[1]["hardware_tflop"] == auto_metrics[1]["model_tflop"] < full_metrics[1]["hardware_tflop"]
+
+
+def hunyuan_transformer(dual: int, single: int):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from rlhf.models.tiny_hunyuan import TINY_HUNYUAN_TRANSFORMER_CONFIG
+
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(**{**TINY_HUNYUAN_TRANSFORMER_CONFIG, "num_layers": dual,
+                                              "num_single_layers": single})
+    model.requires_grad_(False)
+    add_lora(model, rank=4, alpha=4, targets=("to_q", "to_k", "to_v", "to_out.0"))
+    return model
+
+
+def hunyuan_inputs() -> dict:
+    generator = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(1, 16, 2, 8, 8, generator=generator), timestep=torch.tensor([500.0]),
+                encoder_hidden_states=torch.randn(1, 6, 32, generator=generator),
+                encoder_attention_mask=torch.ones(1, 6, dtype=torch.long),
+                pooled_projections=torch.randn(1, 8, generator=generator), guidance=torch.tensor([4000.0]))
+
+
+def test_activation_probe_counts_every_block_list():
+    """HunyuanVideo runs 20 dual-stream then 40 single-stream blocks: the probe must count both kinds, each at
+    its own size (the single-stream blocks alone would be two thirds of the activations at full size)."""
+    model = hunyuan_transformer(dual=1, single=3)
+    probe = ActivationProbe(model)
+    with probe.measuring() as estimate:
+        model(**hunyuan_inputs()).sample.square().mean().backward()
+    probe.measure()
+    assert estimate.blocks == 4 and len(probe.inputs) == 2
+    # What each kind of block keeps, from whole models that differ by one block of that kind.
+    dual = saved_tensor_bytes(hunyuan_transformer(2, 3), **hunyuan_inputs()) - \
+        saved_tensor_bytes(hunyuan_transformer(1, 3), **hunyuan_inputs())
+    single = saved_tensor_bytes(hunyuan_transformer(1, 3), **hunyuan_inputs()) - \
+        saved_tensor_bytes(hunyuan_transformer(1, 2), **hunyuan_inputs())
+    assert dual != single
+    assert abs(estimate.step_bytes("none") - (dual + 3 * single)) <= 0.1 * (dual + 3 * single)
