@@ -18,6 +18,38 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """family name -> its tiny checkpoint (`tiny-model --family`), built once per session for every test file."""
+    from tests.family_checks import tiny_model
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = tiny_model(tmp_path_factory.mktemp(family) / "model", family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_run(family_model, tmp_path_factory):
+    """family name -> `tests.family_checks.train_chain` on its tiny checkpoint (store, pairs, a Flow-DPO adapter, the
+    merged folder, an eval), run once per session for every test file."""
+    from tests.family_checks import CHAIN_OPTIONS, train_chain
+
+    runs: dict = {}
+
+    def get(family: str):
+        if family not in runs:
+            runs[family] = train_chain(family_model(family), tmp_path_factory.mktemp(f"{family}-run"),
+                                       **CHAIN_OPTIONS.get(family, {}))
+        return runs[family]
+
+    return get
+
+
 def random_adapter(model_dir, out: Path, std: float) -> Path:
     """A rank-4 adapter on the tiny transformer with lora_B drawn from N(0, std^2), saved by `save_adapter`."""
     import torch

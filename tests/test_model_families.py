@@ -18,14 +18,10 @@ FAMILY_FREE = ["dpo", "rollouts", "rewards", "rlhf/generation.py", "rlhf/trainin
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
-    from rlhf.models.tiny import TINY_FAMILIES, build_tiny_model
+def model_dirs(tiny_model_dir, family_model) -> dict[str, Path]:
+    from rlhf.models.tiny import TINY_FAMILIES
 
-    dirs = {"contentv": tiny_model_dir}
-    for name in TINY_FAMILIES:
-        if name != "contentv":
-            dirs[name] = build_tiny_model(tmp_path_factory.mktemp(name) / "model", family=name)
-    return dirs
+    return {name: tiny_model_dir if name == "contentv" else family_model(name) for name in TINY_FAMILIES}
 
 
 def test_every_registered_family_loads_and_has_a_tiny_model(model_dirs):

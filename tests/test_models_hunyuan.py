@@ -10,59 +10,37 @@
 - an adapter trained on HunyuanVideo is refused by a ContentV base (exit 2, one line naming both families);
 - the online trainers (reward_gradient, grpo, nft) train a HunyuanVideo adapter; the differentiable frame decode
   equals the same frames of the whole clip's decode.
+SFT, online DPO, eval -> report and the compare page's sampler run on it in tests/test_family_stages.py; the helpers
+shared with the other family files are in tests/family_checks.py.
 """
 
 import json
 
 import pytest
 import torch
-import yaml
 
 from rlhf.cli import main
-from rlhf.generation import VideoGenerator
 from rlhf.models.family import family_for, transformer_family
-from rlhf.options import ModelOptions, SamplingOptions
-from rlhf.sampling import initial_noise
-from tests.conftest import TRAIN_PROMPTS, call_cli
+from tests import family_checks as checks
+from tests.conftest import TRAIN_PROMPTS
 
-PROMPT = "a red ball rolls over the green grass"
-SAMPLING = dict(frames=5, height=64, width=64)  # 2 latent frames of 8 x 8 (VAE 4x8x8, patch 2)
-TOLERANCE = 1e-4  # fp32 on CPU: the two paths differ by operation order only
+
+def hunyuan_sampling(steps: int, guidance: float) -> checks.Sampling:
+    """No negative prompt: the pipeline's true CFG is off (the guidance is embedded). At SAMPLING's size: 2 latent
+    frames of 8 x 8 (VAE 4x8x8, patch 2)."""
+    return checks.Sampling(steps, guidance, negative=None)
 
 
 @pytest.fixture(scope="module")
-def hunyuan_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hunyuanvideo") / "model"
-    assert main(["tiny-model", str(out), "--family", "hunyuanvideo"]) == 0
-    return out
+def hunyuan_dir(family_model):
+    return family_model("hunyuanvideo")
 
 
 @pytest.fixture(scope="module")
 def pipe(hunyuan_dir):
     from diffusers import HunyuanVideoPipeline
 
-    pipeline = HunyuanVideoPipeline.from_pretrained(hunyuan_dir, dtype=torch.float32)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-def ours(model_dir, steps: int, guidance: float, seed: int = 7, adapter=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(initial noise, final latents) of our generate/rollout path for PROMPT (no negative prompt: the pipeline's
-    true CFG is off)."""
-    generator = VideoGenerator(ModelOptions(model=str(model_dir), device="cpu", dtype="fp32", adapter=adapter),
-                               load_vae=False)
-    sampling = SamplingOptions(**SAMPLING, steps=steps, guidance=guidance, negative_prompt="")
-    embeds = generator.encode_prompts([PROMPT, ""])
-    latents = generator.sample_latents(embeds.select(0), embeds.select(1), [seed], sampling, progress=False)
-    shape = generator.family.latent_shape(sampling.frames, sampling.height, sampling.width,
-                                          generator.transformer.config)
-    return initial_noise(shape, [seed]), latents
-
-
-def pipeline_latents(pipeline, noise: torch.Tensor, steps: int, guidance: float) -> torch.Tensor:
-    return pipeline(prompt=PROMPT, num_frames=SAMPLING["frames"], height=SAMPLING["height"], width=SAMPLING["width"],
-                    num_inference_steps=steps, guidance_scale=guidance, latents=noise.clone(),
-                    output_type="latent").frames
+    return checks.load_pipeline(HunyuanVideoPipeline, hunyuan_dir)
 
 
 def test_layout_is_hunyuan_pipelines_and_the_family_is_read_from_it(hunyuan_dir, pipe):
@@ -99,7 +77,7 @@ def test_sigmas_are_the_hunyuan_pipelines(hunyuan_dir, pipe, steps):
 def test_prompt_embeddings_mask_and_pooled_are_hunyuan_pipelines(hunyuan_dir, pipe):
     from rlhf.models.loader import load_model
 
-    prompts = [PROMPT, "a cat", ""]
+    prompts = [checks.PROMPT, "a cat", ""]
     encoder = load_model(hunyuan_dir, dtype="fp32", load_transformer=False, load_vae=False).prompt_encoder
     embeds = encoder.encode(prompts)
     with torch.no_grad():
@@ -116,18 +94,19 @@ def test_prompt_embeddings_mask_and_pooled_are_hunyuan_pipelines(hunyuan_dir, pi
 # float64, and the random tiny transformer amplifies a one-ulp timestep difference. At 4 and 8 steps they are equal.
 @pytest.mark.parametrize(("steps", "guidance"), [(4, 6.0), (8, 1.0)])
 def test_sampler_equals_hunyuan_pipeline(hunyuan_dir, pipe, steps, guidance):
-    noise, latents = ours(hunyuan_dir, steps, guidance)
-    expected = pipeline_latents(pipe, noise, steps, guidance)
+    sampling = hunyuan_sampling(steps, guidance)
+    noise, latents = sampling.ours(hunyuan_dir)
+    expected = sampling.pipeline(pipe, noise)
     assert latents.shape == expected.shape == (1, 16, 2, 8, 8)
-    assert (latents - noise).abs().max() > 100 * TOLERANCE  # sampling moved the latents
-    torch.testing.assert_close(latents, expected, atol=TOLERANCE, rtol=0)
+    assert (latents - noise).abs().max() > 100 * checks.TOLERANCE  # sampling moved the latents
+    torch.testing.assert_close(latents, expected, atol=checks.TOLERANCE, rtol=0)
 
 
 def test_embedded_guidance_changes_the_samples(hunyuan_dir):
     """Guidance is an input of the distilled transformer: another scale gives other latents, with one forward."""
-    _, at_6 = ours(hunyuan_dir, 2, 6.0)
-    _, at_2 = ours(hunyuan_dir, 2, 2.0)
-    assert (at_6 - at_2).abs().max() > 100 * TOLERANCE
+    _, at_6 = hunyuan_sampling(2, 6.0).ours(hunyuan_dir)
+    _, at_2 = hunyuan_sampling(2, 2.0).ours(hunyuan_dir)
+    assert (at_6 - at_2).abs().max() > 100 * checks.TOLERANCE
 
 
 def test_differentiable_frame_decode_is_the_whole_clips(hunyuan_dir):
@@ -149,37 +128,17 @@ def test_differentiable_frame_decode_is_the_whole_clips(hunyuan_dir):
 
 
 @pytest.fixture(scope="module")
-def trained(hunyuan_dir, tmp_path_factory):
-    """rollout -> score -> pairs -> train -> merge -> eval on the tiny HunyuanVideo model, through the CLI."""
-    root = tmp_path_factory.mktemp("hunyuan-run")
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(TRAIN_PROMPTS) + "\n")
-    rewards = root / "rewards.yaml"
-    rewards.write_text(yaml.safe_dump({"scorers": {"brightness": {"weight": 1.0}}, "device": "cpu"}))
-    store, pairs, run, merged, evaluation = (root / n for n in ("store", "pairs", "run", "merged", "eval"))
-    size = ["--frames", "5", "--height", "64", "--width", "64", "--dtype", "fp32"]
-    commands = [
-        ["rollout", "--model", hunyuan_dir, "--prompts", prompts, "--out", store, *size, "--steps", "2",
-         "--guidance", "5", "--samples-per-prompt", "2", "--batch-size", "2", "--save-frames", "2"],
-        ["score", "--store", store, "--config", rewards],
-        ["pairs", "--store", store, "--out", pairs, "--min-margin", "0"],
-        ["train", "--pairs", pairs, "--output-dir", run, "--dtype", "fp32", "--mixed-precision", "no",
-         "--lora-rank", "4", "--lora-alpha", "8", "--report-to", "none", "--no-gradient-checkpointing",
-         "--max-steps", "3", "--learning-rate", "0.01", "--batch-size", "2"],
-        ["merge", "--model", hunyuan_dir, "--adapter", run / "adapter", "--out", merged],
-        ["eval", "--model", hunyuan_dir, "--adapters", run / "adapter", "--prompts", prompts, "--rewards", rewards,
-         "--out", evaluation, *size, "--steps", "1", "--seeds", "1", "--batch-size", "2"],
-    ]
-    for command in commands:
-        assert main([str(a) for a in command]) == 0, command[0]
-    return store, run / "adapter", merged, evaluation
+def trained(family_run):
+    """rollout (at guidance 5) -> score -> pairs -> train -> merge -> eval on the tiny HunyuanVideo model, through
+    the CLI."""
+    return family_run("hunyuanvideo")
 
 
 def test_cli_pipeline_runs_on_hunyuan(trained, hunyuan_dir):
     from rollouts.store import RolloutStore
 
-    store, adapter, _, evaluation = trained
-    store = RolloutStore(store)
+    adapter, evaluation = trained.adapter, trained.evaluation
+    store = RolloutStore(trained.store)
     assert store.settings["family"] == "hunyuanvideo"
     embeds = store.load_embeds("p00000")
     assert embeds.prompt_embeds.shape == (1, 256, 32) and embeds.pooled.shape == (1, 8)
@@ -195,7 +154,6 @@ def test_trainers_embed_the_guidance_the_samples_were_drawn_at(trained, tmp_path
     """DPO on a store sampled at guidance 5 embeds 5 in every forward (policy and reference), not the default 6."""
     from rlhf.models.hunyuan import HunyuanVideoFamily
 
-    store = trained[0]
     seen = []
     original = HunyuanVideoFamily.velocity
 
@@ -204,7 +162,7 @@ def test_trainers_embed_the_guidance_the_samples_were_drawn_at(trained, tmp_path
         return original(self, model, latents, timestep, text, guidance)
 
     monkeypatch.setattr(HunyuanVideoFamily, "velocity", recording)
-    assert main(["train", "--pairs", str(store.parent / "pairs"), "--output-dir", str(tmp_path / "run"), "--dtype",
+    assert main(["train", "--pairs", str(trained.pairs), "--output-dir", str(tmp_path / "run"), "--dtype",
                  "fp32", "--mixed-precision", "no", "--lora-rank", "2", "--lora-alpha", "2", "--report-to", "none",
                  "--no-gradient-checkpointing", "--max-steps", "1", "--batch-size", "1"]) == 0
     assert seen and set(seen) == {5.0}
@@ -213,31 +171,11 @@ def test_trainers_embed_the_guidance_the_samples_were_drawn_at(trained, tmp_path
 def test_merged_and_exported_lora_sample_base_plus_adapter_in_hunyuan_pipeline(hunyuan_dir, trained):
     from diffusers import HunyuanVideoPipeline
 
-    _, adapter, merged, _ = trained
-    noise, base = ours(hunyuan_dir, 4, 6.0)
-    _, adapted = ours(hunyuan_dir, 4, 6.0, adapter=str(adapter))
-    assert (adapted - base).abs().max() > 100 * TOLERANCE  # the adapter changes the samples
-
-    merged_pipe = HunyuanVideoPipeline.from_pretrained(merged, dtype=torch.float32)
-    merged_pipe.set_progress_bar_config(disable=True)
-    torch.testing.assert_close(pipeline_latents(merged_pipe, noise, 4, 6.0), adapted, atol=TOLERANCE, rtol=0)
-    torch.testing.assert_close(ours(merged, 4, 6.0)[1], adapted, atol=TOLERANCE, rtol=0)
-
-    lora_pipe = HunyuanVideoPipeline.from_pretrained(hunyuan_dir, dtype=torch.float32)
-    lora_pipe.set_progress_bar_config(disable=True)
-    lora_pipe.load_lora_weights(str(adapter))
-    torch.testing.assert_close(pipeline_latents(lora_pipe, noise, 4, 6.0), adapted, atol=TOLERANCE, rtol=0)
+    checks.check_merged_and_exported_lora(HunyuanVideoPipeline, hunyuan_dir, trained, hunyuan_sampling(4, 6.0))
 
 
 def test_adapter_of_one_family_is_refused_by_another(trained, tiny_model_dir, tmp_path, capsys):
-    _, adapter, _, _ = trained
-    for command in (["generate", "--model", tiny_model_dir, "--adapter", adapter, "--prompt", "x",
-                     "--out", tmp_path / "x.mp4", "--frames", "5", "--height", "32", "--width", "32", "--steps", "1"],
-                    ["merge", "--model", tiny_model_dir, "--adapter", adapter, "--out", tmp_path / "merged"]):
-        code, _, err = call_cli(capsys, *command)
-        assert code == 2, err
-        line = err.strip()
-        assert "\n" not in line and "contentv" in line and "hunyuanvideo" in line and "base_model.json" in line
+    checks.check_refused(capsys, trained.adapter, tiny_model_dir, tmp_path, ("contentv", "hunyuanvideo"), height=32)
 
 
 def test_a_folder_without_sampling_defaults_gets_the_pipelines(hunyuan_dir, tmp_path):
@@ -254,22 +192,7 @@ def test_a_folder_without_sampling_defaults_gets_the_pipelines(hunyuan_dir, tmp_
         frames=129, height=720, width=1280, steps=50, guidance=6.0)
 
 
-@pytest.mark.parametrize(("config", "sizes"), [
-    ("grpo.yaml", dict(max_steps=2, group_size=2, prompts_per_round=1)),
-    ("nft.yaml", dict(max_steps=2, group_size=2, prompts_per_round=1)),
-    ("reward_gradient.yaml", dict(max_steps=1, gradient_accumulation_steps=1, num_decode_frames=2)),
-])
+@checks.ONLINE_TRAINERS
 def test_online_trainers_train_a_hunyuan_adapter(hunyuan_dir, tmp_path, config, sizes):
     """The shipped online-trainer configs, sized down, train on the HunyuanVideo model through the interface alone."""
-    from safetensors.torch import load_file
-
-    from tests.test_configs import as_run, run
-
-    out = tmp_path / "run"
-    run("train", "--config", as_run(config, tmp_path, model=str(hunyuan_dir), output_dir=str(out), frames=5,
-                                    height=64, width=64, steps=2, **sizes))
-    assert json.loads((out / "adapter" / "base_model.json").read_text())["family"] == "hunyuanvideo"
-    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert sorted(adapter["target_modules"]) == sorted(family_for(hunyuan_dir).lora_targets)
-    lora_b = [v for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k]
-    assert lora_b and any(v.abs().max() > 0 for v in lora_b)  # trained away from the zero init
+    checks.check_trained_adapter(checks.train_online_config(hunyuan_dir, tmp_path, config, sizes), "hunyuanvideo")

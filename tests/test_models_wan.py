@@ -2,68 +2,38 @@
 
 - the folder `tiny-model --family wan2.1` writes is WanPipeline's: `WanPipeline.from_pretrained` loads it;
 - our sigmas, prompt embeddings and final latents equal WanPipeline's (fp32, same prompt, noise, steps, guidance);
-- rollout -> score -> pairs -> train -> merge run on it through the CLI; the merged folder loads in WanPipeline and
-  samples what base + adapter samples through our sampler, and the exported LoRA loads with
+- rollout -> score -> pairs -> train -> merge -> eval run on it through the CLI; the merged folder loads in
+  WanPipeline and samples what base + adapter samples through our sampler, and the exported LoRA loads with
   `WanPipeline.load_lora_weights` and samples the same;
 - an adapter trained on Wan is refused by a ContentV base (exit 2, one line naming both families).
 Every test runs for both families (the module's `wan_dir` is parametrised): Wan2.2 TI2V differs in its VAE (48
-channels, 16x spatial) and in WanPipeline's `expand_timesteps` (one timestep per latent token).
+channels, 16x spatial) and in WanPipeline's `expand_timesteps` (one timestep per latent token). The helpers shared
+with the other family files are in tests/family_checks.py.
 """
 
 import json
 
 import pytest
 import torch
-import yaml
 
-from rlhf.cli import main
-from rlhf.generation import VideoGenerator
 from rlhf.models.family import family_for, transformer_family
-from rlhf.options import ModelOptions, SamplingOptions
-from rlhf.sampling import initial_noise
-from tests.conftest import TRAIN_PROMPTS, call_cli
-
-PROMPT, NEGATIVE = "a red ball rolls over the green grass", "blurry, static"
-SAMPLING = dict(frames=5, height=64, width=64)  # multiples of 32: Wan2.2's VAE compresses 16x, its patch is 2
-TOLERANCE = 1e-4  # fp32 on CPU: the two paths differ by operation order only
-
+from tests import family_checks as checks
+from tests.conftest import call_cli
 
 # family -> (latent channels, spatial compression) of its VAE
 VAES = {"wan2.1": (16, 8), "wan2.2-ti2v": (48, 16)}
 
 
 @pytest.fixture(scope="module", params=list(VAES))
-def wan_dir(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(request.param) / "model"
-    assert main(["tiny-model", str(out), "--family", request.param]) == 0
-    return out
+def wan_dir(request, family_model):
+    return family_model(request.param)
 
 
 @pytest.fixture(scope="module")
 def pipe(wan_dir):
     from diffusers import WanPipeline
 
-    pipeline = WanPipeline.from_pretrained(wan_dir, dtype=torch.float32)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-def ours(model_dir, steps: int, guidance: float, seed: int = 7, adapter=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(initial noise, final latents) of our generate/rollout path for PROMPT."""
-    generator = VideoGenerator(ModelOptions(model=str(model_dir), device="cpu", dtype="fp32", adapter=adapter),
-                               load_vae=False)
-    sampling = SamplingOptions(**SAMPLING, steps=steps, guidance=guidance, negative_prompt=NEGATIVE)
-    embeds = generator.encode_prompts([PROMPT, NEGATIVE])
-    latents = generator.sample_latents(embeds.select(0), embeds.select(1), [seed], sampling, progress=False)
-    shape = generator.family.latent_shape(sampling.frames, sampling.height, sampling.width,
-                                          generator.transformer.config)
-    return initial_noise(shape, [seed]), latents
-
-
-def pipeline_latents(pipeline, noise: torch.Tensor, steps: int, guidance: float) -> torch.Tensor:
-    return pipeline(prompt=PROMPT, negative_prompt=NEGATIVE, num_frames=SAMPLING["frames"], height=SAMPLING["height"],
-                    width=SAMPLING["width"], num_inference_steps=steps, guidance_scale=guidance, latents=noise.clone(),
-                    output_type="latent").frames
+    return checks.load_pipeline(WanPipeline, wan_dir)
 
 
 def test_layout_is_wan_pipelines_and_the_family_is_read_from_it(wan_dir, tiny_model_dir, pipe):
@@ -109,8 +79,8 @@ def test_prompt_embeddings_are_wan_pipelines(wan_dir, pipe):
     from rlhf.models.loader import load_model
 
     encoder = load_model(wan_dir, dtype="fp32", load_transformer=False, load_vae=False).prompt_encoder
-    embeds = encoder.encode([PROMPT, NEGATIVE])
-    cond, uncond = pipe.encode_prompt(PROMPT, NEGATIVE, do_classifier_free_guidance=True, device="cpu",
+    embeds = encoder.encode([checks.PROMPT, checks.NEGATIVE])
+    cond, uncond = pipe.encode_prompt(checks.PROMPT, checks.NEGATIVE, do_classifier_free_guidance=True, device="cpu",
                                      max_sequence_length=512)  # WanPipeline.__call__'s default
     assert embeds.pooled is None  # Wan has no pooled embedding
     torch.testing.assert_close(embeds.prompt_embeds, torch.cat([cond, uncond]), atol=1e-6, rtol=0)
@@ -119,44 +89,26 @@ def test_prompt_embeddings_are_wan_pipelines(wan_dir, pipe):
 
 @pytest.mark.parametrize(("steps", "guidance"), [(4, 4.0), (3, 1.0)])
 def test_sampler_equals_wan_pipeline(wan_dir, pipe, steps, guidance):
-    noise, latents = ours(wan_dir, steps, guidance)
-    expected = pipeline_latents(pipe, noise, steps, guidance)
+    sampling = checks.Sampling(steps, guidance)
+    noise, latents = sampling.ours(wan_dir)
+    expected = sampling.pipeline(pipe, noise)
     channels, factor = VAES[family_for(wan_dir).name]
     assert latents.shape == expected.shape == (1, channels, 2, 64 // factor, 64 // factor)
-    assert (latents - noise).abs().max() > 100 * TOLERANCE  # sampling moved the latents
-    torch.testing.assert_close(latents, expected, atol=TOLERANCE, rtol=0)
+    assert (latents - noise).abs().max() > 100 * checks.TOLERANCE  # sampling moved the latents
+    torch.testing.assert_close(latents, expected, atol=checks.TOLERANCE, rtol=0)
 
 
 @pytest.fixture(scope="module")
-def trained(wan_dir, tmp_path_factory):
-    """rollout -> score -> pairs -> train -> merge on the tiny Wan model, through the CLI."""
-    root = tmp_path_factory.mktemp("wan-run")
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(TRAIN_PROMPTS) + "\n")
-    rewards = root / "rewards.yaml"
-    rewards.write_text(yaml.safe_dump({"scorers": {"brightness": {"weight": 1.0}}, "device": "cpu"}))
-    store, pairs, run, merged = root / "store", root / "pairs", root / "run", root / "merged"
-    commands = [
-        ["rollout", "--model", wan_dir, "--prompts", prompts, "--out", store, "--frames", "5", "--height", "64",
-         "--width", "64", "--steps", "2", "--guidance", "3", "--samples-per-prompt", "2", "--batch-size", "2",
-         "--save-frames", "2", "--dtype", "fp32"],
-        ["score", "--store", store, "--config", rewards],
-        ["pairs", "--store", store, "--out", pairs, "--min-margin", "0"],
-        ["train", "--pairs", pairs, "--output-dir", run, "--dtype", "fp32", "--mixed-precision", "no",
-         "--lora-rank", "4", "--lora-alpha", "8", "--report-to", "none", "--no-gradient-checkpointing",
-         "--max-steps", "3", "--learning-rate", "0.01", "--batch-size", "2"],
-        ["merge", "--model", wan_dir, "--adapter", run / "adapter", "--out", merged],
-    ]
-    for command in commands:
-        assert main([str(a) for a in command]) == 0, command[0]
-    return store, run / "adapter", merged
+def trained(wan_dir, family_run):
+    """rollout -> score -> pairs -> train -> merge -> eval on the tiny Wan model, through the CLI."""
+    return family_run(family_for(wan_dir).name)
 
 
 def test_cli_pipeline_runs_on_wan(trained):
     from rollouts.store import RolloutStore
 
-    store, adapter, _ = trained
-    store = RolloutStore(store)
+    adapter = trained.adapter
+    store = RolloutStore(trained.store)
     assert store.settings["family"] == family_for(store.settings["model"]).name
     embeds = store.load_embeds("p00000")
     assert embeds.pooled is None and embeds.prompt_embeds.shape == (1, 512, 32)
@@ -168,32 +120,12 @@ def test_cli_pipeline_runs_on_wan(trained):
 def test_merged_and_exported_lora_sample_base_plus_adapter_in_wan_pipeline(wan_dir, trained):
     from diffusers import WanPipeline
 
-    _, adapter, merged = trained
-    noise, base = ours(wan_dir, 3, 4.0)
-    _, adapted = ours(wan_dir, 3, 4.0, adapter=str(adapter))
-    assert (adapted - base).abs().max() > 100 * TOLERANCE  # the adapter changes the samples
-
-    merged_pipe = WanPipeline.from_pretrained(merged, dtype=torch.float32)
-    merged_pipe.set_progress_bar_config(disable=True)
-    torch.testing.assert_close(pipeline_latents(merged_pipe, noise, 3, 4.0), adapted, atol=TOLERANCE, rtol=0)
-    torch.testing.assert_close(ours(merged, 3, 4.0)[1], adapted, atol=TOLERANCE, rtol=0)
-
-    lora_pipe = WanPipeline.from_pretrained(wan_dir, dtype=torch.float32)
-    lora_pipe.set_progress_bar_config(disable=True)
-    lora_pipe.load_lora_weights(str(adapter))
-    torch.testing.assert_close(pipeline_latents(lora_pipe, noise, 3, 4.0), adapted, atol=TOLERANCE, rtol=0)
+    checks.check_merged_and_exported_lora(WanPipeline, wan_dir, trained, checks.Sampling(3, 4.0))
 
 
 def test_adapter_of_one_family_is_refused_by_another(trained, tiny_model_dir, tmp_path, capsys):
-    _, adapter, _ = trained
-    for command in (["generate", "--model", tiny_model_dir, "--adapter", adapter, "--prompt", "x",
-                     "--out", tmp_path / "x.mp4", "--frames", "5", "--height", "32", "--width", "32", "--steps", "1"],
-                    ["merge", "--model", tiny_model_dir, "--adapter", adapter, "--out", tmp_path / "merged"]):
-        code, _, err = call_cli(capsys, *command)
-        assert code == 2, err
-        line = err.strip()
-        assert "\n" not in line and "contentv" in line and "base_model.json" in line
-        assert json.loads((adapter / "base_model.json").read_text())["family"] in line
+    family = json.loads((trained.adapter / "base_model.json").read_text())["family"]
+    checks.check_refused(capsys, trained.adapter, tiny_model_dir, tmp_path, ("contentv", family), height=32)
 
 
 def test_a_folder_without_sampling_defaults_gets_its_familys(wan_dir, tiny_model_dir, tmp_path):
@@ -241,26 +173,11 @@ def test_sizes_the_vae_cannot_take_are_refused(wan_dir, tmp_path, capsys):
         assert code == 2 and "multiples of 32" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize(("config", "sizes"), [
-    ("grpo.yaml", dict(max_steps=2, group_size=2, prompts_per_round=1)),
-    ("nft.yaml", dict(max_steps=2, group_size=2, prompts_per_round=1)),
-    ("reward_gradient.yaml", dict(max_steps=1, gradient_accumulation_steps=1, num_decode_frames=2)),
-])
+@checks.ONLINE_TRAINERS
 def test_online_trainers_train_a_wan_adapter(wan_dir, tmp_path, config, sizes):
     """The shipped online-trainer configs, sized down, train on the Wan model through the interface alone."""
-    from safetensors.torch import load_file
-
-    from tests.test_configs import as_run, run
-
-    out = tmp_path / "run"
-    run("train", "--config", as_run(config, tmp_path, model=str(wan_dir), output_dir=str(out), frames=5,
-                                    height=64, width=64, steps=2, **sizes))
-    family = family_for(wan_dir)
-    assert json.loads((out / "adapter" / "base_model.json").read_text())["family"] == family.name
-    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert sorted(adapter["target_modules"]) == sorted(family.lora_targets)
-    lora_b = [v for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k]
-    assert lora_b and any(v.abs().max() > 0 for v in lora_b)  # trained away from the zero init
+    adapter = checks.train_online_config(wan_dir, tmp_path, config, sizes)
+    checks.check_trained_adapter(adapter, family_for(wan_dir).name)
 
 
 def test_family_named_at_rollout_carries_through_train_and_merge(wan_dir, tmp_path, capsys):
@@ -272,10 +189,7 @@ def test_family_named_at_rollout_carries_through_train_and_merge(wan_dir, tmp_pa
     model = shutil.copytree(wan_dir, tmp_path / "model")
     index = json.loads((model / "model_index.json").read_text())
     (model / "model_index.json").write_text(json.dumps({**index, "_class_name": "MyVideoPipeline"}))
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red ball\na blue lake\n")
-    rewards = tmp_path / "rewards.yaml"
-    rewards.write_text(yaml.safe_dump({"scorers": {"brightness": {"weight": 1.0}}, "device": "cpu"}))
+    prompts, rewards = checks.write_inputs(tmp_path, ["a red ball", "a blue lake"])
     store, pairs, run, merged = (tmp_path / name for name in ("store", "pairs", "run", "merged"))
     rollout = ["rollout", "--model", model, "--prompts", prompts, "--out", store, "--frames", "5", "--height", "64",
                "--width", "64", "--steps", "1", "--guidance", "1", "--samples-per-prompt", "2", "--batch-size", "2",
@@ -309,9 +223,7 @@ TINY_TRAIN = ["--dtype", "fp32", "--mixed-precision", "no", "--lora-rank", "4", 
 
 def stage_commands(stage: str, wan_dir, store, adapter, root) -> list[list]:
     root.mkdir()
-    prompts, rewards = root / "prompts.txt", root / "rewards.yaml"
-    prompts.write_text("a red ball\na blue lake\n")
-    rewards.write_text(yaml.safe_dump({"scorers": {"brightness": {"weight": 1.0}}, "device": "cpu"}))
+    prompts, rewards = checks.write_inputs(root, ["a red ball", "a blue lake"])
     return {
         "sft": [["train", "--method", "sft", "--store", store, "--top-k", "1", "--output-dir", root / "run",
                  *TINY_TRAIN]],
@@ -334,7 +246,7 @@ def stage_commands(stage: str, wan_dir, store, adapter, root) -> list[list]:
 @pytest.mark.parametrize("wan_dir", ["wan2.1"], indirect=True)
 @pytest.mark.parametrize("stage", ["sft", "dpo-int8", "online", "eval-report"])
 def test_every_other_stage_runs_on_wan21(stage, wan_dir, trained, tmp_path, capsys):
-    store, adapter, _ = trained
+    store, adapter = trained.store, trained.adapter
     for command in stage_commands(stage, wan_dir, store, adapter, tmp_path / "stage"):
         code, _, err = call_cli(capsys, *command)
         assert code == 0, (command[0], err[-2000:])
@@ -360,9 +272,9 @@ def test_compare_samples_base_and_adapter_on_wan21(wan_dir, trained, tmp_path):
     from rlhf.compare import Comparer
     from rlhf.config import config_from_dict
 
-    _, adapter, _ = trained
+    adapter = trained.adapter
     config = config_from_dict(CompareConfig, {"model": str(wan_dir), "adapters": [str(adapter)], "device": "cpu",
                                               "dtype": "fp32", "frames": 5, "height": 64, "width": 64, "steps": 2})
-    results = Comparer(config, None, tmp_path / "videos").compare(PROMPT, 3)
+    results = Comparer(config, None, tmp_path / "videos").compare(checks.PROMPT, 3)
     assert len(results) == 2 and all(r.frames.shape == (5, 64, 64, 3) for r in results)
     assert (results[0].frames != results[1].frames).any()  # the adapter's column differs from the base's

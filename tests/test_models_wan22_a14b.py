@@ -9,7 +9,8 @@ diffusers' own `WanPipeline`:
 - rollout -> score -> pairs -> train -> merge -> eval run on it through the CLI; the merged folder (both experts
   merged) and the LoRA export (one file per expert, the second loaded with `load_into_transformer_2=True`) load in
   WanPipeline and sample what base + adapter samples;
-- the online trainers train on it, and take `family` (a family that does not fit is refused in one line);
+- the online trainers train on it, and take `family` (a family that does not fit is refused in one line); SFT,
+  online DPO, eval -> report and the compare page's sampler run on it in tests/test_family_stages.py;
 - a Wan2.1 adapter is refused by the A14B base and an A14B adapter by a Wan2.1 base (exit 2, one line);
 - the low-memory modes act on both experts: `quantize` stores both experts' block weights quantised (and Flow-DPO
   trains on them), group offloading samples the same latents with each expert's blocks offloaded one at a time, and
@@ -25,62 +26,25 @@ import pytest
 import torch
 import yaml
 
-from rlhf.cli import main
-from rlhf.generation import VideoGenerator
 from rlhf.models.family import family_for, transformer_family
-from rlhf.options import ModelOptions, SamplingOptions
-from rlhf.sampling import initial_noise
-from tests.conftest import TRAIN_PROMPTS, call_cli
-
-PROMPT, NEGATIVE = "a red ball rolls over the green grass", "blurry, static"
-SAMPLING = dict(frames=5, height=64, width=64)
-TOLERANCE = 1e-4  # fp32 on CPU: the two paths differ by operation order only
+from tests import family_checks as checks
+from tests.conftest import call_cli
 
 
 @pytest.fixture(scope="module")
-def a14b_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("a14b") / "model"
-    assert main(["tiny-model", str(out), "--family", "wan2.2-a14b"]) == 0
-    return out
+def a14b_dir(family_model):
+    return family_model("wan2.2-a14b")
 
 
 @pytest.fixture(scope="module")
-def wan21_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wan21") / "model"
-    assert main(["tiny-model", str(out), "--family", "wan2.1"]) == 0
-    return out
+def wan21_dir(family_model):
+    return family_model("wan2.1")
 
 
 def wan_pipeline(folder):
     from diffusers import WanPipeline
 
-    pipeline = WanPipeline.from_pretrained(folder, dtype=torch.float32)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-def ours(model_dir, steps: int, guidance: float, guidance_2: float | None, seed: int = 7, adapter=None,
-         generators: list | None = None, **model_options) -> tuple[torch.Tensor, torch.Tensor]:
-    """(initial noise, final latents) of our generate/rollout path for PROMPT (`generators` receives the
-    VideoGenerator)."""
-    generator = VideoGenerator(ModelOptions(model=str(model_dir), device="cpu", dtype="fp32", adapter=adapter,
-                                            **model_options), load_vae=False)
-    if generators is not None:
-        generators.append(generator)
-    sampling = SamplingOptions(**SAMPLING, steps=steps, guidance=guidance, guidance_2=guidance_2,
-                               negative_prompt=NEGATIVE)
-    embeds = generator.encode_prompts([PROMPT, NEGATIVE])
-    latents = generator.sample_latents(embeds.select(0), embeds.select(1), [seed], sampling, progress=False)
-    shape = generator.family.latent_shape(sampling.frames, sampling.height, sampling.width,
-                                          generator.transformer.config)
-    return initial_noise(shape, [seed]), latents
-
-
-def pipeline_latents(pipeline, noise: torch.Tensor, steps: int, guidance: float, guidance_2: float | None
-                     ) -> torch.Tensor:
-    return pipeline(prompt=PROMPT, negative_prompt=NEGATIVE, num_frames=SAMPLING["frames"], height=SAMPLING["height"],
-                    width=SAMPLING["width"], num_inference_steps=steps, guidance_scale=guidance,
-                    guidance_scale_2=guidance_2, latents=noise.clone(), output_type="latent").frames
+    return checks.load_pipeline(WanPipeline, folder)
 
 
 def test_layout_is_wan_pipelines_two_experts_and_the_family_is_read_from_it(a14b_dir, wan21_dir, capsys):
@@ -117,18 +81,19 @@ def test_sampler_equals_wan_pipeline_with_both_experts(a14b_dir, steps, guidance
     schedule = family_for(a14b_dir).schedule(a14b_dir)
     timesteps = schedule.timesteps(schedule.sigmas(steps))
     assert (timesteps >= 875).any() and (timesteps < 875).any()  # both experts denoise
-    noise, latents = ours(a14b_dir, steps, guidance, guidance_2)
+    sampling = checks.Sampling(steps, guidance, guidance_2)
+    noise, latents = sampling.ours(a14b_dir)
     pipe = wan_pipeline(a14b_dir)
-    expected = pipeline_latents(pipe, noise, steps, guidance, guidance_2)
+    expected = sampling.pipeline(pipe, noise)
     assert latents.shape == expected.shape == (1, 16, 2, 8, 8)
-    torch.testing.assert_close(latents, expected, atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(latents, expected, atol=checks.TOLERANCE, rtol=0)
     # Neither expert alone (nor one guidance for both) samples this: the switch and guidance_2 are checked.
-    single = pipeline_latents(pipe, noise, steps, guidance, guidance)
+    single = checks.Sampling(steps, guidance, guidance).pipeline(pipe, noise)
     pipe.config.boundary_ratio = 0.0  # transformer (high noise) for every step
-    high_only = pipeline_latents(pipe, noise, steps, guidance, None)
-    assert (latents - high_only).abs().max() > 100 * TOLERANCE
+    high_only = checks.Sampling(steps, guidance).pipeline(pipe, noise)
+    assert (latents - high_only).abs().max() > 100 * checks.TOLERANCE
     if guidance_2 is not None:
-        assert (latents - single).abs().max() > 100 * TOLERANCE
+        assert (latents - single).abs().max() > 100 * checks.TOLERANCE
 
 
 def test_training_gradient_reaches_only_the_expert_of_the_sampled_sigma(a14b_dir):
@@ -174,34 +139,10 @@ def test_training_gradient_reaches_only_the_expert_of_the_sampled_sigma(a14b_dir
 
 
 @pytest.fixture(scope="module")
-def trained(a14b_dir, tmp_path_factory):
-    """rollout -> score -> pairs -> train -> merge -> eval on the tiny A14B model, through the CLI."""
-    root = tmp_path_factory.mktemp("a14b-run")
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(TRAIN_PROMPTS) + "\n")
-    rewards = root / "rewards.yaml"
-    rewards.write_text(yaml.safe_dump({"scorers": {"brightness": {"weight": 1.0}}, "device": "cpu"}))
-    store, pairs, run, merged, evaluation = (root / name for name in ("store", "pairs", "run", "merged", "eval"))
-    eval_config = root / "eval.yaml"
-    eval_config.write_text(yaml.safe_dump({
-        "model": str(a14b_dir), "prompts": str(prompts), "seeds": 1, "batch_size": 1, "rewards": str(rewards),
-        "out": str(evaluation), "frames": 5, "height": 64, "width": 64, "steps": 2, "adapters": [str(run / "adapter")],
-        "dtype": "fp32", "device": "cpu"}))
-    commands = [
-        ["rollout", "--model", a14b_dir, "--prompts", prompts, "--out", store, "--frames", "5", "--height", "64",
-         "--width", "64", "--steps", "2", "--guidance", "3", "--samples-per-prompt", "2", "--batch-size", "2",
-         "--save-frames", "2", "--dtype", "fp32"],
-        ["score", "--store", store, "--config", rewards],
-        ["pairs", "--store", store, "--out", pairs, "--min-margin", "0"],
-        ["train", "--pairs", pairs, "--output-dir", run, "--dtype", "fp32", "--mixed-precision", "no",
-         "--lora-rank", "4", "--lora-alpha", "8", "--report-to", "none", "--no-gradient-checkpointing",
-         "--max-steps", "4", "--learning-rate", "0.01", "--batch-size", "2", "--sigma-sampler", "uniform"],
-        ["merge", "--model", a14b_dir, "--adapter", run / "adapter", "--out", merged],
-        ["eval", "--config", eval_config],
-    ]
-    for command in commands:
-        assert main([str(a) for a in command]) == 0, command[0]
-    return store, run / "adapter", merged, evaluation
+def trained(family_run):
+    """rollout -> score -> pairs -> train -> merge -> eval on the tiny A14B model, through the CLI (the training
+    draws 4 uniform sigmas: both experts are trained)."""
+    return family_run("wan2.2-a14b")
 
 
 def test_cli_pipeline_runs_on_a14b_and_the_adapter_holds_one_lora_per_expert(trained):
@@ -211,8 +152,8 @@ def test_cli_pipeline_runs_on_a14b_and_the_adapter_holds_one_lora_per_expert(tra
     from rlhf.models.wan import EXPERT_2_WEIGHTS
     from rollouts.store import RolloutStore
 
-    store, adapter, _, evaluation = trained
-    settings = RolloutStore(store).settings
+    adapter, evaluation = trained.adapter, trained.evaluation
+    settings = RolloutStore(trained.store).settings
     assert settings["family"] == "wan2.2-a14b" and settings["guidance_2"] == 3.0  # the tiny model's default
     assert json.loads((adapter / "base_model.json").read_text())["family"] == "wan2.2-a14b"
     peft = load_file(str(adapter / "adapter_model.safetensors"))
@@ -227,55 +168,36 @@ def test_cli_pipeline_runs_on_a14b_and_the_adapter_holds_one_lora_per_expert(tra
 
 
 def test_merged_and_exported_lora_sample_base_plus_adapter_in_wan_pipeline(a14b_dir, trained):
+    from diffusers import WanPipeline
+
     from rlhf.models.wan import EXPERT_2_WEIGHTS
 
-    _, adapter, merged, _ = trained
-    steps, guidance, guidance_2 = 6, 4.0, 2.0
-    noise, base = ours(a14b_dir, steps, guidance, guidance_2)
-    _, adapted = ours(a14b_dir, steps, guidance, guidance_2, adapter=str(adapter))
-    assert (adapted - base).abs().max() > 100 * TOLERANCE  # the adapter changes the samples
+    sampling = checks.Sampling(6, 4.0, 2.0)
+    assert json.loads((trained.merged / "model_index.json").read_text())["boundary_ratio"] == 0.875
 
-    assert json.loads((merged / "model_index.json").read_text())["boundary_ratio"] == 0.875
-    merged_pipe = wan_pipeline(merged)
-    torch.testing.assert_close(pipeline_latents(merged_pipe, noise, steps, guidance, guidance_2), adapted,
-                               atol=TOLERANCE, rtol=0)
-    torch.testing.assert_close(ours(merged, steps, guidance, guidance_2)[1], adapted, atol=TOLERANCE, rtol=0)
+    def load_both_experts_loras(pipeline, adapter, noise, adapted):
+        pipeline.load_lora_weights(str(adapter))
+        only_high = sampling.pipeline(pipeline, noise)
+        assert (only_high - adapted).abs().max() > 100 * checks.TOLERANCE  # the low-noise expert's LoRA matters too
+        pipeline.load_lora_weights(str(adapter), weight_name=EXPERT_2_WEIGHTS, load_into_transformer_2=True)
 
-    lora_pipe = wan_pipeline(a14b_dir)
-    lora_pipe.load_lora_weights(str(adapter))
-    only_high = pipeline_latents(lora_pipe, noise, steps, guidance, guidance_2)
-    assert (only_high - adapted).abs().max() > 100 * TOLERANCE  # the low-noise expert's LoRA matters too
-    lora_pipe.load_lora_weights(str(adapter), weight_name=EXPERT_2_WEIGHTS, load_into_transformer_2=True)
-    torch.testing.assert_close(pipeline_latents(lora_pipe, noise, steps, guidance, guidance_2), adapted,
-                               atol=TOLERANCE, rtol=0)
+    checks.check_merged_and_exported_lora(WanPipeline, a14b_dir, trained, sampling, load_both_experts_loras)
 
 
 def test_adapters_of_wan21_and_a14b_are_refused_by_each_others_base(trained, a14b_dir, wan21_dir, tmp_path, capsys):
-    _, adapter, _, _ = trained
+    adapter = trained.adapter
     wan21_adapter = shutil.copytree(adapter, tmp_path / "wan21-adapter")  # as a Wan2.1 run records its base
     record = json.loads((wan21_adapter / "base_model.json").read_text())
     (wan21_adapter / "base_model.json").write_text(json.dumps({**record, "family": "wan2.1"}))
     for model, lora, families in ((wan21_dir, adapter, ("wan2.1", "wan2.2-a14b")),
                                   (a14b_dir, wan21_adapter, ("wan2.2-a14b", "wan2.1"))):
-        for command in (["generate", "--model", model, "--adapter", lora, "--prompt", "x", "--out", tmp_path / "x.mp4",
-                         "--frames", "5", "--height", "64", "--width", "64", "--steps", "1"],
-                        ["merge", "--model", model, "--adapter", lora, "--out", tmp_path / "merged"]):
-            code, _, err = call_cli(capsys, *command)
-            assert code == 2, err
-            line = err.strip()
-            assert "\n" not in line and "base_model.json" in line and all(f in line for f in families), line
+        checks.check_refused(capsys, lora, model, tmp_path, families)
 
 
-@pytest.mark.parametrize(("config", "sizes"), [
-    ("grpo.yaml", dict(max_steps=2, group_size=2, prompts_per_round=1)),
-    ("nft.yaml", dict(max_steps=2, group_size=2, prompts_per_round=1)),
-    ("reward_gradient.yaml", dict(max_steps=1, gradient_accumulation_steps=1, num_decode_frames=2)),
-])
+@checks.ONLINE_TRAINERS
 def test_online_trainers_train_an_a14b_adapter_and_take_family(a14b_dir, tmp_path, capsys, config, sizes):
     """The shipped online-trainer configs, sized down, train on a copy of the A14B folder whose model_index.json names
     no known pipeline: only with `family: wan2.2-a14b`; `family: wan2.1` (one expert) is refused in one line."""
-    from safetensors.torch import load_file
-
     from tests.test_configs import as_run
 
     model = shutil.copytree(a14b_dir, tmp_path / "model")
@@ -300,10 +222,8 @@ def test_online_trainers_train_an_a14b_adapter_and_take_family(a14b_dir, tmp_pat
         assert code == 2 and expected in err and len(err.splitlines()) == 1, err
     code, err = train("wan2.2-a14b")
     assert code == 0, err
-    assert json.loads((out / "adapter" / "base_model.json").read_text())["family"] == "wan2.2-a14b"
-    lora_b = {k: v for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k}
+    lora_b = checks.check_trained_adapter(out / "adapter", "wan2.2-a14b")
     assert {k.split(".")[2] for k in lora_b} == {"transformer", "transformer_2"}
-    assert any(v.abs().max() > 0 for v in lora_b.values())  # trained away from the zero init
 
 
 def test_quantize_stores_both_experts_blocks_quantised_and_dpo_trains_on_them(a14b_dir, trained, tmp_path, capsys):
@@ -321,9 +241,8 @@ def test_quantize_stores_both_experts_blocks_quantised_and_dpo_trains_on_them(a1
         assert linears and all(is_quantized(m.weight) for m in linears)  # LoRA'd layers' base_layer included
         assert not is_quantized(expert.proj_out.weight)  # outside the blocks: the checkpoint's precision
     # Flow-DPO trains on the quantised base through the CLI, holding less than the full-precision experts.
-    store, _, _, _ = trained
     run_dir = tmp_path / "run"
-    code, _, err = call_cli(capsys, "train", "--pairs", store.parent / "pairs", "--output-dir", run_dir, "--dtype",
+    code, _, err = call_cli(capsys, "train", "--pairs", trained.pairs, "--output-dir", run_dir, "--dtype",
                             "fp32", "--mixed-precision", "no", "--lora-rank", "4", "--lora-alpha", "8", "--report-to",
                             "none", "--no-gradient-checkpointing", "--max-steps", "2", "--learning-rate", "0.01",
                             "--batch-size", "2", "--sigma-sampler", "uniform", "--quantize", "int8_weight_only")
@@ -335,9 +254,10 @@ def test_quantize_stores_both_experts_blocks_quantised_and_dpo_trains_on_them(a1
 
 def test_group_offload_samples_the_same_latents_offloading_each_experts_blocks(a14b_dir):
     steps = 4  # both experts denoise (test_sampler_equals_wan_pipeline_with_both_experts)
-    _, expected = ours(a14b_dir, steps, 4.0, 2.0)
+    sampling = checks.Sampling(steps, 4.0, 2.0)
+    _, expected = sampling.ours(a14b_dir)
     generators: list = []
-    _, offloaded = ours(a14b_dir, steps, 4.0, 2.0, generators=generators, group_offload=True)
+    _, offloaded = sampling.ours(a14b_dir, generators=generators, group_offload=True)
     experts = generators[0].transformer
     for expert in experts.experts:  # each block its own group, as for a one-transformer family
         assert all(hasattr(block, "_diffusers_hook") for block in expert.blocks)
@@ -437,7 +357,7 @@ def test_merging_an_adapter_folder_of_the_lora_export_only_names_what_it_holds(a
     from rlhf.lora import DIFFUSERS_WEIGHTS
     from rlhf.models.wan import EXPERT_2_WEIGHTS
 
-    _, adapter, _, _ = trained
+    adapter = trained.adapter
     export = tmp_path / "export"
     export.mkdir()
     for name in (DIFFUSERS_WEIGHTS, EXPERT_2_WEIGHTS, "base_model.json"):
