@@ -5,9 +5,11 @@
 - rollout -> score -> pairs -> train -> merge -> eval run on it through the CLI; the merged folder loads in
   WanPipeline and samples what base + adapter samples through our sampler, and the exported LoRA loads with
   `WanPipeline.load_lora_weights` and samples the same;
-- an adapter trained on Wan is refused by a ContentV base (exit 2, one line naming both families).
+- an adapter trained on Wan is refused by a ContentV base (exit 2, one line naming both families);
+- the online trainers train on it, and Flow-DPO on an int8 base (Wan2.1).
 Every test runs for both families (the module's `wan_dir` is parametrised): Wan2.2 TI2V differs in its VAE (48
-channels, 16x spatial) and in WanPipeline's `expand_timesteps` (one timestep per latent token). The helpers shared
+channels, 16x spatial) and in WanPipeline's `expand_timesteps` (one timestep per latent token). SFT, online DPO,
+eval -> report and the compare page's sampler run on every family in tests/test_family_stages.py; the helpers shared
 with the other family files are in tests/family_checks.py.
 """
 
@@ -212,69 +214,22 @@ def test_family_named_at_rollout_carries_through_train_and_merge(wan_dir, tmp_pa
     assert json.loads((merged / "model_index.json").read_text())["_class_name"] == "MyVideoPipeline"
 
 
-# The stages the tests above leave out, on Wan2.1 (Wan2.2 TI2V shares their code; it differs in the VAE and the
-# timestep, which the tests above run it through): SFT, DPO on an int8 base (the Wan blocks' linears are
-# quantised), online DPO, eval -> report, and the compare page's sampler. Each command must exit 0; every
-# adapter it writes must record the family.
-TINY_VIDEO = ["--frames", "5", "--height", "64", "--width", "64", "--steps", "2"]
-TINY_TRAIN = ["--dtype", "fp32", "--mixed-precision", "no", "--lora-rank", "4", "--lora-alpha", "8", "--report-to",
-              "none", "--no-gradient-checkpointing", "--max-steps", "2", "--batch-size", "1"]
-
-
-def stage_commands(stage: str, wan_dir, store, adapter, root) -> list[list]:
-    root.mkdir()
-    prompts, rewards = checks.write_inputs(root, ["a red ball", "a blue lake"])
-    return {
-        "sft": [["train", "--method", "sft", "--store", store, "--top-k", "1", "--output-dir", root / "run",
-                 *TINY_TRAIN]],
-        "dpo-int8": [["train", "--pairs", store.parent / "pairs", "--output-dir", root / "run", *TINY_TRAIN,
-                      "--quantize", "int8_weight_only"]],
-        "online": [["online", "--model", wan_dir, "--prompts", prompts, "--rewards", rewards, "--out", root / "run",
-                    "--rounds", "1", "--device", "cpu",
-                    "--rollout", "{samples_per_prompt: 2, batch_size: 2, frames: 5, height: 64, width: 64, steps: 2, "
-                                 "save_frames: 1, dtype: fp32}",
-                    "--pairs", "{min_margin: 0.0}",
-                    "--train", "{max_steps: 1, dtype: fp32, mixed_precision: 'no', lora_rank: 4, lora_alpha: 4, "
-                               "report_to: none, gradient_checkpointing: false}"]],
-        "eval-report": [["eval", "--model", wan_dir, "--adapters", adapter, "--prompts", prompts,
-                         "--rewards", rewards, "--seeds", "1", "--out", root / "eval", *TINY_VIDEO, "--dtype", "fp32",
-                         "--device", "cpu"],
-                        ["report", "--run", root / "eval"]],
-    }[stage]
-
-
 @pytest.mark.parametrize("wan_dir", ["wan2.1"], indirect=True)
-@pytest.mark.parametrize("stage", ["sft", "dpo-int8", "online", "eval-report"])
-def test_every_other_stage_runs_on_wan21(stage, wan_dir, trained, tmp_path, capsys):
-    store, adapter = trained.store, trained.adapter
-    for command in stage_commands(stage, wan_dir, store, adapter, tmp_path / "stage"):
-        code, _, err = call_cli(capsys, *command)
-        assert code == 0, (command[0], err[-2000:])
-    written = [p.parent for p in (tmp_path / "stage").rglob("adapter_config.json")]
-    assert written or stage == "eval-report"
+def test_dpo_trains_on_an_int8_base_of_wan21(wan_dir, trained, tmp_path, capsys):
+    """Flow-DPO with `--quantize int8_weight_only` on Wan2.1 (Wan2.2 TI2V shares its blocks): quantize reaches Wan's
+    blocks (`blocks.N`), not only ContentV's `transformer_blocks`, and the adapter records the family."""
+    from rlhf.lowmem import block_linears, quantize_transformer
+
+    run = tmp_path / "run"
+    code, _, err = call_cli(capsys, "train", "--pairs", trained.pairs, "--output-dir", run, "--dtype", "fp32",
+                            "--mixed-precision", "no", "--lora-rank", "4", "--lora-alpha", "8", "--report-to", "none",
+                            "--no-gradient-checkpointing", "--max-steps", "2", "--batch-size", "1",
+                            "--quantize", "int8_weight_only")
+    assert code == 0, err[-2000:]
+    written = [p.parent for p in tmp_path.rglob("adapter_config.json")]
+    assert run / "adapter" in written
     for folder in written:
         assert json.loads((folder / "base_model.json").read_text())["family"] == "wan2.1", folder
-    if stage == "dpo-int8":  # quantize reaches Wan's blocks (`blocks.N`), not only ContentV's `transformer_blocks`
-        from rlhf.lowmem import block_linears, quantize_transformer
-
-        transformer = family_for(wan_dir).load_transformer(wan_dir, torch.float32)
-        report = quantize_transformer(transformer, "int8_weight_only")
-        assert report.quantized_layers == len(block_linears(transformer)) > 0
-    if stage == "eval-report":
-        assert (tmp_path / "stage" / "eval" / "eval.json").is_file()
-        assert (tmp_path / "stage" / "eval" / "report.html").is_file()
-
-
-@pytest.mark.parametrize("wan_dir", ["wan2.1"], indirect=True)
-def test_compare_samples_base_and_adapter_on_wan21(wan_dir, trained, tmp_path):
-    """The compare page's sampler (what each column shows), without serving the page."""
-    from rlhf.commands.compare import CompareConfig
-    from rlhf.compare import Comparer
-    from rlhf.config import config_from_dict
-
-    adapter = trained.adapter
-    config = config_from_dict(CompareConfig, {"model": str(wan_dir), "adapters": [str(adapter)], "device": "cpu",
-                                              "dtype": "fp32", "frames": 5, "height": 64, "width": 64, "steps": 2})
-    results = Comparer(config, None, tmp_path / "videos").compare(checks.PROMPT, 3)
-    assert len(results) == 2 and all(r.frames.shape == (5, 64, 64, 3) for r in results)
-    assert (results[0].frames != results[1].frames).any()  # the adapter's column differs from the base's
+    transformer = family_for(wan_dir).load_transformer(wan_dir, torch.float32)
+    report = quantize_transformer(transformer, "int8_weight_only")
+    assert report.quantized_layers == len(block_linears(transformer)) > 0
