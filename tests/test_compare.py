@@ -245,7 +245,8 @@ def test_page_in_headless_chromium_generates_plays_and_scores(world_adapters, tm
             sources = [page.locator(f"#video-{i} video").get_attribute("src") for i in range(3)]
             scores = [page.locator(f"#scores-{i}").inner_text() for i in range(3)]
             status = page.locator("#status").inner_text()
-            labels = [page.locator(f"#video-{i}").inner_text() for i in range(3)]
+            # A column's first line is its label; the player's clock below it moves while the video plays.
+            labels = [page.locator(f"#video-{i}").inner_text().splitlines()[0] for i in range(3)]
 
             # A user mistake: one message in the status line; the columns keep their labels and videos.
             box.fill("")
@@ -253,7 +254,7 @@ def test_page_in_headless_chromium_generates_plays_and_scores(world_adapters, tm
             page.wait_for_function("document.querySelector('#status').innerText.includes('Not generated')",
                                    timeout=60_000)
             mistake = page.locator("#status").inner_text()
-            labels_after = [page.locator(f"#video-{i}").inner_text() for i in range(3)]
+            labels_after = [page.locator(f"#video-{i}").inner_text().splitlines()[0] for i in range(3)]
             sources_after = [page.locator(f"#video-{i} video").get_attribute("src") for i in range(3)]
             errors_shown = page.get_by_text("Error", exact=True).count()
             browser.close()
