@@ -74,6 +74,15 @@ def variant_config(out: Path, name: str, method: str, changes: dict) -> Path:
     return path
 
 
+def curve_grid(checkpoints: dict[str, list[list[tuple[float, Path]]]], budget: float, step: float) -> np.ndarray:
+    """Times at which the mean curves are read: every `step` seconds up to the budget, and on to the last
+    checkpoint of any run (a run's final step ends a little past the budget: its checkpoint must be on the curve,
+    or a curve would end at a gain the run no longer had)."""
+    end = max([budget, *(seconds for runs in checkpoints.values() for run in runs for seconds, _ in run)])
+    grid = np.arange(0.0, budget + 1e-9, step)
+    return grid if end <= grid[-1] else np.append(grid, end)
+
+
 def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
     """The first time at which `curve` (time, gain) reaches `target`; None if it never does."""
     return next((t for t, gain in curve if gain >= target), None)
@@ -92,7 +101,7 @@ def draw_png(curves: dict[str, list[tuple[float, float]]], path: Path, budget: f
     """A line plot of each method's mean gain (points) against wall time (minutes), with the +10 and +20 lines."""
     from PIL import Image, ImageDraw
 
-    width, height, left, right, top, bottom = 820, 480, 60, 150, 20, 50
+    width, height, left, right, top, bottom = 820, 480, 60, 190, 20, 50
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     gains = [g for curve in curves.values() for _, g in curve] + [0.0, *TARGETS]
@@ -194,7 +203,7 @@ def main() -> None:
         prompts, seeds = evaluation_splits("test", args.seeds, 1)["test"]
         evaluator.use(None)
         base = evaluator.sample(prompts, seeds)["taught"]
-        grid = np.arange(0.0, args.budget_seconds + 1e-9, args.checkpoint_seconds / 2)
+        grid = curve_grid(checkpoints, args.budget_seconds, args.checkpoint_seconds / 2)
         rows, means = [], {}
         for method, runs in checkpoints.items():
             curves = []
@@ -215,7 +224,7 @@ def main() -> None:
                                                       for c in curves] for t in TARGETS},
                 "final_gain_per_seed": [c[-1][1] if c else None for c in curves],
                 "curves": curves, "cost": costs[method]})
-        draw_png(means, Path(args.png), args.budget_seconds)
+        draw_png(means, Path(args.png), float(grid[-1]))
     emit_rows("world_speed", rows, time.perf_counter() - started, args.record)
 
 

@@ -43,7 +43,9 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 # How the unshifted sigmas of `steps` steps are spaced (the model family picks one):
-# - "to_zero": linspace(1, 0, steps + 1)[:-1], what ContentV's pipeline passes as `sigmas=` to the scheduler;
+# - "to_zero": linspace(1, 0, steps + 1)[:-1], what ContentV's and HunyuanVideo's pipelines pass as `sigmas=` to the
+#   scheduler, which casts them to float32 and shifts them in float32 (as here: a float64 shift differs by an ulp,
+#   enough for a sampler to drift 1e-4 from the pipeline's in 3 steps);
 # - "scheduler_default": diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(steps) without sigmas, what
 #   WanPipeline runs: linspace(1, shifted(1 / num_train_timesteps), steps) (its sigma_min is already shifted).
 SIGMA_SPACINGS = ("to_zero", "scheduler_default")
@@ -91,12 +93,13 @@ class FlowSchedule:
         """`steps + 1` float32 sigmas from 1 (pure noise) down to a terminal 0."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        if self.spacing == "to_zero":
-            base = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
+        if self.spacing == "to_zero":  # cast first, then shifted in float32, as the scheduler does with `sigmas=`
+            base = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1].to(torch.float32)
+            shifted = self.shift_sigmas(base)
         else:
             sigma_min = self.shift_sigmas(torch.tensor(1.0 / self.num_train_timesteps, dtype=torch.float64))
             base = torch.linspace(1.0, float(sigma_min), steps, dtype=torch.float64)
-        shifted = self.shift_sigmas(base).to(torch.float32)
+            shifted = self.shift_sigmas(base).to(torch.float32)
         return torch.cat([shifted, torch.zeros(1)])
 
     def timesteps(self, sigmas: torch.Tensor) -> torch.Tensor:

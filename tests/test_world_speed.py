@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.world_speed import checkpoint_times, draw_png, mean_curve, time_to
+from benchmarks.world_speed import checkpoint_times, curve_grid, draw_png, mean_curve, time_to
 
 
 def test_checkpoint_times_add_the_charged_data_time(tmp_path):
@@ -76,3 +76,13 @@ def test_a_variant_is_the_shipped_config_with_its_changes(tmp_path):
     shipped = yaml.safe_load((CONFIGS / "grpo.yaml").read_text())
     assert yaml.safe_load(path.read_text()) == {**shipped, "steps": 10, "learning_rate": 5e-4}
     assert shipped["steps"] != 10
+
+
+def test_the_grid_reaches_the_last_checkpoint_past_the_budget(tmp_path):
+    runs = {"rg": [[(50.0, tmp_path), (150.4, tmp_path)], [(150.1, tmp_path)]], "grpo": [[(90.0, tmp_path)]]}
+    grid = curve_grid(runs, budget=150.0, step=25.0)
+    assert grid.tolist() == [0.0, 25.0, 50.0, 75.0, 100.0, 125.0, 150.0, 150.4]
+    # A run that fell after its peak ends at its last gain, not at the peak it had at the budget's grid point.
+    curve = mean_curve([[(100.0, 30.0), (150.4, 5.0)], [(150.1, 10.0)]], grid)
+    assert curve[-2] == (150.0, 15.0) and curve[-1] == (150.4, 7.5)
+    assert curve_grid({"rg": [[(120.0, tmp_path)]]}, budget=150.0, step=25.0).tolist()[-1] == 150.0
