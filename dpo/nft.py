@@ -184,7 +184,7 @@ def nft_update(run: TrainingRun, parts: FrozenParts, config: NFTConfig, round_: 
                 if config.kl_weight > 0:
                     with run.reference_mode() as reference:
                         v_base = conditional_velocity(run, reference, noisy, sigma, cond,
-                                                      parts.schedule.num_train_timesteps)
+                                                      parts.schedule.num_train_timesteps, config.guidance)
             # 3. The policy's velocity, with gradients.
             v = conditional_velocity(run, policy, noisy, sigma, cond, parts.schedule.num_train_timesteps, config.guidance)
             # 4. The NFT loss; backward of its share of the update's mean.
