@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from rlhf.lowmem import expert_transformers
+from rlhf.lowmem import BLOCK_LISTS, expert_transformers
 from rlhf.options import CheckpointPolicyName
 
 # What `auto` chooses from, fastest (most memory) first. `full` always fits: it is what the probed step ran.
@@ -132,11 +132,6 @@ class _SavedOpBytes(TorchDispatchMode):
             self.bytes += sum(key[1] for t in tree_leaves(out)
                               if isinstance(t, torch.Tensor) and (key := _storage(t)) is not None)
         return out
-
-
-# Where diffusers transformers keep their checkpointed blocks: SD3-style and HunyuanVideo's dual-stream blocks,
-# HunyuanVideo's (and Flux's) single-stream blocks after them, Wan's blocks.
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
 
 
 def block_lists(transformer: torch.nn.Module) -> list[torch.nn.ModuleList]:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from rlhf.config import ConfigError, option
 from rlhf.io import output_path_problem
+from rlhf.models.family import FAMILIES
 
 DeviceName = str  # auto | cuda | npu | cpu, the accelerators optionally indexed (cuda:1); see device_name_problem
 DTypeName = Literal["bf16", "fp16", "fp32"]
@@ -55,8 +56,6 @@ def device_name_problem(name: str) -> str | None:
 
 def family_name_problem(name: str | None) -> str | None:
     """What is wrong with a model family name (None when it is registered, or not given)."""
-    from rlhf.models.family import FAMILIES
-
     if name is None or name in FAMILIES:
         return None
     return f"expects one of {', '.join(FAMILIES)}, got {name!r}"
@@ -113,8 +112,8 @@ def round_frames(frames: int) -> int:
     return frames // VAE_TEMPORAL_FACTOR * VAE_TEMPORAL_FACTOR + 1
 
 
-FAMILY_HELP = ("Model family of `model`: contentv, wan2.1, wan2.2-ti2v, wan2.2-a14b or hunyuanvideo (default: the one its "
-               "model_index.json names; docs/models.md).")
+FAMILY_HELP = (f"Model family of `model`: {', '.join(FAMILIES)} (default: the one its model_index.json names; "
+               "docs/models.md).")
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 
 from rlhf.errors import UserError
 from rlhf.io import atomic_path
+from rlhf.options import VAE_TEMPORAL_FACTOR
 
 
 def denormalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
@@ -26,10 +27,9 @@ def denormalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
     return latents * std.to(latents) + mean.to(latents)
 
 
-def latent_frame_of(frame: int, temporal_factor: int = 4) -> int:
-    """The latent frame whose decoder pass outputs video frame `frame` (a causal video VAE of 4x temporal
-    compression, Wan's and HunyuanVideo's: 1 frame, then 4 per latent)."""
-    return 0 if frame == 0 else (frame - 1) // temporal_factor + 1
+def latent_frame_of(frame: int) -> int:
+    """The latent frame whose decoder pass outputs video frame `frame` (the Wan VAE: 1 frame, then 4 per latent)."""
+    return 0 if frame == 0 else (frame - 1) // VAE_TEMPORAL_FACTOR + 1
 
 
 def _decode_wan_chunk(decoder: torch.nn.Module, x: torch.Tensor, *cache, first_chunk: bool) -> tuple:
