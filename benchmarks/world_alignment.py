@@ -257,6 +257,22 @@ def oracle_arrays(readings: list, prompts: list[str], groups: int) -> dict[str, 
     return {name: np.array(values, float).reshape(groups, -1) for name, values in arrays.items()}
 
 
+def following_per_word(scores: dict[str, np.ndarray], prompts: list[str]) -> dict[str, dict[str, float]]:
+    """Per taught attribute and word: the share of videos of the prompts asking for that word that show it (rows
+    of `scores` are `prompts`). A split's mean hides which words a method fixed and which it broke: the world's
+    confusions form a cycle (red draws red or yellow, yellow draws yellow or green, ...), so a method that learns
+    to draw a value more often for every prompt fixes one word and breaks the word whose partner that value is."""
+    from rlhf.world.scene import TAUGHT, parse_prompt
+
+    asked = [parse_prompt(p) for p in prompts]
+    out: dict[str, dict[str, float]] = {}
+    for position, attribute in enumerate(TAUGHT):
+        for word in dict.fromkeys(a[position] for a in asked):
+            rows = [i for i, a in enumerate(asked) if a[position] == word]
+            out.setdefault(attribute, {})[word] = float(scores[attribute][rows].mean())
+    return out
+
+
 def oracle_summary(scores: dict[str, np.ndarray]) -> dict:
     """The oracle's part of a row: accuracy per attribute, readable shares and cleanliness."""
     return {"oracle": {attribute: float(scores[attribute].mean()) for attribute in ATTRIBUTES},
@@ -343,8 +359,10 @@ def reference_rows(evaluator: WorldEvaluator, split: str, prompts: list[str], se
     start = time.perf_counter()
     more = evaluator.sample(prompts, [scene.seed("best_of_k", j) for j in range(len(seeds) * (BEST_OF - 1))])
     cost = {"seconds": {"sample_and_score": round(time.perf_counter() - start, 1)}}
-    rows.append(summarise_single(f"best_of_{BEST_OF}_reward", split, best_of(base, more, "trained"), base, cost))
-    rows.append(summarise_single(f"best_of_{BEST_OF}_oracle", split, best_of(base, more, "taught"), base, cost))
+    for name, key in (("reward", "trained"), ("oracle", "taught")):
+        picked = best_of(base, more, key)
+        rows.append({**summarise_single(f"best_of_{BEST_OF}_{name}", split, picked, base, cost),
+                     "following_per_word": following_per_word(picked, prompts)})
     return rows
 
 
@@ -407,7 +425,8 @@ def main() -> None:
             evaluator.use(None)
             base = evaluator.sample(prompts, seeds)
             sampled = {"seconds": {"sample": round(time.perf_counter() - start, 1)}}
-            rows.append({**summarise_single("base", split, base, base, sampled), "seed_noise": base_noise(base)})
+            rows.append({**summarise_single("base", split, base, base, sampled), "seed_noise": base_noise(base),
+                         "following_per_word": following_per_word(base, prompts)})
             reference_gain = None
             if not args.no_references:
                 references = reference_rows(evaluator, split, prompts, seeds, base)
@@ -424,6 +443,8 @@ def main() -> None:
                              for run in method_runs],
                     **({"pair_contrast": [run["pair_contrast"] for run in method_runs]}
                        if "pair_contrast" in method_runs[0] else {})})
+                row["following_per_word"] = following_per_word(
+                    {name: np.concatenate([run[name] for run in scores], axis=1) for name in scores[0]}, prompts)
                 row["amortisation"] = (row["gains"]["taught_gain"]["mean"] / reference_gain
                                        if reference_gain is not None and reference_gain > 0 else None)
                 rows.append(row)

@@ -7,6 +7,8 @@ world's "validation" namespace (choosing nothing on the test split's seeds):
 - `following`: the share of videos whose attribute the oracle reads as the prompt's word;
 - `partner`: the share read as the word's confusion partner (`scene.CONFUSION`): the systematic mistake the
   construction plants; `other`: any other value; `unreadable`: none;
+- `per_word`: `following` and `partner` per taught word (a split's mean can hide words the base almost never
+  follows, e.g. one colour word drawn as its partner nearly always);
 - `drawable`: the share of videos whose every attribute reads as some value (whatever it is);
 - cleanliness of the videos whose taught attributes are right vs wrong (a wrong output should be as clean a
   single value as a right one, not a blend);
@@ -61,6 +63,7 @@ def summarise(split: str, readings: list[tuple]) -> dict:
                                     for r, w, p in zip(read, asked, partner, strict=True)])),
             "unreadable": float(np.mean([r is None for r in read])),
         }
+    row["per_word"] = per_word(readings)
     hits = [r.matches(*a) for a, r in readings]
     row["taught"] = float(np.mean([h["taught"] for h in hits]))
     row["all"] = float(np.mean([h["all"] for h in hits]))
@@ -69,6 +72,21 @@ def summarise(split: str, readings: list[tuple]) -> dict:
              "wrong": [r.cleanliness for h, (_, r) in zip(hits, readings, strict=True) if not h["taught"]]}
     row["cleanliness"] = {k: float(np.mean(v)) if v else None for k, v in clean.items()}
     return row
+
+
+def per_word(readings: list[tuple]) -> dict[str, dict[str, dict[str, float | int]]]:
+    """Per taught attribute and word asked: n, the share drawn as the word, and the share drawn as its partner."""
+    from rlhf.world import scene
+
+    out: dict[str, dict[str, dict[str, float | int]]] = {}
+    for position, attribute in enumerate(scene.TAUGHT):
+        for word, partner in scene.CONFUSION[attribute].items():
+            read = [getattr(r, attribute) for asked, r in readings if asked[position] == word]
+            if read:
+                out.setdefault(attribute, {})[word] = {
+                    "n": len(read), "following": float(np.mean([v == word for v in read])),
+                    "partner": float(np.mean([v == partner for v in read]))}
+    return out
 
 
 def main() -> None:

@@ -165,3 +165,29 @@ def test_train_methods_runs_only_the_data_and_trainers_asked_for(tmp_path, monke
     used = {argv[argv.index("--output-dir") + 1].rsplit("/", 1)[-1]: argv[argv.index("--config") + 1]
             for argv in stages}
     assert used == {"nft": str(explored), "grpo": str(benchmark.CONFIGS / "grpo.yaml")}
+
+
+def test_world_base_per_word_shares_count_the_word_and_its_confusion_partner():
+    from benchmarks.world_base import per_word
+
+    readings = [(("red", "small", "left"), reading("red", "small", "left")),
+                (("red", "large", "up"), reading("yellow", "small", "up")),  # partners: red -> yellow, large -> small
+                (("red", "small", "down"), reading(None, "medium", "down")),  # size: small's partner medium
+                (("blue", "small", "left"), reading("green", "large", "left"))]  # neither word nor partner
+    shares = per_word(readings)
+    assert shares["colour"]["red"] == {"n": 3, "following": 1 / 3, "partner": 1 / 3}
+    assert shares["colour"]["blue"] == {"n": 1, "following": 0.0, "partner": 0.0}
+    assert shares["size"]["small"] == {"n": 3, "following": 1 / 3, "partner": 1 / 3}
+    assert shares["size"]["large"] == {"n": 1, "following": 0.0, "partner": 1.0}
+    assert "yellow" not in shares["colour"]  # never asked
+
+
+def test_following_per_word_groups_videos_by_the_word_their_prompt_asks_for():
+    from benchmarks.world_alignment import following_per_word
+
+    prompts = ["a small red circle moving left", "a large red circle moving up", "a small blue circle moving left"]
+    scores = {"colour": np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]),  # rows: prompts; columns: seeds
+              "size": np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])}
+    shares = following_per_word(scores, prompts)
+    # Written out: red is asked in rows 0 and 1 (3 of 4 videos red), blue in row 2; small in rows 0 and 2.
+    assert shares == {"colour": {"red": 0.75, "blue": 0.0}, "size": {"small": 0.5, "large": 0.5}}
