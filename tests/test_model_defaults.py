@@ -107,9 +107,10 @@ def test_rollout_precedence_file_config_flag(model, tmp_path, capsys):
 
 
 def _world_config_without_sampling(name: str, tmp_path: Path) -> dict:
-    """configs/world/<name>.yaml with its sampling fields removed, its paths absolute and its outputs in tmp_path."""
+    """configs/world/<name>.yaml with its sampling fields removed, its paths absolute and its outputs in tmp_path.
+    Reward-gradient's `grad_steps` (1..steps) goes with `steps`: the world's backprops through all 10 of its steps."""
     data = yaml.safe_load((REPO / "configs" / "world" / f"{name}.yaml").read_text())
-    data = {k: v for k, v in data.items() if k not in OPTION_FIELDS}
+    data = {k: v for k, v in data.items() if k not in (*OPTION_FIELDS, "grad_steps")}
     for key, value in data.items():
         if isinstance(value, str) and value.startswith("configs/"):
             data[key] = str(REPO / value)
