@@ -253,7 +253,12 @@ def serve_and_stop(argv: list[str], served: str, folder: Path) -> None:
         with urllib.request.urlopen(url, timeout=60) as page:
             assert page.status == 200 and b"<html" in page.read().lower()
         server.send_signal(signal.SIGINT)  # Gradio's block_thread returns on Ctrl-C: a normal end, exit 0
-        assert server.wait(timeout=60) == 0, stderr.read_text()[-2000:]
+        try:
+            code = server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 60 s after Ctrl-C (SIGINT in the suite: {signal.getsignal(signal.SIGINT)});"
+                        f"\nstdout:\n{stdout.read_text()[-1000:]}\nstderr:\n{stderr.read_text()[-3000:]}")
+        assert code == 0, stderr.read_text()[-2000:]
     finally:
         if server.poll() is None:
             server.kill()
