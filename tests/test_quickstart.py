@@ -4,15 +4,16 @@ import json
 
 from tests.conftest import call_cli
 
-SMALL = ("--device", "cpu", "--train-steps", "4", "--train-prompts", "8", "--samples-per-prompt", "2",
-         "--eval-seeds", "1")
+SMALL = ("--device", "cpu", "--train-steps", "4", "--reward-gradient-steps", "2", "--train-prompts", "8",
+         "--samples-per-prompt", "2", "--eval-seeds", "1")
 
 
 def test_quickstart_end_to_end_and_rerun(tmp_path, capsys):
     out = tmp_path / "qs"
     code, stdout, stderr = call_cli(capsys, "quickstart", "--out", out, *SMALL)
     assert code == 0, stderr
-    for stage in ("rollout", "score", "pairs", "train (Flow-DPO)", "merge", "eval", "report"):
+    for stage in ("rollout", "score", "pairs", "train (Flow-DPO)", "train (reward-gradient)", "merge", "eval",
+                  "report"):
         assert f"] {stage}: contentv-rlhf " in stdout, stage
     assert "combined" in stdout and "95% CI" in stdout  # the eval table
     assert (out / "merged" / "transformer").is_dir() and (out / "report.html").is_file()
@@ -25,9 +26,12 @@ def test_quickstart_end_to_end_and_rerun(tmp_path, capsys):
     assert "oracle_taught" in stdout  # the oracle's accuracy is in the printed table
     assert len(result["prompts"]) == 16  # the test combinations, all four directions
     assert len(json.loads((out / "train" / "summary.json").read_text())) > 0
+    assert json.loads((out / "reward_gradient" / "summary.json").read_text())["steps_done"] == 2
+    # Both trainers' adapters are evaluated beside the base, on the same prompts and seeds.
+    assert sorted(result["candidates"].values()) == sorted(str(out / t / "adapter") for t in ("reward_gradient", "train"))
     assert "oracle_all" in (out / "report.html").read_text()
 
     # A rerun skips the finished stages.
     code, stdout, stderr = call_cli(capsys, "quickstart", "--out", out, *SMALL)
     assert code == 0, stderr
-    assert stdout.count("already done") == 5
+    assert stdout.count("already done") == 6

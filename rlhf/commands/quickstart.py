@@ -1,8 +1,12 @@
 """`contentv-rlhf quickstart`: the whole loop on the shapes world, on any machine, in minutes.
 
-rollout -> score -> pairs -> train (Flow-DPO) -> merge -> eval -> report, on the shipped world model
+rollout -> score -> pairs -> train (Flow-DPO) -> train (reward-gradient) -> merge -> eval -> report, on the
+shipped world model
 (`rlhf/world/weights`: a pretrained text-to-video generator in ContentV's classes and layout) with its
-learned rewards (a world CLIP, an aesthetic head on it, the weight-free motion reward). Every stage is the
+learned rewards (a world CLIP, an aesthetic head on it, the weight-free motion reward). Two trainers run
+on the same rewards, so the eval and the report put both beside the base: Flow-DPO (offline, on the rollout's
+pairs: the product's main loop) and reward-gradient (online, through the rewards' gradients: the one trainer
+that moves this world's ground truth, README "What the trainers do to it"). Every stage is the
 real command a user runs on ContentV-8B, called through the CLI entry point with the flags printed, and
 reads the shipped `configs/world/` files; the eval scores the test colour-size combinations with the
 trained rewards, weight-free held-out rewards and the world's oracle (ground truth no reward sees). The
@@ -34,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "\"rollout\" and \"training\" seed namespaces: rlhf.world.scene.seed).")
     parser.add_argument("--train-steps", type=int, default=None,
                         help="Flow-DPO optimiser steps (default: configs/world/dpo.yaml's).")
+    parser.add_argument("--reward-gradient-steps", type=int, default=None,
+                        help="Reward-gradient optimiser steps (default: configs/world/reward_gradient.yaml's).")
     parser.add_argument("--train-prompts", type=int, default=None,
                         help="Use only the first N training prompts (default: all of configs/world/train_prompts.txt).")
     parser.add_argument("--samples-per-prompt", type=int, default=None,
@@ -57,7 +63,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if not 0 <= args.seed < SEED_BLOCK:
         raise UserError(f"--seed must be in 0..{SEED_BLOCK - 1} (an index into the world's seed namespaces), "
                         f"got {args.seed}")
-    limits = {"train_steps": MAX_TRAIN_STEPS, "train_prompts": MAX_PROMPTS, "samples_per_prompt": 1024,
+    limits = {"train_steps": MAX_TRAIN_STEPS, "reward_gradient_steps": MAX_TRAIN_STEPS, "train_prompts": MAX_PROMPTS, "samples_per_prompt": 1024,
               "eval_seeds": 1024}
     for name, high in limits.items():
         value = getattr(args, name)
@@ -114,8 +120,13 @@ def run(args: argparse.Namespace) -> int:
     (configs / "ground_truth.yaml").write_text(
         yaml.safe_dump(absolute_rewards(shipped / "ground_truth.yaml", root, args.device)))
 
+    # The two trainers' adapters, in the eval config (a list: no splitting of --adapters at commas in --out).
+    adapters = [str(out / trained / "adapter") for trained in ("train", "reward_gradient")]
+    (configs / "eval.yaml").write_text(
+        yaml.safe_dump({**yaml.safe_load((shipped / "eval.yaml").read_text()), "adapters": adapters}))
+
     world_batch = yaml.safe_load((shipped / "rollout.yaml").read_text())["batch_size"]
-    paths = {name: out / name for name in ("rollout", "pairs", "train", "merged", "eval")}
+    paths = {name: out / name for name in ("rollout", "pairs", "train", "reward_gradient", "merged", "eval")}
     device = ["--device", args.device]
     optional = lambda flag, value: [flag, value] if value is not None else []  # noqa: E731
     stages = [
@@ -133,10 +144,16 @@ def run(args: argparse.Namespace) -> int:
          ["train", "--config", shipped / "dpo.yaml", "--pairs", paths["pairs"], "--output-dir", paths["train"],
           "--seed", scene.seed("training", args.seed), *device, *optional("--max-steps", args.train_steps),
           *(["--resume-from", "latest"] if holds_run(paths["train"]) else [])]),  # continue an interrupted one
+        ("train (reward-gradient)", paths["reward_gradient"] / "adapter" / "adapter_model.safetensors",
+         ["train", "--config", shipped / "reward_gradient.yaml", "--model", MODEL_DIR, "--prompts",
+          configs / "train_prompts.txt", "--rewards", configs / "rewards.yaml", "--output-dir",
+          paths["reward_gradient"], "--seed", scene.seed("training", args.seed), *device,
+          *optional("--max-steps", args.reward_gradient_steps),
+          *(["--resume-from", "latest"] if holds_run(paths["reward_gradient"]) else [])]),
         ("merge", paths["merged"] / "model_index.json",
          ["merge", "--model", MODEL_DIR, "--adapter", paths["train"] / "adapter", "--out", paths["merged"]]),
         ("eval", paths["eval"] / "eval.json",
-         ["eval", "--config", shipped / "eval.yaml", "--model", MODEL_DIR, "--adapters", paths["train"] / "adapter",
+         ["eval", "--config", configs / "eval.yaml", "--model", MODEL_DIR,
           "--prompts", shipped / "test_prompts.txt", "--rewards", configs / "rewards.yaml",
           "--held-out-rewards", configs / "held_out_rewards.yaml", "--ground-truth", configs / "ground_truth.yaml",
           "--out", paths["eval"], *device, *optional("--seeds", args.eval_seeds)]),
