@@ -195,7 +195,7 @@ def placeholders_named(argv: tuple[str, ...], root: Path, made: set[str]) -> lis
 COVERED = {
     ("contentv-rlhf", "quickstart"): (
         "tests/test_quickstart.py",
-        "runs it end to end with reduced sizes (--train-steps 4 ...); as written it takes about 2.5 min on 2 "
+        "runs it end to end with reduced sizes (--train-steps 4 ...); as written it takes about 5.5 min on 2 "
         "quiet cores",
     ),
     ("python", "-m", "pytest", "-q"): (

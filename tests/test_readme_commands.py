@@ -7,8 +7,8 @@ example cannot be skipped by accident. Each command is its own case (`README.md:
 - **runs** (`contentv-rlhf` naming no placeholder): run as written through the installed entry point, in a
   fresh folder holding symlinks to the repository's tracked top-level entries (the README says "run these
   from the repository root"), so nothing is written into the repository. The outputs of other examples it
-  reads are made first: `quickstart-out/train/adapter` is a rank-4 LoRA on the world transformer that records
-  its base, the kind of adapter the quickstart's train stage writes (the quickstart itself runs in
+  reads are made first: `quickstart-out/train/adapter` (and `reward_gradient/adapter`) is a rank-4 LoRA on the
+  world transformer that records its base, the kind of adapter the quickstart's train stages write (the quickstart itself runs in
   tests/test_quickstart.py). Checked: exit 0, and a generated mp4 has the model's sampling defaults (frames,
   height, width from `MODEL/sampling_defaults.json`). A command that serves a page (`compare`) is started,
   must print its address and answer it, and must stop on Ctrl-C (SIGINT, exit 0); it gets `--port` on a
@@ -24,7 +24,7 @@ example cannot be skipped by accident. Each command is its own case (`README.md:
   processes; the launched `-m rlhf.cli ...` command must be a placeholder command and is checked as one.
   tests/test_sharded_training.py runs the layouts on 2 CPU processes.
 - **covered** (named in `readme_commands.COVERED`): another test runs it; the named test file must exist and
-  mention it. `contentv-rlhf quickstart` as written takes ~2.5 min on 2 quiet cores: tests/test_quickstart.py
+  mention it. `contentv-rlhf quickstart` as written takes ~5.5 min on 2 quiet cores: tests/test_quickstart.py
   runs it with reduced sizes. `python -m pytest -q` is this suite.
 """
 
@@ -68,7 +68,8 @@ COMMANDS = shell_commands(REPO, DOCS)
 MADE = placeholder_outputs(COMMANDS, REPO)  # what the commands on a placeholder write: placeholders too
 ENTRY_POINT = Path(sys.executable).parent / "contentv-rlhf"
 SERVERS = {"compare": "compare: serving http://127.0.0.1:{port}/"}  # subcommand -> the line it prints when up
-PREREQUISITES = ("quickstart-out/train/adapter",)  # outputs of other examples that runnable ones read
+# outputs of other examples that runnable ones read
+PREREQUISITES = ("quickstart-out/train/adapter", "quickstart-out/reward_gradient/adapter")
 
 
 # ---- the parser, on blocks worked by hand ---------------------------------------------------------------
