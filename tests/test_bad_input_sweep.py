@@ -87,6 +87,7 @@ BAD_NUMBERS = [
     ("tiny-model {new} --seed 99999999999999999999", "--seed"),
     ("quickstart --out {new} --seed=-1", "--seed"),
     ("quickstart --out {new} --train-steps 0", "--train-steps"),
+    ("quickstart --out {new} --reward-gradient-steps 0", "--reward-gradient-steps"),
     ("quickstart --out {new} --device tpu", "--device"),
 ]
 # An output path of the wrong kind: {file} is an existing file, {dir} (and {dir}.mp4) an existing folder.
