@@ -242,8 +242,11 @@ def serve_and_stop(argv: list[str], served: str, folder: Path) -> None:
     address = served.format(port=option(tuple(argv), "--port"))
     stdout, stderr = folder / "server.out", folder / "server.err"
     with open(stdout, "w") as out, open(stderr, "w") as err:
+        # As in a terminal, where Ctrl-C reaches a foreground command: a suite started in the background by a
+        # non-interactive shell (`pytest &`) ignores SIGINT, and a child would inherit that and never see it.
         server = subprocess.Popen(argv, cwd=folder, stdout=out, stderr=err,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while address not in stdout.read_text():
