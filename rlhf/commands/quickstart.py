@@ -3,10 +3,10 @@
 rollout -> score -> pairs -> train (Flow-DPO) -> train (reward-gradient) -> merge -> eval -> report, on the
 shipped world model
 (`rlhf/world/weights`: a pretrained text-to-video generator in ContentV's classes and layout) with its
-learned rewards (a world CLIP, an aesthetic head on it, the weight-free motion reward). Two trainers run
-on the same rewards, so the eval and the report put both beside the base: Flow-DPO (offline, on the rollout's
-pairs: the product's main loop) and reward-gradient (online, through the rewards' gradients: the one trainer
-that moves this world's ground truth, README "What the trainers do to it"). Every stage is the
+learned rewards (a world CLIP, an aesthetic head on it, the weight-free motion reward). Two trainers learn
+from the same rewards, and the eval and the report put both beside the base: Flow-DPO (offline, on the
+rollout's pairs: the product's main loop) and reward-gradient (online, through the rewards' gradients; README
+"What the trainers do to it" compares them). Every stage is the
 real command a user runs on ContentV-8B, called through the CLI entry point with the flags printed, and
 reads the shipped `configs/world/` files; the eval scores the test colour-size combinations with the
 trained rewards, weight-free held-out rewards and the world's oracle (ground truth no reward sees). The
@@ -63,8 +63,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     if not 0 <= args.seed < SEED_BLOCK:
         raise UserError(f"--seed must be in 0..{SEED_BLOCK - 1} (an index into the world's seed namespaces), "
                         f"got {args.seed}")
-    limits = {"train_steps": MAX_TRAIN_STEPS, "reward_gradient_steps": MAX_TRAIN_STEPS, "train_prompts": MAX_PROMPTS, "samples_per_prompt": 1024,
-              "eval_seeds": 1024}
+    limits = {"train_steps": MAX_TRAIN_STEPS, "reward_gradient_steps": MAX_TRAIN_STEPS, "train_prompts": MAX_PROMPTS,
+              "samples_per_prompt": 1024, "eval_seeds": 1024}
     for name, high in limits.items():
         value = getattr(args, name)
         if value is not None and not 1 <= value <= high:
@@ -120,13 +120,12 @@ def run(args: argparse.Namespace) -> int:
     (configs / "ground_truth.yaml").write_text(
         yaml.safe_dump(absolute_rewards(shipped / "ground_truth.yaml", root, args.device)))
 
-    # The two trainers' adapters, in the eval config (a list: no splitting of --adapters at commas in --out).
-    adapters = [str(out / trained / "adapter") for trained in ("train", "reward_gradient")]
-    (configs / "eval.yaml").write_text(
-        yaml.safe_dump({**yaml.safe_load((shipped / "eval.yaml").read_text()), "adapters": adapters}))
-
     world_batch = yaml.safe_load((shipped / "rollout.yaml").read_text())["batch_size"]
     paths = {name: out / name for name in ("rollout", "pairs", "train", "reward_gradient", "merged", "eval")}
+    # The two trainers' adapters go in the eval config as a list (no splitting of --adapters at commas in --out).
+    adapters = [str(paths[trained] / "adapter") for trained in ("train", "reward_gradient")]
+    (configs / "eval.yaml").write_text(
+        yaml.safe_dump({**yaml.safe_load((shipped / "eval.yaml").read_text()), "adapters": adapters}))
     device = ["--device", args.device]
     optional = lambda flag, value: [flag, value] if value is not None else []  # noqa: E731
     stages = [
