@@ -8,8 +8,8 @@ example cannot be skipped by accident. Each command is its own case (`README.md:
   fresh folder holding symlinks to the repository's tracked top-level entries (the README says "run these
   from the repository root"), so nothing is written into the repository. The outputs of other examples it
   reads are made first: `quickstart-out/train/adapter` (and `reward_gradient/adapter`) is a rank-4 LoRA on the
-  world transformer that records its base, the kind of adapter the quickstart's train stages write (the quickstart itself runs in
-  tests/test_quickstart.py). Checked: exit 0, and a generated mp4 has the model's sampling defaults (frames,
+  world transformer that records its base, the kind of adapter the quickstart's train stages write (the
+  quickstart itself runs in tests/test_quickstart.py). Checked: exit 0, and a generated mp4 has the model's sampling defaults (frames,
   height, width from `MODEL/sampling_defaults.json`). A command that serves a page (`compare`) is started,
   must print its address and answer it, and must stop on Ctrl-C (SIGINT, exit 0); it gets `--port` on a
   free port when it names none, since its default 7860 may be taken on a shared machine. No size is reduced.
@@ -260,8 +260,8 @@ def serve_and_stop(argv: list[str], served: str, folder: Path) -> None:
         try:
             code = server.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"still running 60 s after Ctrl-C (SIGINT in the suite: {signal.getsignal(signal.SIGINT)});"
-                        f"\nstdout:\n{stdout.read_text()[-1000:]}\nstderr:\n{stderr.read_text()[-3000:]}")
+            pytest.fail(f"still running 60 s after Ctrl-C;\nstdout:\n{stdout.read_text()[-1000:]}\n"
+                        f"stderr:\n{stderr.read_text()[-3000:]}")
         assert code == 0, stderr.read_text()[-2000:]
     finally:
         if server.poll() is None:

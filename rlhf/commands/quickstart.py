@@ -128,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         yaml.safe_dump({**yaml.safe_load((shipped / "eval.yaml").read_text()), "adapters": adapters}))
     device = ["--device", args.device]
     optional = lambda flag, value: [flag, value] if value is not None else []  # noqa: E731
+    resume = lambda folder: ["--resume-from", "latest"] if holds_run(folder) else []  # noqa: E731  (continue an interrupted run)
+    training_seed = scene.seed("training", args.seed)
     stages = [
         ("rollout", paths["rollout"] / "manifest.parquet",
          ["rollout", "--config", shipped / "rollout.yaml", "--model", MODEL_DIR, "--prompts",
@@ -141,14 +143,12 @@ def run(args: argparse.Namespace) -> int:
          ["pairs", "--store", paths["rollout"], "--out", paths["pairs"], "--config", shipped / "pairs.yaml"]),
         ("train (Flow-DPO)", paths["train"] / "adapter" / "adapter_model.safetensors",
          ["train", "--config", shipped / "dpo.yaml", "--pairs", paths["pairs"], "--output-dir", paths["train"],
-          "--seed", scene.seed("training", args.seed), *device, *optional("--max-steps", args.train_steps),
-          *(["--resume-from", "latest"] if holds_run(paths["train"]) else [])]),  # continue an interrupted one
+          "--seed", training_seed, *device, *optional("--max-steps", args.train_steps), *resume(paths["train"])]),
         ("train (reward-gradient)", paths["reward_gradient"] / "adapter" / "adapter_model.safetensors",
          ["train", "--config", shipped / "reward_gradient.yaml", "--model", MODEL_DIR, "--prompts",
           configs / "train_prompts.txt", "--rewards", configs / "rewards.yaml", "--output-dir",
-          paths["reward_gradient"], "--seed", scene.seed("training", args.seed), *device,
-          *optional("--max-steps", args.reward_gradient_steps),
-          *(["--resume-from", "latest"] if holds_run(paths["reward_gradient"]) else [])]),
+          paths["reward_gradient"], "--seed", training_seed, *device,
+          *optional("--max-steps", args.reward_gradient_steps), *resume(paths["reward_gradient"])]),
         ("merge", paths["merged"] / "model_index.json",
          ["merge", "--model", MODEL_DIR, "--adapter", paths["train"] / "adapter", "--out", paths["merged"]]),
         ("eval", paths["eval"] / "eval.json",
