@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -92,26 +93,44 @@ def pair_contrast(pairs_dir: Path, store_dir: Path) -> dict:
 
 
 def train_methods(out: Path, index: int, device: str, budget: float, methods: list[str],
-                  configs: dict[str, Path] | None = None, extra: tuple = ()) -> dict[str, dict]:
+                  configs: dict[str, Path] | None = None, extra: tuple = (), reuse: bool = False) -> dict[str, dict]:
     """Each of `methods` for training seed `index` within `budget` seconds each; returns per method its adapter,
     the seconds it cost (data charged at the time it took) and the optimiser steps it ran. The rollout, scoring
     and pairs run only when an offline method needs them. `configs` replaces a method's shipped training config
-    (settings explored on the validation split); `extra` flags go to every train command."""
+    (settings explored on the validation split); `extra` flags go to every train command.
+
+    What was trained is recorded in `out/trained.json`; with `reuse`, a method recorded there with the same
+    config, budget and flags is not trained again (so more training seeds can be added to a kept `--out`). The
+    offline methods share one rollout: if one of them has to be trained, all of them are, on fresh data."""
+    from rlhf.io import write_text
     from rlhf.world import scene
+
+    config = {method: CONFIGS / f"{'dpo' if method == 'dpo_oracle' else method}.yaml" for method in methods}
+    config.update(configs or {})
+    signature = {m: {"config": str(config[m]), "budget": budget, "extra": [str(e) for e in extra]} for m in methods}
+    record = out / "trained.json"
+    done = json.loads(record.read_text()) if reuse and record.is_file() else {}
+    done = {m: run for m, run in done.items() if m in methods and Path(run["adapter"]).is_dir()
+            and {k: run.get(k) for k in signature[m]} == signature[m]}
+    if any(m in OFFLINE and m not in done for m in methods):
+        done = {m: run for m, run in done.items() if m not in OFFLINE}
+    todo = [m for m in methods if m not in done]
 
     common = ["--device", device]
     train_seed = ["--seed", scene.seed("training", index)]
     store = out / "rollout"
     spent: dict[str, dict[str, float]] = {}
-    if any(method in OFFLINE for method in methods):
+    if any(method in OFFLINE for method in todo):
+        for folder in ("rollout", "pairs", "pairs_oracle"):  # fresh data: a resumed rollout would cost nothing
+            shutil.rmtree(out / folder, ignore_errors=True)
         data = {"rollout": run_stage(["rollout", "--config", CONFIGS / "rollout.yaml", "--out", store, *common,
                                       "--seed", scene.seed("rollout", index)]),
                 "score": run_stage(["score", "--store", store, "--config", CONFIGS / "rewards.yaml"])}
         spent["sft"] = {**data}
-        if "dpo" in methods:
+        if "dpo" in todo:
             spent["dpo"] = {**data, "pairs": run_stage(["pairs", "--store", store, "--out", out / "pairs", "--config",
                                                         CONFIGS / "pairs.yaml"])}
-        if "dpo_oracle" in methods:
+        if "dpo_oracle" in todo:
             oracle_score = run_stage(["score", "--store", store, "--config", CONFIGS / "ground_truth.yaml"])
             oracle_pairs_config = out / "pairs_oracle.yaml"
             oracle_pairs_config.write_text(yaml.safe_dump({**yaml.safe_load((CONFIGS / "pairs.yaml").read_text()),
@@ -119,8 +138,6 @@ def train_methods(out: Path, index: int, device: str, budget: float, methods: li
             spent["dpo_oracle"] = {**data, "score_oracle": oracle_score,
                                    "pairs": run_stage(["pairs", "--store", store, "--out", out / "pairs_oracle",
                                                        "--config", oracle_pairs_config])}
-    config = {method: CONFIGS / f"{'dpo' if method == 'dpo_oracle' else method}.yaml" for method in methods}
-    config.update(configs or {})
     commands = {
         "sft": ["train", "--config", config.get("sft"), "--store", store],
         "dpo": ["train", "--config", config.get("dpo"), "--pairs", out / "pairs"],
@@ -128,7 +145,7 @@ def train_methods(out: Path, index: int, device: str, budget: float, methods: li
         **{method: ["train", "--config", config.get(method)] for method in ONLINE},
     }
     runs = {}
-    for method in methods:
+    for method in todo:
         charged = sum(spent.get(method, {}).values())
         seconds = run_stage([*commands[method], "--output-dir", out / method, "--overwrite", *common, *train_seed,
                              "--max-seconds", max(budget - charged, 1.0), *extra])
@@ -142,7 +159,12 @@ def train_methods(out: Path, index: int, device: str, budget: float, methods: li
         for method, pairs_dir in (("dpo", out / "pairs"), ("dpo_oracle", out / "pairs_oracle")):
             if method in runs:
                 runs[method]["pair_contrast"] = pair_contrast(pairs_dir, store)
-    return runs
+    kept = json.loads(record.read_text()) if record.is_file() else {}
+    kept.update({m: {**run, "adapter": str(run["adapter"]), **signature[m]} for m, run in runs.items()})
+    write_text(record, json.dumps(kept, indent=1))
+    reused = {m: {**{k: v for k, v in run.items() if k not in signature[m]}, "adapter": Path(run["adapter"])}
+              for m, run in done.items()}
+    return {**reused, **runs}
 
 
 class WorldEvaluator:
@@ -233,12 +255,12 @@ class WorldEvaluator:
 
 def evaluation_splits(split: str, seeds: int, train_seeds: int) -> dict[str, tuple[list[str], list[int]]]:
     """The evaluated prompts and seeds: every prompt of `split` (test, or validation when choosing settings)
-    and every other train-split prompt, each with seeds of the "test" namespace (or "validation")."""
+    and of the train split, in every direction, each with seeds of the "test" namespace (or "validation")."""
     from rlhf.world import scene
 
     namespace = "validation" if split == "validation" else "test"
     return {split: (scene.prompts_for(scene.SPLITS[split]), [scene.seed(namespace, i) for i in range(seeds)]),
-            "train": (scene.prompts_for(scene.SPLITS["train"])[::2],
+            "train": (scene.prompts_for(scene.SPLITS["train"]),
                       [scene.seed(namespace, TRAIN_SPLIT_SEED_INDEX + i) for i in range(train_seeds)])}
 
 
@@ -374,8 +396,8 @@ def main() -> None:
                         help="the split reported beside train: test (the benchmark), or validation (for choosing "
                              "settings; its seeds come from the validation namespace)")
     parser.add_argument("--seeds", type=int, default=8, help="evaluation seeds per test prompt (default: 8)")
-    parser.add_argument("--train-seeds", type=int, default=4,
-                        help="evaluation seeds per evaluated train-split prompt (default: 4)")
+    parser.add_argument("--train-seeds", type=int, default=2,
+                        help="evaluation seeds per train-split prompt (default: 2)")
     parser.add_argument("--training-seeds", type=int, default=2,
                         help="independent training runs per method (default: 2; each its own rollout)")
     parser.add_argument("--methods", default=",".join((*OFFLINE, *ONLINE)),
@@ -390,6 +412,9 @@ def main() -> None:
                         help="skip the VAE-ceiling and best-of-8 rows (faster, for choosing settings)")
     parser.add_argument("--no-train-split", action="store_true",
                         help="evaluate only --split, not the train split too (faster, for choosing settings)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --out: do not retrain a method and training seed already trained there with the "
+                             "same config and budget (e.g. to add training seeds to an earlier run)")
     parser.add_argument("--record", action="store_true", help="append the rows to benchmarks/RESULTS.md")
     args = parser.parse_args()
 
@@ -399,6 +424,8 @@ def main() -> None:
     unknown = [m for m in methods if m not in (*OFFLINE, *ONLINE)]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; expected some of {', '.join((*OFFLINE, *ONLINE))}")
+    if args.reuse and not args.out:
+        parser.error("--reuse: needs --out (the folder an earlier run kept)")
     configs = {}
     for item in args.config:
         method, _, path = item.partition("=")
@@ -411,7 +438,8 @@ def main() -> None:
         out = Path(args.out or tmp)
         runs: dict[str, list[dict]] = {m: [] for m in methods}
         for index in range(args.training_seeds if methods else 0):
-            trained = train_methods(out / f"seed{index}", index, args.device, args.budget_seconds, methods, configs)
+            trained = train_methods(out / f"seed{index}", index, args.device, args.budget_seconds, methods, configs,
+                                    reuse=args.reuse)
             for method in methods:
                 runs[method].append(trained[method])
         adapters = {f"{m}@{i}": run["adapter"] for m, method_runs in runs.items() for i, run in enumerate(method_runs)}

@@ -191,3 +191,39 @@ def test_following_per_word_groups_videos_by_the_word_their_prompt_asks_for():
     shares = following_per_word(scores, prompts)
     # Written out: red is asked in rows 0 and 1 (3 of 4 videos red), blue in row 2; small in rows 0 and 2.
     assert shares == {"colour": {"red": 0.75, "blue": 0.0}, "size": {"small": 0.5, "large": 0.5}}
+
+
+def test_train_methods_reuses_what_a_kept_run_trained_with_the_same_settings(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    import benchmarks.world_alignment as benchmark
+
+    stages = []
+
+    def fake_stage(argv):
+        argv = [str(a) for a in argv]
+        stages.append(argv)
+        if argv[0] == "train":
+            out = Path(argv[argv.index("--output-dir") + 1])
+            (out / "adapter").mkdir(parents=True, exist_ok=True)
+            (out / "summary.json").write_text(json.dumps({"steps_done": 3, "steps": 5, "stopped_by_max_seconds": True}))
+        return 10.0
+
+    monkeypatch.setattr(benchmark, "run_stage", fake_stage)
+    seed = tmp_path / "seed0"
+    first = benchmark.train_methods(seed, 0, "cpu", 150.0, ["dpo", "reward_gradient"])
+    stages.clear()
+    again = benchmark.train_methods(seed, 0, "cpu", 150.0, ["dpo", "reward_gradient"], reuse=True)
+    assert stages == [] and again == first  # nothing retrained, the same adapters, costs and steps
+    # Another budget is another run; without reuse everything is trained again.
+    benchmark.train_methods(seed, 0, "cpu", 100.0, ["reward_gradient"], reuse=True)
+    assert [argv[0] for argv in stages] == ["train"]
+    stages.clear()
+    benchmark.train_methods(seed, 0, "cpu", 150.0, ["dpo"])
+    assert [argv[0] for argv in stages] == ["rollout", "score", "pairs", "train"]
+    # An offline method to train means fresh data for all of them: sft is new, so dpo is trained again too.
+    stages.clear()
+    benchmark.train_methods(seed, 0, "cpu", 150.0, ["dpo", "sft"], reuse=True)
+    assert sorted(argv[argv.index("--output-dir") + 1].rsplit("/", 1)[-1] for argv in stages if argv[0] == "train") \
+        == ["dpo", "sft"]
