@@ -109,8 +109,8 @@ def train_methods(out: Path, index: int, device: str, budget: float, methods: li
     config.update(configs or {})
     signature = {m: {"config": str(config[m]), "budget": budget, "extra": [str(e) for e in extra]} for m in methods}
     record = out / "trained.json"
-    done = json.loads(record.read_text()) if reuse and record.is_file() else {}
-    done = {m: run for m, run in done.items() if m in methods and Path(run["adapter"]).is_dir()
+    kept = json.loads(record.read_text()) if record.is_file() else {}
+    done = {m: run for m, run in kept.items() if reuse and m in methods and Path(run["adapter"]).is_dir()
             and {k: run.get(k) for k in signature[m]} == signature[m]}
     if any(m in OFFLINE and m not in done for m in methods):
         done = {m: run for m, run in done.items() if m not in OFFLINE}
@@ -159,7 +159,6 @@ def train_methods(out: Path, index: int, device: str, budget: float, methods: li
         for method, pairs_dir in (("dpo", out / "pairs"), ("dpo_oracle", out / "pairs_oracle")):
             if method in runs:
                 runs[method]["pair_contrast"] = pair_contrast(pairs_dir, store)
-    kept = json.loads(record.read_text()) if record.is_file() else {}
     kept.update({m: {**run, "adapter": str(run["adapter"]), **signature[m]} for m, run in runs.items()})
     write_text(record, json.dumps(kept, indent=1))
     reused = {m: {**{k: v for k, v in run.items() if k not in signature[m]}, "adapter": Path(run["adapter"])}
