@@ -17,7 +17,10 @@ world's "test" seed namespace:
 - `dpo`: Flow-DPO on pairs ranked by the learned rewards (`configs/world/{pairs,dpo}.yaml`);
 - `dpo_oracle`: Flow-DPO on pairs of the same rollout ranked by the oracle (colour hit + size hit + 0.25 x
   cleanliness): the best preferences any reward could give, the trainer's ceiling;
-- `reward_gradient`, `grpo`, `nft`: the online trainers (`configs/world/{reward_gradient,grpo,nft}.yaml`).
+- `reward_gradient`, `grpo`, `nft`: the online trainers (`configs/world/{reward_gradient,grpo,nft}.yaml`);
+- `dpo_online`: Flow-DPO in rounds (`online --config configs/world/online_dpo.yaml`): each round samples with the
+  last round's adapter, scores, pairs and trains on them, all inside the one budget;
+- `dpo_online_oracle`: the same rounds with every round's pairs ranked by the oracle (`dpo_oracle`'s weights).
 
 Every trained method gets the same wall-time budget (`--budget-seconds`), counted from its command's start
 (model loading and calibration included, `max_seconds`); the offline methods' data (rollout, scoring, pairs or
@@ -60,7 +63,10 @@ BEST_OF = 8
 # since few of the base's samples get both right.
 ORACLE_WEIGHTS = {"oracle_colour": 1.0, "oracle_size": 1.0, "oracle_cleanliness": 0.25}
 OFFLINE = ("sft", "dpo", "dpo_oracle")
-ONLINE = ("reward_gradient", "grpo", "nft")
+ONLINE = ("reward_gradient", "grpo", "nft")  # online trainers of the `train` command
+IN_ROUNDS = ("dpo_online", "dpo_online_oracle")  # the `online` command: rollout -> score -> pairs -> train, in rounds
+METHODS = (*OFFLINE, *ONLINE, *IN_ROUNDS)
+ONLINE_DPO_ROUNDS = 1000  # seed indices per training seed of `dpo_online` (round r uses the r-th)
 TRAIN_SPLIT_SEED_INDEX = 100_000  # train-split evaluation seeds: the "test" namespace from here on
 
 
@@ -105,7 +111,8 @@ def train_methods(out: Path, index: int, device: str, budget: float, methods: li
     from rlhf.io import write_text
     from rlhf.world import scene
 
-    config = {method: CONFIGS / f"{'dpo' if method == 'dpo_oracle' else method}.yaml" for method in methods}
+    shipped = {"dpo_oracle": "dpo.yaml", "dpo_online": "online_dpo.yaml", "dpo_online_oracle": "online_dpo.yaml"}
+    config = {method: CONFIGS / shipped.get(method, f"{method}.yaml") for method in methods}
     config.update(configs or {})
     signature = {m: {"config": str(config[m]), "budget": budget, "extra": [str(e) for e in extra]} for m in methods}
     record = out / "trained.json"
@@ -146,6 +153,10 @@ def train_methods(out: Path, index: int, device: str, budget: float, methods: li
     }
     runs = {}
     for method in todo:
+        if method in IN_ROUNDS:
+            runs[method] = train_online_dpo(out / method, index, config[method], common, budget,
+                                            oracle=method == "dpo_online_oracle")
+            continue
         charged = sum(spent.get(method, {}).values())
         seconds = run_stage([*commands[method], "--output-dir", out / method, "--overwrite", *common, *train_seed,
                              "--max-seconds", max(budget - charged, 1.0), *extra])
@@ -164,6 +175,41 @@ def train_methods(out: Path, index: int, device: str, budget: float, methods: li
     reused = {m: {**{k: v for k, v in run.items() if k not in signature[m]}, "adapter": Path(run["adapter"])}
               for m, run in done.items()}
     return {**reused, **runs}
+
+
+def train_online_dpo(out: Path, index: int, config: Path, common: list, budget: float, oracle: bool = False) -> dict:
+    """Online Flow-DPO for training seed `index`, the whole run (every round's data and training) within `budget`
+    seconds from the command's start; with `oracle`, every round is scored by the oracle and its pairs ranked with
+    ORACLE_WEIGHTS. Round r of seed `index` samples with the rollout namespace's (1 + index) x ONLINE_DPO_ROUNDS + r-th
+    seed and trains with the training namespace's: disjoint from the offline methods' rollouts (indices below
+    ONLINE_DPO_ROUNDS) and from every other training seed's rounds. The oracle variant uses the same seeds, so its
+    first round samples the same videos."""
+    from rlhf.world import scene
+
+    fields = yaml.safe_load(Path(config).read_text())
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: a resumed one would be charged only what is left
+    out.mkdir(parents=True)
+    if oracle:
+        oracle_rewards = out / "oracle_rewards.yaml"
+        oracle_rewards.write_text(yaml.safe_dump({"scorers": {name: {"class": "world_oracle", "options": {
+            "attribute": name.removeprefix("oracle_")}} for name in ORACLE_WEIGHTS}, "device": "auto"}))
+        config = out / "online_dpo_oracle.yaml"
+        config.write_text(yaml.safe_dump({**fields, "rewards": str(oracle_rewards),
+                                          "pairs": {**fields.get("pairs", {}), "weights": ORACLE_WEIGHTS}}))
+    rounds = fields.get("rounds", 2)
+    if rounds >= ONLINE_DPO_ROUNDS:
+        raise SystemExit(f"{config}: rounds must be below {ONLINE_DPO_ROUNDS} (seed indices per training seed)")
+    first = (1 + index) * ONLINE_DPO_ROUNDS
+    seconds = run_stage(["online", "--config", config, "--out", out / "run", *common,
+                         "--seed", scene.seed("rollout", first), "--train", f"{{seed: {scene.seed('training', first)}}}",
+                         "--max-seconds", budget])
+    rows = json.loads((out / "run" / "rounds.json").read_text())
+    steps_per_round = fields.get("train", {}).get("max_steps")
+    return {"adapter": out / "run" / f"round-{rows[-1]['round']:02d}" / "train" / "adapter",
+            "seconds": {"total": round(seconds, 1), "rounds": [row["seconds"] for row in rows]},
+            "steps_done": sum(row["steps_done"] for row in rows),
+            "max_steps": steps_per_round and rounds * steps_per_round, "rounds_done": len(rows),
+            "stopped_by_budget": len(rows) < rounds or rows[-1]["stopped_by_max_seconds"]}
 
 
 class WorldEvaluator:
@@ -399,7 +445,7 @@ def main() -> None:
                         help="evaluation seeds per train-split prompt (default: 2)")
     parser.add_argument("--training-seeds", type=int, default=2,
                         help="independent training runs per method (default: 2; each its own rollout)")
-    parser.add_argument("--methods", default=",".join((*OFFLINE, *ONLINE)),
+    parser.add_argument("--methods", default=",".join(METHODS),
                         help="trained methods to run (comma-separated; default: all)")
     parser.add_argument("--budget-seconds", type=float, default=150.0,
                         help="wall-time budget of every trained method from its command's start, its data "
@@ -420,9 +466,9 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.training_seeds < 2 and methods:
         parser.error("--training-seeds: at least 2 (one run per method is not a measurement)")
-    unknown = [m for m in methods if m not in (*OFFLINE, *ONLINE)]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        parser.error(f"--methods: unknown {unknown}; expected some of {', '.join((*OFFLINE, *ONLINE))}")
+        parser.error(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
     if args.reuse and not args.out:
         parser.error("--reuse: needs --out (the folder an earlier run kept)")
     configs = {}

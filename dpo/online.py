@@ -5,14 +5,21 @@ runs by hand; their configs are the `rollout`, `pairs` and `train` sections, val
 own config classes). Round r > 0 samples with round r-1's adapter, continues training from it, and uses as
 reference either the base model or that previous policy (`reference: previous`). Everything resumes: finished
 stages are skipped, an unfinished training resumes from its latest checkpoint. After each round a summary row
-(mean rewards, pairs kept, implicit accuracy) is printed and saved to `OUT/rounds.json`.
+(mean rewards, pairs kept, implicit accuracy, steps, seconds per stage) is printed and saved to `OUT/rounds.json`.
+
+With `max_seconds`, the whole run has one wall-time budget from the command's start: every round's rollout,
+scoring and pairs count, each round's training gets what is left (its `max_seconds`), and a round starts only if
+more is left than the previous round's data took (a rollout cannot be cut, and a round that could not train would
+only cost time). The adapter of the last round that ran is the run's result.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -47,7 +54,12 @@ class OnlineConfig:
         "base", "DPO reference in round r > 0: the base model, or the previous round's policy."
     )
     device: str = option("auto", "Device for every stage (auto, cuda, npu, cpu).")
-    seed: int = option(0, "Base seed; round r samples with seed + r.")
+    seed: int = option(0, "Base seed; round r samples with seed + r and trains with seed + r (with "
+                          "rollout.seed + r or train.seed + r where a section sets its own).")
+    max_seconds: float | None = option(None, "Wall-time budget of the whole run from the command's start (every "
+                                             "round's rollout, scoring, pairs and training count): each round's "
+                                             "training stops when it is spent, and a round starts only if more is "
+                                             "left than the previous round's data took. None: no budget.")
     rollout: dict[str, Any] = option({}, "Flags of `rollout` (e.g. samples_per_prompt, frames, steps).")
     pairs: dict[str, Any] = option({}, "Flags of `pairs` (e.g. policy, min_margin).")
     train: dict[str, Any] = option({}, "Flags of `train` (e.g. max_steps, learning_rate, beta, lora_rank).")
@@ -60,6 +72,12 @@ class OnlineConfig:
             raise ConfigError("out", problem)
         if self.rounds < 1:
             raise ConfigError("rounds", f"must be >= 1, got {self.rounds}")
+        if self.max_seconds is not None:
+            if not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
+                raise ConfigError("max_seconds", f"must be a finite number of seconds > 0, got {self.max_seconds}")
+            if "max_seconds" in self.train:
+                raise ConfigError("train", "must not set max_seconds when the run has its own max_seconds: each "
+                                  "round's training gets what is left of the run's budget")
         for section, owned in _OWNED.items():
             clash = sorted(owned & set(getattr(self, section)))
             if clash:
@@ -109,7 +127,8 @@ def _round_summary(round_dir: Path, index: int) -> dict[str, Any]:
     train = json.loads((round_dir / "train" / "summary.json").read_text())
     last = train.get("last_10_steps_mean", {})
     return {"round": index, "mean_rewards": means, "pairs": pairs["counts"]["pairs"],
-            "implicit_accuracy": last.get("implicit_accuracy"), "loss": last.get("loss")}
+            "implicit_accuracy": last.get("implicit_accuracy"), "loss": last.get("loss"),
+            "steps_done": train["steps_done"], "stopped_by_max_seconds": train["stopped_by_max_seconds"]}
 
 
 def format_rounds(rows: list[dict[str, Any]]) -> str:
@@ -126,25 +145,37 @@ def format_rounds(rows: list[dict[str, Any]]) -> str:
 
 def run_online(config: OnlineConfig) -> list[dict[str, Any]]:
     from rlhf.cli import main as cli
+    from rlhf.clock import seconds_since_command_start
     from rlhf.io import write_json
     from rlhf.outputs import ONLINE_RUN, check_output
     from rlhf.training import holds_run
 
+    # Each stage below restarts the command clock (it is a command of its own): keep this command's origin.
+    origin = time.perf_counter() - seconds_since_command_start()
     _validate_sections(config)
     out = check_output(config.out, field="field 'out'", kind=ONLINE_RUN, overwrite=False, resumable=True,
                        inputs={"model": config.model, "prompts": config.prompts, "rewards": config.rewards})
     rows: list[dict[str, Any]] = []
     previous: Path | None = None
+    data_seconds = 0.0  # what the last round's rollout, scoring and pairs took in this command
     for index in range(config.rounds):
+        if config.max_seconds is not None and index > 0:
+            left = config.max_seconds - (time.perf_counter() - origin)
+            if left <= data_seconds:
+                print(f"max_seconds: {max(left, 0.0):.0f} s left, round {index - 1}'s data took {data_seconds:.0f} s; "
+                      f"the run stops after {index} of {config.rounds} rounds", flush=True)
+                break
         round_dir = out / f"round-{index:02d}"
         store, pairs, train = round_dir / "rollout", round_dir / "pairs", round_dir / "train"
         adapter = train / "adapter"
         rollout_argv = ["rollout", "--model", config.model, "--prompts", config.prompts, "--out", store,
-                        "--device", config.device, *_flags({"seed": config.seed + index, **config.rollout})]
+                        "--device", config.device,
+                        *_flags({**config.rollout, "seed": config.rollout.get("seed", config.seed) + index})]
         if config.family is not None:
             rollout_argv += ["--family", config.family]
+        train_seed = config.train.get("seed", config.seed) + index
         train_argv = ["train", "--pairs", pairs, "--output-dir", train, "--device", config.device,
-                      *_flags({"seed": config.seed + index, **config.train})]
+                      *_flags({**config.train, "seed": train_seed})]
         if previous is not None:
             rollout_argv += ["--adapter", previous]
             train_argv += ["--init-adapter", previous, "--reference", "init" if config.reference == "previous"
@@ -157,15 +188,21 @@ def run_online(config: OnlineConfig) -> list[dict[str, Any]]:
             ("pairs", pairs / "summary.json", ["pairs", "--store", store, "--out", pairs, *_flags(config.pairs)]),
             ("train", adapter / "adapter_model.safetensors", train_argv),
         ]
+        seconds: dict[str, float] = {}
         for title, done_marker, argv in stages:
+            if title == "train" and config.max_seconds is not None:
+                argv = [*argv, "--max-seconds", max(config.max_seconds - (time.perf_counter() - origin), 1.0)]
             argv = [str(a) for a in argv]
             print(f"[round {index}] {title}: contentv-rlhf {shlex.join(argv)}", flush=True)
             if done_marker is not None and done_marker.exists():
                 print("    already done")
                 continue
+            start = time.perf_counter()
             if cli(argv) != 0:
                 raise UserError(f"round {index}: stage {title} failed (see the message above)")
-        rows.append(_round_summary(round_dir, index))
+            seconds[title] = round(time.perf_counter() - start, 1)
+        data_seconds = sum(seconds.get(title, 0.0) for title in ("rollout", "score", "pairs"))
+        rows.append({**_round_summary(round_dir, index), "seconds": seconds})
         write_json(out / "rounds.json", rows)
         print(format_rounds(rows), flush=True)
         previous = adapter

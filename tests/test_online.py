@@ -83,3 +83,58 @@ def test_online_rejects_owned_and_unknown_section_keys(tiny_model_dir, tmp_path,
     code, _, err = call_cli(capsys, "online", "--config", config)
     assert code == 2 and "online.rollout: unknown field 'stpes'" in err and "did you mean 'steps'" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_online_budget_covers_every_round_and_stops_before_a_round_it_cannot_train(tiny_model_dir, tmp_path,
+                                                                                    monkeypatch):
+    """With max_seconds, each round's training gets what is left of the run's budget, and a round starts only if
+    more is left than the previous round's data took. Stages are faked on a fake clock (no timing)."""
+    import rlhf.cli
+    from dpo import online
+    from rlhf.config import config_from_dict
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(online.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr("rlhf.clock.seconds_since_command_start", lambda: 5.0)  # 5 s spent before the loop
+    calls = []
+
+    def fake_stage(argv):
+        calls.append(argv)
+        if argv[0] == "train":
+            clock["now"] += min(float(argv[argv.index("--max-seconds") + 1]), 30.0)  # 30 s, or the budget left
+        else:
+            clock["now"] += {"rollout": 40.0, "score": 10.0, "pairs": 1.0}[argv[0]]
+        return 0
+
+    monkeypatch.setattr(rlhf.cli, "main", fake_stage)
+    monkeypatch.setattr(online, "_round_summary", lambda round_dir, index: {
+        "round": index, "mean_rewards": {}, "pairs": 1, "implicit_accuracy": None, "steps_done": 1,
+        "stopped_by_max_seconds": False})
+    config = yaml.safe_load(online_config(tmp_path, tiny_model_dir, tmp_path / "run").read_text())
+    config.update(rounds=6, max_seconds=150.0, seed=100)
+    config["train"]["seed"] = 7
+    rows = online.run_online(config_from_dict(online.OnlineConfig, config))
+    # Written out: round 0's data ends at 5 + 51 = 56 s, its training may use 150 - 56 = 94 s and takes 30;
+    # round 1 starts with 64 s left (> 51), its training gets 150 - 137 = 13 s; then 0 s are left (< 51): stop.
+    trains = [argv for argv in calls if argv[0] == "train"]
+    assert [float(argv[argv.index("--max-seconds") + 1]) for argv in trains] == [94.0, 13.0]
+    assert len(rows) == 2 and [row["seconds"]["train"] for row in rows] == [30.0, 13.0]
+    # Round r samples with seed + r and trains with train.seed + r.
+    assert [argv[argv.index("--seed") + 1] for argv in calls if argv[0] == "rollout"] == ["100", "101"]
+    assert [argv[argv.index("--seed") + 1] for argv in trains] == ["7", "8"]
+
+
+def test_online_rejects_a_train_budget_beside_the_run_budget(tiny_model_dir, tmp_path, capsys):
+    config = online_config(tmp_path, tiny_model_dir, tmp_path / "run")
+    data = yaml.safe_load(config.read_text())
+    data["max_seconds"] = 60
+    data["train"]["max_seconds"] = 30
+    config.write_text(yaml.safe_dump(data))
+    code, _, err = call_cli(capsys, "online", "--config", config)
+    assert code == 2 and "field 'train' must not set max_seconds" in err
+    data["train"].pop("max_seconds")
+    data["max_seconds"] = float("nan")
+    config.write_text(yaml.safe_dump(data))
+    code, _, err = call_cli(capsys, "online", "--config", config)
+    assert code == 2 and "max_seconds" in err and "finite" in err
+    assert not (tmp_path / "run").exists()

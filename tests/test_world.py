@@ -314,6 +314,7 @@ WORLD_CONFIGS = {  # configs/world file -> the dataclass it loads into, plus fie
     "nft.yaml": ("dpo.nft_config:NFTConfig", {}),
     "eval.yaml": ("rlhf.evaluation:EvalConfig", {"adapters": ["a"]}),
     "compare.yaml": ("rlhf.commands.compare:CompareConfig", {"adapters": ["a"]}),
+    "online_dpo.yaml": ("dpo.online:OnlineConfig", {}),
 }
 
 
@@ -330,6 +331,10 @@ def test_world_configs_load_strictly_from_the_repository_root(name, monkeypatch)
     module, _, cls = WORLD_CONFIGS[name][0].partition(":")
     cls = getattr(importlib.import_module(module), cls)
     config = config_from_dict(cls, {**load_yaml(f"configs/world/{name}"), **WORLD_CONFIGS[name][1]}, source=name)
+    if name == "online_dpo.yaml":  # its rollout, pairs and train sections load into those stages' configs
+        from dpo.online import _validate_sections
+
+        _validate_sections(config)
     for key in ("model", "prompts", "rewards", "ground_truth"):
         value = getattr(config, key, None)
         if isinstance(value, str):

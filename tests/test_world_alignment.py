@@ -227,3 +227,48 @@ def test_train_methods_reuses_what_a_kept_run_trained_with_the_same_settings(tmp
     benchmark.train_methods(seed, 0, "cpu", 150.0, ["dpo", "sft"], reuse=True)
     assert sorted(argv[argv.index("--output-dir") + 1].rsplit("/", 1)[-1] for argv in stages if argv[0] == "train") \
         == ["dpo", "sft"]
+
+
+def test_online_dpo_runs_the_online_command_with_the_whole_budget_and_seeds_of_its_own(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    import benchmarks.world_alignment as benchmark
+    from rlhf.world import scene
+
+    stages = []
+
+    def fake_stage(argv):
+        argv = [str(a) for a in argv]
+        stages.append(argv)
+        run = Path(argv[argv.index("--out") + 1])
+        run.mkdir(parents=True)
+        (run / "rounds.json").write_text(json.dumps([
+            {"round": r, "steps_done": 200, "stopped_by_max_seconds": r == 2, "seconds": {"rollout": 25.0}}
+            for r in range(3)]))
+        return 150.2
+
+    monkeypatch.setattr(benchmark, "run_stage", fake_stage)
+    runs = {index: benchmark.train_methods(tmp_path / f"seed{index}", index, "cpu", 150.0,
+                                           ["dpo_online", "dpo_online_oracle"]) for index in (0, 1)}
+    assert [argv[0] for argv in stages] == ["online"] * 4  # no shared rollout: each run samples its own rounds
+    first = stages[0]
+    assert first[first.index("--config") + 1] == str(benchmark.CONFIGS / "online_dpo.yaml")
+    assert first[first.index("--max-seconds") + 1] == "150.0"  # the whole budget: its data is inside the run
+    run = runs[0]["dpo_online"]
+    assert run["steps_done"] == 600 and run["rounds_done"] == 3 and run["stopped_by_budget"]
+    assert run["adapter"] == tmp_path / "seed0" / "dpo_online" / "run" / "round-02" / "train" / "adapter"
+    # Seeds: the rollout and training namespaces, per training seed a block above the offline methods' indices.
+    seeds = [int(argv[argv.index("--seed") + 1]) for argv in stages]
+    assert seeds == [scene.seed("rollout", 1000)] * 2 + [scene.seed("rollout", 2000)] * 2
+    assert stages[0][stages[0].index("--train") + 1] == f"{{seed: {scene.seed('training', 1000)}}}"
+    # The oracle variant: the same config with the oracle's scores and the oracle pairs' weights.
+    oracle_config = yaml.safe_load(Path(stages[1][stages[1].index("--config") + 1]).read_text())
+    shipped = yaml.safe_load((benchmark.CONFIGS / "online_dpo.yaml").read_text())
+    assert oracle_config["pairs"]["weights"] == benchmark.ORACLE_WEIGHTS
+    assert oracle_config["train"] == shipped["train"] and oracle_config["rollout"] == shipped["rollout"]
+    scorers = yaml.safe_load(Path(oracle_config["rewards"]).read_text())["scorers"]
+    assert {name: s["options"]["attribute"] for name, s in scorers.items()} == {
+        "oracle_colour": "colour", "oracle_size": "size", "oracle_cleanliness": "cleanliness"}
