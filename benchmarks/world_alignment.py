@@ -184,19 +184,21 @@ def train_online_dpo(out: Path, index: int, config: Path, common: list, budget: 
     seed and trains with the training namespace's: disjoint from the offline methods' rollouts (indices below
     ONLINE_DPO_ROUNDS) and from every other training seed's rounds. The oracle variant uses the same seeds, so its
     first round samples the same videos."""
+    from dpo.online import OnlineConfig
     from rlhf.world import scene
 
     fields = yaml.safe_load(Path(config).read_text())
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: a resumed one would be charged only what is left
     out.mkdir(parents=True)
-    if oracle:
+    if oracle:  # the ground truth's scorers that ORACLE_WEIGHTS ranks by
+        ground_truth = yaml.safe_load((CONFIGS / "ground_truth.yaml").read_text())
         oracle_rewards = out / "oracle_rewards.yaml"
-        oracle_rewards.write_text(yaml.safe_dump({"scorers": {name: {"class": "world_oracle", "options": {
-            "attribute": name.removeprefix("oracle_")}} for name in ORACLE_WEIGHTS}, "device": "auto"}))
+        oracle_rewards.write_text(yaml.safe_dump({**ground_truth, "scorers": {
+            name: ground_truth["scorers"][name] for name in ORACLE_WEIGHTS}}))
         config = out / "online_dpo_oracle.yaml"
         config.write_text(yaml.safe_dump({**fields, "rewards": str(oracle_rewards),
                                           "pairs": {**fields.get("pairs", {}), "weights": ORACLE_WEIGHTS}}))
-    rounds = fields.get("rounds", 2)
+    rounds = fields.get("rounds", OnlineConfig.rounds)
     if rounds >= ONLINE_DPO_ROUNDS:
         raise SystemExit(f"{config}: rounds must be below {ONLINE_DPO_ROUNDS} (seed indices per training seed)")
     first = (1 + index) * ONLINE_DPO_ROUNDS

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shlex
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Any, Literal
 from rlhf.config import ConfigError, option
 from rlhf.errors import UserError
 from rlhf.io import output_path_problem
-from rlhf.options import FAMILY_HELP, family_name_problem
+from rlhf.options import FAMILY_HELP, family_name_problem, optional_seconds
 
 logger = logging.getLogger("contentv-rlhf")
 # Keys each section may not set: the online loop owns them.
@@ -72,12 +71,10 @@ class OnlineConfig:
             raise ConfigError("out", problem)
         if self.rounds < 1:
             raise ConfigError("rounds", f"must be >= 1, got {self.rounds}")
-        if self.max_seconds is not None:
-            if not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
-                raise ConfigError("max_seconds", f"must be a finite number of seconds > 0, got {self.max_seconds}")
-            if "max_seconds" in self.train:
-                raise ConfigError("train", "must not set max_seconds when the run has its own max_seconds: each "
-                                  "round's training gets what is left of the run's budget")
+        optional_seconds("max_seconds", self.max_seconds)
+        if self.max_seconds is not None and "max_seconds" in self.train:
+            raise ConfigError("train", "must not set max_seconds when the run has its own max_seconds: each "
+                              "round's training gets what is left of the run's budget")
         for section, owned in _OWNED.items():
             clash = sorted(owned & set(getattr(self, section)))
             if clash:
@@ -152,6 +149,10 @@ def run_online(config: OnlineConfig) -> list[dict[str, Any]]:
 
     # Each stage below restarts the command clock (it is a command of its own): keep this command's origin.
     origin = time.perf_counter() - seconds_since_command_start()
+
+    def seconds_left() -> float:
+        return config.max_seconds - (time.perf_counter() - origin)
+
     _validate_sections(config)
     out = check_output(config.out, field="field 'out'", kind=ONLINE_RUN, overwrite=False, resumable=True,
                        inputs={"model": config.model, "prompts": config.prompts, "rewards": config.rewards})
@@ -160,7 +161,7 @@ def run_online(config: OnlineConfig) -> list[dict[str, Any]]:
     data_seconds = 0.0  # what the last round's rollout, scoring and pairs took in this command
     for index in range(config.rounds):
         if config.max_seconds is not None and index > 0:
-            left = config.max_seconds - (time.perf_counter() - origin)
+            left = seconds_left()
             if left <= data_seconds:
                 print(f"max_seconds: {max(left, 0.0):.0f} s left, round {index - 1}'s data took {data_seconds:.0f} s; "
                       f"the run stops after {index} of {config.rounds} rounds", flush=True)
@@ -191,7 +192,7 @@ def run_online(config: OnlineConfig) -> list[dict[str, Any]]:
         seconds: dict[str, float] = {}
         for title, done_marker, argv in stages:
             if title == "train" and config.max_seconds is not None:
-                argv = [*argv, "--max-seconds", max(config.max_seconds - (time.perf_counter() - origin), 1.0)]
+                argv = [*argv, "--max-seconds", max(seconds_left(), 1.0)]
             argv = [str(a) for a in argv]
             print(f"[round {index}] {title}: contentv-rlhf {shlex.join(argv)}", flush=True)
             if done_marker is not None and done_marker.exists():

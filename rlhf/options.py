@@ -90,6 +90,13 @@ def in_range(name: str, value: float, low: float, high: float) -> None:
     if not value <= high:
         raise ConfigError(name, f"must be <= {high}, got {value}")
 
+
+def optional_seconds(name: str, value: float | None) -> None:
+    """Raise ConfigError naming `name` unless `value` is None or a finite number of seconds > 0 (a time budget
+    or interval)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ConfigError(name, f"must be a finite number of seconds > 0, got {value}")
+
 # The eight MM-DiT attention projections present in every ContentV block.
 DEFAULT_LORA_TARGETS = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -349,12 +356,8 @@ class TrainingOptions:
         for name in ("max_steps", "gradient_accumulation_steps", "log_every", "keep_last", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
-            raise ConfigError("max_seconds", f"must be a finite number of seconds > 0, got {self.max_seconds}")
-        if self.save_every_seconds is not None and not (math.isfinite(self.save_every_seconds)
-                                                        and self.save_every_seconds > 0):
-            raise ConfigError("save_every_seconds", f"must be a finite number of seconds > 0, got "
-                              f"{self.save_every_seconds}")
+        optional_seconds("max_seconds", self.max_seconds)
+        optional_seconds("save_every_seconds", self.save_every_seconds)
         for name in ("warmup_steps", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
