@@ -77,8 +77,24 @@ def _gradients(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _box(image: torch.Tensor, window: int) -> torch.Tensor:
-    """Mean over a `window x window` box around each pixel (only over pixels inside the frame)."""
-    return F.avg_pool2d(image, window, stride=1, padding=window // 2, count_include_pad=False)
+    """Mean over a `window x window` box around each pixel (only over pixels inside the frame) of every channel.
+
+    Separable: a box's part inside the frame is a rectangle, so its sum is a row-window sum of column-window sums
+    and its pixel count the product of the two windows' counts. Two 1-D convolutions with a kernel of ones cost
+    2 x `window` operations per pixel instead of `window`^2 (avg_pool2d's): Lucas-Kanade spent most of the
+    `motion` reward's time here.
+    """
+    batch, channels, height, width = image.shape
+    pad = window // 2
+    ones = image.new_ones(1, 1, 1, window)
+
+    def window_sums(x: torch.Tensor) -> torch.Tensor:
+        rows = F.conv2d(x, ones, padding=(0, pad))
+        return F.conv2d(rows, ones.view(1, 1, window, 1), padding=(pad, 0))
+
+    sums = window_sums(image.reshape(batch * channels, 1, height, width))
+    counts = window_sums(image.new_ones(1, 1, height, width))
+    return (sums / counts).view(batch, channels, height, width)
 
 
 def lucas_kanade_flow(frame1: torch.Tensor, frame2: torch.Tensor, *, window: int = 15, iterations: int = 4,
@@ -128,11 +144,10 @@ def lucas_kanade_flow(frame1: torch.Tensor, frame2: torch.Tensor, *, window: int
             residual = warp(level2, flow) - level1
             target = grad_x * flow[:, :1] + grad_y * flow[:, 1:] - residual  # c_q, (N, 1, h, w)
             gx, gy = grad_x * inside, grad_y * inside
-            a_xx = _box(gx * grad_x, window) + damp
-            a_xy = _box(gx * grad_y, window)
-            a_yy = _box(gy * grad_y, window) + damp
-            rhs_x = _box(gx * target, window) + damp * flow[:, :1]
-            rhs_y = _box(gy * target, window) + damp * flow[:, 1:]
+            sums = _box(torch.cat((gx * grad_x, gx * grad_y, gy * grad_y, gx * target, gy * target), dim=1), window)
+            a_xx, a_xy, a_yy, rhs_x, rhs_y = sums.split(1, dim=1)
+            a_xx, a_yy = a_xx + damp, a_yy + damp
+            rhs_x, rhs_y = rhs_x + damp * flow[:, :1], rhs_y + damp * flow[:, 1:]
             det = a_xx * a_yy - a_xy * a_xy
             solved = torch.cat(((a_yy * rhs_x - a_xy * rhs_y) / det, (a_xx * rhs_y - a_xy * rhs_x) / det), dim=1)
             # At most one pixel per iteration: the linearisation holds only for small steps, larger

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rewards.analytic import FrameDiffMotionScorer
-from rewards.flow import lucas_kanade_flow, warp
+from rewards.flow import _box, lucas_kanade_flow, warp
 from rewards.motion import MotionOptions, MotionScorer
 from rlhf.errors import UserError
 
@@ -32,6 +32,19 @@ def smooth_pan(length: int, size: int, speed: float, seed: int = 0) -> torch.Ten
 
 def lk_scorer(**options) -> MotionScorer:
     return MotionScorer(MotionOptions(backend="lucas_kanade", stride=1, num_pairs=3, **options))
+
+
+@pytest.mark.parametrize(("height", "width", "window"), [(9, 13, 5), (6, 4, 15), (20, 20, 1)])
+def test_box_is_the_mean_over_the_window_inside_the_frame(height, width, window):
+    # Written out: every pixel's window clipped to the frame, averaged in float64.
+    image = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    r = window // 2
+    expected = torch.empty(2, 3, height, width, dtype=torch.float64)
+    for y in range(height):
+        for x in range(width):
+            box = image[..., max(0, y - r): y + r + 1, max(0, x - r): x + r + 1].double()
+            expected[..., y, x] = box.mean(dim=(-2, -1))
+    assert torch.allclose(_box(image, window).double(), expected, atol=1e-6)
 
 
 def test_lucas_kanade_recovers_a_translation():
