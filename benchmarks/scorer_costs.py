@@ -84,6 +84,7 @@ def _videoreward(work: Path) -> dict[str, Any]:
 CASES: dict[str, tuple[str, Callable[[Path], dict[str, Any]]]] = {
     "clip": ("clip", _world_clip),
     "aesthetic": ("aesthetic", _world_aesthetic),
+    "consistency": ("consistency", _world_clip),
     "motion_lucas_kanade": ("motion", lambda work: {"backend": "lucas_kanade"}),
     "motion_raft_large": ("motion", _raft_large),
     "brightness": ("brightness", lambda work: {}),
@@ -211,6 +212,8 @@ def full_size_memory() -> list[dict[str, Any]]:
     row("clip", PARAMS["clip_vit_l14"] * FP32, CLIP_FRAMES * clip_image, REWARDS_BATCH, clip_sees, grad)
     row("aesthetic", (PARAMS["clip_vit_l14"] + PARAMS["laion_mlp_head"]) * FP32, CLIP_FRAMES * clip_image,
         REWARDS_BATCH, f"{CLIP_FRAMES} frames at 224x224", grad)  # beside clip on the same weights: + the head
+    row("consistency", PARAMS["clip_vit_l14"] * FP32, CLIP_FRAMES * clip_image, REWARDS_BATCH,
+        f"{CLIP_FRAMES} frames at 224x224", grad)  # beside clip on the same weights: nothing more
 
     scale = min(1.0, MOTION_MAX_SIZE / max(VIDEO_HEIGHT, VIDEO_WIDTH))
     flow_h, flow_w = round(VIDEO_HEIGHT * scale), round(VIDEO_WIDTH * scale)

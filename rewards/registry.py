@@ -16,6 +16,7 @@ SCORERS: dict[str, str] = {
     "clip": "rewards.clip:ClipScorer",
     "aesthetic": "rewards.aesthetic:AestheticScorer",
     "motion": "rewards.motion:MotionScorer",
+    "consistency": "rewards.consistency:ConsistencyScorer",
     "brightness": "rewards.analytic:BrightnessScorer",
     "contrast": "rewards.analytic:ContrastScorer",
     "colorfulness": "rewards.analytic:ColorfulnessScorer",

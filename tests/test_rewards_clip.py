@@ -18,6 +18,8 @@ from rewards.aesthetic import AestheticHead, AestheticOptions, AestheticScorer, 
 from rewards.build import build_scorers
 from rewards.clip import ClipOptions, ClipScorer
 from rewards.clip_backbone import is_torchscript
+from rewards.consistency import ConsistencyOptions, ConsistencyScorer
+from rlhf.config import ConfigError
 from rlhf.errors import UserError
 
 TINY = "rewards-test-tiny-clip"
@@ -231,3 +233,36 @@ def test_aesthetic_rejects_a_head_of_another_width(clip_files, tmp_path):
     with pytest.raises(UserError, match=r"takes 768-d embeddings but rewards-test-tiny-clip gives 32-d; "
                                         r"the LAION heads need OpenAI CLIP ViT-L/14"):
         AestheticScorer(options)
+
+
+def test_consistency_is_vbench_formula_on_the_clip_embeddings(clip_files):
+    model, path = clip_files
+    scorer = ConsistencyScorer(ConsistencyOptions(checkpoint=str(path), arch=TINY, num_frames=4))
+    frames = frames_for_test()
+    frames[2] = frames[2, :1]  # a still video: every frame the same
+    embeddings = reference_image_embeddings(model, frames, [0, 3, 5, 8])  # (B, N, D), unit length
+    expected = torch.zeros(3)
+    for video in range(3):  # VBench: mean over i >= 1 of (max(0, cos(e_{i-1}, e_i)) + max(0, cos(e_0, e_i))) / 2
+        e = embeddings[video]
+        terms = [(max(0.0, float(e[i - 1] @ e[i])) + max(0.0, float(e[0] @ e[i]))) / 2 for i in range(1, 4)]
+        expected[video] = sum(terms) / len(terms)
+    scores = scorer(frames, PROMPTS)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    assert scores[2] == pytest.approx(1.0, abs=1e-5) and scores[0] < 1 - 1e-3  # still > changing
+    assert scorer.frame_positions(10) == [0, 3, 5, 8]
+
+    frames = frames_for_test(batch=2).requires_grad_()
+    scorer(frames, PROMPTS[:2]).sum().backward()
+    grad = frames.grad.abs().sum(dim=(0, 2, 3, 4))
+    assert scorer.differentiable and (grad[[0, 3, 5, 8]] > 0).all() and grad[[1, 2, 4, 6, 7, 9]].sum() == 0
+
+
+def test_consistency_shares_the_clip_tower_and_refuses_one_frame(clip_files):
+    _, path = clip_files
+    scorers = build_scorers({"device": "cpu", "scorers": {
+        "clip": {"arch": TINY, "checkpoint": str(path), "num_frames": 4},
+        "consistency": {"weight": 0.0, "arch": TINY, "checkpoint": str(path)},
+    }})
+    assert scorers["consistency"].scorer.backbone is scorers["clip"].scorer.backbone
+    with pytest.raises(ConfigError, match="num_frames.*>= 2"):
+        ConsistencyOptions(checkpoint=str(path), arch=TINY, num_frames=1)

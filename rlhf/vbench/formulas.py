@@ -36,10 +36,16 @@ def consistency(features: torch.Tensor) -> float:
     with `e_i` the L2-normalised feature of frame i (`features` is `(T, D)`, normalised here)."""
     if features.shape[0] < 2:
         raise ValueError(f"a consistency score needs at least 2 frames, got {features.shape[0]}")
-    unit = F.normalize(features.double(), dim=-1, p=2)
-    previous = (unit[1:] * unit[:-1]).sum(-1).clamp(min=0)  # cos(e_{i-1}, e_i), (T-1,)
-    first = (unit[1:] * unit[:1]).sum(-1).clamp(min=0)  # cos(e_0, e_i)
-    return float(((previous + first) / 2).mean())
+    return float(consistency_scores(features.double().unsqueeze(0))[0])
+
+
+def consistency_scores(features: torch.Tensor) -> torch.Tensor:
+    """`consistency` of a batch: features `(B, T, D)`, T >= 2 -> `(B,)` in their dtype, differentiable (the
+    `consistency` reward scorer's formula)."""
+    unit = F.normalize(features, dim=-1, p=2)
+    previous = (unit[:, 1:] * unit[:, :-1]).sum(-1).clamp(min=0)  # cos(e_{i-1}, e_i), (B, T-1)
+    first = (unit[:, 1:] * unit[:, :1]).sum(-1).clamp(min=0)  # cos(e_0, e_i)
+    return ((previous + first) / 2).mean(-1)
 
 
 def dynamic_sample_interval(fps: float) -> int:
