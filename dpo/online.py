@@ -23,12 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from rlhf.config import ConfigError, option
-from rlhf.errors import UserError
+from rlhf.errors import UserError, one_line
 from rlhf.io import output_path_problem
 from rlhf.options import FAMILY_HELP, family_name_problem, optional_seconds
 
 logger = logging.getLogger("contentv-rlhf")
+SECTION_CONFIG_HELP = ("`config: FILE` starts the section from that stage's config YAML, less the keys this loop "
+                       "sets, device and seed; the section's other keys override the file's.")
+_STAGES = {"rollout": "rollout", "pairs": "pairs", "train": "train --method dpo"}
 # Keys each section may not set: the online loop owns them.
 _OWNED = {
     "rollout": {"model", "family", "prompts", "out", "adapter", "overwrite", "num_processes"},
@@ -59,9 +64,11 @@ class OnlineConfig:
                                              "round's rollout, scoring, pairs and training count): each round's "
                                              "training stops when it is spent, and a round starts only if more is "
                                              "left than the previous round's data took. None: no budget.")
-    rollout: dict[str, Any] = option({}, "Flags of `rollout` (e.g. samples_per_prompt, frames, steps).")
-    pairs: dict[str, Any] = option({}, "Flags of `pairs` (e.g. policy, min_margin).")
-    train: dict[str, Any] = option({}, "Flags of `train` (e.g. max_steps, learning_rate, beta, lora_rank).")
+    rollout: dict[str, Any] = option({}, "Flags of `rollout` (e.g. samples_per_prompt, frames, steps). "
+                                         + SECTION_CONFIG_HELP)
+    pairs: dict[str, Any] = option({}, "Flags of `pairs` (e.g. policy, min_margin). " + SECTION_CONFIG_HELP)
+    train: dict[str, Any] = option({}, "Flags of `train` (e.g. max_steps, learning_rate, beta, lora_rank). "
+                                       + SECTION_CONFIG_HELP)
 
     def __post_init__(self) -> None:
         for name in ("model", "prompts", "rewards", "out"):
@@ -72,13 +79,37 @@ class OnlineConfig:
         if self.rounds < 1:
             raise ConfigError("rounds", f"must be >= 1, got {self.rounds}")
         optional_seconds("max_seconds", self.max_seconds)
-        if self.max_seconds is not None and "max_seconds" in self.train:
-            raise ConfigError("train", "must not set max_seconds when the run has its own max_seconds: each "
-                              "round's training gets what is left of the run's budget")
         for section, owned in _OWNED.items():
             clash = sorted(owned & set(getattr(self, section)))
             if clash:
                 raise ConfigError(section, f"must not set {clash}: the online loop sets them for every round")
+            setattr(self, section, _with_stage_config(section, getattr(self, section)))
+        if self.max_seconds is not None and "max_seconds" in self.train:
+            raise ConfigError("train", "must not set max_seconds (here or in its config file) when the run has its "
+                              "own max_seconds: each round's training gets what is left of the run's budget")
+
+
+def _with_stage_config(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A section with its `config: FILE` resolved: the stage config file's fields, less the ones the loop sets
+    (`_OWNED`; `device`, since every stage runs on the run's; `seed`, since a file's seed is for a run of its own
+    and the run's seed must advance every round), overridden by the section's own keys."""
+    if "config" not in values:
+        return values
+    path = values["config"]
+    field = f"{section}.config"
+    if not isinstance(path, str) or not Path(path).is_file():
+        raise ConfigError(field, f"must be the path of a `{_STAGES[section]}` config YAML file, got {path!r}")
+    try:
+        fields = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(field, f"{path} is not readable YAML ({one_line(err)})") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(field, f"{path} must hold a mapping of `{_STAGES[section]}` fields")
+    if section == "train" and fields.get("method", "dpo") != "dpo":
+        raise ConfigError(field, f"{path} configures method {fields['method']!r}; online rounds train Flow-DPO "
+                          "(method dpo)")
+    kept = {key: value for key, value in fields.items() if key not in _OWNED[section] | {"device", "seed"}}
+    return {**kept, **{key: value for key, value in values.items() if key != "config"}}
 
 
 def _flags(values: dict[str, Any]) -> list[str]:

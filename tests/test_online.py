@@ -138,3 +138,64 @@ def test_online_rejects_a_train_budget_beside_the_run_budget(tiny_model_dir, tmp
     code, _, err = call_cli(capsys, "online", "--config", config)
     assert code == 2 and "max_seconds" in err and "finite" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_online_sections_start_from_stage_config_files(tiny_model_dir, tmp_path, monkeypatch):
+    """`config: FILE` in a section: the stage file's fields, less what the loop sets (paths, method, device, seed),
+    overridden by the section's own keys; the run's seeds still advance every round. Stages are faked."""
+    import rlhf.cli
+    from dpo import online
+    from rlhf.config import config_from_dict
+
+    dpo_file, rollout_file = tmp_path / "dpo.yaml", tmp_path / "rollout.yaml"
+    dpo_file.write_text(yaml.safe_dump({
+        "method": "dpo", "pairs": "elsewhere", "output_dir": "elsewhere", "device": "cuda", "seed": 99,
+        "beta": 250.0, "lora_rank": 8, "lora_alpha": 8, "max_steps": 700, "dtype": "fp32", "mixed_precision": "no",
+        "report_to": "none", "gradient_checkpointing": False}))
+    rollout_file.write_text(yaml.safe_dump({"model": "elsewhere", "out": "elsewhere", "seed": 99, "steps": 2,
+                                            "samples_per_prompt": 8, "batch_size": 8, "frames": 1, "height": 32,
+                                            "width": 32, "save_frames": 1, "dtype": "fp32"}))
+    config = yaml.safe_load(online_config(tmp_path, tiny_model_dir, tmp_path / "run").read_text())
+    config.update(seed=100, rollout={"config": str(rollout_file), "samples_per_prompt": 4, "batch_size": 4},
+                  train={"config": str(dpo_file), "max_steps": 6})
+    resolved = config_from_dict(online.OnlineConfig, config)
+    assert resolved.train == {"beta": 250.0, "lora_rank": 8, "lora_alpha": 8, "max_steps": 6, "dtype": "fp32",
+                              "mixed_precision": "no", "report_to": "none", "gradient_checkpointing": False}
+    assert resolved.rollout == {"steps": 2, "samples_per_prompt": 4, "batch_size": 4, "frames": 1, "height": 32,
+                                "width": 32, "save_frames": 1, "dtype": "fp32"}
+
+    calls = []
+    monkeypatch.setattr(rlhf.cli, "main", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(online, "_round_summary", lambda round_dir, index: {
+        "round": index, "mean_rewards": {}, "pairs": 1, "implicit_accuracy": None, "steps_done": 6,
+        "stopped_by_max_seconds": False})
+    online.run_online(resolved)
+    rollouts = [argv for argv in calls if argv[0] == "rollout"]
+    trains = [argv for argv in calls if argv[0] == "train"]
+    assert [argv[argv.index("--seed") + 1] for argv in rollouts] == ["100", "101"]  # not the file's 99
+    assert [argv[argv.index("--seed") + 1] for argv in trains] == ["100", "101"]
+    assert all(argv[argv.index("--device") + 1] == "cpu" and argv.count("--device") == 1 for argv in trains)
+    assert trains[0][trains[0].index("--beta") + 1] == "250.0" and "--max-steps" in trains[0]
+    assert trains[0][trains[0].index("--output-dir") + 1] == str(tmp_path / "run" / "round-00" / "train")
+
+
+def test_online_refuses_section_config_files_it_cannot_use(tiny_model_dir, tmp_path, capsys):
+    config = online_config(tmp_path, tiny_model_dir, tmp_path / "run")
+    data = yaml.safe_load(config.read_text())
+    stage = tmp_path / "stage.yaml"
+    cases = [
+        (None, {"config": str(tmp_path / "missing.yaml")},
+         "field 'train.config' must be the path of a `train --method dpo` config YAML file"),
+        ({"method": "grpo", "group_size": 4}, {"config": str(stage)}, "configures method 'grpo'; online rounds train "
+                                                                      "Flow-DPO"),
+        (["not", "a", "mapping"], {"config": str(stage)}, "must hold a mapping of `train --method dpo` fields"),
+        ({"max_seconds": 30}, {"config": str(stage)}, "field 'train' must not set max_seconds (here or in its config "
+                                                      "file)"),
+    ]
+    for content, section, expected in cases:
+        if content is not None:
+            stage.write_text(yaml.safe_dump(content))
+        config.write_text(yaml.safe_dump({**data, "max_seconds": 60, "train": section}))
+        code, _, err = call_cli(capsys, "online", "--config", config)
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()

@@ -387,19 +387,3 @@ def test_reward_frames_draw_from_the_reconstruction_pool():
     assert len({caption for caption in captions}) > 1 and torch.all(quality == 8.0)
     rendered, *_ = frame_batch(random.Random(1), 8, degraded_share=0.0, pool=pool, pool_share=0.0)
     assert rendered.amax() == 1.0  # renders: full-value colours, none from the pool
-
-
-def test_world_online_dpo_trains_with_the_offline_dpo_settings():
-    """configs/world/online_dpo.yaml spells out dpo.yaml's training settings (a section cannot name another
-    config file): they must not drift apart. Only the round's length and checkpointing differ."""
-    from pathlib import Path
-
-    import yaml
-
-    folder = Path(__file__).resolve().parents[1] / "configs" / "world"
-    offline = yaml.safe_load((folder / "dpo.yaml").read_text())
-    online = yaml.safe_load((folder / "online_dpo.yaml").read_text())["train"]
-    per_round = {"max_steps", "save_every", "keep_last"}
-    owned = {"method", "pairs", "output_dir", "device"}  # set by the online loop or its top level
-    assert {k: v for k, v in online.items() if k not in per_round} == \
-        {k: v for k, v in offline.items() if k not in per_round | owned}
