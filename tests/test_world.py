@@ -305,6 +305,7 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypat
 WORLD_CONFIGS = {  # configs/world file -> the dataclass it loads into, plus fields given on the command line
     "rollout.yaml": ("rollouts.config:RolloutConfig", {}),
     "rewards.yaml": ("rewards.config:RewardsConfig", {}),
+    "rewards_consistency.yaml": ("rewards.config:RewardsConfig", {}),
     "ground_truth.yaml": ("rewards.config:RewardsConfig", {}),
     "pairs.yaml": ("rlhf.commands.pairs:PairsStageConfig", {"store": "s", "out": "o"}),
     "dpo.yaml": ("dpo.config:DPOConfig", {}),
