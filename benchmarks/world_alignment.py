@@ -217,7 +217,7 @@ def train_online_dpo(out: Path, index: int, config: Path, common: list, budget: 
 class WorldEvaluator:
     """Samples world videos from the base model or an adapter and reads them with the rewards and the oracle."""
 
-    def __init__(self, adapters: dict[str, Path], device: str):
+    def __init__(self, adapters: dict[str, Path], device: str, rewards: Path = CONFIGS / "rewards.yaml"):
         from rewards.build import build_scorers
         from rlhf.generation import VideoGenerator
         from rlhf.lora import load_adapter
@@ -231,8 +231,7 @@ class WorldEvaluator:
         for name, path in adapters.items():
             load_adapter(self.generator.transformer, str(path), adapter_name=name)
         self.generator.transformer.requires_grad_(False)
-        rewards = yaml.safe_load((CONFIGS / "rewards.yaml").read_text())
-        self.scorers = build_scorers({**rewards, "device": device})
+        self.scorers = build_scorers({**yaml.safe_load(Path(rewards).read_text()), "device": device})
         self.weights = {name: weighted.weight for name, weighted in self.scorers.items()}
 
     def use(self, adapter: str | None) -> None:

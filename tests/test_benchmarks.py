@@ -72,3 +72,20 @@ def test_scorer_costs_measures_at_minimal_size_and_prints_the_memory_arithmetic(
     assert memory["clip"]["weights_gb"] == 1.71  # 428M parameters x 4 bytes
     assert memory["videoreward"]["weights_gb"] == 4.4 and memory["videoreward"]["vision_patches"] == 5040
     assert all(row["total_gb"] >= row["weights_gb"] for row in memory.values())
+
+
+def test_world_cleanliness_correlates_pooled_and_within_prompt():
+    import numpy as np
+
+    from benchmarks.world_cleanliness import correlations
+
+    # Written out: the reward tracks the factor inside every prompt, while the prompts' means run the other way.
+    within = np.array([0.0, 1.0, 2.0, 0.0, 1.0, 2.0])
+    offset = np.array([10.0, 10.0, 10.0, 0.0, 0.0, 0.0])
+    rows = {"area_steady": within + offset, "consistency": within - offset, "flat": np.ones(6)}
+    groups = np.array(["a", "a", "a", "b", "b", "b"])
+    result = correlations(rows, ["area_steady"], ["consistency", "flat"], groups)
+    assert result["within_prompt"]["area_steady"]["consistency"] == 1.0
+    expected = np.corrcoef(rows["area_steady"], rows["consistency"])[0, 1]
+    assert result["pooled"]["area_steady"]["consistency"] == round(expected, 3) < 0
+    assert np.isnan(result["pooled"]["area_steady"]["flat"])  # a constant has no correlation

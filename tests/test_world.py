@@ -154,6 +154,25 @@ def test_cleanliness_separates_clean_from_spoilt_renders():
     assert read_clip(np.zeros((scene.FRAMES, 64, 64, 3), np.uint8)).cleanliness == 0.0
 
 
+def test_cleanliness_parts_name_what_a_clip_loses():
+    from rlhf.world.oracle import CLEANLINESS_PARTS, cleanliness_parts
+
+    def clip(colour, size):  # the same motion (same draws) in another colour or size
+        return scene.render(scene.SceneSpec.sample(colour, size, "right", random.Random(5)))
+
+    steady = cleanliness_parts(clip("red", "medium"))
+    assert steady["cleanliness"] == read_clip(clip("red", "medium")).cleanliness >= 0.95
+    assert all(steady[name] >= 0.95 for name in CLEANLINESS_PARTS)
+    half = scene.FRAMES // 2
+    growing = np.concatenate([clip("red", "small")[:half], clip("red", "large")[half:]])  # area x 4 mid-clip
+    recoloured = np.concatenate([clip("red", "medium")[:half], clip("yellow", "medium")[half:]])  # hue 60 deg
+    for frames, lost in ((growing, "area_steady"), (recoloured, "hue_steady")):
+        parts = cleanliness_parts(frames)
+        assert parts[lost] == 0.0 and parts["cleanliness"] == read_clip(frames).cleanliness == 0.0
+        assert all(parts[name] >= 0.95 for name in CLEANLINESS_PARTS if name != lost), parts
+    assert set(cleanliness_parts(np.zeros((scene.FRAMES, 64, 64, 3), np.uint8)).values()) == {0.0}
+
+
 def test_oracle_scorer_reports_accuracy_and_refuses_other_prompts():
     from rlhf.errors import UserError
     from rlhf.world.metrics import OracleOptions, OracleScorer

@@ -70,21 +70,44 @@ class Reading:
         return hits
 
 
+CLEANLINESS_PARTS = ("single", "background", "sharp", "hue_steady", "area_steady")
+
+
 def read_clip(frames: np.ndarray) -> Reading:
     """Read `(T, H, W, 3)` uint8 frames."""
+    prepared = _prepare(frames)
+    if prepared is None:
+        return Reading(None, None, None, 0.0)
+    video, value, main = prepared
+    cleanliness = _cleanliness(video, value, main)["cleanliness"]
+    return Reading(_colour(video, value), _size(value, main), _direction(value, main), cleanliness)
+
+
+def cleanliness_parts(frames: np.ndarray) -> dict[str, float]:
+    """The factors of `read_clip(frames).cleanliness` (module docstring), each in [0, 1]: `single`, `background`
+    and `sharp` as means over the frames, `hue_steady` and `area_steady` (the two halves of `steady`), and
+    `cleanliness` itself (the mean over frames of single x background x sharp, times both steadies). All 0 for a
+    clip with no object."""
+    prepared = _prepare(frames)
+    if prepared is None:
+        return dict.fromkeys((*CLEANLINESS_PARTS, "cleanliness"), 0.0)
+    return _cleanliness(*prepared)
+
+
+def _prepare(frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`(video (T, H, W, 3) in [0, 1], coverage (T, H, W), largest component (T, H, W) bool)`, or None when no
+    pixel is bright enough to be an object."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
     video = torch.from_numpy(np.ascontiguousarray(frames)).float() / 255  # (T, H, W, 3)
     value = video.amax(-1)  # (T, H, W)
     if float(value.amax()) < FOREGROUND:
-        return Reading(None, None, None, 0.0)
+        return None
     main = _largest_component(value > FOREGROUND)  # (T, H, W) bool
     # Coverage: value over the object's own peak, so a dimmed object (a VAE's output) keeps its area.
     peaks = torch.stack([frame[mask].quantile(0.9) if bool(mask.any()) else frame.amax()
                          for frame, mask in zip(value, main, strict=True)])
-    value = (value / peaks.clamp_min(FOREGROUND).view(-1, 1, 1)).clamp(0, 1)
-    cleanliness = _cleanliness(video, value, main)
-    return Reading(_colour(video, value), _size(value, main), _direction(value, main), cleanliness)
+    return video, (value / peaks.clamp_min(FOREGROUND).view(-1, 1, 1)).clamp(0, 1), main
 
 
 def _hue_saturation(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,39 +231,41 @@ def _largest_component(mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _cleanliness(video: torch.Tensor, value: torch.Tensor, main: torch.Tensor) -> float:
-    per_frame = []
+def _cleanliness(video: torch.Tensor, value: torch.Tensor, main: torch.Tensor) -> dict[str, float]:
+    factors: dict[str, list[float]] = {"single": [], "background": [], "sharp": []}
     hues, areas = [], []
     hue, saturation = _hue_saturation(video)
     for index in range(value.shape[0]):
         coverage, component = value[index], main[index]
         if not bool(component.any()):
-            per_frame.append(0.0)
+            for name in factors:
+                factors[name].append(0.0)
             continue
         near = _dilate(component, 2)
         total_mass = float(coverage.sum())
         # single: the object holds the frame's light.
-        single = float((coverage * near).sum()) / max(total_mass, 1e-6)
+        factors["single"].append(float((coverage * near).sum()) / max(total_mass, 1e-6))
         # background: pixels well away from the object stay black (mean value over 5% costs everything).
         far = ~_dilate(component, 4)
-        background = max(0.0, 1.0 - float(coverage[far].mean()) / 0.05) if bool(far.any()) else 1.0
+        factors["background"].append(max(0.0, 1.0 - float(coverage[far].mean()) / 0.05) if bool(far.any()) else 1.0)
         # sharp: partial-coverage pixels per edge pixel: a 4x-supersampled render has about 0.7, the world VAE's
         # reconstruction of one about 3 (scored 0.67), a 2-px Gaussian blur about 5 (0.22); 6 and more score 0.
         solid = coverage > 0.5
         edge = solid & ~(~_dilate(~solid, 1))  # solid pixels with a non-solid neighbour
         band = ((coverage > 0.1) & (coverage < 0.9) & near).sum()
         ratio = float(band) / max(float(edge.sum()), 1.0)
-        sharp = min(1.0, max(0.0, (6.0 - ratio) / 4.5))
-        per_frame.append(single * background * sharp)
+        factors["sharp"].append(min(1.0, max(0.0, (6.0 - ratio) / 4.5)))
         weights = saturation[index] * coverage * component
         hues.append(_circular_mean(hue[index], weights) if float(weights.sum()) > 0 else float("nan"))
         areas.append(float((coverage * near).sum()))
-    steady = 1.0
+    hue_steady = area_steady = 1.0
     valid_hues = [h for h in hues if not np.isnan(h)]
     if len(valid_hues) >= 2:
         spread = max(abs((h - valid_hues[0] + 180) % 360 - 180) for h in valid_hues)
-        steady *= min(1.0, max(0.0, 1.0 - (spread - 10.0) / 30.0))  # 10 degrees free, 40 costs everything
+        hue_steady = min(1.0, max(0.0, 1.0 - (spread - 10.0) / 30.0))  # 10 degrees free, 40 costs everything
     if len(areas) >= 2 and max(areas) > 0:
         variation = (max(areas) - min(areas)) / max(areas)
-        steady *= min(1.0, max(0.0, 1.0 - (variation - 0.15) / 0.5))
-    return float(np.mean(per_frame)) * steady
+        area_steady = min(1.0, max(0.0, 1.0 - (variation - 0.15) / 0.5))
+    per_frame = [a * b * c for a, b, c in zip(*factors.values(), strict=True)]
+    return {**{name: float(np.mean(values)) for name, values in factors.items()}, "hue_steady": hue_steady,
+            "area_steady": area_steady, "cleanliness": float(np.mean(per_frame)) * (hue_steady * area_steady)}
