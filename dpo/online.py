@@ -23,10 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from rlhf.config import ConfigError, option
-from rlhf.errors import UserError, one_line
+from rlhf.config import ConfigError, load_yaml, option
+from rlhf.errors import UserError
 from rlhf.io import output_path_problem
 from rlhf.options import FAMILY_HELP, family_name_problem, optional_seconds
 
@@ -99,12 +97,7 @@ def _with_stage_config(section: str, values: dict[str, Any]) -> dict[str, Any]:
     field = f"{section}.config"
     if not isinstance(path, str) or not Path(path).is_file():
         raise ConfigError(field, f"must be the path of a `{_STAGES[section]}` config YAML file, got {path!r}")
-    try:
-        fields = yaml.safe_load(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(field, f"{path} is not readable YAML ({one_line(err)})") from None
-    if not isinstance(fields, dict):
-        raise ConfigError(field, f"{path} must hold a mapping of `{_STAGES[section]}` fields")
+    fields = load_yaml(path)  # the loader every --config file goes through: a mapping, strict YAML, or exit 2
     if section == "train" and fields.get("method", "dpo") != "dpo":
         raise ConfigError(field, f"{path} configures method {fields['method']!r}; online rounds train Flow-DPO "
                           "(method dpo)")

@@ -188,7 +188,7 @@ def test_online_refuses_section_config_files_it_cannot_use(tiny_model_dir, tmp_p
          "field 'train.config' must be the path of a `train --method dpo` config YAML file"),
         ({"method": "grpo", "group_size": 4}, {"config": str(stage)}, "configures method 'grpo'; online rounds train "
                                                                       "Flow-DPO"),
-        (["not", "a", "mapping"], {"config": str(stage)}, "must hold a mapping of `train --method dpo` fields"),
+        (["not", "a", "mapping"], {"config": str(stage)}, "expected a mapping of field names at the top level"),
         ({"max_seconds": 30}, {"config": str(stage)}, "field 'train' must not set max_seconds (here or in its config "
                                                       "file)"),
     ]

@@ -61,7 +61,7 @@ def test_every_registered_scorer_imports_with_documented_options():
 
 def test_unknown_scorer_lists_the_known_ones_and_suggests_the_nearest():
     with pytest.raises(UserError, match=r"rewards\.scorers\.clpi: unknown scorer 'clpi'; did you mean 'clip'\? "
-                                        r"known scorers: clip, aesthetic, motion, brightness"):
+                                        r"known scorers: clip, aesthetic, motion, consistency, brightness"):
         RewardsConfig(scorers={"clpi": {}})
 
 
