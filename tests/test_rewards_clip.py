@@ -240,7 +240,8 @@ def test_consistency_is_vbench_formula_on_the_clip_embeddings(clip_files):
     scorer = ConsistencyScorer(ConsistencyOptions(checkpoint=str(path), arch=TINY, num_frames=4))
     frames = frames_for_test()
     frames[2] = frames[2, :1]  # a still video: every frame the same
-    embeddings = reference_image_embeddings(model, frames, [0, 3, 5, 8])  # (B, N, D), unit length
+    with torch.no_grad():
+        embeddings = reference_image_embeddings(model, frames, [0, 3, 5, 8])  # (B, N, D), unit length
     expected = torch.zeros(3)
     for video in range(3):  # VBench: mean over i >= 1 of (max(0, cos(e_{i-1}, e_i)) + max(0, cos(e_0, e_i))) / 2
         e = embeddings[video]
