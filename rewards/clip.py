@@ -65,6 +65,14 @@ def shared_clip(cache: ModelCache | None, arch: str, checkpoint: str, option: st
     return load() if cache is None else cache.get(key, load)
 
 
+def frame_embeddings(backbone: ClipBackbone, frames: torch.Tensor, count: int) -> torch.Tensor:
+    """`(B, T, 3, H, W)` -> `(B, N, D)`: the unit-length image embeddings of each video's `count` segment-middle
+    frames (N = min(count, T))."""
+    picked = sample_frames(frames, count)  # (B, N, 3, H, W)
+    batch, frames_per_video = picked.shape[:2]
+    return backbone.encode_images(picked.flatten(0, 1)).view(batch, frames_per_video, -1)
+
+
 class ClipScorer(Scorer):
     """Mean per-frame cosine similarity between a video's frames and its prompt (open_clip)."""
 
@@ -80,9 +88,7 @@ class ClipScorer(Scorer):
         return segment_middles(num_frames, self.options.num_frames)
 
     def score(self, frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        picked = sample_frames(frames, self.options.num_frames)  # (B, N, 3, H, W)
-        batch, count = picked.shape[:2]
-        images = self.backbone.encode_images(picked.flatten(0, 1)).view(batch, count, -1)  # (B, N, D)
+        images = frame_embeddings(self.backbone, frames, self.options.num_frames)  # (B, N, D)
         texts = self.backbone.encode_prompts(prompts)  # (B, D)
         return (images * texts.unsqueeze(1)).sum(-1).mean(1)
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rewards.base import ModelCache, Scorer, sample_frames, segment_middles
-from rewards.clip import DEFAULT_ARCH, shared_clip, validate_clip_source
+from rewards.base import ModelCache, Scorer, segment_middles
+from rewards.clip import DEFAULT_ARCH, frame_embeddings, shared_clip, validate_clip_source
 from rlhf.config import ConfigError, option
 from rlhf.vbench.formulas import consistency_scores
 
@@ -61,12 +61,9 @@ class ConsistencyScorer(Scorer):
         return segment_middles(num_frames, self.options.num_frames)
 
     def score(self, frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        picked = sample_frames(frames, self.options.num_frames)  # (B, N, 3, H, W)
-        if picked.shape[1] < 2:
-            raise ValueError(f"scorer 'consistency' needs at least 2 frames per video, got {picked.shape[1]}")
-        batch, count = picked.shape[:2]
-        images = self.backbone.encode_images(picked.flatten(0, 1)).view(batch, count, -1)  # (B, N, D)
-        return consistency_scores(images)
+        if frames.shape[1] < 2:
+            raise ValueError(f"scorer 'consistency' needs at least 2 frames per video, got {frames.shape[1]}")
+        return consistency_scores(frame_embeddings(self.backbone, frames, self.options.num_frames))
 
     def info(self) -> dict:
         return {**super().info(), "weights": self.backbone.source}
