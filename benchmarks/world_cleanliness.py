@@ -2,10 +2,10 @@
 
 For the base and each `--adapter NAME=PATH` (adapters trained on the world, e.g. a `world_alignment.py --out`
 run's), this samples every prompt of `--split` (validation by default: a diagnostic informs choices, so it never
-reads the test split unless asked) with `--seeds` seeds of that split's namespace, and reads each video with
-the oracle's cleanliness factors (`rlhf.world.oracle.cleanliness_parts`: single object, black background, sharp
-edge, hue and area steady across frames) and with every scorer of `--rewards` (default: the world's rewards plus
-`consistency`). It prints per model the mean of every factor and reward, and, over all models' videos, the
+reads the test split unless asked) with `--seeds` seeds, the ones `world_alignment.py` evaluates that split with,
+and reads each video with the oracle's cleanliness factors (`rlhf.world.oracle.cleanliness_parts`: single object,
+black background, sharp edge, hue and area steady across frames) and with every scorer of `--rewards` (default:
+the world's rewards plus `consistency`). It prints per model the mean of every factor and reward, and, over all models' videos, the
 Pearson correlation of each factor with each reward: pooled, and within a prompt (scores centred per prompt and
 model, what a pair of one prompt's samples compares).
 
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import record  # noqa: E402
-from benchmarks.world_alignment import CONFIGS, WorldEvaluator  # noqa: E402
+from benchmarks.world_alignment import CONFIGS, WorldEvaluator, evaluation_splits  # noqa: E402
 
 
 def correlations(rows: dict[str, np.ndarray], factors: list[str], rewards: list[str],
@@ -67,14 +67,13 @@ def main() -> None:
 
     from rewards.build import score_videos
     from rlhf.video import to_uint8_frames
-    from rlhf.world import scene
     from rlhf.world.oracle import CLEANLINESS_PARTS, cleanliness_parts
 
     start = time.perf_counter()
     evaluator = WorldEvaluator(adapters, args.device, rewards=Path(args.rewards))
-    namespace = "test" if args.split == "train" else args.split  # the train split is evaluated with test seeds
-    prompts = scene.prompts_for(scene.SPLITS[args.split])
-    seeds = [scene.seed(namespace, i) for i in range(args.seeds)]
+    # world_alignment's prompts and seeds for the split (the train split with its test-namespace seeds).
+    reported = "test" if args.split == "train" else args.split
+    prompts, seeds = evaluation_splits(reported, args.seeds, args.seeds)[args.split]
     factors, rewards = [*CLEANLINESS_PARTS, "cleanliness"], list(evaluator.scorers)
     rows: dict[str, list[float]] = {name: [] for name in (*factors, *rewards)}
     groups, means = [], {}
