@@ -21,7 +21,8 @@ class RolloutConfig(ModelOptions, VideoOptions):
     out: str | None = option(None, "Rollout store directory (created; an unfinished store is resumed).")
     samples_per_prompt: int = option(4, "Videos sampled per prompt (K).")
     seed: int = option(0, "Base seed; each sample's seed is derived from (seed, prompt, sample index).")
-    batch_size: int = option(1, "Samples of one prompt denoised together (at most samples_per_prompt).")
+    batch_size: int = option(1, "Samples denoised (and decoded) together, taken in (prompt, sample index) order, so "
+                                  "a batch may span prompts.")
     save_videos: bool = option(False, "Decode every sample and write an mp4 to STORE/videos/.")
     save_frames: int = option(8, "Decoded frames kept per sample for scoring: the middles of this many equal "
                                  "segments, as clip/aesthetic read them with num_frames equal to it (0: keep none).")
@@ -43,9 +44,8 @@ class RolloutConfig(ModelOptions, VideoOptions):
         if problem := output_path_problem(self.out, "dir"):
             raise ConfigError("out", problem)
         in_range("samples_per_prompt", self.samples_per_prompt, 1, MAX_SAMPLES_PER_PROMPT)
-        if not 1 <= self.batch_size <= self.samples_per_prompt:
-            raise ConfigError("batch_size", f"must be in 1..samples_per_prompt ({self.samples_per_prompt}), "
-                                            f"got {self.batch_size}")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
         in_range("save_frames", self.save_frames, 0, MAX_FRAMES)
         if self.save_frame_stride < 0:
             raise ConfigError("save_frame_stride", f"must be >= 0, got {self.save_frame_stride}")

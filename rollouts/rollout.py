@@ -1,9 +1,11 @@
 """The rollout stage: K samples per prompt from the base model (optionally + a LoRA) into a rollout store.
 
-Work is cut into units of `batch_size` samples of one prompt. A unit's samples are computed together, and
-nothing about a unit depends on which process runs it or on what else is pending: noise comes from each
-sample's own seed, embeddings are computed one prompt at a time. So a resumed run and an N-process run
-write the same latents as one uninterrupted process on the same device type.
+Work is cut into units of `batch_size` consecutive samples in (prompt, sample index) order, so a unit may span
+prompts: with K samples per prompt a batch larger than K still fills the device. A unit's samples are computed
+together, and nothing about a unit depends on which process runs it or on what else is pending: the units are a
+function of the prompt list, K and batch_size alone, noise comes from each sample's own seed, and embeddings are
+computed one prompt at a time. So a resumed run and an N-process run write the same latents as one uninterrupted
+process on the same device type.
 
 Order of work in each process: check/create the store -> encode the missing prompt embeddings (then free
 the text encoders) -> sample the pending units -> (rank 0) write the manifest.
@@ -140,21 +142,28 @@ def rollout_output(config: RolloutConfig) -> Path:
                         overwrite=config.overwrite, resumable=True)
 
 
-@dataclass
-class Unit:
-    """`batch_size` consecutive samples of one prompt, computed together."""
-
+@dataclass(frozen=True)
+class Sample:
     prompt_id: str
     prompt: str
-    indices: list[int]
+    index: int  # the sample's index among its prompt's K
+
+
+@dataclass
+class Unit:
+    """Up to `batch_size` consecutive samples in (prompt, sample index) order, computed together."""
+
+    samples: list[Sample]
+
+
+def plan_samples(prompts: dict[str, str], samples_per_prompt: int) -> list[Sample]:
+    """Every sample of the rollout, in store order: prompt by prompt, K samples each."""
+    return [Sample(pid, text, index) for pid, text in prompts.items() for index in range(samples_per_prompt)]
 
 
 def plan_units(prompts: dict[str, str], samples_per_prompt: int, batch_size: int) -> list[Unit]:
-    return [
-        Unit(pid, text, list(range(start, min(start + batch_size, samples_per_prompt))))
-        for pid, text in prompts.items()
-        for start in range(0, samples_per_prompt, batch_size)
-    ]
+    samples = plan_samples(prompts, samples_per_prompt)
+    return [Unit(samples[start:start + batch_size]) for start in range(0, len(samples), batch_size)]
 
 
 def run_rollout(config: RolloutConfig) -> Path:
@@ -211,13 +220,14 @@ def run_rollout(config: RolloutConfig) -> Path:
 
     # 2. What is left to do for this rank.
     units = processes.shard(plan_units(prompts, config.samples_per_prompt, config.batch_size))
-    pending = [u for u in units if not all(store.sample_path(sample_id(u.prompt_id, i)).exists() for i in u.indices)]
+    pending = [u for u in units if not all(store.sample_path(sample_id(s.prompt_id, s.index)).exists()
+                                           for s in u.samples)]
     for unit in units:  # a complete unit's files must be readable: fail now rather than in training
         if unit not in pending:
-            for index in unit.indices:
-                store.sample_metadata(sample_id(unit.prompt_id, index))
-    total = sum(len(u.indices) for u in units)
-    done = total - sum(len(u.indices) for u in pending)
+            for sample in unit.samples:
+                store.sample_metadata(sample_id(sample.prompt_id, sample.index))
+    total = sum(len(u.samples) for u in units)
+    done = total - sum(len(u.samples) for u in pending)
     if processes.is_main:
         logger.info("rollout: %d prompts x %d samples -> %s (%d process(es); this one: %d of %d done)",
                     len(prompts), config.samples_per_prompt, store.root, processes.world_size, done, total)
@@ -231,15 +241,15 @@ def run_rollout(config: RolloutConfig) -> Path:
     # 3. The manifest, once every rank has finished.
     if processes.is_main:
         rows = []
-        for unit in plan_units(prompts, config.samples_per_prompt, config.batch_size):
-            for index in unit.indices:
-                sid = sample_id(unit.prompt_id, index)
-                meta = store.sample_metadata(sid)
-                rows.append({
-                    "sample_id": sid, "prompt_id": unit.prompt_id, "prompt": unit.prompt, "sample_index": index,
-                    "seed": meta["seed"], "latents": str(store.sample_path(sid).relative_to(store.root)),
-                    "video": str(store.video_path(sid).relative_to(store.root)) if config.save_videos else None,
-                })
+        for sample in plan_samples(prompts, config.samples_per_prompt):
+            sid = sample_id(sample.prompt_id, sample.index)
+            meta = store.sample_metadata(sid)
+            rows.append({
+                "sample_id": sid, "prompt_id": sample.prompt_id, "prompt": sample.prompt,
+                "sample_index": sample.index, "seed": meta["seed"],
+                "latents": str(store.sample_path(sid).relative_to(store.root)),
+                "video": str(store.video_path(sid).relative_to(store.root)) if config.save_videos else None,
+            })
         store.write_manifest(rows)
         logger.info("rollout complete: %d samples in %s", len(rows), store.root)
     processes.barrier()
@@ -250,11 +260,12 @@ def _sample_units(config: RolloutConfig, store, pending: list[Unit], prompts: di
                   progress) -> None:
     from rlhf.generation import VideoGenerator
     from rlhf.options import uses_guidance
+    from rlhf.sampling import PromptEmbeds
     from rlhf.video import to_uint8_frames, write_mp4
     from rollouts.store import NEGATIVE, sample_id
 
     guided = uses_guidance(config.guidance)
-    needed = sorted({u.prompt_id for u in pending}) + ([NEGATIVE] if guided else [])
+    needed = sorted({s.prompt_id for u in pending for s in u.samples}) + ([NEGATIVE] if guided else [])
     missing = [pid for pid in needed if not store.embeds_path(pid).exists()]
     decode = config.save_videos or config.save_frames > 0
     generator = VideoGenerator(config, load_text_encoders=bool(missing), load_vae=decode,
@@ -271,12 +282,12 @@ def _sample_units(config: RolloutConfig, store, pending: list[Unit], prompts: di
     kept = frame_indices(frames, config.save_frames, config.save_frame_stride)
     with progress:
         for unit in pending:
-            seeds = [sample_seed(config.seed, unit.prompt, i) for i in unit.indices]
-            latents = generator.sample_latents(store.load_embeds(unit.prompt_id), uncond, seeds, config,
-                                               progress=False)
+            seeds = [sample_seed(config.seed, s.prompt, s.index) for s in unit.samples]
+            cond = PromptEmbeds.cat([store.load_embeds(s.prompt_id) for s in unit.samples])  # a row per sample
+            latents = generator.sample_latents(cond, uncond, seeds, config, progress=False)
             videos = generator.decode(latents) if decode else None  # (B, 3, T, H, W)
-            for row, (index, seed) in enumerate(zip(unit.indices, seeds, strict=True)):
-                sid = sample_id(unit.prompt_id, index)
+            for row, (sample, seed) in enumerate(zip(unit.samples, seeds, strict=True)):
+                sid = sample_id(sample.prompt_id, sample.index)
                 frames_u8 = None
                 if videos is not None:
                     pixels = to_uint8_frames(videos[row])  # (T, H, W, 3)
@@ -285,7 +296,7 @@ def _sample_units(config: RolloutConfig, store, pending: list[Unit], prompts: di
                     frames_u8 = torch.from_numpy(pixels[kept]) if kept else None
                 # The sample file is written last: its presence marks the sample complete.
                 store.write_sample(sid, latents[row], {
-                    "sample_id": sid, "prompt_id": unit.prompt_id, "sample_index": index, "seed": seed,
+                    "sample_id": sid, "prompt_id": sample.prompt_id, "sample_index": sample.index, "seed": seed,
                     "frame_indices": kept,
                 }, frames=frames_u8)
-            progress.update(len(unit.indices))
+            progress.update(len(unit.samples))

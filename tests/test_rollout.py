@@ -139,6 +139,32 @@ def test_two_processes_equal_one(reference_store, tiny_model_dir, prompt_file, t
         assert (frames - reference_store.load_sample(sid)["frames"].int()).abs().max() <= 1
 
 
+def test_batches_span_prompts_and_give_each_sample_its_own_prompt_and_seed(reference_store, tiny_model_dir,
+                                                                          prompt_file, tmp_path, capsys):
+    """batch_size 9 > K = 3: one unit holds every prompt's samples; batch_size 1: one sample per unit. Both must
+    give the reference's samples (batch_size 2: units such as [p00000_s002, p00001_s000]) up to float rounding:
+    a sample given a neighbour's prompt or seed would differ completely."""
+    from rollouts.rollout import plan_units
+
+    units = plan_units({"p0": "a", "p1": "b", "p2": "c"}, 3, 4)
+    assert [[(s.prompt_id, s.index) for s in u.samples] for u in units] == [
+        [("p0", 0), ("p0", 1), ("p0", 2), ("p1", 0)], [("p1", 1), ("p1", 2), ("p2", 0), ("p2", 1)], [("p2", 2)]]
+    reference = latents_of(reference_store)
+    for batch_size in ("9", "1"):
+        out = tmp_path / f"batch{batch_size}"
+        args = rollout_args(tiny_model_dir, prompt_file, out)
+        args[args.index("--batch-size") + 1] = batch_size
+        code, _, err = call_cli(capsys, *args)
+        assert code == 0, err
+        store = RolloutStore(out)
+        same = lambda rows: [{k: v for k, v in row.items() if k != "video"} for row in rows]  # noqa: E731
+        assert same(store.manifest()) == same(reference_store.manifest())  # the reference also wrote mp4s
+        for sid, latents in latents_of(store).items():
+            torch.testing.assert_close(latents.float(), reference[sid].float(), atol=0.02, rtol=0.02, msg=sid)
+    # The tolerance is far below the difference between two samples, or between two prompts' samples.
+    assert (reference["p00000_s000"].float() - reference["p00001_s000"].float()).abs().max() > 0.5
+
+
 def test_bad_input(tiny_model_dir, prompt_file, reference_store, tmp_path, capsys):
     def fails(*args, expected):
         code, _, err = call_cli(capsys, *args)

@@ -209,6 +209,42 @@ def test_vae_decodes_latents_to_a_varied_video(model_dir: Path) -> None:
     assert video[:, :, 0].std() > 1e-2 and video[:, :, -1].std() > 1e-2  # no blank frames
 
 
+@torch.no_grad()
+def test_loaded_wan_vae_decodes_as_diffusers_does(model_dir: Path) -> None:
+    """The loader's CPU-friendly RMS norms (rlhf.models.wan_vae) against diffusers' own classes."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    from rlhf.models.contentv import load_wan_vae
+    from rlhf.models.wan_vae import cpu_friendly_rms_norm
+
+    reference = AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae").eval()
+    loaded = load_wan_vae(model_dir, torch.float32).eval()
+    norms = [m for m in loaded.modules() if isinstance(m, WanRMS_norm)]
+    assert norms and all(type(m) is cpu_friendly_rms_norm() for m in norms)
+    assert loaded.state_dict().keys() == reference.state_dict().keys()
+    latents = torch.randn(2, 16, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(loaded.decode(latents).sample, reference.decode(latents).sample, atol=1e-5, rtol=1e-5)
+    video = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    torch.testing.assert_close(loaded.encode(video).latent_dist.mean, reference.encode(video).latent_dist.mean,
+                               atol=1e-5, rtol=1e-5)
+    # Each layout the VAE uses (channels first over images and videos, channels last), in float32 and bfloat16,
+    # against F.normalize written by hand: x / max(||x||, eps) * sqrt(dim) * gamma + bias.
+    for channel_first, images, shape in ((True, True, (2, 8, 5, 6)), (True, False, (2, 8, 3, 5, 6)),
+                                         (False, True, (2, 7, 8))):
+        for dtype in (torch.float32, torch.bfloat16):
+            norm = WanRMS_norm(8, channel_first=channel_first, images=images, bias=True)
+            torch.nn.init.normal_(norm.gamma)
+            torch.nn.init.normal_(norm.bias)
+            x = torch.randn(shape).to(dtype)
+            expected = norm(x)
+            norm.__class__ = cpu_friendly_rms_norm()
+            dim = 1 if channel_first else -1
+            by_hand = (x.float() / x.float().norm(dim=dim, keepdim=True).clamp_min(1e-12)).to(dtype) * 8 ** 0.5 \
+                * norm.gamma + norm.bias
+            torch.testing.assert_close(norm(x), expected)
+            torch.testing.assert_close(norm(x), by_hand)
+
+
 def test_replaces_only_a_model_and_only_with_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "model"
     out.mkdir()

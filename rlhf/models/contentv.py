@@ -36,6 +36,19 @@ def load_component(what: str, loader, *args, **kwargs):
         raise UserError(f"{what}: could not be loaded ({one_line(err)})") from None
 
 
+def load_wan_vae(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The Wan VAE of a diffusers-layout folder (ContentV's, Wan2.1's, Wan2.2's), with CPU-friendly RMS norms
+    (`rlhf.models.wan_vae`: the same formula, a third faster decoding on CPU, diffusers' own elsewhere)."""
+    from diffusers import AutoencoderKLWan
+
+    from rlhf.models.wan_vae import use_cpu_friendly_norms
+
+    vae = load_component(f"{path / 'vae'}", AutoencoderKLWan.from_pretrained, path, subfolder="vae",
+                         torch_dtype=dtype)
+    use_cpu_friendly_norms(vae)
+    return vae
+
+
 def decode_wan_vae(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """Decode with the Wan2.1 VAE (`latents * latents_std + latents_mean`, then `vae.decode`), clamped to [-1, 1]."""
     from rlhf.video import decode_latents
@@ -65,10 +78,7 @@ class ContentVFamily(ModelFamily):
                               subfolder="transformer", torch_dtype=dtype)
 
     def load_vae(self, path: Path, dtype: torch.dtype) -> torch.nn.Module:
-        from diffusers import AutoencoderKLWan
-
-        return load_component(f"{path / 'vae'}", AutoencoderKLWan.from_pretrained, path, subfolder="vae",
-                              torch_dtype=dtype)
+        return load_wan_vae(path, dtype)
 
     def load_prompt_encoder(self, path: Path, dtype: torch.dtype, device: torch.device,
                             max_sequence_length: int | None) -> PromptEncoding:

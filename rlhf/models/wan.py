@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from rlhf.errors import UserError
-from rlhf.models.contentv import decode_wan_vae, load_component
+from rlhf.models.contentv import decode_wan_vae, load_component, load_wan_vae
 from rlhf.models.family import ModelFamily, PromptEncoding, has_second_expert, read_model_index, unwrap
 from rlhf.sampling import FlowSchedule, PromptEmbeds, latent_shape
 
@@ -129,10 +129,7 @@ class Wan21Family(ModelFamily):
                               subfolder="transformer", torch_dtype=dtype)
 
     def load_vae(self, path: Path, dtype: torch.dtype) -> torch.nn.Module:
-        from diffusers import AutoencoderKLWan
-
-        return load_component(f"{path / 'vae'}", AutoencoderKLWan.from_pretrained, path, subfolder="vae",
-                              torch_dtype=dtype)
+        return load_wan_vae(path, dtype)
 
     def load_prompt_encoder(self, path: Path, dtype: torch.dtype, device: torch.device,
                             max_sequence_length: int | None) -> PromptEncoding:
