@@ -9,8 +9,9 @@ stages are skipped, an unfinished training resumes from its latest checkpoint. A
 
 With `max_seconds`, the whole run has one wall-time budget from the command's start: every round's rollout,
 scoring and pairs count, each round's training gets what is left (its `max_seconds`), and a round starts only if
-more is left than the previous round's data took (a rollout cannot be cut, and a round that could not train would
-only cost time). The adapter of the last round that ran is the run's result.
+what is left covers the previous round's data and `min_train_share` of its training (a rollout cannot be cut, and
+a round that could train only seconds would cost its data's time for almost nothing). The adapter of the last
+round that ran is the run's result.
 """
 
 from __future__ import annotations
@@ -60,8 +61,13 @@ class OnlineConfig:
                           "rollout.seed + r or train.seed + r where a section sets its own).")
     max_seconds: float | None = option(None, "Wall-time budget of the whole run from the command's start (every "
                                              "round's rollout, scoring, pairs and training count): each round's "
-                                             "training stops when it is spent, and a round starts only if more is "
-                                             "left than the previous round's data took. None: no budget.")
+                                             "training stops when it is spent, and a round starts only if what is "
+                                             "left covers the previous round's data and min_train_share of its "
+                                             "training. None: no budget.")
+    min_train_share: float = option(0.5, "With max_seconds: the share of the previous round's training time a new "
+                                          "round must be able to train for, beyond its data's time, to start (0: "
+                                          "start whenever its data fits). Rounds stopped by the budget after a "
+                                          "few seconds' training cost their rollout for almost nothing.")
     rollout: dict[str, Any] = option({}, "Flags of `rollout` (e.g. samples_per_prompt, frames, steps). "
                                          + SECTION_CONFIG_HELP)
     pairs: dict[str, Any] = option({}, "Flags of `pairs` (e.g. policy, min_margin). " + SECTION_CONFIG_HELP)
@@ -77,6 +83,8 @@ class OnlineConfig:
         if self.rounds < 1:
             raise ConfigError("rounds", f"must be >= 1, got {self.rounds}")
         optional_seconds("max_seconds", self.max_seconds)
+        if not 0.0 <= self.min_train_share <= 1.0:  # also refuses NaN
+            raise ConfigError("min_train_share", f"must be in [0, 1], got {self.min_train_share}")
         for section, owned in _OWNED.items():
             clash = sorted(owned & set(getattr(self, section)))
             if clash:
@@ -182,13 +190,15 @@ def run_online(config: OnlineConfig) -> list[dict[str, Any]]:
                        inputs={"model": config.model, "prompts": config.prompts, "rewards": config.rewards})
     rows: list[dict[str, Any]] = []
     previous: Path | None = None
-    data_seconds = 0.0  # what the last round's rollout, scoring and pairs took in this command
+    data_seconds = train_seconds = 0.0  # what the last round's data and training took in this command
     for index in range(config.rounds):
         if config.max_seconds is not None and index > 0:
             left = seconds_left()
-            if left <= data_seconds:
-                print(f"max_seconds: {max(left, 0.0):.0f} s left, round {index - 1}'s data took {data_seconds:.0f} s; "
-                      f"the run stops after {index} of {config.rounds} rounds", flush=True)
+            needed = data_seconds + config.min_train_share * train_seconds
+            if left <= needed:
+                print(f"max_seconds: {max(left, 0.0):.0f} s left, round {index - 1}'s data took {data_seconds:.0f} s "
+                      f"and {config.min_train_share:g} of its training {config.min_train_share * train_seconds:.0f} "
+                      f"s; the run stops after {index} of {config.rounds} rounds", flush=True)
                 break
         round_dir = out / f"round-{index:02d}"
         store, pairs, train = round_dir / "rollout", round_dir / "pairs", round_dir / "train"
@@ -227,6 +237,7 @@ def run_online(config: OnlineConfig) -> list[dict[str, Any]]:
                 raise UserError(f"round {index}: stage {title} failed (see the message above)")
             seconds[title] = round(time.perf_counter() - start, 1)
         data_seconds = sum(seconds.get(title, 0.0) for title in ("rollout", "score", "pairs"))
+        train_seconds = seconds.get("train", 0.0)
         rows.append({**_round_summary(round_dir, index), "seconds": seconds})
         write_json(out / "rounds.json", rows)
         print(format_rounds(rows), flush=True)

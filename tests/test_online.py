@@ -88,7 +88,8 @@ def test_online_rejects_owned_and_unknown_section_keys(tiny_model_dir, tmp_path,
 def test_online_budget_covers_every_round_and_stops_before_a_round_it_cannot_train(tiny_model_dir, tmp_path,
                                                                                     monkeypatch):
     """With max_seconds, each round's training gets what is left of the run's budget, and a round starts only if
-    more is left than the previous round's data took. Stages are faked on a fake clock (no timing)."""
+    what is left covers the previous round's data and min_train_share of its training. Stages are faked on a fake
+    clock (no timing)."""
     import rlhf.cli
     from dpo import online
     from rlhf.config import config_from_dict
@@ -111,17 +112,31 @@ def test_online_budget_covers_every_round_and_stops_before_a_round_it_cannot_tra
         "round": index, "mean_rewards": {}, "pairs": 1, "implicit_accuracy": None, "steps_done": 1,
         "stopped_by_max_seconds": False})
     config = yaml.safe_load(online_config(tmp_path, tiny_model_dir, tmp_path / "run").read_text())
-    config.update(rounds=6, max_seconds=150.0, seed=100)
+    config.update(rounds=6, max_seconds=150.0, seed=100, min_train_share=0.0)
     config["train"]["seed"] = 7
     rows = online.run_online(config_from_dict(online.OnlineConfig, config))
     # Written out: round 0's data ends at 5 + 51 = 56 s, its training may use 150 - 56 = 94 s and takes 30;
-    # round 1 starts with 64 s left (> 51), its training gets 150 - 137 = 13 s; then 0 s are left (< 51): stop.
+    # round 1 starts with 64 s left (> 51 + 0 x 30), its training gets 150 - 137 = 13 s; then 0 s are left: stop.
     trains = [argv for argv in calls if argv[0] == "train"]
     assert [float(argv[argv.index("--max-seconds") + 1]) for argv in trains] == [94.0, 13.0]
     assert len(rows) == 2 and [row["seconds"]["train"] for row in rows] == [30.0, 13.0]
     # Round r samples with seed + r and trains with train.seed + r.
     assert [argv[argv.index("--seed") + 1] for argv in calls if argv[0] == "rollout"] == ["100", "101"]
     assert [argv[argv.index("--seed") + 1] for argv in trains] == ["7", "8"]
+
+    # min_train_share 0.5 (the default): round 1 would need 51 + 0.5 x 30 = 66 s and 64 s are left: round 0's
+    # adapter is the result, 64 s unspent rather than a round that trains 13 s.
+    calls.clear()
+    clock["now"] = 1000.0
+    config.update(min_train_share=0.5, out=str(tmp_path / "run2"))
+    rows = online.run_online(config_from_dict(online.OnlineConfig, config))
+    assert len(rows) == 1 and [argv[0] for argv in calls] == ["rollout", "score", "pairs", "train"]
+    # With a 160 s budget round 1 starts (74 s left > 66) and trains 23 s.
+    calls.clear()
+    clock["now"] = 1000.0
+    config.update(max_seconds=160.0, out=str(tmp_path / "run3"))
+    rows = online.run_online(config_from_dict(online.OnlineConfig, config))
+    assert [row["seconds"]["train"] for row in rows] == [30.0, 23.0]
 
 
 def test_online_rejects_a_train_budget_beside_the_run_budget(tiny_model_dir, tmp_path, capsys):
@@ -133,6 +148,11 @@ def test_online_rejects_a_train_budget_beside_the_run_budget(tiny_model_dir, tmp
     code, _, err = call_cli(capsys, "online", "--config", config)
     assert code == 2 and "field 'train' must not set max_seconds" in err
     data["train"].pop("max_seconds")
+    data["min_train_share"] = 1.5
+    config.write_text(yaml.safe_dump(data))
+    code, _, err = call_cli(capsys, "online", "--config", config)
+    assert code == 2 and "field 'min_train_share' must be in [0, 1], got 1.5" in err
+    data.pop("min_train_share")
     data["max_seconds"] = float("nan")
     config.write_text(yaml.safe_dump(data))
     code, _, err = call_cli(capsys, "online", "--config", config)
