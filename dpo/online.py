@@ -197,8 +197,8 @@ def run_online(config: OnlineConfig) -> list[dict[str, Any]]:
             needed = data_seconds + config.min_train_share * train_seconds
             if left <= needed:
                 print(f"max_seconds: {max(left, 0.0):.0f} s left, round {index - 1}'s data took {data_seconds:.0f} s "
-                      f"and {config.min_train_share:g} of its training {config.min_train_share * train_seconds:.0f} "
-                      f"s; the run stops after {index} of {config.rounds} rounds", flush=True)
+                      f"and min_train_share x its training is {config.min_train_share * train_seconds:.0f} s; "
+                      f"the run stops after {index} of {config.rounds} rounds", flush=True)
                 break
         round_dir = out / f"round-{index:02d}"
         store, pairs, train = round_dir / "rollout", round_dir / "pairs", round_dir / "train"

@@ -283,7 +283,8 @@ def _sample_units(config: RolloutConfig, store, pending: list[Unit], prompts: di
     with progress:
         for unit in pending:
             seeds = [sample_seed(config.seed, s.prompt, s.index) for s in unit.samples]
-            cond = PromptEmbeds.cat([store.load_embeds(s.prompt_id) for s in unit.samples])  # a row per sample
+            embeds = {pid: store.load_embeds(pid) for pid in dict.fromkeys(s.prompt_id for s in unit.samples)}
+            cond = PromptEmbeds.cat([embeds[s.prompt_id] for s in unit.samples])  # a row per sample
             latents = generator.sample_latents(cond, uncond, seeds, config, progress=False)
             videos = generator.decode(latents) if decode else None  # (B, 3, T, H, W)
             for row, (sample, seed) in enumerate(zip(unit.samples, seeds, strict=True)):
