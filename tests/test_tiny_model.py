@@ -215,7 +215,7 @@ def test_loaded_wan_vae_decodes_as_diffusers_does(model_dir: Path) -> None:
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
 
     from rlhf.models.contentv import load_wan_vae
-    from rlhf.models.wan_vae import cpu_friendly_rms_norm
+    from rlhf.models.wan_vae import cpu_friendly_rms_norm, use_diffusers_norms
 
     reference = AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae").eval()
     loaded = load_wan_vae(model_dir, torch.float32).eval()
@@ -227,6 +227,9 @@ def test_loaded_wan_vae_decodes_as_diffusers_does(model_dir: Path) -> None:
     video = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
     torch.testing.assert_close(loaded.encode(video).latent_dist.mean, reference.encode(video).latent_dist.mean,
                                atol=1e-5, rtol=1e-5)
+    # Undone (the world's pretraining reproduces its log with diffusers' own norms): bit for bit again.
+    assert use_diffusers_norms(loaded) is loaded and all(type(m) is WanRMS_norm for m in norms)
+    assert torch.equal(loaded.decode(latents).sample, reference.decode(latents).sample)
     # Each layout the VAE uses (channels first over images and videos, channels last), in float32 and bfloat16,
     # against F.normalize written by hand: x / max(||x||, eps) * sqrt(dim) * gamma + bias.
     for channel_first, images, shape in ((True, True, (2, 8, 5, 6)), (True, False, (2, 8, 3, 5, 6)),

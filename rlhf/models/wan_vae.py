@@ -25,6 +25,17 @@ def use_cpu_friendly_norms(vae: torch.nn.Module) -> int:
     return len(norms)
 
 
+def use_diffusers_norms(vae: torch.nn.Module) -> torch.nn.Module:
+    """Undo `use_cpu_friendly_norms`: for work whose recorded numbers were made with diffusers' own norm and must
+    reproduce bit for bit (the shapes world's pretraining log). Returns `vae`."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    for module in vae.modules():
+        if type(module) is cpu_friendly_rms_norm():
+            module.__class__ = WanRMS_norm
+    return vae
+
+
 @functools.cache
 def cpu_friendly_rms_norm() -> type[torch.nn.Module]:
     """The subclass of diffusers' `WanRMS_norm` (built on first use: diffusers is imported lazily)."""

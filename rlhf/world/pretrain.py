@@ -365,8 +365,10 @@ def latent_dataset(out: Path, seed: int, clips_per_prompt: int) -> dict[str, Any
     empty prompt last (the unconditional branch).
     """
     from rlhf.models.loader import load_model
+    from rlhf.models.wan_vae import use_diffusers_norms
 
     parts = load_model(out / "model", dtype="fp32", load_transformer=False)
+    use_diffusers_norms(parts.vae)  # the shipped pretraining log was encoded with them: its losses reproduce exactly
     embeds = parts.prompt_encoder.encode(prompt_table() + [""])
     rng = random.Random(stage_seed(seed, "transformer"))
     latents, values = [], []
@@ -531,11 +533,13 @@ def reconstruction_pool(out: Path, seed: int, clips: int) -> list[tuple[scene.Sc
     show the rewards, blur and colour bleed included. The rewards learn from frames of these beside the renders,
     so that a size and a colour are read through the VAE's blur as they are on a clean render."""
     from rlhf.models.loader import load_model
+    from rlhf.models.wan_vae import use_diffusers_norms
     from rlhf.video import to_uint8_frames
 
     if clips <= 0:
         return []
-    vae = load_model(out / "model", dtype="fp32", load_transformer=False, load_text_encoders=False).vae
+    vae = use_diffusers_norms(load_model(out / "model", dtype="fp32", load_transformer=False,
+                                         load_text_encoders=False).vae)  # as when the shipped rewards were trained
     rng = random.Random(seed * 100 + 99)  # a stream of its own, the same pool for both reward stages
     pool = []
     for start in range(0, clips, 16):
