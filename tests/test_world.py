@@ -325,6 +325,7 @@ WORLD_CONFIGS = {  # configs/world file -> the dataclass it loads into, plus fie
     "rollout.yaml": ("rollouts.config:RolloutConfig", {}),
     "rewards.yaml": ("rewards.config:RewardsConfig", {}),
     "rewards_consistency.yaml": ("rewards.config:RewardsConfig", {}),
+    "rewards_gradient.yaml": ("rewards.config:RewardsConfig", {}),
     "ground_truth.yaml": ("rewards.config:RewardsConfig", {}),
     "pairs.yaml": ("rlhf.commands.pairs:PairsStageConfig", {"store": "s", "out": "o"}),
     "dpo.yaml": ("dpo.config:DPOConfig", {}),
