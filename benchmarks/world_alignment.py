@@ -256,13 +256,13 @@ class WorldEvaluator:
         import torch
 
         from rewards.build import score_videos
-        from rlhf.video import to_uint8_frames
+        from rlhf.video import to_scorer_frames, to_uint8_frames
         from rlhf.world.oracle import read_clip
 
         rows: dict[str, list] = {}
         for chunk_prompts, video in self.videos(prompts, seeds):
             groups = len(chunk_prompts) // len(seeds)
-            frames = ((video + 1) / 2).permute(0, 2, 1, 3, 4)  # (P*S, T, 3, H, W)
+            frames = to_scorer_frames(video)  # (P*S, T, 3, H, W)
             with torch.no_grad():
                 scores = {name: values.numpy().reshape(groups, len(seeds))
                           for name, values in score_videos(self.scorers, frames, chunk_prompts).items()}

@@ -66,7 +66,7 @@ def main() -> None:
         adapters[name] = Path(path)
 
     from rewards.build import score_videos
-    from rlhf.video import to_uint8_frames
+    from rlhf.video import to_scorer_frames, to_uint8_frames
     from rlhf.world.oracle import CLEANLINESS_PARTS, cleanliness_parts
 
     start = time.perf_counter()
@@ -81,7 +81,7 @@ def main() -> None:
         evaluator.use(None if model == "base" else model)
         first = len(groups)
         for chunk_prompts, video in evaluator.videos(prompts, seeds):
-            frames = ((video + 1) / 2).permute(0, 2, 1, 3, 4)  # (B, T, 3, H, W) in [0, 1]
+            frames = to_scorer_frames(video)  # (B, T, 3, H, W) in [0, 1]
             scores = score_videos(evaluator.scorers, frames, chunk_prompts)
             for index, clip in enumerate(video):
                 for name, value in cleanliness_parts(to_uint8_frames(clip)).items():

@@ -70,6 +70,7 @@ def main() -> None:
     from rlhf.models.wan_vae import cpu_friendly_rms_norm
     from rlhf.options import ModelOptions, SamplingOptions
     from rlhf.sampling import PromptEmbeds
+    from rlhf.video import to_scorer_frames
     from rlhf.world import MODEL_DIR
     from rollouts.rollout import sample_seed
 
@@ -103,9 +104,8 @@ def main() -> None:
     def motion(box, video: torch.Tensor) -> torch.Tensor:
         rewards.flow._box = box
         try:
-            frames = ((video + 1) / 2).permute(0, 2, 1, 3, 4)
             with torch.no_grad():
-                return score_videos(scorers, frames, [p for p, _, _ in rows], batch_size=16)["motion"]
+                return score_videos(scorers, to_scorer_frames(video), [p for p, _, _ in rows], batch_size=16)["motion"]
         finally:
             rewards.flow._box = new_box
 

@@ -89,7 +89,7 @@ class Comparer:
 
         from rewards.build import score_videos
         from rlhf.options import uses_guidance
-        from rlhf.video import to_uint8_frames, write_mp4
+        from rlhf.video import to_scorer_frames, to_uint8_frames, write_mp4
 
         if not prompt.strip():
             raise UserError("the prompt is empty: type what the videos should show")
@@ -108,7 +108,7 @@ class Comparer:
         videos = torch.cat(decoded)  # (M, 3, T, H, W)
         scores: dict[str, torch.Tensor] = {}
         if self.scorers:
-            frames = ((videos + 1) / 2).permute(0, 2, 1, 3, 4)  # (M, T, 3, H, W) in [0, 1]
+            frames = to_scorer_frames(videos)  # (M, T, 3, H, W) in [0, 1]
             scores = score_videos(self.scorers, frames, [prompt] * len(videos))
             scores[COMBINED] = sum(weight * scores[name] for name, (_, weight) in self.scorers.items())
         self.calls += 1

@@ -147,7 +147,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     from rlhf.report_inputs import spread_prompts
     from rlhf.stats import compare_paired
     from rlhf.vbench import build_dimensions, vbench_frames
-    from rlhf.video import to_uint8_frames, write_mp4
+    from rlhf.video import to_scorer_frames, to_uint8_frames, write_mp4
 
     out = check_output(config.out, field="field 'out'", kind=EVAL_RESULTS, overwrite=config.overwrite, inputs={
         "model": config.model, "adapter": config.adapters, "prompts": config.prompts, "rewards": config.rewards,
@@ -210,7 +210,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
                     use_adapter(generator.transformer, None if model == BASE else model)
                     latents = generator.sample_latents(cond, uncond, batch_seeds, config, progress=False)
                     video = generator.decode(latents)  # (B, 3, T, H, W) in [-1, 1]
-                    frames = ((video + 1) / 2).permute(0, 2, 1, 3, 4)  # (B, T, 3, H, W) in [0, 1]
+                    frames = to_scorer_frames(video)  # (B, T, 3, H, W) in [0, 1]
                     with torch.no_grad():
                         batch_scores = score_videos(scorers, frames, texts, batch_size=len(batch))
                     for reward, values in batch_scores.items():

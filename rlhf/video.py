@@ -79,6 +79,11 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents, return_dict=False)[0].clamp(-1, 1)
 
 
+def to_scorer_frames(videos: torch.Tensor) -> torch.Tensor:
+    """Decoded videos `(B, 3, T, H, W)` in [-1, 1] -> the frames scorers read, `(B, T, 3, H, W)` in [0, 1]."""
+    return ((videos + 1) / 2).permute(0, 2, 1, 3, 4)
+
+
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     """One video `(3, T, H, W)` in [-1, 1] -> `(T, H, W, 3)` uint8."""
     frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -24,6 +24,7 @@ import torch
 
 from rlhf.errors import UserError, quote
 from rollouts.config import RolloutConfig
+from rollouts.store import sample_id
 
 logger = logging.getLogger("contentv-rlhf")
 
@@ -148,6 +149,10 @@ class Sample:
     prompt: str
     index: int  # the sample's index among its prompt's K
 
+    @property
+    def id(self) -> str:
+        return sample_id(self.prompt_id, self.index)
+
 
 @dataclass
 class Unit:
@@ -173,7 +178,7 @@ def run_rollout(config: RolloutConfig) -> Path:
     from rlhf.io import remove_stale_temporaries
     from rlhf.progress import Progress
     from rlhf.prompts import load_prompts
-    from rollouts.store import RolloutStore, sample_id
+    from rollouts.store import RolloutStore
 
     root = rollout_output(config)
     prompt_list = load_prompts(config.prompts)
@@ -220,12 +225,11 @@ def run_rollout(config: RolloutConfig) -> Path:
 
     # 2. What is left to do for this rank.
     units = processes.shard(plan_units(prompts, config.samples_per_prompt, config.batch_size))
-    pending = [u for u in units if not all(store.sample_path(sample_id(s.prompt_id, s.index)).exists()
-                                           for s in u.samples)]
+    pending = [u for u in units if not all(store.sample_path(s.id).exists() for s in u.samples)]
     for unit in units:  # a complete unit's files must be readable: fail now rather than in training
         if unit not in pending:
             for sample in unit.samples:
-                store.sample_metadata(sample_id(sample.prompt_id, sample.index))
+                store.sample_metadata(sample.id)
     total = sum(len(u.samples) for u in units)
     done = total - sum(len(u.samples) for u in pending)
     if processes.is_main:
@@ -242,7 +246,7 @@ def run_rollout(config: RolloutConfig) -> Path:
     if processes.is_main:
         rows = []
         for sample in plan_samples(prompts, config.samples_per_prompt):
-            sid = sample_id(sample.prompt_id, sample.index)
+            sid = sample.id
             meta = store.sample_metadata(sid)
             rows.append({
                 "sample_id": sid, "prompt_id": sample.prompt_id, "prompt": sample.prompt,
@@ -262,7 +266,7 @@ def _sample_units(config: RolloutConfig, store, pending: list[Unit], prompts: di
     from rlhf.options import uses_guidance
     from rlhf.sampling import PromptEmbeds
     from rlhf.video import to_uint8_frames, write_mp4
-    from rollouts.store import NEGATIVE, sample_id
+    from rollouts.store import NEGATIVE
 
     guided = uses_guidance(config.guidance)
     needed = sorted({s.prompt_id for u in pending for s in u.samples}) + ([NEGATIVE] if guided else [])
@@ -288,7 +292,7 @@ def _sample_units(config: RolloutConfig, store, pending: list[Unit], prompts: di
             latents = generator.sample_latents(cond, uncond, seeds, config, progress=False)
             videos = generator.decode(latents) if decode else None  # (B, 3, T, H, W)
             for row, (sample, seed) in enumerate(zip(unit.samples, seeds, strict=True)):
-                sid = sample_id(sample.prompt_id, sample.index)
+                sid = sample.id
                 frames_u8 = None
                 if videos is not None:
                     pixels = to_uint8_frames(videos[row])  # (T, H, W, 3)
