@@ -12,7 +12,11 @@ world's "validation" namespace (choosing nothing on the test split's seeds):
 - `drawable`: the share of videos whose every attribute reads as some value (whatever it is);
 - cleanliness of the videos whose taught attributes are right vs wrong (a wrong output should be as clean a
   single value as a right one, not a blend);
-- `vae_ceiling`: the same prompts and seeds rendered and passed through the world VAE.
+- `vae_ceiling`: the same prompts and seeds rendered and passed through the world VAE;
+- `clip_reads`: what the trained `clip` reward can see on the split: on clean renders of its prompts and seeds,
+  how often it ranks the right caption first among the 18 colour-size captions in the same direction and
+  phrasing, and how often that first caption has the right colour, or the right size (a reward that reads size
+  only on the training pairings cannot teach it on new ones).
 
     python benchmarks/world_base.py [--seeds 8] [--record]
 """
@@ -89,6 +93,33 @@ def per_word(readings: list[tuple]) -> dict[str, dict[str, dict[str, float | int
     return out
 
 
+def clip_reads(evaluator: WorldEvaluator, prompts: list[str], seeds: list[int]) -> dict[str, float]:
+    """The trained `clip` reward's caption ranking on clean renders (see the module docstring)."""
+    import random
+
+    import torch
+
+    from rlhf.world import scene
+
+    captions = [(colour, size) for colour, size in scene.COMBOS]
+    scorer = evaluator.scorers["clip"].scorer
+    hits = {"right": [], "colour": [], "size": []}
+    for index, text in enumerate(prompts):
+        colour, size, direction = scene.parse_prompt(text)
+        phrasing = next(p for p in range(len(scene.PHRASINGS)) if scene.prompt(colour, size, direction, p) == text)
+        clips = [scene.render(scene.SceneSpec.sample(colour, size, direction, random.Random(seed * 1000 + index)))
+                 for seed in seeds]
+        frames = torch.from_numpy(np.stack(clips)).float().div(255).permute(0, 1, 4, 2, 3)  # (B, T, 3, H, W)
+        with torch.no_grad():
+            scores = torch.stack([scorer.score(frames, [scene.prompt(c, s, direction, phrasing)] * len(clips))
+                                  for c, s in captions], dim=1)  # (B, 18)
+        for first in scores.argmax(dim=1).tolist():
+            hits["right"].append(captions[first] == (colour, size))
+            hits["colour"].append(captions[first][0] == colour)
+            hits["size"].append(captions[first][1] == size)
+    return {name: float(np.mean(values)) for name, values in hits.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="device (default: cpu)")
@@ -107,6 +138,7 @@ def main() -> None:
         ceiling = evaluator.vae_ceiling(prompts, seeds)
         rows[-1]["vae_ceiling"] = {name: float(ceiling[name].mean()) for name in ("colour", "size", "direction",
                                                                                    "taught", "all")}
+        rows[-1]["clip_reads"] = clip_reads(evaluator, prompts, seeds)
     emit_rows("world_base", rows, time.perf_counter() - started, args.record)
 
 

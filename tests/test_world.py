@@ -26,6 +26,9 @@ def test_world_definition():
     # every colour and every size is seen in training, in other combinations than the test's
     assert {c for c, _ in scene.SPLITS["train"]} == set(scene.COLOURS)
     assert {s for _, s in scene.SPLITS["train"]} == set(scene.SIZES)
+    # validation asks for test's colour and size words, as often, so that a choice made there can predict test
+    for position in (0, 1):
+        assert sorted(c[position] for c in scene.SPLITS["validation"]) == sorted(c[position] for c in scene.SPLITS["test"])
     assert len(scene.PHRASINGS) >= 3
     assert scene.prompt("red", "small", "left") == "a small red circle moving left"
     for colour, size, direction in ALL_KEYS:

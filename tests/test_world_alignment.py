@@ -182,6 +182,32 @@ def test_world_base_per_word_shares_count_the_word_and_its_confusion_partner():
     assert "yellow" not in shares["colour"]  # never asked
 
 
+def test_world_base_clip_reads_ranks_the_18_captions_by_the_clip_scorer():
+    """A stand-in `clip` that reads the disc's colour from the pixels and always answers "small": it ranks the
+    right caption first exactly for small prompts, the right colour always, the right size for small only."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.world_base import clip_reads
+    from rlhf.world import scene
+
+    class ColourReader:
+        def score(self, frames, prompts):  # frames (B, T, 3, H, W) in [0, 1]
+            assert frames.shape[1:] == (scene.FRAMES, 3, scene.SIZE, scene.SIZE)
+            lit = frames.amax(dim=(1, 3, 4))  # (B, 3): the disc's colour at full value
+            scores = []
+            for rgb, text in zip(lit, prompts, strict=True):
+                colour, size, _ = scene.parse_prompt(text)
+                scores.append(-(rgb - torch.tensor(scene.rgb(colour))).abs().sum() + (0.5 if size == "small" else 0))
+            return torch.stack(scores)
+
+    evaluator = SimpleNamespace(scorers={"clip": SimpleNamespace(scorer=ColourReader(), weight=1.0)})
+    prompts = ["a small red circle moving left", "a large blue circle moving up",
+               scene.prompt("cyan", "medium", "down", 2)]  # another phrasing: its captions use it too
+    assert clip_reads(evaluator, prompts, seeds=[1, 2]) == {"right": 1 / 3, "colour": 1.0, "size": 1 / 3}
+
+
 def test_following_per_word_groups_videos_by_the_word_their_prompt_asks_for():
     from benchmarks.world_alignment import following_per_word
 

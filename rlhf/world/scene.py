@@ -51,8 +51,13 @@ ATTRIBUTES = (*TAUGHT, "direction")
 Combo = tuple[str, str]  # (colour, size)
 COMBOS: tuple[Combo, ...] = tuple(product(COLOURS, SIZES))
 # Every colour and every size is in the training split; validation and test combinations are new pairings.
+# Validation asks for the same colour and size words as test, as often, in pairings of its own: a trainer's gain
+# here depends on which words a split asks for (a fix to one word can break the word whose partner it draws,
+# README "why" point 8), so a choice made on a split asking for other words does not predict test (world v2's
+# first validation split, yellow medium / blue small / red small / cyan large, twice picked a setting whose
+# benefit did not reach test).
 SPLITS: dict[str, tuple[Combo, ...]] = {
-    "validation": (("yellow", "medium"), ("blue", "small"), ("red", "small"), ("cyan", "large")),
+    "validation": (("red", "small"), ("green", "large"), ("cyan", "large"), ("magenta", "medium")),
     "test": (("red", "large"), ("green", "small"), ("cyan", "medium"), ("magenta", "large")),
 }
 SPLITS = {"train": tuple(c for c in COMBOS if not any(c in combos for combos in SPLITS.values())), **SPLITS}
