@@ -276,8 +276,6 @@ class WorldEvaluator:
     def vae_ceiling(self, prompts: list[str], seeds: list[int]) -> dict[str, np.ndarray]:
         """The oracle on rendered clips of each (prompt, seed) passed through the VAE (encode, decode): what a
         perfect transformer would score, the ceiling every method is under."""
-        import random
-
         import torch
 
         from rlhf.video import to_uint8_frames
@@ -286,9 +284,7 @@ class WorldEvaluator:
 
         rows: dict[str, list] = {}
         for index, text in enumerate(prompts):
-            colour, size, direction = scene.parse_prompt(text)
-            clips = [scene.to_model_range(scene.render(scene.SceneSpec.sample(
-                colour, size, direction, random.Random(seed * 1000 + index)))) for seed in seeds]
+            clips = [scene.to_model_range(clip) for clip in renders(text, index, seeds)]
             with torch.no_grad():
                 vae = self.generator.vae
                 latents = vae.encode(torch.stack(clips).to(vae.device, vae.dtype)).latent_dist.mean
@@ -297,6 +293,18 @@ class WorldEvaluator:
             for name, values in oracle_arrays(readings, [text] * len(seeds), 1).items():
                 rows.setdefault(name, []).extend(values)
         return {name: np.stack(values) for name, values in rows.items()}
+
+
+def renders(text: str, index: int, seeds: list[int]) -> list[np.ndarray]:
+    """Clean renders `(T, H, W, 3)` uint8 of the `index`-th evaluated prompt `text`, one per seed: the clips a
+    perfect generator could draw for it (the VAE ceiling's and `world_base.clip_reads`' inputs)."""
+    import random
+
+    from rlhf.world import scene
+
+    colour, size, direction = scene.parse_prompt(text)
+    return [scene.render(scene.SceneSpec.sample(colour, size, direction, random.Random(seed * 1000 + index)))
+            for seed in seeds]
 
 
 def evaluation_splits(split: str, seeds: int, train_seeds: int) -> dict[str, tuple[list[str], list[int]]]:

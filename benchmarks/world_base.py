@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import emit_rows  # noqa: E402
-from benchmarks.world_alignment import WorldEvaluator  # noqa: E402
+from benchmarks.world_alignment import WorldEvaluator, renders  # noqa: E402
 
 SEED_INDEX = 500_000  # within the validation namespace, apart from the seeds config choices are made on
 
@@ -95,21 +95,18 @@ def per_word(readings: list[tuple]) -> dict[str, dict[str, dict[str, float | int
 
 def clip_reads(evaluator: WorldEvaluator, prompts: list[str], seeds: list[int]) -> dict[str, float]:
     """The trained `clip` reward's caption ranking on clean renders (see the module docstring)."""
-    import random
-
     import torch
 
     from rlhf.world import scene
 
-    captions = [(colour, size) for colour, size in scene.COMBOS]
+    captions = list(scene.COMBOS)
     scorer = evaluator.scorers["clip"].scorer
     hits = {"right": [], "colour": [], "size": []}
     for index, text in enumerate(prompts):
         colour, size, direction = scene.parse_prompt(text)
         phrasing = next(p for p in range(len(scene.PHRASINGS)) if scene.prompt(colour, size, direction, p) == text)
-        clips = [scene.render(scene.SceneSpec.sample(colour, size, direction, random.Random(seed * 1000 + index)))
-                 for seed in seeds]
-        frames = torch.from_numpy(np.stack(clips)).float().div(255).permute(0, 1, 4, 2, 3)  # (B, T, 3, H, W)
+        clips = np.stack(renders(text, index, seeds))  # (B, T, H, W, 3) uint8
+        frames = torch.from_numpy(clips).float().div(255).permute(0, 1, 4, 2, 3)  # (B, T, 3, H, W) in [0, 1]
         with torch.no_grad():
             scores = torch.stack([scorer.score(frames, [scene.prompt(c, s, direction, phrasing)] * len(clips))
                                   for c, s in captions], dim=1)  # (B, 18)
