@@ -1,8 +1,14 @@
 """The quickstart runs every stage through the real CLI on the shipped world and ends with the eval table and a report."""
 
 import json
+from pathlib import Path
+
+import yaml
 
 from tests.conftest import call_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD_CONFIGS = ROOT / "configs" / "world"
 
 SMALL = ("--device", "cpu", "--train-steps", "4", "--reward-gradient-steps", "2", "--train-prompts", "8",
          "--samples-per-prompt", "2", "--eval-seeds", "1")
@@ -26,7 +32,13 @@ def test_quickstart_end_to_end_and_rerun(tmp_path, capsys):
     assert "oracle_taught" in stdout  # the oracle's accuracy is in the printed table
     assert len(result["prompts"]) == 16  # the test combinations, all four directions
     assert len(json.loads((out / "train" / "summary.json").read_text())) > 0
-    assert json.loads((out / "reward_gradient" / "summary.json").read_text())["steps_done"] == 2
+    gradient = json.loads((out / "reward_gradient" / "summary.json").read_text())
+    assert gradient["steps_done"] == 2
+    # reward-gradient trains on the reward its shipped config names (with `consistency`), not the scoring one
+    shipped = yaml.safe_load((WORLD_CONFIGS / "reward_gradient.yaml").read_text())["rewards"]
+    trained_on = yaml.safe_load(Path(gradient["rewards"]).read_text())["scorers"]
+    assert trained_on.keys() == yaml.safe_load((ROOT / shipped).read_text())["scorers"].keys()
+    assert "consistency" in trained_on
     # Both trainers' adapters are evaluated beside the base, on the same prompts and seeds.
     assert sorted(result["candidates"].values()) == sorted(str(out / t / "adapter") for t in ("reward_gradient", "train"))
     assert "oracle_all" in (out / "report.html").read_text()

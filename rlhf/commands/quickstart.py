@@ -115,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
     train_prompts = [p for p in train_prompts if p.strip()][: args.train_prompts]
     (configs / "train_prompts.txt").write_text("\n".join(train_prompts) + "\n")
     (configs / "rewards.yaml").write_text(yaml.safe_dump(absolute_rewards(shipped / "rewards.yaml", root, args.device)))
+    # reward-gradient trains on the reward its shipped config names (rewards.yaml plus a little `consistency`)
+    gradient_rewards = root / yaml.safe_load((shipped / "reward_gradient.yaml").read_text())["rewards"]
+    (configs / "rewards_gradient.yaml").write_text(yaml.safe_dump(absolute_rewards(gradient_rewards, root, args.device)))
     (configs / "held_out_rewards.yaml").write_text(
         yaml.safe_dump({**yaml.safe_load((root / "configs" / "rewards_heldout.yaml").read_text()), "device": args.device}))
     (configs / "ground_truth.yaml").write_text(
@@ -146,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
           "--seed", training_seed, *device, *optional("--max-steps", args.train_steps), *resume(paths["train"])]),
         ("train (reward-gradient)", paths["reward_gradient"] / "adapter" / "adapter_model.safetensors",
          ["train", "--config", shipped / "reward_gradient.yaml", "--model", MODEL_DIR, "--prompts",
-          configs / "train_prompts.txt", "--rewards", configs / "rewards.yaml", "--output-dir",
+          configs / "train_prompts.txt", "--rewards", configs / "rewards_gradient.yaml", "--output-dir",
           paths["reward_gradient"], "--seed", training_seed, *device,
           *optional("--max-steps", args.reward_gradient_steps), *resume(paths["reward_gradient"])]),
         ("merge", paths["merged"] / "model_index.json",
