@@ -97,6 +97,7 @@ def clip_reads(evaluator: WorldEvaluator, prompts: list[str], seeds: list[int]) 
     """The trained `clip` reward's caption ranking on clean renders (see the module docstring)."""
     import torch
 
+    from rlhf.video import to_scorer_frames
     from rlhf.world import scene
 
     captions = list(scene.COMBOS)
@@ -105,10 +106,10 @@ def clip_reads(evaluator: WorldEvaluator, prompts: list[str], seeds: list[int]) 
     for index, text in enumerate(prompts):
         colour, size, direction = scene.parse_prompt(text)
         phrasing = next(p for p in range(len(scene.PHRASINGS)) if scene.prompt(colour, size, direction, p) == text)
-        clips = np.stack(renders(text, index, seeds))  # (B, T, H, W, 3) uint8
-        frames = torch.from_numpy(clips).float().div(255).permute(0, 1, 4, 2, 3)  # (B, T, 3, H, W) in [0, 1]
+        # the way every generated video reaches the scorers: model range, then scorer frames (B, T, 3, H, W)
+        frames = to_scorer_frames(torch.stack([scene.to_model_range(clip) for clip in renders(text, index, seeds)]))
         with torch.no_grad():
-            scores = torch.stack([scorer.score(frames, [scene.prompt(c, s, direction, phrasing)] * len(clips))
+            scores = torch.stack([scorer.score(frames, [scene.prompt(c, s, direction, phrasing)] * len(seeds))
                                   for c, s in captions], dim=1)  # (B, 18)
         for first in scores.argmax(dim=1).tolist():
             hits["right"].append(captions[first] == (colour, size))
