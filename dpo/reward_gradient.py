@@ -179,13 +179,14 @@ def calibrate_rewards(run: TrainingRun, parts: FrozenParts, config: RewardGradie
     The reference model (adapter disabled, or the frozen reference adapter) samples `calibration_samples`
     videos for each of the first `calibration_prompts` prompts of the seed's order, decoded and scored as in
     training. Reward k's scale is `rewards.pairs.prompt_scale`, the pooled within-prompt 1.4826 MAD (the
-    scale `pairs` divides by with normalize: prompt), its centre the median of all the scores. Noise comes from
+    scale `pairs` divides by with normalize: prompt), or with calibration_spread std `rewards.pairs.prompt_std`,
+    the pooled within-prompt standard deviation; its centre is the median of all the scores. Noise comes from
     generators keyed by (seed, -2, sample), so a resumed run calibrates identically. A scale of 0 for a reward
     with a non-zero weight is an error (its z-score would be unbounded); weight-0 rewards get scale 1.
     """
     import numpy as np
 
-    from rewards.pairs import prompt_scale
+    from rewards.pairs import prompt_scale, prompt_std
 
     schedule, device = parts.schedule, run.device
     count = min(config.calibration_prompts, len(parts.prompts))
@@ -213,7 +214,8 @@ def calibrate_rewards(run: TrainingRun, parts: FrozenParts, config: RewardGradie
     raw = np.array(rows)  # (prompts x samples, rewards)
     if not np.isfinite(raw).all():
         raise UserError(f"{config.rewards}: a reward was not finite on the base model's calibration videos")
-    scale, centre = prompt_scale(raw, [p for p, _ in jobs]), np.median(raw, axis=0)
+    spread = prompt_std if config.calibration_spread == "std" else prompt_scale
+    scale, centre = spread(raw, [p for p, _ in jobs]), np.median(raw, axis=0)
     normalization = RewardNormalization({}, {})
     for k, (name, (_, weight)) in enumerate(parts.scorers.items()):
         if scale[k] == 0 and weight != 0:

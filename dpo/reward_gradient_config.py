@@ -76,6 +76,12 @@ class RewardGradientConfig(TrainingOptions, LoraOptions, SamplingOptions):
         "videos drawn at start, the scale `pairs` (normalize: prompt) divides by, so a weight means the same "
         "in both; none = raw scores (a weight then multiplies the reward's own units)."
     )
+    calibration_spread: Literal["mad", "std"] = option(
+        "mad", "The within-prompt spread s that reward_normalize calibrate divides by: mad (1.4826 MAD, the scale "
+        "`pairs` uses, robust to outlying videos) or std (pooled within-prompt standard deviation: steady "
+        "when a reward's scores within a prompt form two clusters, as CLIP's do when the base draws the asked "
+        "value or its confusion; a MAD of a few such videos is either one cluster's width or half their gap)."
+    )
     calibration_prompts: int = option(4, "Prompts sampled by the base model at start for reward_normalize "
                                          "calibrate (the first of the seed's prompt order).")
     calibration_samples: int = option(4, "Videos per calibration prompt (>= 2: the scale is a within-prompt "

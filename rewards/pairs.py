@@ -465,6 +465,23 @@ def prompt_scale(raw: np.ndarray, groups: Sequence[Any] | np.ndarray) -> np.ndar
     return _scale(resid)[0]
 
 
+def prompt_std(raw: np.ndarray, groups: Sequence[Any] | np.ndarray) -> np.ndarray:
+    """The pooled within-prompt standard deviation (D,) of finite raw scores (N, D), `groups[i]` = prompt of row i.
+
+    `sqrt(sum_p sum_i (r_ik - mean_pk)^2 / (n - P))` over the P prompts with >= 2 samples (n rows among them):
+    unlike `prompt_scale`'s MAD it does not jump when a reward's scores within a prompt fall in two clusters
+    (a word drawn right or as its confusion): the MAD of a few such samples is either the spread inside a
+    cluster or half the gap between them, whichever more than half of the residuals fall in.
+    """
+    raw = np.asarray(raw, dtype=np.float64)
+    groups_idx = [idx for idx in _groups(_group_codes(groups)).values() if len(idx) >= 2]
+    if not groups_idx:
+        raise ValueError("a pooled within-prompt spread needs a prompt with >= 2 samples")
+    squares = sum(((raw[idx] - raw[idx].mean(axis=0)) ** 2).sum(axis=0) for idx in groups_idx)
+    dof = sum(len(idx) for idx in groups_idx) - len(groups_idx)
+    return np.sqrt(squares / dof)
+
+
 def _group_codes(groups: Sequence[Any] | np.ndarray) -> np.ndarray:
     codes: dict[Any, int] = {}
     return np.array([codes.setdefault(g, len(codes)) for g in np.asarray(groups).tolist()], dtype=np.int64)

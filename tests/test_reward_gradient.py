@@ -354,3 +354,38 @@ def test_calibrated_weights_mean_what_they_mean_in_pairs(trainer):
     groups = ["p", "p", "p", "q", "q", "q"]
     resid = np.array([[-0.1, 0.0], [0.1, 0.0], [0.0, 4.0], [-0.1, -1.0], [0.3, 0.0], [0.0, 2.0]])
     np.testing.assert_allclose(prompt_scale(scores, groups), 1.4826 * np.median(np.abs(resid), axis=0))
+
+
+def test_std_spread_is_the_pooled_within_prompt_standard_deviation(trainer):
+    """calibration_spread std divides by sqrt(sum of squared deviations from each prompt's mean / (n - P))."""
+    import numpy as np
+
+    from dpo.reward_gradient import calibrate_rewards
+    from rewards.analytic import BrightnessScorer
+    from rewards.build import WeightedScorer
+    from rewards.pairs import prompt_scale, prompt_std
+
+    # Two clusters per prompt (a word drawn right, 1.0, or as its confusion, 0.0): with 3 of 4 videos in one
+    # cluster the MAD is that cluster's width (0 here, so it falls back to the std), with 2 and 2 half the gap.
+    three_one = np.array([[1.0], [1.0], [1.0], [0.0]] * 2)
+    two_two = np.array([[1.0], [1.0], [0.0], [0.0]] * 2)
+    groups = ["p"] * 4 + ["q"] * 4
+    assert prompt_scale(two_two, groups)[0] == pytest.approx(1.4826 * 0.5)
+    assert prompt_std(three_one, groups)[0] == pytest.approx(np.sqrt(2 * 0.75 / 6))  # 3 x 0.25^2 + 0.75^2
+    assert prompt_std(two_two, groups)[0] == pytest.approx(np.sqrt(8 * 0.25 / 6))
+    scores = np.array([[0.1, 5.0], [0.3, 5.0], [0.2, 9.0], [1.0, 1.0], [1.4, 2.0]])
+    squared_deviations = np.array([[0.01, 16 / 9], [0.01, 16 / 9], [0.0, 64 / 9],  # p: means 0.2, 19/3
+                                   [0.04, 0.25], [0.04, 0.25]])  # q: means 1.2, 1.5
+    written_out = np.sqrt(squared_deviations.sum(axis=0) / (5 - 2))  # 5 videos, 2 prompts
+    np.testing.assert_allclose(prompt_std(scores, ["p", "p", "p", "q", "q"]), written_out)
+    with pytest.raises(ValueError, match=">= 2 samples"):
+        prompt_std(scores[:2], ["p", "q"])
+
+    config, run, parts = trainer
+    config = dataclasses.replace(config, calibration_prompts=2, calibration_samples=3, batch_size=2,
+                                 calibration_spread="std")
+    parts.scorers = {"brightness": WeightedScorer(BrightnessScorer(), 1.0)}
+    norm_std = calibrate_rewards(run, parts, config)
+    norm_mad = calibrate_rewards(run, parts, dataclasses.replace(config, calibration_spread="mad"))
+    assert norm_std.centre == norm_mad.centre  # the same videos: only the spread differs
+    assert norm_std.scale != norm_mad.scale
