@@ -511,9 +511,6 @@ CLIP_PREPROCESS = {"size": WORLD_CLIP_CONFIG["vision_cfg"]["image_size"], "mode"
                    "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
                    "interpolation": "bicubic", "resize_mode": "shortest"}
 QUALITY_WORDS = {"blur": "blurry", "noise": "noisy", "fragment": "broken", "bleed": "smeared"}
-# Captions that name one taught attribute (`--clip-partial-captions`): every frame of that colour (or size) is
-# their positive, whatever its other value, so the CLIP has to read each attribute on its own.
-PARTIAL_PHRASINGS = {"colour": "a {colour} circle moving {direction}", "size": "a {size} circle moving {direction}"}
 
 
 def world_clip_backbone(model=None):
@@ -555,7 +552,6 @@ def reconstruction_pool(out: Path, seed: int, clips: int) -> list[tuple[scene.Sc
 
 def frame_batch(rng: random.Random, batch: int, degraded_share: float,
                 pool: list[tuple[scene.SceneSpec, np.ndarray, str]] | None = None, pool_share: float = 0.0,
-                partial_share: float = 0.0, grey_sizes: bool = False,
                 ) -> tuple[torch.Tensor, list[str], list[tuple[str, str, str]], torch.Tensor]:
     """Single frames `(B, 3, H, W)` in [0, 1] of training combinations, their captions, (colour, size, spoilt
     how or "clean") and quality targets (8 clean, down to 2 at full severity). A `pool_share` of them come from
@@ -570,12 +566,7 @@ def frame_batch(rng: random.Random, batch: int, degraded_share: float,
             clip = frames[[rng.randrange(scene.FRAMES)]]
         else:
             spec, clip, text = scene.sample_clip(rng, frames=(rng.randrange(scene.FRAMES),))  # CLIP sees one frame
-        target, how, colour = 8.0, "clean", spec.colour
-        if partial_share and rng.random() < partial_share:  # no draw at 0: the shipped weights' stream
-            attribute = rng.choice(("colour", "size"))
-            text = PARTIAL_PHRASINGS[attribute].format(colour=spec.colour, size=spec.size, direction=spec.direction)
-            if attribute == "size" and grey_sizes:  # the disc without its hue: V = max(R, G, B) in every channel
-                clip, colour = np.repeat(clip.max(axis=-1, keepdims=True), 3, axis=-1), "grey"
+        target, how = 8.0, "clean"
         if rng.random() < degraded_share:
             kind, severity = rng.choice(KINDS), rng.uniform(0.2, 1.0)
             clip = degrade(clip, kind, severity, rng)
@@ -584,23 +575,13 @@ def frame_batch(rng: random.Random, batch: int, degraded_share: float,
             target, how = 8.0 - 6.0 * severity, kind
         images.append(torch.from_numpy(clip[0]).float().permute(2, 0, 1) / 255)
         captions.append(text)
-        combos.append((colour, spec.size, how))
+        combos.append((spec.colour, spec.size, how))
         quality.append(target)
     return torch.stack(images), captions, combos, torch.tensor(quality)
 
 
-def describes(captions: list[str], combos: list[tuple[str, str, str]]) -> torch.Tensor:
-    """`(B, B)` float: 1 where caption j is true of frame i, whose (colour, size, spoilt how) is `combos[i]`:
-    the colour and the size the caption names (a partial caption names one) and the same spoiling as frame j."""
-    named = [(next((c for c in scene.COLOURS if c in words), None), next((s for s in scene.SIZES if s in words), None))
-             for words in (set(caption.split()) for caption in captions)]
-    return torch.tensor([[all(said in (None, value) for said, value in zip(named[j], frame[:2], strict=True))
-                          and frame[2] == combos[j][2] for j in range(len(captions))] for frame in combos],
-                        dtype=torch.float32)
-
-
 def train_clip(out: Path, seed: int, steps: int, batch: int, log: Log, reconstructions: int = 0,
-               positives: str = "colour-size", partial_captions: float = 0.0, grey_sizes: bool = False) -> None:
+               positives: str = "colour-size") -> None:
     """Contrastive training on clean captions (the rewards never see the pretraining's confused words); every
     caption of the same colour and size counts as a positive (one frame cannot show the direction), and with
     `positives="colour-size"` a spoilt frame is a positive of its clean caption too, so that how well a disc is
@@ -625,16 +606,15 @@ def train_clip(out: Path, seed: int, steps: int, batch: int, log: Log, reconstru
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, 1e-3)
-        images, captions, combos, quality = frame_batch(rng, batch, degraded_share=0.4, pool=pool, pool_share=0.25,
-                                                        partial_share=partial_captions, grey_sizes=grey_sizes)
+        images, captions, combos, quality = frame_batch(rng, batch, degraded_share=0.4, pool=pool, pool_share=0.25)
         if positives == "colour-size":
             combos = [(colour, size, "") for colour, size, _ in combos]
         image_features = model.encode_image(backbone.preprocess(images), normalize=True)
         text_features = model.encode_text(backbone.tokenizer(captions), normalize=True)
         logits = model.logit_scale.exp() * image_features @ text_features.T  # (B, B)
-        true_of = describes(captions, combos)  # (image, caption); symmetric when every caption is complete
-        contrastive = (F.cross_entropy(logits, true_of / true_of.sum(1, keepdim=True))
-                       + F.cross_entropy(logits.T, true_of.T / true_of.T.sum(1, keepdim=True))) / 2
+        same = torch.tensor([[a == b for b in combos] for a in combos], dtype=torch.float32)
+        targets = same / same.sum(1, keepdim=True)
+        contrastive = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
         loss = contrastive + F.mse_loss(probe(image_features).squeeze(1), (quality - 5) / 3)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -650,7 +630,6 @@ def train_clip(out: Path, seed: int, steps: int, batch: int, log: Log, reconstru
         {"model_cfg": WORLD_CLIP_CONFIG, "preprocess_cfg": CLIP_PREPROCESS}, indent=1) + "\n")
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
     log.record("clip", {"steps": steps, "batch": batch, "reconstructions": reconstructions, "positives": positives,
-                        **({"partial_captions": partial_captions, "grey_sizes": grey_sizes} if partial_captions else {}),
                         "seconds": round(time.time() - started, 1), "losses": losses})
 
 
@@ -757,11 +736,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-positives", choices=("colour-size-spoiling", "colour-size"), default="colour-size",
                         help="Which captions count as the same for the contrastive loss: also by how the frame is "
                              "spoilt, or by colour and size only.")
-    parser.add_argument("--clip-partial-captions", type=float, default=0.0,
-                        help="Share of CLIP captions that name only the colour or only the size (their positives: "
-                             "every frame of that value), so each attribute is read on its own.")
-    parser.add_argument("--clip-grey-sizes", action="store_true",
-                        help="Show size-only captions' frames without their hue (a grey disc of that size).")
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
@@ -788,8 +762,7 @@ def main(argv: list[str] | None = None) -> int:
             sorted({int(v) for v in args.save_at.split(",") if v.strip()} | {args.transformer_steps}), log,
             lr=args.transformer_lr, logit_mean=args.transformer_logit_mean, confusion_rate=args.confusion_rate),
         "clip": lambda: train_clip(out, args.seed, args.clip_steps, args.clip_batch, log,
-                                   args.reward_reconstructions, args.clip_positives, args.clip_partial_captions,
-                                   args.clip_grey_sizes),
+                                   args.reward_reconstructions, args.clip_positives),
         "aesthetic": lambda: train_aesthetic(out, args.seed, args.aesthetic_steps, log, args.reward_reconstructions),
     }
     if args.vae_from:
