@@ -72,9 +72,10 @@ class RewardGradientConfig(TrainingOptions, LoraOptions, SamplingOptions):
     reward_scale: float = option(1.0, "lambda_r: the loss is -lambda_r * mean(weighted reward).")
     reward_normalize: Literal["calibrate", "none"] = option(
         "calibrate", "How each reward is scaled before weighting: calibrate = (score - median) / s, s the pooled "
-        "within-prompt 1.4826 MAD of the base model's scores on calibration_prompts x calibration_samples "
-        "videos drawn at start, the scale `pairs` (normalize: prompt) divides by, so a weight means the same "
-        "in both; none = raw scores (a weight then multiplies the reward's own units)."
+        "within-prompt spread (calibration_spread; by default the 1.4826 MAD, the scale `pairs` with normalize: "
+        "prompt divides by, so a weight means the same in both) of the base model's scores on "
+        "calibration_prompts x calibration_samples videos drawn at start; none = raw scores (a weight then "
+        "multiplies the reward's own units)."
     )
     calibration_spread: Literal["mad", "std"] = option(
         "mad", "The within-prompt spread s that reward_normalize calibrate divides by: mad (1.4826 MAD, the scale "
