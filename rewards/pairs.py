@@ -457,11 +457,7 @@ def prompt_scale(raw: np.ndarray, groups: Sequence[Any] | np.ndarray) -> np.ndar
     weighs reward k as a pair's combined score does (the reward-gradient trainer's normalisation).
     """
     raw = np.asarray(raw, dtype=np.float64)
-    codes = _group_codes(groups)
-    groups_idx = [idx for idx in _groups(codes).values() if len(idx) >= 2]
-    if not groups_idx:
-        raise ValueError("a pooled within-prompt scale needs a prompt with >= 2 samples")
-    resid = np.concatenate([raw[idx] - np.median(raw[idx], axis=0) for idx in groups_idx])
+    resid = np.concatenate([raw[idx] - np.median(raw[idx], axis=0) for idx in _repeated_prompts(groups)])
     return _scale(resid)[0]
 
 
@@ -474,12 +470,18 @@ def prompt_std(raw: np.ndarray, groups: Sequence[Any] | np.ndarray) -> np.ndarra
     cluster or half the gap between them, whichever more than half of the residuals fall in.
     """
     raw = np.asarray(raw, dtype=np.float64)
-    groups_idx = [idx for idx in _groups(_group_codes(groups)).values() if len(idx) >= 2]
-    if not groups_idx:
-        raise ValueError("a pooled within-prompt spread needs a prompt with >= 2 samples")
+    groups_idx = _repeated_prompts(groups)
     squares = sum(((raw[idx] - raw[idx].mean(axis=0)) ** 2).sum(axis=0) for idx in groups_idx)
     dof = sum(len(idx) for idx in groups_idx) - len(groups_idx)
     return np.sqrt(squares / dof)
+
+
+def _repeated_prompts(groups: Sequence[Any] | np.ndarray) -> list[np.ndarray]:
+    """The row positions of each prompt with >= 2 samples: what a pooled within-prompt spread is taken over."""
+    repeated = [idx for idx in _groups(_group_codes(groups)).values() if len(idx) >= 2]
+    if not repeated:
+        raise ValueError("a pooled within-prompt spread needs a prompt with >= 2 samples")
+    return repeated
 
 
 def _group_codes(groups: Sequence[Any] | np.ndarray) -> np.ndarray:
