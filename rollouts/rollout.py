@@ -212,6 +212,9 @@ def run_rollout(config: RolloutConfig) -> Path:
         settings["family"] = family.name
     # 1. Check or create the store (every rank checks, so all fail alike; rank 0 writes).
     resuming = _check_existing(store, settings, prompts, config.overwrite)
+    # Every rank has read the store before rank 0 replaces or writes it: a rank still checking would otherwise find
+    # a header half written (store.json without prompts.jsonl) and refuse it.
+    processes.barrier()
     if processes.is_main:
         if not resuming and store.root.exists():
             shutil.rmtree(store.root)
