@@ -139,6 +139,28 @@ def test_two_processes_equal_one(reference_store, tiny_model_dir, prompt_file, t
         assert (frames - reference_store.load_sample(sid)["frames"].int()).abs().max() <= 1
 
 
+def test_every_rank_checks_the_store_before_rank_0_writes_it(tiny_model_dir, prompt_file, tmp_path, monkeypatch,
+                                                              capsys):
+    """Rank 0 writes the header (store.json, then prompts.jsonl) while other ranks check an existing store: a rank
+    still checking would find it half written and refuse it. So the order must be check -> barrier -> write, on a
+    fresh store and on one replaced by --overwrite (recorded in one process: the barrier is what other ranks wait at)."""
+    import rollouts.rollout as rollout
+    from rlhf.distributed import Processes
+
+    events = []
+    check = rollout._check_existing
+    write_header = RolloutStore.write_header
+    monkeypatch.setattr(rollout, "_check_existing", lambda *a, **k: events.append("check") or check(*a, **k))
+    monkeypatch.setattr(RolloutStore, "write_header", lambda *a, **k: events.append("write") or write_header(*a, **k))
+    monkeypatch.setattr(Processes, "barrier", lambda self: events.append("barrier"))
+    out = tmp_path / "store"
+    for extra in ([], ["--overwrite", "--steps", "2"]):
+        events.clear()
+        code, _, stderr = call_cli(capsys, *rollout_args(tiny_model_dir, prompt_file, out, *extra))
+        assert code == 0, stderr
+        assert events[:3] == ["check", "barrier", "write"], events
+
+
 def test_batches_span_prompts_and_give_each_sample_its_own_prompt_and_seed(reference_store, tiny_model_dir,
                                                                           prompt_file, tmp_path, capsys):
     """batch_size 9 > K = 3: one unit holds every prompt's samples; batch_size 1: one sample per unit. Both must
