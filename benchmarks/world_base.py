@@ -18,12 +18,18 @@ world's "validation" namespace (choosing nothing on the test split's seeds):
   phrasing, and how often that first caption has the right colour, or the right size (a reward that reads size
   only on the training pairings cannot teach it on new ones).
 
-    python benchmarks/world_base.py [--seeds 8] [--record]
+`--guidance G [G ...]` measures how following depends on the classifier-free guidance scale instead: the same
+rows (without the ceiling and the CLIP's reads, which do not depend on it), one per scale and split, each
+recording its `guidance`. The construction's rates are set against the guidance rollout and evaluation use; this
+shows where each word would sit at another.
+
+    python benchmarks/world_base.py [--seeds 8] [--guidance G [G ...]] [--record]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -118,21 +124,46 @@ def clip_reads(evaluator: WorldEvaluator, prompts: list[str], seeds: list[int]) 
     return {name: float(np.mean(values)) for name, values in hits.items()}
 
 
+def guidance_rows(evaluator: WorldEvaluator, seeds: list[int], guidances: list[float]) -> list[dict]:
+    """Per guidance scale and split, `summarise`'s row of base samples drawn at that scale."""
+    from rlhf.world import scene
+
+    shipped, rows = evaluator.sampling, []
+    try:
+        for guidance in guidances:
+            evaluator.sampling = dataclasses.replace(shipped, guidance=guidance)
+            for split in ("train", "validation", "test"):
+                readings = read_outs(evaluator, scene.prompts_for(scene.SPLITS[split]), seeds)
+                rows.append({**summarise(split, readings), "guidance": guidance})
+    finally:
+        evaluator.sampling = shipped
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="device (default: cpu)")
     parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt (default: 8)")
+    parser.add_argument("--guidance", type=float, nargs="+", default=None, metavar="G",
+                        help="sample at these guidance scales instead of the rollout config's, following only "
+                             "(default: the rollout config's, with the VAE ceiling and the CLIP's reads)")
     parser.add_argument("--record", action="store_true", help="append the rows to benchmarks/RESULTS.md")
     args = parser.parse_args()
+    if args.guidance is not None and not all(g > 0 and np.isfinite(g) for g in args.guidance):
+        parser.error("--guidance: expected positive finite scales")
     from rlhf.world import scene
 
     started = time.perf_counter()
     evaluator = WorldEvaluator({}, args.device)
     seeds = [scene.seed("validation", SEED_INDEX + i) for i in range(args.seeds)]
+    if args.guidance is not None:
+        emit_rows("world_base", guidance_rows(evaluator, seeds, args.guidance), time.perf_counter() - started,
+                  args.record)
+        return
     rows = []
     for split in ("train", "validation", "test"):
         prompts = scene.prompts_for(scene.SPLITS[split])
-        rows.append(summarise(split, read_outs(evaluator, prompts, seeds)))
+        rows.append({**summarise(split, read_outs(evaluator, prompts, seeds)), "guidance": evaluator.sampling.guidance})
         ceiling = evaluator.vae_ceiling(prompts, seeds)
         rows[-1]["vae_ceiling"] = {name: float(ceiling[name].mean()) for name in ("colour", "size", "direction",
                                                                                    "taught", "all")}

@@ -182,6 +182,48 @@ def test_world_base_per_word_shares_count_the_word_and_its_confusion_partner():
     assert "yellow" not in shares["colour"]  # never asked
 
 
+def test_world_base_guidance_rows_sample_each_split_at_each_scale_and_restore_the_shipped_one():
+    """A stand-in generator that draws the asked colour and size at guidance >= 3 and their confusion partners
+    below it: the rows follow 100% and 0%, record their scale, and leave the evaluator at its own scale."""
+    import dataclasses
+    import random
+
+    import torch
+
+    from benchmarks.world_base import guidance_rows
+    from rlhf.world import scene
+
+    Sampling = dataclasses.make_dataclass("Sampling", [("guidance", float)])
+
+    class Generator:
+        def __init__(self):
+            self.sampling, self.scales = Sampling(4.0), []
+
+        def videos(self, prompts, seeds):
+            self.scales.append(self.sampling.guidance)
+            clips, texts = [], []
+            for index, text in enumerate(prompts):
+                colour, size, direction = scene.parse_prompt(text)
+                if self.sampling.guidance < 3:
+                    colour, size = scene.CONFUSION["colour"][colour], scene.CONFUSION["size"][size]
+                for seed in seeds:
+                    spec = scene.SceneSpec.sample(colour, size, direction, random.Random(seed * 1000 + index))
+                    clips.append(scene.to_model_range(scene.render(spec)))
+                    texts.append(text)
+            yield texts, torch.stack(clips)
+
+    generator = Generator()
+    rows = guidance_rows(generator, seeds=[1], guidances=[1.5, 3.0])
+    assert [(row["guidance"], row["split"]) for row in rows] == [
+        (g, split) for g in (1.5, 3.0) for split in ("train", "validation", "test")]
+    assert generator.scales == [1.5] * 3 + [3.0] * 3 and generator.sampling.guidance == 4.0
+    for row in rows:
+        following = 0.0 if row["guidance"] == 1.5 else 1.0
+        assert row["colour"]["following"] == following and row["size"]["following"] == following
+        assert row["colour"]["partner"] == row["size"]["partner"] == 1.0 - following
+        assert row["direction"]["following"] == 1.0 and row["n"] == len(scene.prompts_for(scene.SPLITS[row["split"]]))
+
+
 def test_world_base_clip_reads_ranks_the_18_captions_by_the_clip_scorer():
     """A stand-in `clip` that reads the disc's colour from the pixels and always answers "small": it ranks the
     right caption first exactly for small prompts, the right colour always, the right size for small only."""
