@@ -124,17 +124,26 @@ def clip_reads(evaluator: WorldEvaluator, prompts: list[str], seeds: list[int]) 
     return {name: float(np.mean(values)) for name, values in hits.items()}
 
 
-def guidance_rows(evaluator: WorldEvaluator, seeds: list[int], guidances: list[float]) -> list[dict]:
-    """Per guidance scale and split, `summarise`'s row of base samples drawn at that scale."""
+def split_rows(evaluator: WorldEvaluator, seeds: list[int]) -> list[tuple[list[str], dict]]:
+    """Per split (train, validation, test): its prompts and `summarise`'s row of base samples, drawn at the
+    evaluator's sampling settings (the row records their guidance)."""
     from rlhf.world import scene
 
+    out = []
+    for split in ("train", "validation", "test"):
+        prompts = scene.prompts_for(scene.SPLITS[split])
+        row = summarise(split, read_outs(evaluator, prompts, seeds))
+        out.append((prompts, {**row, "guidance": evaluator.sampling.guidance}))
+    return out
+
+
+def guidance_rows(evaluator: WorldEvaluator, seeds: list[int], guidances: list[float]) -> list[dict]:
+    """Per guidance scale and split, `summarise`'s row of base samples drawn at that scale."""
     shipped, rows = evaluator.sampling, []
     try:
         for guidance in guidances:
             evaluator.sampling = dataclasses.replace(shipped, guidance=guidance)
-            for split in ("train", "validation", "test"):
-                readings = read_outs(evaluator, scene.prompts_for(scene.SPLITS[split]), seeds)
-                rows.append({**summarise(split, readings), "guidance": guidance})
+            rows.extend(row for _, row in split_rows(evaluator, seeds))
     finally:
         evaluator.sampling = shipped
     return rows
@@ -161,13 +170,12 @@ def main() -> None:
                   args.record)
         return
     rows = []
-    for split in ("train", "validation", "test"):
-        prompts = scene.prompts_for(scene.SPLITS[split])
-        rows.append({**summarise(split, read_outs(evaluator, prompts, seeds)), "guidance": evaluator.sampling.guidance})
+    for prompts, row in split_rows(evaluator, seeds):
         ceiling = evaluator.vae_ceiling(prompts, seeds)
-        rows[-1]["vae_ceiling"] = {name: float(ceiling[name].mean()) for name in ("colour", "size", "direction",
-                                                                                   "taught", "all")}
-        rows[-1]["clip_reads"] = clip_reads(evaluator, prompts, seeds)
+        row["vae_ceiling"] = {name: float(ceiling[name].mean()) for name in ("colour", "size", "direction",
+                                                                              "taught", "all")}
+        row["clip_reads"] = clip_reads(evaluator, prompts, seeds)
+        rows.append(row)
     emit_rows("world_base", rows, time.perf_counter() - started, args.record)
 
 

@@ -365,6 +365,32 @@ def test_world_configs_load_strictly_from_the_repository_root(name, monkeypatch)
             assert Path(value).exists(), (name, key, value)
 
 
+def test_world_sft_trains_with_flow_dpos_settings(monkeypatch):
+    """`configs/world/sft.yaml` is the like-for-like baseline its comment says: every setting it shares with
+    `dpo.yaml` (LoRA, optimiser, sigmas, batch, seed, ...) is dpo.yaml's, apart from its method, data, output and
+    step cap. (Its LoRA had drifted from dpo.yaml's once, unnoticed.)"""
+    import dataclasses
+    from pathlib import Path
+
+    from dpo.config import DPOConfig
+    from dpo.sft_config import SFTConfig
+    from rlhf.config import config_from_dict, load_yaml
+
+    def settings(config) -> dict:
+        out = {}
+        for field in dataclasses.fields(config):
+            value = getattr(config, field.name)
+            out.update(settings(value) if dataclasses.is_dataclass(value) else {field.name: value})
+        return out
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    sft = settings(config_from_dict(SFTConfig, load_yaml("configs/world/sft.yaml")))
+    dpo = settings(config_from_dict(DPOConfig, load_yaml("configs/world/dpo.yaml")))
+    shared = (set(sft) & set(dpo)) - {"method", "output_dir", "max_steps", "store"}
+    assert {"lora_targets", "learning_rate", "batch_size", "logit_mean", "seed"} <= shared
+    assert {key: sft[key] for key in shared} == {key: dpo[key] for key in shared}
+
+
 def test_world_prompt_files_match_the_world_definition():
     from pathlib import Path
 

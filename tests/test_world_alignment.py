@@ -186,10 +186,10 @@ def test_world_base_guidance_rows_sample_each_split_at_each_scale_and_restore_th
     """A stand-in generator that draws the asked colour and size at guidance >= 3 and their confusion partners
     below it: the rows follow 100% and 0%, record their scale, and leave the evaluator at its own scale."""
     import dataclasses
-    import random
 
     import torch
 
+    from benchmarks.world_alignment import renders
     from benchmarks.world_base import guidance_rows
     from rlhf.world import scene
 
@@ -206,10 +206,9 @@ def test_world_base_guidance_rows_sample_each_split_at_each_scale_and_restore_th
                 colour, size, direction = scene.parse_prompt(text)
                 if self.sampling.guidance < 3:
                     colour, size = scene.CONFUSION["colour"][colour], scene.CONFUSION["size"][size]
-                for seed in seeds:
-                    spec = scene.SceneSpec.sample(colour, size, direction, random.Random(seed * 1000 + index))
-                    clips.append(scene.to_model_range(scene.render(spec)))
-                    texts.append(text)
+                clips += [scene.to_model_range(clip) for clip in renders(scene.prompt(colour, size, direction), index,
+                                                                        seeds)]
+                texts += [text] * len(seeds)
             yield texts, torch.stack(clips)
 
     generator = Generator()
